@@ -1,1 +1,44 @@
-fn main() {}
+//! `x2v`: the command line of the x2v video/image generation service.
+//!
+//! `x2v doctor` checks this host (libtorch, devices, Redis, ffmpeg). `x2v up` will start the whole
+//! system once the stage services exist; until then it says what is missing and fails.
+
+mod doctor;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "x2v", version, about = "x2v: disaggregated video and image diffusion serving")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check this host: libtorch, CPU/CUDA devices, cuDNN, Redis, ffmpeg, binary compatibility.
+    Doctor(doctor::Args),
+    /// Start the gateway and all three stages in one process (not built yet).
+    Up {
+        /// Model directory to serve (Wan2.1, original or diffusers layout).
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Doctor(args) => doctor::run(&args),
+        Command::Up { .. } => {
+            eprintln!(
+                "x2v up: not available yet. The gateway, the transfer library and the encoder, DiT and \
+                 decoder services are not built in this version, so there is nothing to start. \
+                 `x2v doctor` checks the host in the meantime."
+            );
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! What libtorch can do in this process: its version, CPU threading, and the CUDA devices it sees.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 /// The libtorch version this binary was built against (e.g. `2.11.0+cu130`).
 pub const BUILD_VERSION: &str = env!("X2V_LIBTORCH_BUILD_VERSION");
@@ -30,11 +31,44 @@ pub struct LibtorchInfo {
     pub cudnn_available: bool,
     /// cuDNN version as an integer (e.g. 91900), when CUDA is available.
     pub cudnn_version: Option<i64>,
+    /// CUDA runtime version libtorch was built with (e.g. 13000), when its CUDA backend is registered.
+    pub cudart_version: Option<i64>,
+    /// Why `libtorch_cuda.so` could not be loaded, when it exists but failed to load.
+    pub cuda_load_error: Option<String>,
+}
+
+/// Loads `libtorch_cuda.so` from the directory of the mapped `libtorch_cpu.so`, once per process.
+///
+/// libtorch registers its CUDA backend from `libtorch_cuda`'s static initialisers. Binaries link
+/// only `libtorch_cpu` symbols, so the linker's default `--as-needed` drops `libtorch_cuda` and CUDA
+/// silently looks absent. Loading it here (with `RTLD_GLOBAL`, kept for the process lifetime)
+/// registers the backend before any device is chosen. `Ok(None)`: a CPU-only libtorch.
+/// Every entry point that picks a device calls this first; [`LibtorchInfo::query`] does.
+pub fn load_cuda() -> Result<Option<PathBuf>, String> {
+    static LOADED: OnceLock<Result<Option<PathBuf>, String>> = OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            let cpu = loaded_library("libtorch_cpu.so")
+                .ok_or("libtorch_cpu.so is not mapped into this process")?;
+            let cuda = cpu.with_file_name("libtorch_cuda.so");
+            if !cuda.exists() {
+                return Ok(None);
+            }
+            let flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL;
+            // SAFETY: libtorch_cuda.so belongs to the libtorch already loaded in this process (same
+            // directory); its initialisers only register the CUDA backend. It is never unloaded.
+            let lib = unsafe { libloading::os::unix::Library::open(Some(&cuda), flags) }
+                .map_err(|e| format!("cannot load {}: {e}", cuda.display()))?;
+            std::mem::forget(lib);
+            Ok(Some(cuda))
+        })
+        .clone()
 }
 
 impl LibtorchInfo {
-    /// Queries libtorch. Cheap; safe to call from any thread.
+    /// Queries libtorch (loading its CUDA library first, see [`load_cuda`]). Safe from any thread.
     pub fn query() -> Self {
+        let cuda_load_error = load_cuda().err();
         let library = loaded_library("libtorch_cpu.so");
         let runtime_version = library.as_ref().and_then(|lib| version_next_to(lib));
         let cuda_available = tch::Cuda::is_available();
@@ -51,7 +85,10 @@ impl LibtorchInfo {
             cuda_available,
             cuda_device_count: tch::Cuda::device_count(),
             cudnn_available: cuda_available && tch::Cuda::cudnn_is_available(),
-            cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available()).then(tch::utils::version_cudnn),
+            cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available())
+                .then(tch::utils::version_cudnn),
+            cudart_version: tch::utils::has_cudart().then(tch::utils::version_cudart),
+            cuda_load_error,
         }
     }
 
@@ -98,7 +135,10 @@ mod tests {
         assert!(info.cpu_threads >= 1);
         // Where the wheel ships libtorch_cuda.so, it must be loaded even on a host without a GPU.
         if std::path::Path::new(BUILD_LIB_DIR).join("libtorch_cuda.so").exists() {
-            assert!(info.torch_cuda_loaded, "libtorch_cuda.so was dropped at link time");
+            assert_eq!(info.cuda_load_error, None);
+            assert!(info.torch_cuda_loaded, "libtorch_cuda.so is not loaded");
+            // The CUDA runtime hooks answer without a device; unregistered hooks report no CUDART.
+            assert!(info.cudart_version.is_some(), "libtorch's CUDA backend is not registered");
         }
         assert_eq!(info.cuda_available, info.cuda_device_count > 0);
     }

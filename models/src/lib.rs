@@ -6,3 +6,4 @@
 
 pub mod cuda_driver;
 pub mod device;
+pub mod weights;

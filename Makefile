@@ -1,0 +1,42 @@
+# x2v: two commands on a fresh machine.
+#   make up    run the system (installs what it needs first)
+#   make test  run every test (installs what it needs first)
+# Heavy caches (Python venv with torch, cargo target directory) live outside the clone, in $(CACHE).
+
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/x2v
+VENV ?= $(CACHE)/venv
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+# tch links the libtorch of the venv's pip torch wheel.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(VENV)/bin:$(PATH)
+export X2V_PYTHON := $(VENV)/bin/python
+
+.PHONY: setup build up test test-rust test-python lint fmt doctor
+
+setup:
+	@VENV=$(VENV) bash scripts/setup.sh
+
+build: setup
+	cargo build --workspace --all-targets
+
+up: setup
+	cargo build --release -p x2v
+	$(CARGO_TARGET_DIR)/release/x2v up $(ARGS)
+
+doctor: setup
+	cargo run -q -p x2v -- doctor $(ARGS)
+
+test: setup test-rust test-python
+
+test-rust:
+	cargo test --workspace --all-targets --no-fail-fast
+
+test-python:
+	@if ls tests/py/test_*.py >/dev/null 2>&1; then $(X2V_PYTHON) -m pytest -q tests/py; else echo "no Python tests"; fi
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
