@@ -235,11 +235,8 @@ fn glibc_runtime_version() -> Option<String> {
 
 fn max_glibc_tag(bytes: &[u8]) -> Option<String> {
     let tag = b"GLIBC_2.";
-    bytes
-        .windows(tag.len())
-        .enumerate()
-        .filter(|(_, w)| *w == tag)
-        .filter_map(|(i, _)| {
+    memchr::memmem::find_iter(bytes, tag)
+        .filter_map(|i| {
             let rest = &bytes[i + tag.len() - 2..];
             let end =
                 rest.iter().position(|b| !(b.is_ascii_digit() || *b == b'.')).unwrap_or(rest.len());

@@ -28,7 +28,7 @@ pub struct DriverInfo {
 /// Why the driver could not be queried.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("libcuda.so.1 not found (no NVIDIA driver on this host): {0}")]
+    #[error("no NVIDIA driver on this host ({0})")]
     NotInstalled(String),
     #[error("CUDA driver call {call} failed with code {code}")]
     Call { call: &'static str, code: i32 },
@@ -49,12 +49,23 @@ fn check(call: &'static str, code: c_int) -> Result<(), DriverError> {
     if code == 0 { Ok(()) } else { Err(DriverError::Call { call, code }) }
 }
 
+/// The error with its causes (libloading keeps the dlerror text in the source).
+fn describe(e: &libloading::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
+
 /// Queries the driver. `Err(NotInstalled)` on hosts without an NVIDIA driver.
 pub fn query() -> Result<DriverInfo, DriverError> {
     // SAFETY: loading the system CUDA driver library runs its initialisers, which have no
     // preconditions; the library stays loaded for the calls below.
     let lib = unsafe { Library::new("libcuda.so.1") }
-        .map_err(|e| DriverError::NotInstalled(e.to_string()))?;
+        .map_err(|e| DriverError::NotInstalled(describe(&e)))?;
     // SAFETY: every symbol is looked up with the signature the CUDA driver API documents for it, and
     // each call gets valid out-pointers to locals of the documented types.
     unsafe {

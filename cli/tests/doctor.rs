@@ -1,0 +1,111 @@
+//! `x2v doctor` end to end: the real binary, a real `redis-server` on a free port.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn doctor(args: &[&str]) -> (i32, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_x2v"))
+        .arg("doctor")
+        .arg("--json")
+        .args(args)
+        .env_remove("X2V_REDIS_URL")
+        .output()
+        .expect("x2v runs");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("doctor --json prints JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+    });
+    (out.status.code().expect("exited"), report)
+}
+
+fn status_of<'a>(report: &'a Value, name: &str) -> &'a str {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} check in {report}"))["status"]
+        .as_str()
+        .unwrap()
+}
+
+struct Redis(Child);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis() -> (Redis, u16) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (make setup)");
+    let redis = Redis(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (redis, port)
+}
+
+#[test]
+fn healthy_host_passes_and_reports_libtorch() {
+    let (code, report) = doctor(&[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(status_of(&report, "libtorch"), "ok");
+    assert_eq!(status_of(&report, "glibc"), "ok");
+    let libtorch =
+        report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "libtorch").unwrap();
+    assert!(libtorch["detail"].as_str().unwrap().contains("2.11.0"), "{libtorch}");
+}
+
+#[test]
+fn configured_redis_must_answer() {
+    let (redis, port) = start_redis();
+    let url = format!("redis://127.0.0.1:{port}");
+    let (code, report) = doctor(&["--redis-url", &url]);
+    assert_eq!((code, status_of(&report, "redis")), (0, "ok"), "{report:#}");
+
+    drop(redis);
+    let (code, report) = doctor(&["--redis-url", &url]);
+    assert_eq!((code, status_of(&report, "redis")), (1, "fail"), "{report:#}");
+}
+
+#[test]
+fn requiring_a_gpu_fails_where_libtorch_sees_none() {
+    let (_, report) = doctor(&[]);
+    let cuda = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "cuda").unwrap();
+    let devices: i64 =
+        cuda["detail"].as_str().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let (code, report) = doctor(&["--require-gpu"]);
+    if devices == 0 {
+        assert_eq!((code, status_of(&report, "cuda")), (1, "fail"), "{report:#}");
+    } else {
+        assert_eq!((code, status_of(&report, "cuda")), (0, "ok"), "{report:#}");
+    }
+}
+
+#[test]
+fn up_says_what_is_missing_and_fails() {
+    let out = Command::new(env!("CARGO_BIN_EXE_x2v")).arg("up").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not available yet"));
+}
