@@ -35,8 +35,9 @@ test-rust:
 test-python:
 	@if ls tests/py/test_*.py >/dev/null 2>&1; then $(X2V_PYTHON) -m pytest -q tests/py; else echo "no Python tests"; fi
 
+# The test profile, so clippy shares build-script runs (libtorch bindings) with `make test`.
 lint:
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --profile test -- -D warnings
 
 fmt:
 	cargo fmt --all
