@@ -131,8 +131,10 @@ fn pump(
                     while matches!(from.read(&mut buf), Ok(n) if n > 0) {}
                 }
             }
-            return;
+            break;
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
+    // Either side gone ends the whole connection (the other pump holds clones, so close explicitly).
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
