@@ -19,6 +19,9 @@ use crate::manifest::{OutTensor, TensorMeta};
 use crate::pool::{ALIGN, Lease};
 use crate::wire::{Frame, MAX_CHUNK, read_frame, write_frame};
 
+/// Granularity at which received bytes are handed to the hashing thread.
+const HASH_PIECE: usize = 512 << 10;
+
 /// How a writer lays tensors out in a lease: page-aligned, in manifest order (mirrors `Pool::reserve`).
 fn layout(sizes: impl Iterator<Item = u64>) -> (Vec<u64>, u64) {
     let mut total = 0u64;
@@ -188,7 +191,7 @@ fn recv_chunks(
     let mut filled = vec![0u64; metas.len()];
     let wanted: Vec<bool> = metas.iter().map(|m| m.sha256.is_some()).collect();
     std::thread::scope(|s| {
-        let (tx, rx) = mpsc::sync_channel::<(usize, &[u8])>(8);
+        let (tx, rx) = mpsc::sync_channel::<(usize, &[u8])>(64);
         let hasher = s.spawn(move || {
             let mut h: Vec<Option<Sha256>> = wanted.iter().map(|&w| w.then(Sha256::new)).collect();
             for (i, bytes) in rx {
@@ -232,9 +235,23 @@ fn recv_chunks(
             }
             let (head, tail) = std::mem::take(&mut rest[tensor]).split_at_mut(len as usize);
             rest[tensor] = tail;
-            conn::read_exact(ch.stream.as_mut(), head, ctx, "receiving data")?;
+            let mut chunk_crc = crc32fast::Hasher::new();
+            // Hand the hasher small pieces as they land, so that it reads them from cache, not DRAM.
+            let piece_len =
+                if meta.sha256.is_some() || crc.is_some() { HASH_PIECE } else { head.len() };
+            for piece in head.chunks_mut(piece_len.max(1)) {
+                conn::read_exact(ch.stream.as_mut(), piece, ctx, "receiving data")?;
+                if crc.is_some() {
+                    chunk_crc.update(piece);
+                }
+                if meta.sha256.is_some() {
+                    tx.send((tensor, piece)).map_err(|_| {
+                        TransferError::protocol(&ctx.peer, "hashing thread stopped")
+                    })?;
+                }
+            }
             if let Some(c) = crc
-                && crc32fast::hash(head) != c
+                && chunk_crc.finalize() != c
             {
                 return Err(TransferError::Integrity {
                     tensor: meta.name.clone(),
@@ -242,10 +259,6 @@ fn recv_chunks(
                 });
             }
             filled[tensor] += len as u64;
-            if meta.sha256.is_some() {
-                tx.send((tensor, head))
-                    .map_err(|_| TransferError::protocol(&ctx.peer, "hashing thread stopped"))?;
-            }
         }
         if let Some((m, got)) = metas.iter().zip(&filled).find(|(m, got)| **got != m.byte_len) {
             return Err(TransferError::OutOfBounds(format!(

@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p x2v-transfer --bin x2v-transfer-bench -- [--sizes 1M,64M,1G] [--runs 5]
 //!     [--python /root/.cache/x2v/venv/bin/python] [--mooncake tools/bench_mooncake.py] [--no-mooncake]
+//!     [--only <substring of a row name>]
 //! ```
 //! Every cell is `best / median` GB/s (1 GB = 1e9 bytes) over `--runs` timed runs after one warm-up.
 //! x2v rows time a push from the call to the receiver's verified ack; with SHA-256 on, the receiver
@@ -17,13 +18,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use x2v_core::JobId;
-use x2v_transfer::{Dtype, Engine, EngineConfig, Opts, Payload, Secret, TransportChoice, TransportKind};
+use x2v_transfer::{
+    Dtype, Engine, EngineConfig, Opts, Payload, Secret, TransportChoice, TransportKind,
+};
 
 struct Args {
     sizes: Vec<usize>,
     runs: usize,
     python: String,
     mooncake: Option<String>,
+    only: Option<String>,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<usize> {
@@ -41,14 +45,24 @@ fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         sizes: vec![1 << 20, 64 << 20, 1 << 30],
         runs: 5,
-        python: std::env::var("X2V_PYTHON").unwrap_or_else(|_| "/root/.cache/x2v/venv/bin/python".into()),
+        python: std::env::var("X2V_PYTHON")
+            .unwrap_or_else(|_| "/root/.cache/x2v/venv/bin/python".into()),
         mooncake: Some(root.into()),
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--no-mooncake" => a.mooncake = None,
-            "--sizes" => a.sizes = it.next().context("--sizes")?.split(',').map(parse_size).collect::<Result<_, _>>()?,
+            "--only" => a.only = Some(it.next().context("--only")?),
+            "--sizes" => {
+                a.sizes = it
+                    .next()
+                    .context("--sizes")?
+                    .split(',')
+                    .map(parse_size)
+                    .collect::<Result<_, _>>()?
+            }
             "--runs" => a.runs = it.next().context("--runs")?.parse()?,
             "--python" => a.python = it.next().context("--python")?,
             "--mooncake" => a.mooncake = Some(it.next().context("--mooncake")?),
@@ -70,7 +84,11 @@ fn cell(mut gbps: Vec<f64>) -> String {
     format!("{:.2} / {:.2}", gbps[0], gbps[gbps.len() / 2])
 }
 
-fn time_runs(size: usize, runs: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
+fn time_runs(
+    size: usize,
+    runs: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<f64>> {
     f()?;
     (0..runs)
         .map(|_| {
@@ -124,7 +142,13 @@ fn secret() -> Secret {
     Secret::new(b"x2v-transfer-bench-secret".to_vec()).expect("long enough")
 }
 
-fn x2v(rt: &tokio::runtime::Runtime, data: &Bytes, kind: TransportKind, sha: bool, runs: usize) -> anyhow::Result<Vec<f64>> {
+fn x2v(
+    rt: &tokio::runtime::Runtime,
+    data: &Bytes,
+    kind: TransportKind,
+    sha: bool,
+    runs: usize,
+) -> anyhow::Result<Vec<f64>> {
     let mut rx_cfg = EngineConfig::new(secret());
     rx_cfg.pool_bytes = data.len() + (8 << 20);
     rx_cfg.require_sha256 = false;
@@ -137,7 +161,12 @@ fn x2v(rt: &tokio::runtime::Runtime, data: &Bytes, kind: TransportKind, sha: boo
     let payload = if sha { Payload::new(tensor)? } else { Payload::without_digests(tensor)? };
     time_runs(data.len(), runs, || {
         let job = JobId::new();
-        let r = rt.block_on(tx.push(rx.local_addr(), job, &payload, Opts::timeout(Duration::from_secs(120))))?;
+        let r = rt.block_on(tx.push(
+            rx.local_addr(),
+            job,
+            &payload,
+            Opts::timeout(Duration::from_secs(120)),
+        ))?;
         if r.transport != kind {
             bail!("asked for {kind}, got {}", r.transport);
         }
@@ -167,14 +196,23 @@ fn mooncake(a: &Args) -> Result<Vec<(usize, Vec<f64>, bool)>, String> {
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line.map_err(|e| e.to_string())?;
         let num = |k: &str| line.split(&format!("\"{k}\": ")).nth(1).map(|r| r.to_string());
-        let size = num("size").and_then(|r| r.split(',').next()?.trim().parse().ok()).ok_or(format!("bad line {line}"))?;
-        let list = num("gbps").and_then(|r| Some(r.split(']').next()?.trim_start_matches('[').to_string()));
-        let gbps = list.ok_or(format!("bad line {line}"))?.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        let size = num("size")
+            .and_then(|r| r.split(',').next()?.trim().parse().ok())
+            .ok_or(format!("bad line {line}"))?;
+        let list = num("gbps")
+            .and_then(|r| Some(r.split(']').next()?.trim_start_matches('[').to_string()));
+        let gbps = list
+            .ok_or(format!("bad line {line}"))?
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
         rows.push((size, gbps, line.contains("\"verified\": true")));
     }
     let status = child.wait().map_err(|e| e.to_string())?;
     if !status.success() || rows.is_empty() {
-        return Err(format!("the Mooncake script failed ({status}); is mooncake-transfer-engine-non-cuda installed?"));
+        return Err(format!(
+            "the Mooncake script failed ({status}); is mooncake-transfer-engine-non-cuda installed?"
+        ));
     }
     Ok(rows)
 }
@@ -203,13 +241,22 @@ fn main() -> anyhow::Result<()> {
     for &size in &a.sizes {
         eprintln!("measuring {} ...", human(size));
         let data: Bytes = (0..size).map(|i| (i as u8).wrapping_mul(31)).collect::<Vec<u8>>().into();
-        table[0].push(cell(memcpy(&data, a.runs)?));
-        table[1].push(cell(raw_tcp(&data, a.runs)?));
-        table[2].push(cell(x2v(&rt, &data, TransportKind::Shm, false, a.runs)?));
-        table[3].push(cell(x2v(&rt, &data, TransportKind::Shm, true, a.runs)?));
-        table[4].push(cell(x2v(&rt, &data, TransportKind::Tcp, false, a.runs)?));
-        table[5].push(cell(x2v(&rt, &data, TransportKind::Tcp, true, a.runs)?));
-        table[6].push(cell(sender_sha(&data, a.runs)?));
+        for (row, name) in names.iter().enumerate() {
+            if a.only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                table[row].push("skipped".into());
+                continue;
+            }
+            let runs = match row {
+                0 => memcpy(&data, a.runs)?,
+                1 => raw_tcp(&data, a.runs)?,
+                2 => x2v(&rt, &data, TransportKind::Shm, false, a.runs)?,
+                3 => x2v(&rt, &data, TransportKind::Shm, true, a.runs)?,
+                4 => x2v(&rt, &data, TransportKind::Tcp, false, a.runs)?,
+                5 => x2v(&rt, &data, TransportKind::Tcp, true, a.runs)?,
+                _ => sender_sha(&data, a.runs)?,
+            };
+            table[row].push(cell(runs));
+        }
     }
     eprintln!("measuring Mooncake ...");
     let mc = mooncake(&a);
@@ -230,7 +277,10 @@ fn main() -> anyhow::Result<()> {
                     None => "n/a".into(),
                 })
                 .collect();
-            println!("| Mooncake TE TCP loopback (P2PHANDSHAKE, sync write) | {} |", cells.join(" | "));
+            println!(
+                "| Mooncake TE TCP loopback (P2PHANDSHAKE, sync write) | {} |",
+                cells.join(" | ")
+            );
         }
         Err(reason) => println!("| Mooncake TE TCP loopback | not measured: {reason} |"),
     }
