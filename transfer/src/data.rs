@@ -3,7 +3,8 @@
 //! waits for the receiver's `Ack`, which comes only after verification.
 //!
 //! On TCP the receiver reads each chunk straight into its lease and hands it to a hashing thread, so
-//! SHA-256 overlaps the next read. Every chunk header is bounds-checked against the manifest before a
+//! SHA-256 overlaps the next read. Over shm the writer announces each piece it copied with a `Chunk`
+//! header carrying no bytes, so hashing overlaps the copy the same way. Every chunk header is bounds-checked against the manifest before a
 //! byte is read into the pool.
 #![allow(unsafe_code)]
 
@@ -109,14 +110,22 @@ fn copy_into_peer(ch: &mut Channel, tensors: &[OutTensor], base: u64, ctx: &Ctx)
             region.len()
         )));
     }
-    const PIECE: usize = 16 << 20;
-    for (t, off) in tensors.iter().zip(offs) {
+    const PIECE: usize = 4 << 20;
+    for (i, (t, off)) in tensors.iter().zip(offs).enumerate() {
         for (k, piece) in t.data.chunks(PIECE).enumerate() {
             ctx.check("copying into shared memory")?;
             let at = (base + off) as usize + k * PIECE;
             // SAFETY: bounds checked above; the receiver leased this range to this transfer alone and no
             // Rust reference into the peer's region exists in this process besides this one.
             unsafe { region.slice_mut(at, piece.len()) }.copy_from_slice(piece);
+            // A header without bytes means "this range is in place": the receiver hashes while we copy on.
+            let done = Frame::Chunk {
+                tensor: i as u32,
+                offset: (k * PIECE) as u64,
+                len: piece.len() as u32,
+                crc: None,
+            };
+            write_frame(ch.stream.as_mut(), &done, ctx, "copying into shared memory")?;
         }
     }
     Ok(())
@@ -133,14 +142,8 @@ pub fn recv(
     let shm_offset = (ch.kind == TransportKind::Shm).then_some(lease.offset() as u64);
     write_frame(ch.stream.as_mut(), &Frame::Ready { shm_offset }, ctx, "accepting data")?;
     let digests = match ch.kind {
-        TransportKind::Shm => {
-            match read_frame(ch.stream.as_mut(), ctx, "waiting for shared-memory data")? {
-                Frame::DataDone => {}
-                other => return Err(remote_error(ctx, other, "DataDone")),
-            }
-            hash_parts(lease, metas)
-        }
-        _ => recv_chunks(ch, lease, metas, crc_required, ctx)?,
+        TransportKind::Shm => recv_chunks(ch, lease, metas, false, true, ctx)?,
+        _ => recv_chunks(ch, lease, metas, crc_required, false, ctx)?,
     };
     for (m, d) in metas.iter().zip(digests) {
         if let (Some(want), Some(got)) = (m.sha256, d)
@@ -155,36 +158,12 @@ pub fn recv(
     Ok(())
 }
 
-fn hash_parts(lease: &Lease, metas: &[TensorMeta]) -> Vec<Option<[u8; 32]>> {
-    let threads =
-        std::thread::available_parallelism().map_or(1, |n| n.get()).min(metas.len().max(1));
-    let mut out = vec![None; metas.len()];
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|w| {
-                s.spawn(move || {
-                    (w..metas.len())
-                        .step_by(threads)
-                        .filter(|&i| metas[i].sha256.is_some())
-                        .map(|i| (i, Sha256::digest(lease.part(i)).into()))
-                        .collect::<Vec<(usize, [u8; 32])>>()
-                })
-            })
-            .collect();
-        for h in handles {
-            for (i, d) in h.join().expect("hashing thread panicked") {
-                out[i] = Some(d);
-            }
-        }
-    });
-    out
-}
-
 fn recv_chunks(
     ch: &mut Channel,
     lease: &mut Lease,
     metas: &[TensorMeta],
     crc_required: bool,
+    in_place: bool,
     ctx: &Ctx,
 ) -> Result<Vec<Option<[u8; 32]>>> {
     let mut rest: Vec<&mut [u8]> = lease.parts_mut();
@@ -240,7 +219,9 @@ fn recv_chunks(
             let piece_len =
                 if meta.sha256.is_some() || crc.is_some() { HASH_PIECE } else { head.len() };
             for piece in head.chunks_mut(piece_len.max(1)) {
-                conn::read_exact(ch.stream.as_mut(), piece, ctx, "receiving data")?;
+                if !in_place {
+                    conn::read_exact(ch.stream.as_mut(), piece, ctx, "receiving data")?;
+                }
                 if crc.is_some() {
                     chunk_crc.update(piece);
                 }

@@ -207,3 +207,43 @@ fn malformed_frames_and_bad_manifests_get_clear_errors() {
     s.write_all(&[4, 0, 0, 0, 2, b'H', b'T', b'T', b'P']).unwrap();
     expect_error(&mut s, &ctx, "bad magic");
 }
+
+#[test]
+fn shared_memory_chunk_announcements_are_bounds_checked() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
+    let rx = engine(1 << 20);
+    let mut tcp = TcpStream::connect(addr(&rx)).unwrap();
+    let ctx = Ctx::new("raw", Instant::now() + LONG, CancelFlag::default());
+    let info = auth::connect(&mut tcp, &Secret::new(SECRET).unwrap(), &ctx).unwrap();
+    let name = info.shm.expect("the engine serves shared memory");
+    let mut sock =
+        UnixStream::connect_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    auth::connect(&mut sock, &Secret::new(SECRET).unwrap(), &ctx).unwrap();
+    let _theirs = x2v_transfer::region::recv_fd(&sock).unwrap();
+    let ours = x2v_transfer::region::Region::create("x2v-test-raw", 4096).unwrap();
+    x2v_transfer::region::send_fd(&sock, ours.fd()).unwrap();
+    let begin = Frame::PushBegin {
+        job: *JobId::new().as_uuid().as_bytes(),
+        deadline_ms: 60_000,
+        chunk_crc: false,
+        tensors: blob(4096).manifest(),
+    };
+    write_frame(&mut sock, &begin, &ctx, "test").unwrap();
+    assert!(matches!(
+        read_frame(&mut sock, &ctx, "test").unwrap(),
+        Frame::Ready { shm_offset: Some(_) }
+    ));
+    write_frame(
+        &mut sock,
+        &Frame::Chunk { tensor: 0, offset: 0, len: 8192, crc: None },
+        &ctx,
+        "test",
+    )
+    .unwrap();
+    match read_frame(&mut sock, &ctx, "test") {
+        Ok(Frame::Error { message, .. }) => assert!(message.contains("out of bounds"), "{message}"),
+        other => panic!("expected an out-of-bounds error, got {other:?}"),
+    }
+    assert_eq!(rx.pool().free_bytes(), rx.pool().capacity());
+}
