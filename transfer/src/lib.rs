@@ -1,5 +1,34 @@
 //! x2v-transfer: moves named tensors (Phase1 embeddings, Phase2 latents) between stage processes and
 //! hosts over shared memory, TCP and (behind the `rdma` feature) RDMA verbs.
 //!
-//! Not implemented yet: this crate is filled by the transfer issue. Nothing here is usable today.
-#![forbid(unsafe_code)]
+//! One [`Engine`] per process owns a pre-faulted receive [`pool::Pool`], listens on TCP (and on an
+//! abstract Unix socket for same-host peers), and moves [`Payload`]s addressed by job id:
+//! - **push**: the sender writes into the receiver's pool; [`Engine::recv`] hands it to the consumer;
+//! - **pull**: the receiver asks for a job the sender [`Engine::publish`]ed and reads it into its pool.
+//!
+//! Every connection is mutually authenticated with the deployment secret; every operation has a
+//! deadline and can be cancelled; a transfer succeeds only once the receiver has verified each tensor's
+//! SHA-256 and acknowledged it. See `README.md` for the wire protocol and measurements.
+#![deny(unsafe_code)]
+
+pub mod auth;
+mod channel;
+pub mod config;
+pub mod conn;
+mod data;
+mod engine;
+pub mod error;
+pub mod manifest;
+pub mod pool;
+pub mod rdma;
+mod received;
+pub mod region;
+mod serve;
+pub mod wire;
+
+pub use auth::Secret;
+pub use config::{EngineConfig, Opts, TransportChoice, TransportKind};
+pub use engine::Engine;
+pub use error::{Result, TransferError};
+pub use manifest::{Dtype, OutTensor, Payload, TensorMeta};
+pub use received::{Receipt, Received};

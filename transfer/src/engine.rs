@@ -1,0 +1,189 @@
+//! The per-process engine: a receive pool, a listener, an inbox of verified payloads, an outbox for
+//! pulls, and a cache of authenticated connections to peers.
+//!
+//! The public API is async; each operation runs on a blocking thread with a cancel flag that the
+//! caller's token, the deadline, or dropping the future trips.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use x2v_core::JobId;
+
+use crate::channel::{self, Channel, Local};
+use crate::config::EngineConfig;
+use crate::conn::{CancelFlag, Ctx};
+use crate::data;
+use crate::error::{Result, TransferError};
+use crate::manifest::{Payload, TensorMeta, validate_manifest};
+use crate::pool::Pool;
+use crate::received::{Receipt, Received};
+use crate::wire::{Frame, read_frame, write_frame};
+
+pub(crate) struct Inner {
+    pub cfg: EngineConfig,
+    pub pool: Pool,
+    pub host_id: [u8; 16],
+    pub shm_name: Option<String>,
+    pub shutdown: CancelFlag,
+    addr: SocketAddr,
+    inbox: Mutex<HashMap<JobId, Received>>,
+    inflight: Mutex<HashSet<JobId>>,
+    arrived: tokio::sync::Notify,
+    outbox: Mutex<HashMap<JobId, Payload>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Channel>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn job_from_wire(b: [u8; 16]) -> Result<JobId> {
+    uuid::Uuid::from_bytes(b)
+        .simple()
+        .to_string()
+        .parse()
+        .map_err(|e| TransferError::Invalid(format!("bad job id on the wire: {e}")))
+}
+
+impl Inner {
+    fn local(&self) -> Local<'_> {
+        Local {
+            secret: &self.cfg.secret,
+            host_id: self.host_id,
+            choice: self.cfg.transport,
+            connect_timeout: self.cfg.connect_timeout,
+            socket_buffer: self.cfg.socket_buffer,
+            pool_region: self.pool.region(),
+        }
+    }
+
+    fn checkout(&self, peer: SocketAddr, ctx: &Ctx) -> Result<Channel> {
+        while let Some(ch) = lock(&self.idle).get_mut(&peer).and_then(Vec::pop) {
+            if ch.is_alive() {
+                return Ok(ch);
+            }
+        }
+        channel::open(peer, &self.local(), ctx)
+    }
+
+    fn checkin(&self, peer: SocketAddr, ch: Channel) {
+        lock(&self.idle).entry(peer).or_default().push(ch);
+    }
+
+    /// Validates a manifest, claims the job and reserves room, then takes the bytes and verifies them.
+    pub fn receive(
+        &self,
+        ch: &mut Channel,
+        job: JobId,
+        tensors: Vec<TensorMeta>,
+        crc: bool,
+        ctx: &Ctx,
+    ) -> Result<Received> {
+        validate_manifest(&tensors, self.pool.capacity() as u64)?;
+        if self.cfg.require_sha256
+            && let Some(t) = tensors.iter().find(|t| t.sha256.is_none())
+        {
+            return Err(TransferError::Invalid(format!(
+                "tensor `{}` has no SHA-256 and this receiver requires one",
+                t.name
+            )));
+        }
+        let sizes: Vec<u64> = tensors.iter().map(|t| t.byte_len).collect();
+        let mut lease = self.pool.reserve(&sizes, ctx, self.cfg.pool_wait)?;
+        data::recv(ch, &mut lease, &tensors, crc, ctx)?;
+        Ok(Received { job, tensors, lease, transport: ch.kind })
+    }
+
+    pub fn claim(&self, job: JobId) -> Result<Claim<'_>> {
+        let busy = lock(&self.inbox).contains_key(&job);
+        if busy || !lock(&self.inflight).insert(job) {
+            return Err(TransferError::Conflict { job: job.to_string() });
+        }
+        Ok(Claim { inner: self, job })
+    }
+
+    pub fn deliver(&self, job: JobId, r: Received) -> Result<()> {
+        lock(&self.inbox).insert(job, r);
+        self.arrived.notify_waiters();
+        Ok(())
+    }
+
+    pub fn outbox_get(&self, job: JobId) -> Result<Payload> {
+        lock(&self.outbox)
+            .get(&job)
+            .cloned()
+            .ok_or_else(|| TransferError::NotFound { job: job.to_string() })
+    }
+
+    pub fn outbox_consumed(&self, job: JobId) {
+        lock(&self.outbox).remove(&job);
+    }
+
+    fn push(&self, peer: SocketAddr, job: JobId, payload: &Payload, ctx: &Ctx) -> Result<Receipt> {
+        let start = Instant::now();
+        let mut ch = self.checkout(peer, ctx)?;
+        let begin = Frame::PushBegin {
+            job: *job.as_uuid().as_bytes(),
+            deadline_ms: ctx.remaining().as_millis() as u64,
+            chunk_crc: self.cfg.chunk_crc,
+            tensors: payload.manifest(),
+        };
+        write_frame(ch.stream.as_mut(), &begin, ctx, "announcing the payload")?;
+        data::send(&mut ch, &payload.tensors, self.cfg.chunk_bytes, self.cfg.chunk_crc, ctx)?;
+        let transport = ch.kind;
+        self.checkin(peer, ch);
+        Ok(Receipt { bytes: payload.total_bytes(), transport, elapsed: start.elapsed() })
+    }
+
+    fn pull(&self, peer: SocketAddr, job: JobId, ctx: &Ctx) -> Result<Received> {
+        let mut ch = self.checkout(peer, ctx)?;
+        let request = Frame::PullRequest {
+            job: *job.as_uuid().as_bytes(),
+            deadline_ms: ctx.remaining().as_millis() as u64,
+            chunk_crc: self.cfg.chunk_crc,
+        };
+        write_frame(ch.stream.as_mut(), &request, ctx, "requesting the payload")?;
+        let tensors = match read_frame(ch.stream.as_mut(), ctx, "waiting for the manifest")? {
+            Frame::Manifest { tensors } => tensors,
+            Frame::Error { kind, message } => {
+                return Err(TransferError::Remote { peer: ctx.peer.clone(), kind, message });
+            }
+            other => {
+                return Err(TransferError::protocol(
+                    &ctx.peer,
+                    format!("expected Manifest, got {}", other.name()),
+                ));
+            }
+        };
+        let received =
+            self.receive(&mut ch, job, tensors, self.cfg.chunk_crc, ctx).inspect_err(|e| {
+                let _ = write_frame(
+                    ch.stream.as_mut(),
+                    &Frame::Error { kind: e.kind(), message: e.to_string() },
+                    ctx,
+                    "error",
+                );
+            })?;
+        write_frame(ch.stream.as_mut(), &Frame::Ack, ctx, "acknowledging")?;
+        self.checkin(peer, ch);
+        Ok(received)
+    }
+}
+
+/// Marks a job as in flight on this receiver until dropped.
+pub(crate) struct Claim<'a> {
+    inner: &'a Inner,
+    job: JobId,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        lock(&self.inner.inflight).remove(&self.job);
+    }
+}
+
+#[path = "engine_api.rs"]
+mod api;
+pub use api::Engine;

@@ -1,0 +1,197 @@
+//! The serving side: accept loops (TCP, and the abstract Unix socket for same-host peers) and one
+//! thread per authenticated connection answering push and pull requests.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::auth;
+use crate::channel::{self, Channel};
+use crate::config::TransportKind;
+use crate::conn::Ctx;
+use crate::data;
+use crate::engine::Inner;
+use crate::error::{Result, TransferError};
+use crate::manifest::TensorMeta;
+use crate::wire::{Frame, read_frame, write_frame};
+
+/// Handshakes must finish within this, whatever the peer's intentions.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) fn tcp_accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    for stream in listener.incoming() {
+        if inner.shutdown.is_cancelled() {
+            break;
+        }
+        let Ok(stream) = stream else { continue };
+        let inner = inner.clone();
+        std::thread::Builder::new()
+            .name("x2v-xfer-conn".into())
+            .spawn(move || serve_tcp(inner, stream))
+            .map_err(|e| tracing::error!(error = %e, "cannot spawn a connection thread"))
+            .ok();
+    }
+}
+
+pub(crate) fn unix_accept_loop(inner: Arc<Inner>, listener: UnixListener) {
+    for stream in listener.incoming() {
+        if inner.shutdown.is_cancelled() {
+            break;
+        }
+        let Ok(stream) = stream else { continue };
+        let inner = inner.clone();
+        std::thread::Builder::new()
+            .name("x2v-xfer-shm".into())
+            .spawn(move || serve_unix(inner, stream))
+            .map_err(|e| tracing::error!(error = %e, "cannot spawn a connection thread"))
+            .ok();
+    }
+}
+
+fn handshake_ctx(inner: &Inner, peer: &str) -> Ctx {
+    Ctx::new(peer, Instant::now() + HANDSHAKE_TIMEOUT, inner.shutdown.clone())
+}
+
+fn serve_tcp(inner: Arc<Inner>, mut stream: TcpStream) {
+    let peer = stream.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+    channel::tune_tcp(&stream, inner.cfg.socket_buffer);
+    let ctx = handshake_ctx(&inner, &peer);
+    if let Err(e) =
+        auth::accept(&mut stream, &inner.cfg.secret, inner.host_id, inner.shm_name.clone(), &ctx)
+    {
+        tracing::warn!(%peer, error = %e, "rejected a transfer connection");
+        if matches!(e, TransferError::Protocol { .. }) {
+            let _ = write_frame(
+                &mut stream,
+                &Frame::Error { kind: e.kind(), message: e.to_string() },
+                &ctx,
+                "error",
+            );
+        }
+        return;
+    }
+    serve(
+        &inner,
+        Channel { stream: Box::new(stream), kind: TransportKind::Tcp, peer_region: None },
+        &peer,
+    );
+}
+
+fn serve_unix(inner: Arc<Inner>, mut sock: UnixStream) {
+    let peer = format!("shm:{}", inner.shm_name.as_deref().unwrap_or("?"));
+    let ctx = handshake_ctx(&inner, &peer);
+    let setup = auth::accept(&mut sock, &inner.cfg.secret, inner.host_id, None, &ctx)
+        .and_then(|()| channel::exchange_regions(&sock, inner.pool.region(), &ctx, false));
+    match setup {
+        Ok(region) => {
+            let ch = Channel {
+                stream: Box::new(sock),
+                kind: TransportKind::Shm,
+                peer_region: Some(region),
+            };
+            serve(&inner, ch, &peer);
+        }
+        Err(e) => tracing::warn!(%peer, error = %e, "rejected a shared-memory connection"),
+    }
+}
+
+fn serve(inner: &Inner, mut ch: Channel, peer: &str) {
+    loop {
+        let idle = Ctx::new(peer, Instant::now() + inner.cfg.idle_timeout, inner.shutdown.clone());
+        let frame = match read_frame(ch.stream.as_mut(), &idle, "waiting for a request") {
+            Ok(f) => f,
+            Err(
+                TransferError::Io { .. }
+                | TransferError::DeadlineExceeded { .. }
+                | TransferError::Cancelled { .. },
+            ) => {
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "malformed request; closing the connection");
+                reply_error(&mut ch, &e, &idle);
+                return;
+            }
+        };
+        let result = match frame {
+            Frame::PushBegin { job, deadline_ms, chunk_crc, tensors } => {
+                handle_push(inner, &mut ch, peer, job, deadline_ms, chunk_crc, tensors)
+            }
+            Frame::PullRequest { job, deadline_ms, chunk_crc } => {
+                handle_pull(inner, &mut ch, peer, job, deadline_ms, chunk_crc)
+            }
+            other => Err(TransferError::protocol(
+                peer,
+                format!("unexpected {} outside a transfer", other.name()),
+            )),
+        };
+        if let Err(e) = result {
+            tracing::warn!(%peer, error = %e, "transfer failed");
+            // The stream may be mid-payload: report, then close rather than try to resynchronise.
+            reply_error(
+                &mut ch,
+                &e,
+                &Ctx::new(peer, Instant::now() + Duration::from_secs(1), Default::default()),
+            );
+            return;
+        }
+    }
+}
+
+fn reply_error(ch: &mut Channel, e: &TransferError, ctx: &Ctx) {
+    if matches!(e, TransferError::Io { .. } | TransferError::Remote { .. }) {
+        return;
+    }
+    let _ = write_frame(
+        ch.stream.as_mut(),
+        &Frame::Error { kind: e.kind(), message: e.to_string() },
+        ctx,
+        "error",
+    );
+}
+
+fn op_ctx(inner: &Inner, peer: &str, deadline_ms: u64) -> Ctx {
+    let asked = Duration::from_millis(deadline_ms).min(inner.cfg.max_deadline);
+    Ctx::new(peer, Instant::now() + asked, inner.shutdown.clone())
+}
+
+fn handle_push(
+    inner: &Inner,
+    ch: &mut Channel,
+    peer: &str,
+    job: [u8; 16],
+    deadline_ms: u64,
+    chunk_crc: bool,
+    tensors: Vec<TensorMeta>,
+) -> Result<()> {
+    let ctx = op_ctx(inner, peer, deadline_ms);
+    let job = crate::engine::job_from_wire(job)?;
+    let _claim = inner.claim(job)?;
+    let received = inner.receive(ch, job, tensors, chunk_crc, &ctx)?;
+    inner.deliver(job, received)?;
+    write_frame(ch.stream.as_mut(), &Frame::Ack, &ctx, "acknowledging")
+}
+
+fn handle_pull(
+    inner: &Inner,
+    ch: &mut Channel,
+    peer: &str,
+    job: [u8; 16],
+    deadline_ms: u64,
+    crc: bool,
+) -> Result<()> {
+    let ctx = op_ctx(inner, peer, deadline_ms);
+    let job = crate::engine::job_from_wire(job)?;
+    let payload = inner.outbox_get(job)?;
+    write_frame(
+        ch.stream.as_mut(),
+        &Frame::Manifest { tensors: payload.manifest() },
+        &ctx,
+        "sending the manifest",
+    )?;
+    data::send(ch, &payload.tensors, inner.cfg.chunk_bytes, crc, &ctx)?;
+    inner.outbox_consumed(job);
+    tracing::debug!(%peer, %job, "pulled payload delivered and verified");
+    Ok(())
+}
