@@ -11,7 +11,8 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib = PathBuf::from(
-        std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports the libtorch library directory on Linux"),
+        std::env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys exports the libtorch library directory on Linux"),
     );
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-lib=dylib:-as-needed=torch_cuda");
@@ -24,14 +25,19 @@ fn main() {
     let version = std::fs::read_to_string(lib.join("../version.py"))
         .ok()
         .and_then(|text| parse_version_py(&text))
-        .or_else(|| std::fs::read_to_string(lib.join("../build-version")).ok().map(|s| s.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string(lib.join("../build-version")).ok().map(|s| s.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=X2V_LIBTORCH_BUILD_VERSION={version}");
     println!("cargo:rustc-env=X2V_LIBTORCH_BUILD_LIB={}", lib.display());
 }
 
 fn parse_version_py(text: &str) -> Option<String> {
-    text.lines()
-        .find_map(|line| line.strip_prefix("__version__"))
-        .map(|rest| rest.trim_start_matches([' ', '=', ':', 's', 't', 'r']).trim().trim_matches(['\'', '"']).to_owned())
+    text.lines().find_map(|line| line.strip_prefix("__version__")).map(|rest| {
+        rest.trim_start_matches([' ', '=', ':', 's', 't', 'r'])
+            .trim()
+            .trim_matches(['\'', '"'])
+            .to_owned()
+    })
 }

@@ -61,20 +61,24 @@ where
     T: Default + Serialize + DeserializeOwned,
     I: IntoIterator<Item = (String, String)>,
 {
-    let mut tree = serde_json::to_value(T::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let mut tree =
+        serde_json::to_value(T::default()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     if let Some(path) = file {
         let overlay = read_file(path)?;
         merge(&mut tree, overlay, "", path)?;
     }
     let mut warnings = Vec::new();
-    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    let mut vars: Vec<(String, String)> =
+        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
     vars.sort();
     for (var, value) in vars {
         let path: Vec<String> =
             var[ENV_PREFIX.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
         match lookup_mut(&mut tree, &path) {
             Some(slot) => *slot = env_value(slot, &var, value)?,
-            None => warnings.push(ConfigWarning(format!("{var} names no configuration field; ignored"))),
+            None => {
+                warnings.push(ConfigWarning(format!("{var} names no configuration field; ignored")))
+            }
         }
     }
     let value = serde_json::from_value(tree).map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -82,14 +86,21 @@ where
 }
 
 fn read_file(path: &Path) -> Result<Value, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.into(), source })?;
     let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let value = if is_json {
-        serde_json::from_str::<Value>(&text)
-            .map_err(|e| ConfigError::Parse { path: path.into(), format: "JSON", message: e.to_string() })?
+        serde_json::from_str::<Value>(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            format: "JSON",
+            message: e.to_string(),
+        })?
     } else {
-        let table: toml::Table = toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.into(), format: "TOML", message: e.to_string() })?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            format: "TOML",
+            message: e.to_string(),
+        })?;
         serde_json::to_value(table).map_err(|e| ConfigError::Invalid(e.to_string()))?
     };
     if !value.is_object() {
@@ -124,11 +135,14 @@ fn merge(base: &mut Value, overlay: Value, prefix: &str, path: &Path) -> Result<
 }
 
 fn lookup_mut<'a>(tree: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
-    path.iter().try_fold(tree, |node, key| node.as_object_mut().and_then(|m: &mut Map<String, Value>| m.get_mut(key)))
+    path.iter().try_fold(tree, |node, key| {
+        node.as_object_mut().and_then(|m: &mut Map<String, Value>| m.get_mut(key))
+    })
 }
 
 fn env_value(current: &Value, var: &str, raw: String) -> Result<Value, ConfigError> {
-    let bad = |expected| ConfigError::BadEnvValue { var: var.to_owned(), value: raw.clone(), expected };
+    let bad =
+        |expected| ConfigError::BadEnvValue { var: var.to_owned(), value: raw.clone(), expected };
     match current {
         Value::String(_) => Ok(Value::String(raw)),
         Value::Bool(_) => match raw.to_ascii_lowercase().as_str() {
@@ -206,10 +220,18 @@ mod tests {
     #[test]
     fn defaults_then_file_then_env() {
         let dir = tempfile::tempdir().unwrap();
-        let file = write(&dir, "x.toml", "name = \"a\"\n[server]\nworkers = 8\nlisten = \"0.0.0.0:1\"\n[server.labels]\nzone = \"eu\"\n");
+        let file = write(
+            &dir,
+            "x.toml",
+            "name = \"a\"\n[server]\nworkers = 8\nlisten = \"0.0.0.0:1\"\n[server.labels]\nzone = \"eu\"\n",
+        );
         let (cfg, warnings): (Root, _) = load_from(
             Some(&file),
-            env(&[("X2V_SERVER__WORKERS", "16"), ("X2V_SERVER__VERBOSE", "true"), ("PATH", "/bin")]),
+            env(&[
+                ("X2V_SERVER__WORKERS", "16"),
+                ("X2V_SERVER__VERBOSE", "true"),
+                ("PATH", "/bin"),
+            ]),
         )
         .unwrap();
         assert!(warnings.is_empty());
@@ -226,7 +248,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = write(&dir, "x.json", r#"{"server": {"ranks": [1, 2]}}"#);
         let (cfg, _): (Root, _) =
-            load_from(Some(&file), env(&[("X2V_SERVER__OTLP_ENDPOINT", "http://collector:4317")])).unwrap();
+            load_from(Some(&file), env(&[("X2V_SERVER__OTLP_ENDPOINT", "http://collector:4317")]))
+                .unwrap();
         assert_eq!(cfg.server.ranks, vec![1, 2]);
         assert_eq!(cfg.server.otlp_endpoint.as_deref(), Some("http://collector:4317"));
     }
@@ -242,7 +265,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = write(&dir, "x.toml", "[server]\nworkrs = 3\n");
         let err = load_from::<Root, _>(Some(&file), env(&[])).unwrap_err();
-        assert!(matches!(&err, ConfigError::UnknownKey { key, .. } if key == "server.workrs"), "{err}");
+        assert!(
+            matches!(&err, ConfigError::UnknownKey { key, .. } if key == "server.workrs"),
+            "{err}"
+        );
         assert!(err.to_string().contains("server.workrs"));
     }
 
@@ -257,7 +283,8 @@ mod tests {
         let file = write(&dir, "y.toml", "[server\n");
         let err = load_from::<Root, _>(Some(&file), env(&[])).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { format: "TOML", .. }), "{err}");
-        let err = load_from::<Root, _>(Some(&dir.path().join("missing.toml")), env(&[])).unwrap_err();
+        let err =
+            load_from::<Root, _>(Some(&dir.path().join("missing.toml")), env(&[])).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
     }
 

@@ -79,12 +79,15 @@ impl ErrorKind {
     /// The OpenAI error envelope's `type` field for this kind.
     pub fn openai_type(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest | ErrorKind::NotFound | ErrorKind::Conflict | ErrorKind::Cancelled => {
-                "invalid_request_error"
-            }
+            ErrorKind::InvalidRequest
+            | ErrorKind::NotFound
+            | ErrorKind::Conflict
+            | ErrorKind::Cancelled => "invalid_request_error",
             ErrorKind::Unauthenticated => "authentication_error",
             ErrorKind::Overloaded => "rate_limit_error",
-            ErrorKind::DeadlineExceeded | ErrorKind::Unavailable | ErrorKind::Internal => "server_error",
+            ErrorKind::DeadlineExceeded | ErrorKind::Unavailable | ErrorKind::Internal => {
+                "server_error"
+            }
         }
     }
 
@@ -116,7 +119,9 @@ impl ErrorKind {
             C::Cancelled => ErrorKind::Cancelled,
             C::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             C::Unavailable => ErrorKind::Unavailable,
-            C::Ok | C::Unknown | C::Unimplemented | C::Internal | C::DataLoss => ErrorKind::Internal,
+            C::Ok | C::Unknown | C::Unimplemented | C::Internal | C::DataLoss => {
+                ErrorKind::Internal
+            }
         }
     }
 
@@ -153,8 +158,10 @@ mod tests {
             let status = kind.http_status();
             // The official clients retry 408, 409, 429 and 5xx. Besides the retryable kinds only Internal
             // (a retry may land on a healthy worker) and Conflict (state may change) are sent there.
-            let client_retries = [408, 409, 429].contains(&status.as_u16()) || status.is_server_error();
-            let expected = kind.is_retryable() || matches!(kind, ErrorKind::Internal | ErrorKind::Conflict);
+            let client_retries =
+                [408, 409, 429].contains(&status.as_u16()) || status.is_server_error();
+            let expected =
+                kind.is_retryable() || matches!(kind, ErrorKind::Internal | ErrorKind::Conflict);
             assert_eq!(client_retries, expected, "{kind}");
         }
     }

@@ -44,10 +44,10 @@ impl JobId {
 
     /// Parses `{prefix}_{hex}`; the prefix must match exactly.
     pub fn parse_prefixed(s: &str, prefix: &str) -> Result<Self, ParseJobIdError> {
-        let body = s
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.strip_prefix('_'))
-            .ok_or_else(|| ParseJobIdError::Prefix { expected: prefix.to_owned(), given: s.to_owned() })?;
+        let body =
+            s.strip_prefix(prefix).and_then(|rest| rest.strip_prefix('_')).ok_or_else(|| {
+                ParseJobIdError::Prefix { expected: prefix.to_owned(), given: s.to_owned() }
+            })?;
         body.parse()
     }
 
@@ -79,7 +79,8 @@ impl FromStr for JobId {
     type Err = ParseJobIdError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let well_formed = s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let well_formed =
+            s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         let uuid = well_formed.then(|| Uuid::parse_str(s).ok()).flatten();
         match uuid {
             Some(u) if u.get_version_num() == 7 => Ok(JobId(u)),
@@ -123,22 +124,32 @@ mod tests {
         let prefixed = id.with_prefix("video");
         assert!(prefixed.starts_with("video_"));
         assert_eq!(JobId::parse_prefixed(&prefixed, "video").unwrap(), id);
-        assert!(matches!(JobId::parse_prefixed(&prefixed, "img"), Err(ParseJobIdError::Prefix { .. })));
+        assert!(matches!(
+            JobId::parse_prefixed(&prefixed, "img"),
+            Err(ParseJobIdError::Prefix { .. })
+        ));
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<JobId>(&json).unwrap(), id);
     }
 
     #[test]
     fn rejects_malformed_ids() {
-        for bad in ["", "xyz", "0190F3A0B1C27D4E8F9A0B1C2D3E4F50", &"0".repeat(32), "9f1c3e0a7b2d4c8e9f1c3e0a7b2d4c8e"]
-        {
+        for bad in [
+            "",
+            "xyz",
+            "0190F3A0B1C27D4E8F9A0B1C2D3E4F50",
+            &"0".repeat(32),
+            "9f1c3e0a7b2d4c8e9f1c3e0a7b2d4c8e",
+        ] {
             assert!(bad.parse::<JobId>().is_err(), "accepted {bad:?}");
         }
     }
 
     #[test]
     fn timestamp_is_now() {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+                as u64;
         let ts = JobId::new().timestamp_ms();
         assert!(ts.abs_diff(now) < 5_000, "ts {ts} now {now}");
     }

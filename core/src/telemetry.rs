@@ -106,14 +106,20 @@ impl Drop for Telemetry {
 /// Installs the global subscriber (and the W3C trace-context propagator) for `service`.
 pub fn init(service: &str, config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_level.clone());
-    let filter = EnvFilter::try_new(&directives).map_err(|e| TelemetryError::Filter(directives.clone(), e.to_string()))?;
+    let filter = EnvFilter::try_new(&directives)
+        .map_err(|e| TelemetryError::Filter(directives.clone(), e.to_string()))?;
     if !(0.0..=1.0).contains(&config.sample_ratio) {
         return Err(TelemetryError::SampleRatio(config.sample_ratio));
     }
     let service_name = config.service_name.clone().unwrap_or_else(|| service.to_owned());
 
-    let provider = config.otlp_endpoint.as_deref().map(|endpoint| build_provider(endpoint, &service_name, config)).transpose()?;
-    let otel_layer = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("x2v")));
+    let provider = config
+        .otlp_endpoint
+        .as_deref()
+        .map(|endpoint| build_provider(endpoint, &service_name, config))
+        .transpose()?;
+    let otel_layer =
+        provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("x2v")));
 
     let fmt_layer = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
@@ -135,14 +141,21 @@ pub fn init(service: &str, config: &TelemetryConfig) -> Result<Telemetry, Teleme
     Ok(Telemetry { provider })
 }
 
-fn build_provider(endpoint: &str, service_name: &str, config: &TelemetryConfig) -> Result<SdkTracerProvider, TelemetryError> {
+fn build_provider(
+    endpoint: &str,
+    service_name: &str,
+    config: &TelemetryConfig,
+) -> Result<SdkTracerProvider, TelemetryError> {
     // The tonic channel spawns its connection task on the current runtime.
     tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
         .build()
-        .map_err(|e| TelemetryError::Exporter { endpoint: endpoint.to_owned(), message: e.to_string() })?;
+        .map_err(|e| TelemetryError::Exporter {
+            endpoint: endpoint.to_owned(),
+            message: e.to_string(),
+        })?;
     let resource = Resource::builder()
         .with_service_name(service_name.to_owned())
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
@@ -170,13 +183,17 @@ mod tests {
         }
         let cfg = TelemetryConfig { sample_ratio: 1.5, ..Default::default() };
         assert!(matches!(init("t", &cfg), Err(TelemetryError::SampleRatio(_))));
-        let cfg = TelemetryConfig { otlp_endpoint: Some("http://127.0.0.1:1".into()), ..Default::default() };
+        let cfg = TelemetryConfig {
+            otlp_endpoint: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        };
         assert!(matches!(init("t", &cfg), Err(TelemetryError::NoRuntime)));
     }
 
     #[test]
     fn config_reads_from_toml() {
-        let cfg: TelemetryConfig = toml::from_str("log_format = \"json\"\notlp_endpoint = \"http://c:4317\"").unwrap();
+        let cfg: TelemetryConfig =
+            toml::from_str("log_format = \"json\"\notlp_endpoint = \"http://c:4317\"").unwrap();
         assert_eq!(cfg.log_format, LogFormat::Json);
         assert_eq!(cfg.otlp_endpoint.as_deref(), Some("http://c:4317"));
         assert_eq!(cfg.log_level, "info");

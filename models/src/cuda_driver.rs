@@ -53,13 +53,15 @@ fn check(call: &'static str, code: c_int) -> Result<(), DriverError> {
 pub fn query() -> Result<DriverInfo, DriverError> {
     // SAFETY: loading the system CUDA driver library runs its initialisers, which have no
     // preconditions; the library stays loaded for the calls below.
-    let lib = unsafe { Library::new("libcuda.so.1") }.map_err(|e| DriverError::NotInstalled(e.to_string()))?;
+    let lib = unsafe { Library::new("libcuda.so.1") }
+        .map_err(|e| DriverError::NotInstalled(e.to_string()))?;
     // SAFETY: every symbol is looked up with the signature the CUDA driver API documents for it, and
     // each call gets valid out-pointers to locals of the documented types.
     unsafe {
         let sym = |name: &'static [u8]| -> Result<*const (), DriverError> {
-            let s: Symbol<*const ()> =
-                lib.get(name).map_err(|e| DriverError::NotInstalled(format!("{}: {e}", String::from_utf8_lossy(name))))?;
+            let s: Symbol<*const ()> = lib.get(name).map_err(|e| {
+                DriverError::NotInstalled(format!("{}: {e}", String::from_utf8_lossy(name)))
+            })?;
             Ok(*s)
         };
         let cu_init: CuInit = std::mem::transmute(sym(b"cuInit\0")?);
@@ -82,8 +84,14 @@ pub fn query() -> Result<DriverInfo, DriverError> {
             let mut name = [0 as c_char; 256];
             check("cuDeviceGetName", get_name(name.as_mut_ptr(), name.len() as c_int, dev))?;
             let (mut major, mut minor) = (0, 0);
-            check("cuDeviceGetAttribute", get_attr(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev))?;
-            check("cuDeviceGetAttribute", get_attr(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev))?;
+            check(
+                "cuDeviceGetAttribute",
+                get_attr(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+            )?;
+            check(
+                "cuDeviceGetAttribute",
+                get_attr(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+            )?;
             let mut bytes = 0usize;
             check("cuDeviceTotalMem_v2", total_mem(&mut bytes, dev))?;
             devices.push(DriverDevice {

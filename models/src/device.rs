@@ -51,7 +51,8 @@ impl LibtorchInfo {
             cuda_available,
             cuda_device_count: tch::Cuda::device_count(),
             cudnn_available: cuda_available && tch::Cuda::cudnn_is_available(),
-            cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available()).then(tch::utils::version_cudnn),
+            cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available())
+                .then(tch::utils::version_cudnn),
         }
     }
 
