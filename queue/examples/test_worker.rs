@@ -4,6 +4,7 @@
 //! `[fail]` fail at the DiT stage; `[slow]` take 200 ms per step (to test cancellation).
 //!
 //! `cargo run -p x2v-queue --example test_worker -- <redis-url> <storage-dir> [models...]`
+//! (`X2V_TEST_WORKER_LEASE_MS` sets the lease length; default 10 s).
 
 use std::sync::Arc;
 use std::time::Duration;
