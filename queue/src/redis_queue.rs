@@ -39,7 +39,11 @@ macro_rules! script {
     };
 }
 
-static CREATE: LazyLock<Script> = script!("create.lua");
+/// Source of the job-creation script (for `redis-benchmark` comparisons).
+pub const CREATE_LUA: &str =
+    concat!(include_str!("lua/common.lua"), include_str!("lua/create.lua"));
+
+static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(CREATE_LUA));
 static CLAIM: LazyLock<Script> = script!("claim.lua");
 static LEASE: LazyLock<Script> = script!("lease.lua");
 static DELETE: LazyLock<Script> = script!("delete.lua");

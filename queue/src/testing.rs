@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 /// A `redis-server` child process; killed on drop.
 pub struct RedisServer {
     child: Option<Child>,
+    extra: Vec<String>,
     port: u16,
     dir: tempfile::TempDir,
 }
@@ -16,6 +17,12 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts `redis-server` (must be on `PATH`) with AOF (`appendfsync always`) in a temp directory.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with extra `redis-server` arguments (later ones win).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut dir = tempfile::tempdir().expect("temp dir");
         let mut last = String::new();
         for _ in 0..10 {
@@ -23,7 +30,7 @@ impl RedisServer {
                 .and_then(|l| l.local_addr())
                 .expect("free port")
                 .port();
-            let mut server = RedisServer { child: None, port, dir };
+            let mut server = RedisServer { child: None, extra: extra.clone(), port, dir };
             match server.spawn() {
                 Ok(()) => return server,
                 Err(e) => {
@@ -54,6 +61,7 @@ impl RedisServer {
             ])
             .args(["--appendfsync", "always", "--dir"])
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
