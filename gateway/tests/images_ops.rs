@@ -179,3 +179,26 @@ async fn operational_endpoints() {
     );
     assert!(text.contains("x2v_http_requests_total"), "{text}");
 }
+
+#[tokio::test]
+async fn cors_answers_preflight_when_configured() {
+    let mut c = config();
+    c.http.cors_origins = vec!["https://app.example".into()];
+    let h = harness(c);
+    let pre = Request::options("/v1/videos")
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .body(Body::empty())
+        .unwrap();
+    let (resp, _) = h.send(pre).await;
+    assert_eq!(resp.headers()["access-control-allow-origin"], "https://app.example");
+    let (resp, _) = h
+        .send(
+            Request::get("/v1/videos")
+                .header("origin", "https://evil.example")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+}
