@@ -79,7 +79,8 @@ fn redis_benchmark(port: u16, connections: usize, args: &[&str]) -> String {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
             .lines()
             .nth(1)
-            .and_then(|l| l.split(',').nth(1))
+            // The test name (the command line) may itself hold commas: count from the end.
+            .and_then(|l| l.rsplit(',').nth(6))
             .map(|v| format!("{:.0}", v.trim_matches('"').parse::<f64>().unwrap_or(0.0)))
             .unwrap_or_else(|| "?".into()),
         Ok(o) => format!("failed: {}", String::from_utf8_lossy(&o.stderr).trim()),

@@ -29,7 +29,12 @@ pub async fn request_context(
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let span = tracing::info_span!("http", method = %req.method(), route = %route, request_id = %request_id);
-    x2v_core::propagation::set_parent(&span, x2v_core::propagation::extract_http(req.headers()));
+    if req.headers().contains_key("traceparent") {
+        x2v_core::propagation::set_parent(
+            &span,
+            x2v_core::propagation::extract_http(req.headers()),
+        );
+    }
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let started = Instant::now();
     let mut resp = next.run(req).instrument(span).await;

@@ -7,7 +7,9 @@ use sha2::{Digest, Sha256};
 use x2v_core::JobId;
 use x2v_core::metrics::Metrics;
 use x2v_queue::storage::Storage;
-use x2v_queue::{Created, Idempotency, InputRef, NewJob, Queue, assign};
+use x2v_queue::{
+    Created, Idempotency, InputRef, NewJob, Queue, QueueError, Stage, WorkerInfo, assign,
+};
 
 use crate::config::GatewayConfig;
 use crate::error::ApiError;
@@ -68,7 +70,12 @@ pub struct AppState {
     pub config: Arc<GatewayConfig>,
     pub metrics: GatewayMetrics,
     pub limiter: Arc<RateLimiter>,
+    /// Live workers as last read, for rank assignment (the registry changes slowly; loads are read
+    /// fresh on every admission).
+    workers: Arc<std::sync::Mutex<Option<(std::time::Instant, Vec<WorkerInfo>)>>>,
 }
+
+const WORKERS_CACHE: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Who is calling: an index into the configured keys, or anonymous when auth is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +91,39 @@ impl AppState {
             config: Arc::new(config),
             metrics: GatewayMetrics::new(),
             limiter,
+            workers: Arc::default(),
         }
+    }
+
+    async fn live_workers(&self, refresh: bool) -> Result<Vec<WorkerInfo>, QueueError> {
+        let cached = self.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match cached {
+            Some((at, w)) if !refresh && at.elapsed() < WORKERS_CACHE => Ok(w),
+            _ => {
+                let w = self.queue.workers().await?;
+                *self.workers.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((std::time::Instant::now(), w.clone()));
+                Ok(w)
+            }
+        }
+    }
+
+    /// Engine ranks for a job: least outstanding work among live workers, pins honoured.
+    async fn assign(&self, spec: &x2v_queue::JobSpec) -> Result<x2v_queue::Ranks, QueueError> {
+        let mut workers = self.live_workers(false).await?;
+        let pinned_unknown = Stage::ALL.iter().any(|s| {
+            spec.pins.get(*s).is_some_and(|r| !workers.iter().any(|w| w.stage == *s && w.rank == r))
+        });
+        if pinned_unknown {
+            workers = self.live_workers(true).await?;
+        }
+        let mut loads = HashMap::new();
+        for stage in Stage::ALL {
+            if workers.iter().any(|w| w.stage == stage) {
+                loads.insert(stage, self.queue.load(stage).await?);
+            }
+        }
+        assign::choose(&workers, &loads, &spec.model, spec.task, spec.pins)
     }
 
     /// Stores a validated request's uploads, assigns ranks and creates the job (or returns the job an
@@ -123,7 +162,7 @@ impl AppState {
         let idempotency =
             idempotency_key.map(|k| Idempotency { key: format!("{}:{k}", caller.0), fingerprint });
         let result = async {
-            let ranks = assign::assign(&*self.queue, &spec.model, spec.task, spec.pins).await?;
+            let ranks = self.assign(&spec).await?;
             let mut trace = HashMap::new();
             x2v_core::propagation::inject_map(
                 &x2v_core::propagation::current_context(),

@@ -265,7 +265,8 @@ async fn ranks_are_assigned_by_load_and_dead_ranks_reassigned(q: Arc<dyn Queue>)
     for w in [worker(Stage::Encoder, 0), worker(Stage::Dit, 0), worker(Stage::Decoder, 0)] {
         q.heartbeat(&w, live).await.unwrap();
     }
-    q.heartbeat(&worker(Stage::Dit, 1), Duration::from_millis(300)).await.unwrap();
+    // Long enough to outlast the assignments below on a loaded machine, short enough to wait out.
+    q.heartbeat(&worker(Stage::Dit, 1), Duration::from_secs(2)).await.unwrap();
     assert_eq!(q.workers().await.unwrap().len(), 4);
     let mut dit_ranks = vec![];
     for i in 0..4 {
