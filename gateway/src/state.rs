@@ -72,8 +72,11 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Live workers as last read, for rank assignment (the registry changes slowly; loads are read
     /// fresh on every admission).
-    workers: Arc<std::sync::Mutex<Option<(std::time::Instant, Vec<WorkerInfo>)>>>,
+    workers: Arc<std::sync::Mutex<Option<CachedWorkers>>>,
 }
+
+/// When the live-worker list was read, and the list.
+type CachedWorkers = (std::time::Instant, Vec<WorkerInfo>);
 
 const WORKERS_CACHE: std::time::Duration = std::time::Duration::from_millis(1000);
 
