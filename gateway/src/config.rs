@@ -1,0 +1,186 @@
+//! Gateway configuration: one serde struct, loaded by `x2v_core::config::load` (defaults, then a
+//! TOML/JSON file, then `X2V_*` variables), and the served-model registry with per-model limits.
+
+use serde::{Deserialize, Serialize};
+use x2v_core::telemetry::TelemetryConfig;
+use x2v_queue::Task;
+use x2v_queue::storage::StorageConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// Base URL clients reach this gateway at, for image `url` responses (empty: from the `Host` header).
+    pub public_url: String,
+    pub queue: QueueConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    pub http: HttpConfig,
+    /// Served models and their limits.
+    pub models: Vec<ModelConfig>,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// `redis` or `memory` (embedded single-process mode).
+    pub backend: String,
+    pub redis_url: String,
+    /// Key prefix in Redis.
+    pub prefix: String,
+    /// Seconds finished jobs (and their outputs' records) are kept.
+    pub finished_ttl_s: u64,
+    /// Seconds an `Idempotency-Key` maps to its job.
+    pub idempotency_ttl_s: u64,
+    /// Period of lease-expiry / dead-rank maintenance, in milliseconds.
+    pub maintain_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accepted bearer keys; empty disables authentication.
+    pub api_keys: Vec<String>,
+    /// Sustained requests per second per key (0: unlimited).
+    pub rate_limit_per_s: f64,
+    /// Burst size per key.
+    pub rate_limit_burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Largest request body in bytes (uploads included).
+    pub max_body_bytes: usize,
+    /// Allowed CORS origins (`*` for any); empty disables CORS.
+    pub cors_origins: Vec<String>,
+    /// `openai-poll-after-ms` sent with video status responses.
+    pub poll_after_ms: u64,
+    /// How long a synchronous image request waits for its job, in seconds.
+    pub image_timeout_s: u64,
+}
+
+/// One served model: what it does and what it allows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    pub tasks: Vec<Task>,
+    /// Allowed output sizes, `WIDTHxHEIGHT`; the first is the default.
+    pub sizes: Vec<String>,
+    /// Frames per second of generated video.
+    pub fps: u32,
+    /// Most frames per video; frame counts must be `4k+1`.
+    pub max_frames: u32,
+    pub default_seconds: u32,
+    pub default_steps: u32,
+    pub max_steps: u32,
+    pub default_guidance_scale: f32,
+    pub default_shift: f32,
+    /// Most images per request.
+    pub max_n: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "0.0.0.0:8000".into(),
+            public_url: String::new(),
+            queue: QueueConfig::default(),
+            storage: StorageConfig::default(),
+            auth: AuthConfig::default(),
+            http: HttpConfig::default(),
+            models: vec![
+                ModelConfig::wan21_t2v_1_3b(),
+                ModelConfig::wan21_i2v_14b_480p(),
+                ModelConfig::qwen_image(),
+            ],
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: "redis".into(),
+            redis_url: "redis://127.0.0.1:6379/".into(),
+            prefix: "x2v".into(),
+            finished_ttl_s: 7 * 24 * 3600,
+            idempotency_ttl_s: 24 * 3600,
+            maintain_interval_ms: 1000,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 64 << 20,
+            cors_origins: vec![],
+            poll_after_ms: 2000,
+            image_timeout_s: 600,
+        }
+    }
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig::wan21_t2v_1_3b()
+    }
+}
+
+impl ModelConfig {
+    /// Wan2.1 text-to-video 1.3B: 480p, 16 fps, up to 81 frames (5 s).
+    pub fn wan21_t2v_1_3b() -> Self {
+        ModelConfig {
+            name: "wan2.1-t2v-1.3b".into(),
+            tasks: vec![Task::T2v],
+            sizes: vec!["832x480".into(), "480x832".into()],
+            fps: 16,
+            max_frames: 81,
+            default_seconds: 5,
+            default_steps: 50,
+            max_steps: 100,
+            default_guidance_scale: 5.0,
+            default_shift: 5.0,
+            max_n: 1,
+        }
+    }
+
+    /// Wan2.1 image-to-video 14B at 480p.
+    pub fn wan21_i2v_14b_480p() -> Self {
+        ModelConfig {
+            name: "wan2.1-i2v-14b-480p".into(),
+            tasks: vec![Task::I2v],
+            default_shift: 3.0,
+            ..Self::wan21_t2v_1_3b()
+        }
+    }
+
+    /// Qwen-Image text-to-image and edit.
+    pub fn qwen_image() -> Self {
+        ModelConfig {
+            name: "qwen-image".into(),
+            tasks: vec![Task::T2i, Task::Edit],
+            sizes: vec![
+                "1328x1328".into(),
+                "1664x928".into(),
+                "928x1664".into(),
+                "1472x1140".into(),
+                "1140x1472".into(),
+                "1024x1024".into(),
+            ],
+            fps: 0,
+            max_frames: 1,
+            default_seconds: 0,
+            default_steps: 50,
+            max_steps: 100,
+            default_guidance_scale: 4.0,
+            default_shift: 3.0,
+            max_n: 4,
+        }
+    }
+}

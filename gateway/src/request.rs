@@ -1,0 +1,289 @@
+//! Request bodies as the clients send them: JSON objects or multipart forms (text parts, bracketed
+//! keys such as `input_reference[image_url]`, file parts, repeated `image[]`), read into one
+//! [`Form`] that validation reads typed values from. Values are accepted leniently where the
+//! clients differ (numbers as strings in multipart, `null` for unset fields in JSON).
+
+use axum::body::Bytes;
+use axum::extract::Multipart;
+use axum::http::HeaderMap;
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// An uploaded file.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    /// Field name without a trailing `[]`.
+    pub field: String,
+    pub bytes: Bytes,
+    /// Media type sniffed from the bytes (never trusted from the part header).
+    pub media_type: Option<&'static str>,
+}
+
+/// A parsed request body.
+#[derive(Debug, Default)]
+pub struct Form {
+    pub fields: Map<String, Value>,
+    pub uploads: Vec<Upload>,
+}
+
+/// The media type of well-known image and video formats, from magic bytes.
+pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0x89, b'P', b'N', b'G', ..] => Some("image/png"),
+        [0xFF, 0xD8, 0xFF, ..] => Some("image/jpeg"),
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some("image/webp"),
+        [b'G', b'I', b'F', b'8', ..] => Some("image/gif"),
+        [_, _, _, _, b'f', b't', b'y', b'p', ..] => Some("video/mp4"),
+        _ => None,
+    }
+}
+
+impl Form {
+    /// Reads a JSON object body. An empty body is an empty form.
+    pub fn from_json(body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Form::default());
+        }
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(fields)) => Ok(Form { fields, uploads: vec![] }),
+            Ok(other) => Err(ApiError::invalid(
+                "body",
+                format!("The request body must be a JSON object; got {}.", kind_of(&other)),
+            )),
+            Err(e) => {
+                Err(ApiError::invalid("body", format!("The request body is not valid JSON: {e}.")))
+            }
+        }
+    }
+
+    /// Reads a multipart form.
+    pub async fn from_multipart(mut mp: Multipart) -> Result<Self, ApiError> {
+        let mut form = Form::default();
+        let bad = |e: axum::extract::multipart::MultipartError| {
+            let status = e.status();
+            ApiError::invalid("body", format!("Malformed multipart body: {}.", e.body_text()))
+                .status(status)
+        };
+        while let Some(field) = mp.next_field().await.map_err(bad)? {
+            let name = field.name().unwrap_or_default().to_owned();
+            let is_file = field.file_name().is_some();
+            let bytes = field.bytes().await.map_err(bad)?;
+            if is_file {
+                let field = name.strip_suffix("[]").unwrap_or(&name).to_owned();
+                form.uploads.push(Upload { field, media_type: sniff(&bytes), bytes });
+            } else {
+                let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    ApiError::invalid(&name, format!("Form field `{name}` is not UTF-8 text."))
+                })?;
+                form.fields.insert(name, Value::String(text));
+            }
+        }
+        Ok(form)
+    }
+
+    /// Reads JSON or multipart by `Content-Type` (JSON when absent).
+    pub async fn read(headers: &HeaderMap, req: axum::extract::Request) -> Result<Self, ApiError> {
+        let ct = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if ct.starts_with("multipart/form-data") {
+            let mp = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
+                .await
+                .map_err(|e| {
+                    ApiError::invalid(
+                        "body",
+                        format!("Malformed multipart request: {}.", e.body_text()),
+                    )
+                })?;
+            Form::from_multipart(mp).await
+        } else if ct.is_empty() || ct.starts_with("application/json") || ct.ends_with("+json") {
+            let body = axum::body::to_bytes(req.into_body(), usize::MAX).await.map_err(|e| {
+                ApiError::invalid("body", format!("Could not read the request body: {e}."))
+                    .status(axum::http::StatusCode::PAYLOAD_TOO_LARGE)
+            })?;
+            Form::from_json(&body)
+        } else {
+            Err(ApiError::invalid(
+                "Content-Type",
+                format!(
+                    "Content-Type must be application/json or multipart/form-data; got `{ct}`."
+                ),
+            )
+            .status(axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE))
+        }
+    }
+
+    fn value(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.value(key).is_some()
+    }
+
+    pub fn str(&self, key: &str) -> Result<Option<String>, ApiError> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(ApiError::invalid(
+                key,
+                format!("`{key}` must be a string; got {}.", kind_of(other)),
+            )),
+        }
+    }
+
+    fn number(&self, key: &str, what: &str) -> Result<Option<f64>, ApiError> {
+        let err =
+            |given: String| ApiError::invalid(key, format!("`{key}` must be {what}; got {given}."));
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| err(n.to_string())),
+            Some(Value::String(s)) => {
+                s.trim().parse::<f64>().map(Some).map_err(|_| err(format!("\"{s}\"")))
+            }
+            Some(other) => Err(err(kind_of(other).into())),
+        }
+    }
+
+    /// An integer within `min..=max`.
+    pub fn int(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+        let what = format!("an integer from {min} to {max}");
+        let Some(v) = self.number(key, &what)? else { return Ok(None) };
+        if v.fract() != 0.0 || v < min as f64 || v > max as f64 {
+            return Err(ApiError::invalid(key, format!("`{key}` must be {what}; got {v}.")));
+        }
+        Ok(Some(v as u64))
+    }
+
+    /// A finite number within `min..=max`.
+    pub fn float(&self, key: &str, min: f64, max: f64) -> Result<Option<f64>, ApiError> {
+        let what = format!("a number from {min} to {max}");
+        let Some(v) = self.number(key, &what)? else { return Ok(None) };
+        if !v.is_finite() || v < min || v > max {
+            return Err(ApiError::invalid(key, format!("`{key}` must be {what}; got {v}.")));
+        }
+        Ok(Some(v))
+    }
+
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if s == "true" || s == "false" => Ok(Some(s == "true")),
+            Some(other) => {
+                Err(ApiError::invalid(key, format!("`{key}` must be true or false; got {other}.")))
+            }
+        }
+    }
+
+    /// One of `allowed` (case-sensitive).
+    pub fn choice(&self, key: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
+        let Some(v) = self.str(key)? else { return Ok(None) };
+        if allowed.contains(&v.as_str()) {
+            Ok(Some(v))
+        } else {
+            Err(ApiError::invalid(
+                key,
+                format!("`{key}` must be one of {}; got \"{v}\".", allowed.join(", ")),
+            ))
+        }
+    }
+
+    /// A nested object field, from JSON (`{"a": {"b": 1}}`) or multipart brackets (`a[b]=1`).
+    pub fn nested(&self, key: &str, sub: &str) -> Result<Option<String>, ApiError> {
+        if let Some(Value::Object(m)) = self.value(key) {
+            return match m.get(sub) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(ApiError::invalid(
+                    key,
+                    format!("`{key}.{sub}` must be a string; got {}.", kind_of(other)),
+                )),
+            };
+        }
+        self.str(&format!("{key}[{sub}]"))
+    }
+
+    pub fn uploads(&self, field: &str) -> impl Iterator<Item = &Upload> {
+        self.uploads.iter().filter(move |u| u.field == field)
+    }
+}
+
+/// Decodes a `data:<type>;base64,<payload>` URL.
+pub fn decode_data_url(param: &str, url: &str) -> Result<Upload, ApiError> {
+    let payload = url
+        .strip_prefix("data:")
+        .and_then(|rest| rest.split_once(";base64,"))
+        .map(|(_, b64)| b64)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                param,
+                "Only base64 `data:` URLs are accepted here (x2v does not fetch remote URLs).",
+            )
+        })?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(payload.trim()).map_err(|e| {
+        ApiError::invalid(param, format!("The data URL's base64 payload is invalid: {e}."))
+    })?;
+    let bytes = Bytes::from(bytes);
+    Ok(Upload { field: param.to_owned(), media_type: sniff(&bytes), bytes })
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_by_content_not_name() {
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n...."), Some("image/png"));
+        assert_eq!(sniff(b"\xff\xd8\xff\xe0"), Some("image/jpeg"));
+        assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some("image/webp"));
+        assert_eq!(sniff(b"\0\0\0\x18ftypmp42"), Some("video/mp4"));
+        assert_eq!(sniff(b"hello"), None);
+    }
+
+    #[test]
+    fn lenient_numbers_and_explicit_nulls() {
+        let f = Form::from_json(br#"{"n": null, "seconds": "8", "steps": 4, "g": "x", "neg": -1}"#)
+            .unwrap();
+        assert_eq!(f.int("n", 1, 10).unwrap(), None);
+        assert_eq!(f.int("seconds", 1, 12).unwrap(), Some(8));
+        assert_eq!(f.int("steps", 1, 100).unwrap(), Some(4));
+        let e = f.float("g", 0.0, 30.0).unwrap_err();
+        assert!(
+            e.message.contains("a number from 0 to 30") && e.message.contains("\"x\""),
+            "{}",
+            e.message
+        );
+        assert!(f.int("neg", 0, 5).unwrap_err().message.contains("got -1"));
+    }
+
+    #[test]
+    fn bracketed_and_nested_keys_read_the_same() {
+        let json = Form::from_json(br#"{"input_reference": {"image_url": "data:x"}}"#).unwrap();
+        assert_eq!(json.nested("input_reference", "image_url").unwrap().as_deref(), Some("data:x"));
+        let mut mp = Form::default();
+        mp.fields.insert("input_reference[image_url]".into(), Value::String("data:y".into()));
+        assert_eq!(mp.nested("input_reference", "image_url").unwrap().as_deref(), Some("data:y"));
+    }
+
+    #[test]
+    fn non_object_json_is_refused() {
+        assert!(Form::from_json(b"[1]").unwrap_err().message.contains("an array"));
+        assert!(Form::from_json(b"{").is_err());
+        assert!(Form::from_json(b"").unwrap().fields.is_empty());
+    }
+}

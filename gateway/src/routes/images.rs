@@ -1,0 +1,231 @@
+//! `/v1/images/generations` and `/v1/images/edits`: admit a job, wait for it, answer `b64_json` or
+//! `url` items, or stream SSE (`*.completed` per image; an `error` event on failure). Image jobs run
+//! through the same queue as videos; `GET /v1/images/{id}/content` serves `url` answers.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use x2v_core::{ErrorKind, JobId};
+use x2v_queue::{JobRecord, JobStatus};
+
+use crate::error::ApiError;
+use crate::request::Form;
+use crate::state::{AppState, Caller};
+use crate::validate::{self, ImageOptions};
+
+pub async fn generations(
+    state: State<AppState>,
+    caller: Extension<Caller>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    image(state, caller, headers, req, false).await
+}
+
+pub async fn edits(
+    state: State<AppState>,
+    caller: Extension<Caller>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    image(state, caller, headers, req, true).await
+}
+
+async fn image(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    req: Request,
+    edit: bool,
+) -> Result<Response, ApiError> {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let form = Form::read(&headers, req).await?;
+    let (v, options) = validate::image_request(&form, &state.config.models, edit)?;
+    let rec = state.admit(v, key.as_deref(), &caller).await?.record;
+    let base = public_base(&state, &headers);
+    let prefix = if edit { "image_edit" } else { "image_generation" };
+    if options.stream {
+        return Ok(stream(state, rec.id, options, base, prefix).into_response());
+    }
+    let done = wait(&state, rec.id).await?;
+    if let Some(e) = failure(&done) {
+        return Err(e);
+    }
+    let mut data = vec![];
+    for i in 0..done.spec.n {
+        data.push(item(&state, &done, i, &options, &base).await?);
+    }
+    Ok(axum::Json(json!({
+        "created": done.created_at_ms / 1000,
+        "data": data,
+        "output_format": done.spec.output_format,
+        "size": done.spec.size.to_string(),
+        "x2v": {"id": done.public_id(), "seed": done.spec.seed},
+    }))
+    .into_response())
+}
+
+fn public_base(state: &AppState, headers: &HeaderMap) -> String {
+    if !state.config.public_url.is_empty() {
+        return state.config.public_url.trim_end_matches('/').to_owned();
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+/// Waits until the job is terminal, up to the configured timeout.
+async fn wait(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
+    let timeout = Duration::from_secs(state.config.http.image_timeout_s);
+    let mut events = state.queue.subscribe(id).await?;
+    let finished = tokio::time::timeout(timeout, async {
+        while let Some(ev) = events.next().await {
+            if ev.status.is_terminal() {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    match finished {
+        Ok(_) => Ok(state.queue.get(id).await?),
+        Err(_) => Err(ApiError::new(
+            ErrorKind::DeadlineExceeded,
+            format!(
+                "Image job image_{id} did not finish within {} s; it keeps running.",
+                timeout.as_secs()
+            ),
+        )),
+    }
+}
+
+fn failure(rec: &JobRecord) -> Option<ApiError> {
+    match rec.status {
+        JobStatus::Completed => None,
+        _ => {
+            let (code, message) =
+                rec.error.as_ref().map_or(("cancelled", "The job was cancelled."), |e| {
+                    (e.code.as_str(), e.message.as_str())
+                });
+            Some(
+                ApiError::new(ErrorKind::Internal, format!("Image generation failed: {message}"))
+                    .code(code),
+            )
+        }
+    }
+}
+
+async fn item(
+    state: &AppState,
+    rec: &JobRecord,
+    index: u32,
+    options: &ImageOptions,
+    base: &str,
+) -> Result<Value, ApiError> {
+    let out = rec.output("image", index).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::Internal,
+            format!("Job {} completed without image {index}.", rec.public_id()),
+        )
+    })?;
+    if options.response_format == "url" {
+        return Ok(
+            json!({"url": format!("{base}/v1/images/{}/content?index={index}", rec.public_id())}),
+        );
+    }
+    let bytes = state.storage.get(&out.key).await?;
+    Ok(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(&bytes)}))
+}
+
+fn stream(
+    state: AppState,
+    id: JobId,
+    options: ImageOptions,
+    base: String,
+    prefix: &'static str,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let events = async_stream(state, id, options, base, prefix);
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+fn async_stream(
+    state: AppState,
+    id: JobId,
+    options: ImageOptions,
+    base: String,
+    prefix: &'static str,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
+    tokio::spawn(async move {
+        let result = async {
+            let mut events = state.queue.subscribe(id).await?;
+            while let Some(ev) = events.next().await {
+                if ev.status.is_terminal() {
+                    break;
+                }
+                // Progress as SSE comments: clients skip them, proxies see a live stream.
+                let _ = tx.send(Event::default().comment(format!("progress {}", ev.progress))).await;
+            }
+            let done = state.queue.get(id).await?;
+            if let Some(e) = failure(&done) {
+                return Err(e);
+            }
+            for i in 0..done.spec.n {
+                let mut data = item(&state, &done, i, &ImageOptions { response_format: "b64_json".into(), ..options.clone() }, &base).await?;
+                let kind = format!("{prefix}.completed");
+                let fields = json!({
+                    "type": kind, "created_at": done.created_at_ms / 1000, "size": done.spec.size.to_string(),
+                    "quality": "auto", "background": "auto", "output_format": done.spec.output_format,
+                    "image_index": i,
+                    "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                              "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}},
+                });
+                if let (Value::Object(d), Value::Object(f)) = (&mut data, fields) {
+                    d.extend(f);
+                }
+                let _ = tx.send(Event::default().event(kind).data(data.to_string())).await;
+            }
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            let mut body = e.body();
+            body["type"] = json!("error");
+            let _ = tx.send(Event::default().event("error").data(body.to_string())).await;
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+}
+
+/// `GET /v1/images/{id}/content?index=N`: one finished image (the target of `url` answers).
+pub async fn content(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let job = JobId::parse_prefixed(&id, "image").map_err(|_| ApiError::not_found("image", &id))?;
+    let index: u32 = match q.get("index") {
+        None => 0,
+        Some(i) => i.parse().map_err(|_| {
+            ApiError::invalid(
+                "index",
+                format!("`index` must be a non-negative integer; got \"{i}\"."),
+            )
+        })?,
+    };
+    let rec = state.queue.get(job).await.map_err(|_| ApiError::not_found("image", &id))?;
+    let out = rec
+        .output("image", index)
+        .filter(|_| rec.status == JobStatus::Completed)
+        .ok_or_else(|| ApiError::not_found("image", &format!("{id}?index={index}")))?;
+    super::serve_object(&state, &out.key, &out.content_type, &headers).await
+}

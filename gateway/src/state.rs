@@ -1,0 +1,191 @@
+//! Shared state of the gateway's handlers, and job admission (store inputs, assign ranks, create).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use x2v_core::JobId;
+use x2v_core::metrics::Metrics;
+use x2v_queue::storage::Storage;
+use x2v_queue::{
+    Created, Idempotency, InputRef, NewJob, Queue, QueueError, Stage, WorkerInfo, assign,
+};
+
+use crate::config::GatewayConfig;
+use crate::error::ApiError;
+use crate::limit::RateLimiter;
+use crate::validate::Validated;
+
+/// Metric families the gateway records.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub registry: Metrics,
+    pub requests: prometheus::IntCounterVec,
+    pub latency: prometheus::HistogramVec,
+    pub jobs_created: prometheus::IntCounterVec,
+    pub queue_depth: prometheus::IntGaugeVec,
+}
+
+impl GatewayMetrics {
+    pub fn new() -> Self {
+        let registry = Metrics::new("gateway", &[]);
+        GatewayMetrics {
+            requests: registry.counter(
+                "http_requests_total",
+                "HTTP requests by route and status.",
+                &["route", "status"],
+            ),
+            latency: registry.histogram(
+                "http_request_seconds",
+                "HTTP request latency by route.",
+                &["route"],
+                None,
+            ),
+            jobs_created: registry.counter(
+                "jobs_created_total",
+                "Jobs admitted, by resource.",
+                &["resource"],
+            ),
+            queue_depth: registry.gauge(
+                "queue_depth",
+                "Jobs waiting per stage (sampled at scrape).",
+                &["stage"],
+            ),
+            registry,
+        }
+    }
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub queue: Arc<dyn Queue>,
+    pub storage: Storage,
+    pub config: Arc<GatewayConfig>,
+    pub metrics: GatewayMetrics,
+    pub limiter: Arc<RateLimiter>,
+    /// Live workers as last read, for rank assignment (the registry changes slowly; loads are read
+    /// fresh on every admission).
+    workers: Arc<std::sync::Mutex<Option<CachedWorkers>>>,
+}
+
+/// When the live-worker list was read, and the list.
+type CachedWorkers = (std::time::Instant, Vec<WorkerInfo>);
+
+const WORKERS_CACHE: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Who is calling: an index into the configured keys, or anonymous when auth is off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub String);
+
+impl AppState {
+    pub fn new(config: GatewayConfig, queue: Arc<dyn Queue>, storage: Storage) -> Self {
+        let limiter =
+            Arc::new(RateLimiter::new(config.auth.rate_limit_per_s, config.auth.rate_limit_burst));
+        AppState {
+            queue,
+            storage,
+            config: Arc::new(config),
+            metrics: GatewayMetrics::new(),
+            limiter,
+            workers: Arc::default(),
+        }
+    }
+
+    async fn live_workers(&self, refresh: bool) -> Result<Vec<WorkerInfo>, QueueError> {
+        let cached = self.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match cached {
+            Some((at, w)) if !refresh && at.elapsed() < WORKERS_CACHE => Ok(w),
+            _ => {
+                let w = self.queue.workers().await?;
+                *self.workers.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((std::time::Instant::now(), w.clone()));
+                Ok(w)
+            }
+        }
+    }
+
+    /// Engine ranks for a job: least outstanding work among live workers, pins honoured.
+    async fn assign(&self, spec: &x2v_queue::JobSpec) -> Result<x2v_queue::Ranks, QueueError> {
+        let mut workers = self.live_workers(false).await?;
+        let pinned_unknown = Stage::ALL.iter().any(|s| {
+            spec.pins.get(*s).is_some_and(|r| !workers.iter().any(|w| w.stage == *s && w.rank == r))
+        });
+        if pinned_unknown {
+            workers = self.live_workers(true).await?;
+        }
+        let mut loads = HashMap::new();
+        for stage in Stage::ALL {
+            if workers.iter().any(|w| w.stage == stage) {
+                loads.insert(stage, self.queue.load(stage).await?);
+            }
+        }
+        assign::choose(&workers, &loads, &spec.model, spec.task, spec.pins)
+    }
+
+    /// Stores a validated request's uploads, assigns ranks and creates the job (or returns the job an
+    /// earlier request with the same idempotency key made).
+    pub async fn admit(
+        &self,
+        v: Validated,
+        idempotency_key: Option<&str>,
+        caller: &Caller,
+    ) -> Result<Created, ApiError> {
+        let id = JobId::new();
+        let mut spec = v.spec;
+        let mut hasher = Sha256::new();
+        let mut stored = vec![];
+        for (i, (role, up)) in v.inputs.iter().enumerate() {
+            hasher.update(Sha256::digest(&up.bytes));
+            let key = format!("{id}/inputs/{i}-{role}");
+            self.storage.put(&key, up.bytes.clone()).await?;
+            stored.push(key.clone());
+            spec.inputs.push(InputRef {
+                role: role.clone(),
+                key,
+                content_type: up.media_type.unwrap_or("application/octet-stream").into(),
+            });
+        }
+        // The seed is random when not given, so it must not enter the fingerprint of a retry.
+        let fingerprint = {
+            let mut canonical = spec.clone();
+            canonical.inputs.clear();
+            canonical.seed = 0;
+            let mut h = Sha256::new();
+            h.update(serde_json::to_vec(&canonical).expect("spec serializes"));
+            h.update(hasher.finalize());
+            format!("{:x}", h.finalize())
+        };
+        let idempotency =
+            idempotency_key.map(|k| Idempotency { key: format!("{}:{k}", caller.0), fingerprint });
+        let result = async {
+            let ranks = self.assign(&spec).await?;
+            let mut trace = HashMap::new();
+            x2v_core::propagation::inject_map(
+                &x2v_core::propagation::current_context(),
+                &mut trace,
+            );
+            self.queue.create(NewJob { id, spec, ranks, trace, idempotency }).await
+        }
+        .await;
+        match result {
+            Ok(c) if c.created => {
+                self.metrics.jobs_created.with_label_values(&[c.record.resource.as_str()]).inc();
+                Ok(c)
+            }
+            other => {
+                // Not ours after all (an error, or an idempotent replay): drop the uploads just stored.
+                if !stored.is_empty() {
+                    let _ = self.storage.delete_prefix(&id.to_string()).await;
+                }
+                Ok(other?)
+            }
+        }
+    }
+}

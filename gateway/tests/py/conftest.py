@@ -1,0 +1,152 @@
+"""End-to-end fixtures: a real redis-server (AOF) on a free port, the x2v-gateway binary on port 0
+and the test worker (the x2v-queue `test_worker` example) completing jobs through the worker API.
+
+Run: /root/.cache/x2v/venv/bin/python -m pytest gateway/tests/py -q
+(builds the binaries first with cargo; CARGO_TARGET_DIR defaults to /root/.cache/x2v/target).
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", "/root/.cache/x2v/target"))
+API_KEY = "sk-x2v-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def binaries():
+    env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET))
+    subprocess.run(
+        ["cargo", "build", "-q", "-p", "x2v-gateway", "-p", "x2v-queue", "--bins", "--example", "test_worker"],
+        cwd=ROOT, env=env, check=True,
+    )
+    return {"gateway": TARGET / "debug" / "x2v-gateway", "worker": TARGET / "debug" / "examples" / "test_worker"}
+
+
+class Redis:
+    def __init__(self):
+        assert shutil.which("redis-server"), "redis-server must be on PATH (apt-get install redis-server)"
+        self.dir = tempfile.mkdtemp(prefix="x2v-redis-")
+        self.port = free_port()
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, what="redis-server")
+
+    def ping(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Gateway:
+    def __init__(self, binary, redis, storage, **env):
+        self.binary, self.redis, self.storage, self.extra = binary, redis, storage, env
+        self.proc = None
+        self.start()
+
+    def start(self):
+        env = dict(os.environ)
+        env.update({
+            "X2V_QUEUE__REDIS_URL": self.redis.url,
+            "X2V_QUEUE__MAINTAIN_INTERVAL_MS": "200",
+            "X2V_STORAGE__PATH": self.storage,
+            "X2V_AUTH__API_KEYS": f'["{API_KEY}"]',
+            "X2V_HTTP__POLL_AFTER_MS": "50",
+            "RUST_LOG": "warn",
+        })
+        env.update(self.extra)
+        self.proc = subprocess.Popen(
+            [str(self.binary), "--listen", "127.0.0.1:0", "--print-addr"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        for line in self.proc.stdout:
+            if line.startswith("listening on "):
+                self.addr = line.split()[-1]
+                break
+        else:
+            raise RuntimeError("gateway exited before listening")
+        # Keep draining stdout so log lines never block the gateway on a full pipe.
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self.base_url = f"http://{self.addr}/v1"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Worker:
+    def __init__(self, binary, redis, storage):
+        env = dict(os.environ, X2V_TEST_WORKER_LEASE_MS="1000")
+        self.proc = subprocess.Popen([str(binary), redis.url, storage], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout.readline().strip() == "test worker ready"
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def stack(binaries):
+    redis = Redis()
+    storage = tempfile.mkdtemp(prefix="x2v-outputs-")
+    gateway = Gateway(binaries["gateway"], redis, storage)
+    worker = Worker(binaries["worker"], redis, storage)
+    state = {"redis": redis, "gateway": gateway, "worker": worker, "storage": storage, "binaries": binaries}
+    yield state
+    state["worker"].kill()
+    gateway.stop()
+    redis.kill()
+
+
+@pytest.fixture
+def client(stack):
+    import openai
+
+    return openai.OpenAI(base_url=stack["gateway"].base_url, api_key=API_KEY, max_retries=0, timeout=60)

@@ -1,0 +1,300 @@
+//! `/v1/videos` through the router (`oneshot`), on the in-memory queue with an in-process worker.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::Request;
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn multipart_create_returns_a_queued_video_with_headers() {
+    let h = harness(config());
+    let (status, v, resp) = h
+        .json(multipart(
+            "/v1/videos",
+            &[("prompt", "a cat"), ("seconds", "2"), ("size", "480x832")],
+            &[],
+        ))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(resp.headers()["x-request-id"].to_str().unwrap().starts_with("req_"));
+    assert_eq!(resp.headers()["openai-poll-after-ms"], "50");
+    assert!(v["id"].as_str().unwrap().starts_with("video_"));
+    assert_eq!(
+        (v["object"].as_str(), v["status"].as_str(), v["seconds"].as_str()),
+        (Some("video"), Some("queued"), Some("2"))
+    );
+    assert_eq!(
+        (v["size"].as_str(), v["model"].as_str()),
+        (Some("480x832"), Some("wan2.1-t2v-1.3b"))
+    );
+    for key in ["completed_at", "expires_at", "remixed_from_video_id", "error"] {
+        assert!(v.get(key).is_some_and(|x| x.is_null()), "{key} must be present and null: {v}");
+    }
+}
+
+#[tokio::test]
+async fn json_create_with_extensions_and_reference_image_by_content() {
+    let h = harness(config());
+    let mut cfg = config();
+    cfg.models[1].name = "wan2.1-i2v-14b-480p".into();
+    let (status, v, _) = h
+        .json(multipart(
+            "/v1/videos",
+            &[("prompt", "move"), ("num_inference_steps", "8"), ("seed", "42")],
+            &[("input_reference", "upload", PNG)],
+        ))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "wan2.1-i2v-14b-480p", "an image reference picks an i2v model");
+    assert_eq!(
+        (v["x2v"]["seed"].as_u64(), v["x2v"]["num_inference_steps"].as_u64()),
+        (Some(42), Some(8))
+    );
+    let (status, v, _) = h
+        .json(multipart(
+            "/v1/videos",
+            &[("prompt", "move")],
+            &[("input_reference", "ref.png", b"GIF89a....")],
+        ))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["param"], "input_reference");
+    assert!(v["error"]["message"].as_str().unwrap().contains("image/gif"), "{v}");
+    let (status, v, _) = h
+        .json(post_json(
+            "/v1/videos",
+            json!({"prompt": "json body", "seconds": 3, "negative_prompt": "blur"}),
+        ))
+        .await;
+    assert_eq!((status, v["seconds"].as_str()), (200, Some("3")), "{v}");
+}
+
+#[tokio::test]
+async fn bad_input_is_a_400_envelope_and_stores_nothing() {
+    let h = harness(config());
+    let cases = [
+        (json!({"prompt": "x", "size": "1920x1080"}), "size"),
+        (json!({"prompt": "x", "seconds": "60"}), "seconds"),
+        (json!({"prompt": "x", "model": "sora-2"}), "model"),
+        (json!({"prompt": 5}), "prompt"),
+        (json!({"size": "832x480"}), "prompt"),
+        (json!({"prompt": "x", "dit_engine_rank": 9}), "dit_engine_rank"),
+    ];
+    for (body, param) in cases {
+        let (status, v, resp) = h.json(post_json("/v1/videos", body.clone())).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(resp.headers().contains_key("x-request-id"));
+        let e = &v["error"];
+        assert_eq!(e["type"], "invalid_request_error", "{v}");
+        assert!(e["message"].as_str().unwrap().len() > 10);
+        if param != "dit_engine_rank" {
+            assert_eq!(e["param"], param, "{body}: {v}");
+        }
+    }
+    let (status, v, _) = h
+        .json(
+            Request::post("/v1/videos")
+                .header("content-type", "application/json")
+                .body(Body::from("{not json"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("body")));
+    let (_, list, _) = h.json(get("/v1/videos")).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "nothing stored: {list}");
+}
+
+#[tokio::test]
+async fn unknown_routes_methods_and_ids_use_the_envelope() {
+    let h = harness(config());
+    for (req, status) in [
+        (get("/v1/nope"), 404),
+        (get("/v1/videos/video_nope"), 404),
+        (get("/v1/videos/video_0190f3a0b1c27d4e8f9a0b1c2d3e4f50"), 404),
+        (Request::put("/v1/videos").body(Body::empty()).unwrap(), 405),
+    ] {
+        let (s, v, resp) = h.json(req).await;
+        assert_eq!(s, status, "{v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(resp.headers().contains_key("x-request-id"));
+    }
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_job() {
+    let h = harness(config());
+    let req = || {
+        Request::post("/v1/videos")
+            .header("content-type", "application/json")
+            .header("idempotency-key", "abc")
+            .body(Body::from(r#"{"prompt":"once"}"#))
+            .unwrap()
+    };
+    let (_, a, _) = h.json(req()).await;
+    let (_, b, _) = h.json(req()).await;
+    assert_eq!(a["id"], b["id"], "{b}");
+    let other = Request::post("/v1/videos")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "abc")
+        .body(Body::from(r#"{"prompt":"changed"}"#))
+        .unwrap();
+    let (s, v, _) = h.json(other).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("idempotency_key_reused")));
+    let (_, list, _) = h.json(get("/v1/videos")).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_job_completes_and_its_content_downloads_with_ranges() {
+    let h = harness(config());
+    h.start_worker();
+    let (_, v, _) = h.json(post_json("/v1/videos", json!({"prompt": "done"}))).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let done = h.wait_video(&id).await;
+    assert_eq!(
+        (done["status"].as_str(), done["progress"].as_u64()),
+        (Some("completed"), Some(100))
+    );
+    assert!(done["completed_at"].is_u64() && done["expires_at"].is_u64());
+    let (resp, bytes) = h.send(get(&format!("/v1/videos/{id}/content"))).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "video/mp4");
+    assert!(bytes.ends_with(id.trim_start_matches("video_").as_bytes()));
+    let ranged = Request::get(format!("/v1/videos/{id}/content"))
+        .header("range", "bytes=4-7")
+        .body(Body::empty())
+        .unwrap();
+    let (resp, part) = h.send(ranged).await;
+    assert_eq!(resp.status(), 206);
+    assert_eq!(&part[..], b"ftyp");
+    assert_eq!(resp.headers()["content-range"], format!("bytes 4-7/{}", bytes.len()));
+    let bad = Request::get(format!("/v1/videos/{id}/content"))
+        .header("range", "bytes=999-")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(h.send(bad).await.0.status(), 416);
+    let (s, v, _) = h.json(get(&format!("/v1/videos/{id}/content?variant=spritesheet"))).await;
+    assert_eq!(s, 404, "{v}");
+    let (s, _, _) = h.json(get(&format!("/v1/videos/{id}/content?variant=poster"))).await;
+    assert_eq!(s, 400);
+    let (s, v, _) = h
+        .json(
+            Request::delete(format!("/v1/videos/{id}"))
+                .header("content-type", "application/json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        (s, v["deleted"].as_bool(), v["object"].as_str()),
+        (200, Some(true), Some("video.deleted"))
+    );
+    assert_eq!(h.json(get(&format!("/v1/videos/{id}"))).await.0, 404);
+    assert!(
+        h.state
+            .storage
+            .get(&format!("{}/video.mp4", id.trim_start_matches("video_")))
+            .await
+            .is_err(),
+        "output deleted"
+    );
+}
+
+#[tokio::test]
+async fn delete_cancels_a_running_job_at_the_worker() {
+    let h = harness(config());
+    h.start_worker();
+    let (_, v, _) = h.json(post_json("/v1/videos", json!({"prompt": "[hold] long"}))).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, v, _) = h.json(get(&format!("/v1/videos/{id}"))).await;
+        if v["x2v"]["stage"] == "dit"
+            && v["status"] == "in_progress"
+            && v["progress"].as_u64() > Some(5)
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never reached the DiT: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (s, _, _) =
+        h.json(Request::delete(format!("/v1/videos/{id}")).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, 200);
+    // The worker sees the cancel and stops; the decoder never gets the job.
+    let q = &h.state.queue;
+    assert_eq!(q.depth(x2v_queue::Stage::Decoder).await.unwrap(), 0);
+    let (s, _, _) = h.json(get(&format!("/v1/videos/{id}/content"))).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn list_paginates_with_after_and_has_more() {
+    let h = harness(config());
+    let mut ids = vec![];
+    for i in 0..5 {
+        let (_, v, _) = h.json(post_json("/v1/videos", json!({"prompt": format!("p{i}")}))).await;
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let (_, p1, _) = h.json(get("/v1/videos?limit=2&order=asc")).await;
+    assert_eq!(p1["data"][0]["id"], ids[0]);
+    assert_eq!(
+        (p1["has_more"].as_bool(), p1["last_id"].as_str()),
+        (Some(true), Some(ids[1].as_str()))
+    );
+    let (_, p3, _) = h.json(get(&format!("/v1/videos?limit=2&order=asc&after={}", ids[3]))).await;
+    assert_eq!((p3["data"].as_array().unwrap().len(), p3["has_more"].as_bool()), (1, Some(false)));
+    let (_, d, _) = h.json(get("/v1/videos?limit=1")).await;
+    assert_eq!(d["data"][0]["id"], ids[4], "newest first by default");
+    for bad in ["limit=101", "limit=x", "order=up", "after=zzz"] {
+        assert_eq!(h.json(get(&format!("/v1/videos?{bad}"))).await.0, 400, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn remix_copies_the_source_settings() {
+    let h = harness(config());
+    let (_, v, _) =
+        h.json(post_json("/v1/videos", json!({"prompt": "base", "seconds": "2", "seed": 9}))).await;
+    let id = v["id"].as_str().unwrap();
+    let (s, r, _) = h
+        .json(post_json(&format!("/v1/videos/{id}/remix"), json!({"prompt": "make it blue"})))
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(
+        (r["remixed_from_video_id"].as_str(), r["prompt"].as_str(), r["seconds"].as_str()),
+        (Some(id), Some("make it blue"), Some("2"))
+    );
+    assert_eq!(r["x2v"]["seed"], 9);
+    assert_eq!(h.json(post_json("/v1/videos/video_x/remix", json!({"prompt": "p"}))).await.0, 404);
+}
+
+#[tokio::test]
+async fn events_stream_status_and_progress_until_done() {
+    let h = harness(config());
+    let (_, v, _) = h.json(post_json("/v1/videos", json!({"prompt": "watch"}))).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let stream = tokio::spawn({
+        let app = h.app.clone();
+        let id = id.clone();
+        async move {
+            let resp = tower::ServiceExt::oneshot(app, get(&format!("/v1/videos/{id}/events")))
+                .await
+                .unwrap();
+            assert_eq!(resp.headers()["content-type"], "text/event-stream");
+            String::from_utf8(
+                axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap().to_vec(),
+            )
+            .unwrap()
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    h.start_worker();
+    let text =
+        tokio::time::timeout(std::time::Duration::from_secs(30), stream).await.unwrap().unwrap();
+    assert!(text.contains("event: video.progress"), "{text}");
+    assert!(text.contains("\"stage\":\"dit\""), "{text}");
+    assert!(text.trim_end().ends_with("}") && text.contains("\"status\":\"completed\""), "{text}");
+}

@@ -1,0 +1,132 @@
+//! The stored job record, its status machine, outputs and the events published as it changes.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use x2v_core::JobId;
+
+use crate::spec::{JobSpec, Ranks, Resource, Stage};
+
+/// Where a job is in its life. `Completed`, `Failed` and `Cancelled` are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting for a stage worker to claim it (only until the first stage is claimed).
+    Queued,
+    /// Some stage has claimed it at least once.
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::InProgress => "in_progress",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Queued, Self::InProgress, Self::Completed, Self::Failed, Self::Cancelled]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled)
+    }
+}
+
+/// Why a job failed, as reported by the stage that failed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+}
+
+/// One stored output of a finished job. Bytes live in output storage under `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRef {
+    /// `video`, `thumbnail`, `spritesheet`, or `image` (with `index` for `n > 1`).
+    pub variant: String,
+    pub index: u32,
+    pub key: String,
+    pub content_type: String,
+    pub size: u64,
+}
+
+/// The full state of one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub resource: Resource,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    /// The stage the job is waiting for or running in; `None` once terminal.
+    pub stage: Option<Stage>,
+    /// Overall progress in percent (stage-weighted, from per-step reports).
+    pub progress: u8,
+    pub step: u32,
+    pub total_steps: u32,
+    pub created_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub error: Option<JobError>,
+    pub outputs: Vec<OutputRef>,
+    /// Assigned engine ranks (`None`: any live worker of the stage).
+    pub ranks: Ranks,
+    /// W3C trace context of the request that created the job.
+    pub trace: HashMap<String, String>,
+    /// Stage claims so far, including redeliveries after expired leases.
+    pub attempts: u32,
+    pub cancel_requested: bool,
+}
+
+impl JobRecord {
+    /// The prefixed public id, e.g. `video_0190...`.
+    pub fn public_id(&self) -> String {
+        self.id.with_prefix(self.resource.as_str())
+    }
+
+    /// The output for `variant` (first index).
+    pub fn output(&self, variant: &str, index: u32) -> Option<&OutputRef> {
+        self.outputs.iter().find(|o| o.variant == variant && o.index == index)
+    }
+}
+
+/// A change to a job, published to subscribers (`GET /v1/videos/{id}/events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// `status` on a status or stage change, `progress` on a step report.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: JobStatus,
+    pub stage: Option<Stage>,
+    pub progress: u8,
+    pub step: u32,
+    pub total_steps: u32,
+}
+
+impl JobEvent {
+    pub fn of(kind: &str, rec: &JobRecord) -> Self {
+        JobEvent {
+            kind: kind.to_owned(),
+            status: rec.status,
+            stage: rec.stage,
+            progress: rec.progress,
+            step: rec.step,
+            total_steps: rec.total_steps,
+        }
+    }
+}
+
+/// Overall percent for `step` of `total` inside `stage`'s span.
+pub fn stage_progress(stage: Stage, step: u32, total: u32) -> u8 {
+    let (lo, hi) = stage.progress_span();
+    let frac = if total == 0 { 0.0 } else { f64::from(step.min(total)) / f64::from(total) };
+    (f64::from(lo) + frac * f64::from(hi - lo)).floor() as u8
+}
