@@ -23,6 +23,8 @@ struct Settings {
     steps: usize,
     guidance_scale: f64,
     seed: u64,
+    #[serde(default)]
+    shift: Option<f64>,
 }
 
 fn setup()
@@ -76,6 +78,46 @@ fn t2v_denoise_matches_wan_pipeline() {
         common::assert_close("final latents", &out.latents, &want["latents"], TOL);
         assert_eq!(out.geometry, phase1.geometry);
     }
+}
+
+#[test]
+fn i2v_denoise_matches_wan_image_to_video_pipeline() {
+    let fx = common::fixture("wan_dit");
+    let s: Settings =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("denoise_i2v.json")).unwrap())
+            .unwrap();
+    let want = common::tensors(&fx.join("denoise_i2v.safetensors"));
+    let dit =
+        WanTransformer3DModel::load(&fx.join("i2v_original"), Device::Cpu, Kind::Float).unwrap();
+    let phase1 = Phase1 {
+        geometry: Geometry { frames: s.frames, height: s.height, width: s.width },
+        prompt_embeds: want["prompt_embeds"].shallow_clone(),
+        negative_prompt_embeds: Some(want["negative_prompt_embeds"].shallow_clone()),
+        image_embeds: Some(want["image_embeds"].shallow_clone()),
+        condition: Some(want["condition"].shallow_clone()),
+    };
+    let settings = DenoiseSettings {
+        steps: s.steps,
+        guidance_scale: s.guidance_scale,
+        seed: s.seed,
+        scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(s.shift.unwrap())),
+        batch_cfg: true,
+    };
+    common::assert_close(
+        "i2v initial noise",
+        &initial_noise(&phase1.geometry, s.seed, Device::Cpu),
+        &want["noise"],
+        0.0,
+    );
+    let out = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
+    let (diff, scale) = common::max_abs_diff(&out.latents, &want["latents"]);
+    eprintln!("i2v denoise: max |diff| {diff:.3e} (reference scale {scale:.3e})");
+    common::assert_close("i2v final latents", &out.latents, &want["latents"], TOL);
+
+    let mut no_image = phase1;
+    no_image.image_embeds = None;
+    let err = denoise(&dit, &no_image, &settings, |_| {}, || false).unwrap_err();
+    assert!(err.to_string().contains("needs image_embeds"), "{err}");
 }
 
 #[test]

@@ -112,7 +112,7 @@ fn bad_inputs_are_rejected_with_a_message() {
     }
     let x = Tensor::zeros([1, 16, 3, 8, 8], opts);
     let err = model.forward(&x, &t, &Tensor::zeros([1, 512, 40], opts), None).unwrap_err();
-    assert!(err.to_string().contains("context must be [1, L, 48]"), "{err}");
+    assert!(err.to_string().contains("context must be [B, L, 48]"), "{err}");
     let img = Tensor::zeros([1, 257, 1280], opts);
     let err = model.forward(&x, &t, &ctx, Some(&img)).unwrap_err();
     assert!(err.to_string().contains("takes no image context"), "{err}");

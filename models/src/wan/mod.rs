@@ -1,4 +1,5 @@
-//! Wan2.1 video diffusion models: DiT, schedulers' consumers and the stage pipelines.
+//! Wan2.1 video models: the diffusion transformer with its configuration and 3D RoPE, and the DiT
+//! stage pipeline.
 
 pub mod config;
 pub mod pipeline;

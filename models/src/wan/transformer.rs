@@ -182,9 +182,8 @@ impl Attention {
         self.to_out.forward(&sdpa(&q, &k, &v, self.heads))
     }
 
-    /// Cross-attention to the text context, plus the image context for I2V.
-    fn cross_attn(&self, x: &Tensor, text: &Tensor, image: Option<&Tensor>) -> Tensor {
-        let q = self.norm_q.forward(&self.to_q.forward(x));
+    /// Keys and values of the text (and I2V image) context, after the k norms.
+    fn context_kv(&self, text: &Tensor, image: Option<&Tensor>) -> BlockContext {
         let (k, v) = match &self.fused {
             Some(kv) => {
                 let c = kv.forward(text).chunk(2, -1);
@@ -192,18 +191,53 @@ impl Attention {
             }
             None => (self.to_k.forward(text), self.to_v.forward(text)),
         };
-        let mut out = sdpa(&q, &self.norm_k.forward(&k), &v, self.heads);
-        if let (Some((add_k, add_v, norm)), Some(img)) = (&self.added, image) {
-            let (ki, vi) = match &self.fused_added {
-                Some(kv) => {
-                    let c = kv.forward(img).chunk(2, -1);
-                    (c[0].shallow_clone(), c[1].shallow_clone())
-                }
-                None => (add_k.forward(img), add_v.forward(img)),
-            };
-            out = sdpa(&q, &norm.forward(&ki), &vi, self.heads) + out;
+        let image = match (&self.added, image) {
+            (Some((add_k, add_v, norm)), Some(img)) => {
+                let (ki, vi) = match &self.fused_added {
+                    Some(kv) => {
+                        let c = kv.forward(img).chunk(2, -1);
+                        (c[0].shallow_clone(), c[1].shallow_clone())
+                    }
+                    None => (add_k.forward(img), add_v.forward(img)),
+                };
+                Some((norm.forward(&ki), vi.contiguous()))
+            }
+            _ => None,
+        };
+        BlockContext { text: (self.norm_k.forward(&k), v.contiguous()), image }
+    }
+
+    /// Cross-attention to the prepared text context, plus the image context for I2V.
+    fn cross_attn(&self, x: &Tensor, ctx: &BlockContext) -> Tensor {
+        let q = self.norm_q.forward(&self.to_q.forward(x));
+        let mut out = sdpa(&q, &ctx.text.0, &ctx.text.1, self.heads);
+        if let Some((k, v)) = &ctx.image {
+            out = sdpa(&q, k, v, self.heads) + out;
         }
         self.to_out.forward(&out)
+    }
+}
+
+/// One block's cross-attention keys and values `[B, L, dim]`.
+#[derive(Debug)]
+struct BlockContext {
+    text: (Tensor, Tensor),
+    image: Option<(Tensor, Tensor)>,
+}
+
+/// The conditioning of one request projected once: every block's cross-attention keys and values.
+/// They do not depend on the latents or the timestep, so a sampling loop computes them once
+/// (memory: `2·layers·B·(512 [+257])·dim` values).
+#[derive(Debug)]
+pub struct PreparedContext {
+    blocks: Vec<BlockContext>,
+    batch: i64,
+}
+
+impl PreparedContext {
+    /// Batch size the context was prepared for.
+    pub fn batch(&self) -> i64 {
+        self.batch
     }
 }
 
@@ -231,14 +265,7 @@ impl Block {
         }
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        tproj: &Tensor,
-        text: &Tensor,
-        image: Option<&Tensor>,
-        rope: &RopeTables,
-    ) -> Tensor {
+    fn forward(&self, x: &Tensor, tproj: &Tensor, ctx: &BlockContext, rope: &RopeTables) -> Tensor {
         let kind = x.kind();
         let m = (&self.scale_shift_table + tproj.to_kind(Kind::Float)).chunk(6, 1);
         let modulate = |x: &Tensor, shift: &Tensor, scale: &Tensor| {
@@ -250,7 +277,7 @@ impl Block {
             Some(norm) => norm.forward(&x.to_kind(Kind::Float)).to_kind(kind),
             None => x.shallow_clone(),
         };
-        let x = &x + self.attn2.cross_attn(&n2, text, image);
+        let x = &x + self.attn2.cross_attn(&n2, ctx);
         let f = self.ffn.forward(&modulate(&x, &m[3], &m[4]));
         (x.to_kind(Kind::Float) + f.to_kind(Kind::Float) * &m[5]).to_kind(kind)
     }
@@ -382,8 +409,48 @@ impl WanTransformer3DModel {
         context: &Tensor,
         image_context: Option<&Tensor>,
     ) -> Result<Tensor, DitError> {
+        let ctx = self.prepare_context(context, image_context)?;
+        self.forward_prepared(latents, timestep, &ctx)
+    }
+
+    /// Embeds the text context `[B, L, text_dim]` (and the I2V image context `[B, L_img,
+    /// image_dim]`) and projects every block's cross-attention keys and values.
+    pub fn prepare_context(
+        &self,
+        context: &Tensor,
+        image_context: Option<&Tensor>,
+    ) -> Result<PreparedContext, DitError> {
         let _guard = tch::no_grad_guard();
-        let (b, grid) = self.check_inputs(latents, timestep, context, image_context)?;
+        let batch = self.check_context(context, image_context)?;
+        let (kind, dev) = (self.kind, self.device);
+        let text = context.to_device(dev).to_kind(kind);
+        let text = self.text_2.forward(&self.text_1.forward(&text).gelu("tanh"));
+        let image = match (&self.image_embedder, image_context) {
+            (Some((n1, ff, n2)), Some(img)) => {
+                Some(n2.forward(&ff.forward(&n1.forward(&img.to_device(dev).to_kind(kind)))))
+            }
+            _ => None,
+        };
+        let blocks =
+            self.blocks.iter().map(|b| b.attn2.context_kv(&text, image.as_ref())).collect();
+        Ok(PreparedContext { blocks, batch })
+    }
+
+    /// [`Self::forward`] with the context prepared by [`Self::prepare_context`].
+    pub fn forward_prepared(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        ctx: &PreparedContext,
+    ) -> Result<Tensor, DitError> {
+        let _guard = tch::no_grad_guard();
+        let (b, grid) = self.check_latents(latents, timestep)?;
+        if b != ctx.batch {
+            return Err(DitError::Input(format!(
+                "latent batch {b} differs from the context batch {}",
+                ctx.batch
+            )));
+        }
         let cfg = &self.config;
         let dim = cfg.dim();
         let kind = self.kind;
@@ -399,16 +466,6 @@ impl WanTransformer3DModel {
         let temb = temb.to_kind(kind);
         let tproj = self.time_proj.forward(&temb.silu()).view([b, 6, dim]);
 
-        let text = self
-            .text_2
-            .forward(&self.text_1.forward(&context.to_device(dev).to_kind(kind)).gelu("tanh"));
-        let image = match (&self.image_embedder, image_context) {
-            (Some((n1, ff, n2)), Some(img)) => {
-                Some(n2.forward(&ff.forward(&n1.forward(&img.to_device(dev).to_kind(kind)))))
-            }
-            _ => None,
-        };
-
         let mut cache = self.rope.borrow_mut();
         if !cache.contains_key(&grid) && cache.len() >= ROPE_CACHE_ENTRIES {
             cache.clear();
@@ -417,8 +474,8 @@ impl WanTransformer3DModel {
             cache.entry(grid).or_insert_with(|| RopeTables::new(cfg.attention_head_dim, grid, dev));
 
         let mut x = x;
-        for block in &self.blocks {
-            x = block.forward(&x, &tproj, &text, image.as_ref(), rope);
+        for (block, bctx) in self.blocks.iter().zip(&ctx.blocks) {
+            x = block.forward(&x, &tproj, bctx, rope);
         }
 
         let m = (&self.scale_shift_table + temb.unsqueeze(1).to_kind(Kind::Float)).chunk(2, 1);
@@ -431,13 +488,11 @@ impl WanTransformer3DModel {
         Ok(x.reshape([b, cfg.out_channels, f * pt, h * ph, w * pw]))
     }
 
-    /// Validates shapes; returns the batch size and the token grid `[F', H', W']`.
-    fn check_inputs(
+    /// Validates the latents and timestep; returns the batch size and the token grid `[F', H', W']`.
+    fn check_latents(
         &self,
         latents: &Tensor,
         timestep: &Tensor,
-        context: &Tensor,
-        image_context: Option<&Tensor>,
     ) -> Result<(i64, [i64; 3]), DitError> {
         let cfg = &self.config;
         let bad = |m: String| Err(DitError::Input(m));
@@ -463,14 +518,26 @@ impl WanTransformer3DModel {
         if timestep.dim() > 1 || (tn != b && tn != 1) {
             return bad(format!("timestep must be a scalar or [{b}], got {:?}", timestep.size()));
         }
+        Ok((b, grid))
+    }
+
+    /// Validates the text and image contexts; returns the batch size.
+    fn check_context(
+        &self,
+        context: &Tensor,
+        image_context: Option<&Tensor>,
+    ) -> Result<i64, DitError> {
+        let cfg = &self.config;
+        let bad = |m: String| Err(DitError::Input(m));
         let c = context.size();
-        if c.len() != 3 || c[0] != b || c[2] != cfg.text_dim {
-            return bad(format!("context must be [{b}, L, {}], got {c:?}", cfg.text_dim));
+        if c.len() != 3 || c[1] < 1 || c[2] != cfg.text_dim {
+            return bad(format!("context must be [B, L, {}], got {c:?}", cfg.text_dim));
         }
+        let b = c[0];
         match (cfg.image_dim, image_context) {
             (Some(d), Some(img)) => {
                 let i = img.size();
-                if i.len() != 3 || i[0] != b || i[2] != d {
+                if i.len() != 3 || i[0] != b || i[1] < 1 || i[2] != d {
                     return bad(format!("image context must be [{b}, L, {d}], got {i:?}"));
                 }
             }
@@ -478,6 +545,50 @@ impl WanTransformer3DModel {
             (None, Some(_)) => return bad("this T2V model takes no image context".into()),
             (None, None) => {}
         }
-        Ok((b, grid))
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_keys_map_to_diffusers_names() {
+        let cases = [
+            ("model.diffusion_model.blocks.3.self_attn.o.weight", "blocks.3.attn1.to_out.0.weight"),
+            ("blocks.0.cross_attn.norm_k_img.weight", "blocks.0.attn2.norm_added_k.weight"),
+            ("blocks.12.norm3.bias", "blocks.12.norm2.bias"),
+            ("blocks.1.modulation", "blocks.1.scale_shift_table"),
+            ("blocks.1.ffn.0.weight", "blocks.1.ffn.net.0.proj.weight"),
+            ("head.modulation", "scale_shift_table"),
+            ("head.head.bias", "proj_out.bias"),
+            ("img_emb.proj.4.weight", "condition_embedder.image_embedder.norm2.weight"),
+            ("time_projection.1.weight", "condition_embedder.time_proj.weight"),
+            ("patch_embedding.weight", "patch_embedding.weight"),
+        ];
+        for (orig, want) in cases {
+            assert_eq!(remap_key(orig).as_deref(), Some(want), "{orig}");
+        }
+        assert_eq!(diffusers_key("blocks.0.attn2.norm_added_q.weight"), None);
+    }
+
+    #[test]
+    fn fused_projection_shares_storage_with_the_parameters() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let parts: Vec<Linear> =
+            (0..3).map(|i| Linear::new(&root / i, 4, 2, Kind::Float, &[])).collect();
+        for (i, p) in parts.iter().enumerate() {
+            let _guard = tch::no_grad_guard();
+            let _ = p.weight.shallow_clone().fill_(i as f64);
+            let _ = p.bias.as_ref().unwrap().shallow_clone().fill_(10.0 + i as f64);
+        }
+        let fused = Linear::fuse(&parts.iter().collect::<Vec<_>>());
+        let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
+        let y: Vec<f32> = fused.forward(&x).view([-1]).try_into().unwrap();
+        assert_eq!(y, vec![10.0, 10.0, 15.0, 15.0, 20.0, 20.0]);
+        assert_eq!(parts[1].weight.data_ptr(), fused.weight.narrow(0, 2, 2).data_ptr());
+        assert_eq!(vs.variables()["2.bias"].double_value(&[0]), 12.0);
     }
 }

@@ -14,7 +14,7 @@ use crate::schedulers::{
     FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, SchedulerError, UniPcConfig,
     UniPcScheduler,
 };
-use crate::wan::transformer::{DitError, WanTransformer3DModel};
+use crate::wan::transformer::{DitError, PreparedContext, WanTransformer3DModel};
 
 /// Which sampler to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +84,16 @@ impl DenoiseError {
             DenoiseError::Scheduler(e) => e.kind(),
         }
     }
+}
+
+/// How the conditioning is evaluated per step.
+enum Guidance {
+    /// CFG with cond and uncond as one batch of 2 (cond first).
+    Batched(PreparedContext),
+    /// CFG with two forwards: (cond, uncond).
+    Separate(PreparedContext, PreparedContext),
+    /// No guidance: cond only.
+    Off(PreparedContext),
 }
 
 /// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic so
@@ -184,11 +194,20 @@ pub fn denoise(
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
 
+    // The conditioning is the same at every step: project it once.
     let cond = cond.to_device(dev);
     let uncond = context.map(|c| c.to_device(dev));
-    let batched =
-        uncond.as_ref().filter(|_| settings.batch_cfg).map(|u| Tensor::cat(&[&cond, u], 0));
-    let image2 = image.as_ref().map(|i| Tensor::cat(&[i, i], 0));
+    let prepared = match &uncond {
+        Some(u) if settings.batch_cfg => {
+            let image2 = image.as_ref().map(|i| Tensor::cat(&[i, i], 0));
+            Guidance::Batched(dit.prepare_context(&Tensor::cat(&[&cond, u], 0), image2.as_ref())?)
+        }
+        Some(u) => Guidance::Separate(
+            dit.prepare_context(&cond, image.as_ref())?,
+            dit.prepare_context(u, image.as_ref())?,
+        ),
+        None => Guidance::Off(dit.prepare_context(&cond, image.as_ref())?),
+    };
 
     let mut latents = initial_noise(&geometry, settings.seed, dev);
     for (i, &t) in timesteps.iter().enumerate() {
@@ -199,23 +218,23 @@ pub fn denoise(
             Some(y) => Tensor::cat(&[&latents, y], 1),
             None => latents.shallow_clone(),
         };
-        let v = match (&uncond, &batched) {
-            (_, Some(ctx)) => {
+        let t32 = t as f32;
+        let v = match &prepared {
+            Guidance::Batched(both) => {
                 let input2 = Tensor::cat(&[&input, &input], 0);
-                let ts = Tensor::from_slice(&[t as f32, t as f32]).to_device(dev);
-                let out = dit.forward(&input2, &ts, ctx, image2.as_ref())?;
+                let ts = Tensor::from_slice(&[t32, t32]).to_device(dev);
+                let out = dit.forward_prepared(&input2, &ts, both)?;
                 let (v_c, v_u) = (out.get(0).unsqueeze(0), out.get(1).unsqueeze(0));
                 &v_u + (v_c - &v_u) * settings.guidance_scale
             }
-            (Some(u), None) => {
-                let ts = Tensor::from_slice(&[t as f32]).to_device(dev);
-                let v_c = dit.forward(&input, &ts, &cond, image.as_ref())?;
-                let v_u = dit.forward(&input, &ts, u, image.as_ref())?;
+            Guidance::Separate(c, u) => {
+                let ts = Tensor::from_slice(&[t32]).to_device(dev);
+                let v_c = dit.forward_prepared(&input, &ts, c)?;
+                let v_u = dit.forward_prepared(&input, &ts, u)?;
                 &v_u + (v_c - &v_u) * settings.guidance_scale
             }
-            (None, None) => {
-                let ts = Tensor::from_slice(&[t as f32]).to_device(dev);
-                dit.forward(&input, &ts, &cond, image.as_ref())?
+            Guidance::Off(c) => {
+                dit.forward_prepared(&input, &Tensor::from_slice(&[t32]).to_device(dev), c)?
             }
         };
         latents = scheduler.step(&v, &latents)?.to_kind(Kind::Float);

@@ -104,3 +104,33 @@ pub struct Phase2 {
     /// Final latents `[1, 16, T, H/8, W/8]`, fp32 (unnormalised by the VAE statistics).
     pub latents: Tensor,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn geometry_rules_and_latent_shape() {
+        let g = Geometry { frames: 81, height: 480, width: 832 };
+        g.validate().unwrap();
+        assert_eq!(g.latent_shape(), [1, 16, 21, 60, 104]);
+        assert!(Geometry { frames: 80, ..g }.validate().unwrap_err().contains("4k+1"));
+        assert!(Geometry { height: 472, ..g }.validate().unwrap_err().contains("height"));
+    }
+
+    #[test]
+    fn named_tensors_round_trip() {
+        let g = Geometry { frames: 5, height: 64, width: 64 };
+        let t = || Tensor::zeros([1, 3, 4], (Kind::Float, Device::Cpu));
+        let named: HashMap<String, Tensor> =
+            [("prompt_embeds".to_string(), t()), ("image_embeds".to_string(), t())]
+                .into_iter()
+                .collect();
+        let p = Phase1::from_named(g, named).unwrap();
+        let names: Vec<&str> = p.named().iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["prompt_embeds", "image_embeds"]);
+        let bad: HashMap<String, Tensor> = [("prompt".to_string(), t())].into_iter().collect();
+        assert!(Phase1::from_named(g, bad).unwrap_err().contains("unknown Phase1 tensor `prompt`"));
+    }
+}
