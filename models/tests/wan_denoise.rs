@@ -6,7 +6,7 @@ mod common;
 use std::cell::Cell;
 
 use tch::{Device, Kind};
-use x2v_models::schedulers::UniPcConfig;
+use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
 use x2v_models::wan::pipeline::{
     DenoiseError, DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, initial_noise,
 };
@@ -118,6 +118,38 @@ fn i2v_denoise_matches_wan_image_to_video_pipeline() {
     no_image.image_embeds = None;
     let err = denoise(&dit, &no_image, &settings, |_| {}, || false).unwrap_err();
     assert!(err.to_string().contains("needs image_embeds"), "{err}");
+}
+
+#[test]
+fn step_distilled_euler_without_guidance_matches_wan_pipeline() {
+    let fx = common::fixture("wan_dit");
+    let s: Settings =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("denoise_t2v_euler4.json")).unwrap())
+            .unwrap();
+    let want = common::tensors(&fx.join("denoise_t2v_euler4.safetensors"));
+    let dit =
+        WanTransformer3DModel::load(&fx.join("t2v_diffusers"), Device::Cpu, Kind::Float).unwrap();
+    let phase1 = Phase1 {
+        geometry: Geometry { frames: s.frames, height: s.height, width: s.width },
+        prompt_embeds: want["prompt_embeds"].shallow_clone(),
+        negative_prompt_embeds: None,
+        image_embeds: None,
+        condition: None,
+    };
+    let settings = DenoiseSettings {
+        steps: s.steps,
+        guidance_scale: s.guidance_scale,
+        seed: s.seed,
+        scheduler: SchedulerChoice::Euler(FlowMatchEulerConfig {
+            shift: s.shift.unwrap(),
+            num_train_timesteps: 1000,
+        }),
+        batch_cfg: true,
+    };
+    let out = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
+    let (diff, scale) = common::max_abs_diff(&out.latents, &want["latents"]);
+    eprintln!("euler 4-step denoise: max |diff| {diff:.3e} (reference scale {scale:.3e})");
+    common::assert_close("euler final latents", &out.latents, &want["latents"], TOL);
 }
 
 #[test]
