@@ -6,4 +6,7 @@
 
 pub mod cuda_driver;
 pub mod device;
+pub mod nn;
+pub mod schedulers;
+pub mod wan;
 pub mod weights;

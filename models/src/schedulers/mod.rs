@@ -1,0 +1,76 @@
+//! Flow-matching schedulers with diffusers' semantics: multistep UniPC (Wan's default) and
+//! Euler. A scheduler owns its timestep grid and the multistep history of one sampling run.
+//!
+//! Convention: the model predicts the flow velocity `v ≈ noise − x0`; `sigma` goes from ≈1
+//! (pure noise) to 0, and `sigma_N = 0` is appended to the grid.
+
+pub mod flow_euler;
+pub mod unipc;
+
+use tch::Tensor;
+
+pub use flow_euler::{FlowMatchEulerConfig, FlowMatchEulerScheduler};
+pub use unipc::{UniPcConfig, UniPcScheduler};
+
+/// Why a scheduler could not be built or stepped.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("invalid scheduler setting: {0}")]
+    Invalid(String),
+    #[error("scheduler stepped {0} times, past the end of its {0}-step grid")]
+    Finished(usize),
+}
+
+impl SchedulerError {
+    pub fn kind(&self) -> x2v_core::ErrorKind {
+        match self {
+            SchedulerError::Invalid(_) => x2v_core::ErrorKind::InvalidRequest,
+            SchedulerError::Finished(_) => x2v_core::ErrorKind::Internal,
+        }
+    }
+}
+
+/// One sampling run's schedule and solver state.
+pub trait Scheduler {
+    /// Timesteps fed to the model, one per step (UniPC: integers; Euler: fp32 values).
+    fn timesteps(&self) -> &[f64];
+
+    /// The noise levels, one per step plus the final 0; values are fp32-rounded.
+    fn sigmas(&self) -> &[f64];
+
+    /// Advances `sample` (fp32) by one step given the model's velocity prediction.
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, SchedulerError>;
+
+    /// Steps taken so far.
+    fn step_index(&self) -> usize;
+
+    fn num_steps(&self) -> usize {
+        self.timesteps().len()
+    }
+}
+
+/// `shift·s / (1 + (shift − 1)·s)`: the flow-matching time shift.
+pub(crate) fn shift_sigma(shift: f64, s: f64) -> f64 {
+    shift * s / (1.0 + (shift - 1.0) * s)
+}
+
+/// numpy's `linspace(start, stop, num)` element by element (the same rounding).
+pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut v: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+    v[num - 1] = stop;
+    v
+}
+
+pub(crate) fn check_shift_and_steps(shift: f64, steps: usize) -> Result<(), SchedulerError> {
+    if steps == 0 || steps > 1000 {
+        return Err(SchedulerError::Invalid(format!("steps must be in 1..=1000, got {steps}")));
+    }
+    if !(shift.is_finite() && shift > 0.0) {
+        return Err(SchedulerError::Invalid(format!("shift must be positive, got {shift}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The denoising loop of diffusers' `WanPipeline` / `WanImageToVideoPipeline` (from latents
+//! initialisation to the final latents), with progress reporting and cancellation between steps.
+//!
+//! Initial noise: fp32 `randn([1, 16, (F−1)/4+1, H/8, W/8])` from a CPU generator seeded with the
+//! job seed, as the reference draws it with `torch.Generator("cpu").manual_seed(seed)`.
+//! Guidance: `v = v_u + g·(v_c − v_u)` in the model dtype, cond and uncond run as one batch of 2.
+
+use std::sync::Mutex;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{Geometry, Phase1, Phase2, TEXT_LEN};
+use crate::schedulers::{
+    FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, SchedulerError, UniPcConfig,
+    UniPcScheduler,
+};
+use crate::wan::transformer::{DitError, PreparedContext, WanTransformer3DModel};
+
+/// Which sampler to run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchedulerChoice {
+    /// Flow UniPC (the Wan default).
+    UniPc(UniPcConfig),
+    /// Flow-matching Euler (e.g. step-distilled models).
+    Euler(FlowMatchEulerConfig),
+}
+
+/// Per-request sampling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DenoiseSettings {
+    /// Denoising steps (model evaluations per branch).
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is on when > 1.
+    pub guidance_scale: f64,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    pub scheduler: SchedulerChoice,
+    /// Run cond and uncond as one batch of 2 (faster) rather than two forwards.
+    pub batch_cfg: bool,
+}
+
+impl DenoiseSettings {
+    /// diffusers' `WanPipeline` defaults: 50 UniPC steps, guidance 5, the given shift.
+    pub fn wan_default(seed: u64, flow_shift: f64) -> Self {
+        DenoiseSettings {
+            steps: 50,
+            guidance_scale: 5.0,
+            seed,
+            scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(flow_shift)),
+            batch_cfg: true,
+        }
+    }
+}
+
+/// Reported after every step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Steps completed (1-based).
+    pub step: usize,
+    pub total: usize,
+    /// The timestep the step evaluated.
+    pub timestep: f64,
+}
+
+/// Why denoising stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DenoiseError {
+    #[error("invalid denoise input: {0}")]
+    Input(String),
+    #[error("cancelled after {completed} of {total} steps")]
+    Cancelled { completed: usize, total: usize },
+    #[error(transparent)]
+    Dit(#[from] DitError),
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+}
+
+impl DenoiseError {
+    pub fn kind(&self) -> x2v_core::ErrorKind {
+        match self {
+            DenoiseError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
+            DenoiseError::Cancelled { .. } => x2v_core::ErrorKind::Cancelled,
+            DenoiseError::Dit(e) => e.kind(),
+            DenoiseError::Scheduler(e) => e.kind(),
+        }
+    }
+}
+
+/// How the conditioning is evaluated per step.
+enum Guidance {
+    /// CFG with cond and uncond as one batch of 2 (cond first).
+    Batched(PreparedContext),
+    /// CFG with two forwards: (cond, uncond).
+    Separate(PreparedContext, PreparedContext),
+    /// No guidance: cond only.
+    Off(PreparedContext),
+}
+
+/// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic so
+/// concurrent jobs cannot interleave. Nothing else in x2v's inference paths draws from it.
+static CPU_RNG: Mutex<()> = Mutex::new(());
+
+/// The reference pipeline's initial latents: `randn(shape)` fp32 from a CPU generator seeded with
+/// `seed` (identical to `torch.Generator("cpu").manual_seed(seed)`), moved to `device`.
+pub fn initial_noise(geometry: &Geometry, seed: u64, device: Device) -> Tensor {
+    let _lock = CPU_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // torch seeds with the u64 bit pattern; tch takes an i64.
+    tch::manual_seed(seed as i64);
+    Tensor::randn(geometry.latent_shape(), (Kind::Float, Device::Cpu)).to_device(device)
+}
+
+fn pad_text(t: &Tensor, text_dim: i64, what: &str) -> Result<Tensor, DenoiseError> {
+    let s = t.size();
+    if s.len() != 3 || s[0] != 1 || s[1] < 1 || s[1] > TEXT_LEN || s[2] != text_dim {
+        return Err(DenoiseError::Input(format!(
+            "{what} must be [1, 1..={TEXT_LEN}, {text_dim}], got {s:?}"
+        )));
+    }
+    Ok(t.to_kind(Kind::Float).constant_pad_nd([0, 0, 0, TEXT_LEN - s[1]]))
+}
+
+/// Runs the sampling loop and returns the final latents.
+///
+/// `progress` is called after every step; `cancelled` is polled before every step and stops the
+/// loop with [`DenoiseError::Cancelled`].
+pub fn denoise(
+    dit: &WanTransformer3DModel,
+    phase1: &Phase1,
+    settings: &DenoiseSettings,
+    mut progress: impl FnMut(Progress),
+    cancelled: impl Fn() -> bool,
+) -> Result<Phase2, DenoiseError> {
+    let _guard = tch::no_grad_guard();
+    let cfg = dit.config();
+    let dev = dit.device();
+    let geometry = phase1.geometry;
+    geometry.validate().map_err(DenoiseError::Input)?;
+    let latent_shape = geometry.latent_shape();
+    if settings.guidance_scale.is_nan() {
+        return Err(DenoiseError::Input("guidance_scale is NaN".into()));
+    }
+    let guided = settings.guidance_scale > 1.0;
+
+    let cond = pad_text(&phase1.prompt_embeds, cfg.text_dim, "prompt_embeds")?;
+    let context = if guided {
+        let neg = phase1.negative_prompt_embeds.as_ref().ok_or_else(|| {
+            DenoiseError::Input("guidance_scale > 1 needs negative_prompt_embeds".into())
+        })?;
+        Some(pad_text(neg, cfg.text_dim, "negative_prompt_embeds")?)
+    } else {
+        None
+    };
+
+    let image = match (cfg.is_i2v(), &phase1.image_embeds) {
+        (true, Some(img)) => Some(img.to_device(dev)),
+        (true, None) => {
+            return Err(DenoiseError::Input("this I2V model needs image_embeds".into()));
+        }
+        (false, Some(_)) => {
+            return Err(DenoiseError::Input("this T2V model takes no image_embeds".into()));
+        }
+        (false, None) => None,
+    };
+    let y = match &phase1.condition {
+        Some(y) => {
+            let want = [
+                1,
+                cfg.in_channels - latent_shape[1],
+                latent_shape[2],
+                latent_shape[3],
+                latent_shape[4],
+            ];
+            if y.size() != want {
+                return Err(DenoiseError::Input(format!(
+                    "condition must be {want:?}, got {:?}",
+                    y.size()
+                )));
+            }
+            Some(y.to_device(dev).to_kind(Kind::Float))
+        }
+        None if cfg.in_channels != latent_shape[1] => {
+            return Err(DenoiseError::Input(format!(
+                "this model takes {} input channels and needs a condition tensor",
+                cfg.in_channels
+            )));
+        }
+        None => None,
+    };
+
+    let mut scheduler: Box<dyn Scheduler> = match &settings.scheduler {
+        SchedulerChoice::UniPc(c) => Box::new(UniPcScheduler::new(c, settings.steps)?),
+        SchedulerChoice::Euler(c) => Box::new(FlowMatchEulerScheduler::new(c, settings.steps)?),
+    };
+    let timesteps = scheduler.timesteps().to_vec();
+    let total = timesteps.len();
+
+    // The conditioning is the same at every step: project it once.
+    let cond = cond.to_device(dev);
+    let uncond = context.map(|c| c.to_device(dev));
+    let prepared = match &uncond {
+        Some(u) if settings.batch_cfg => {
+            let image2 = image.as_ref().map(|i| Tensor::cat(&[i, i], 0));
+            Guidance::Batched(dit.prepare_context(&Tensor::cat(&[&cond, u], 0), image2.as_ref())?)
+        }
+        Some(u) => Guidance::Separate(
+            dit.prepare_context(&cond, image.as_ref())?,
+            dit.prepare_context(u, image.as_ref())?,
+        ),
+        None => Guidance::Off(dit.prepare_context(&cond, image.as_ref())?),
+    };
+
+    let mut latents = initial_noise(&geometry, settings.seed, dev);
+    for (i, &t) in timesteps.iter().enumerate() {
+        if cancelled() {
+            return Err(DenoiseError::Cancelled { completed: i, total });
+        }
+        let input = match &y {
+            Some(y) => Tensor::cat(&[&latents, y], 1),
+            None => latents.shallow_clone(),
+        };
+        let t32 = t as f32;
+        let v = match &prepared {
+            Guidance::Batched(both) => {
+                let input2 = Tensor::cat(&[&input, &input], 0);
+                let ts = Tensor::from_slice(&[t32, t32]).to_device(dev);
+                let out = dit.forward_prepared(&input2, &ts, both)?;
+                let (v_c, v_u) = (out.get(0).unsqueeze(0), out.get(1).unsqueeze(0));
+                &v_u + (v_c - &v_u) * settings.guidance_scale
+            }
+            Guidance::Separate(c, u) => {
+                let ts = Tensor::from_slice(&[t32]).to_device(dev);
+                let v_c = dit.forward_prepared(&input, &ts, c)?;
+                let v_u = dit.forward_prepared(&input, &ts, u)?;
+                &v_u + (v_c - &v_u) * settings.guidance_scale
+            }
+            Guidance::Off(c) => {
+                dit.forward_prepared(&input, &Tensor::from_slice(&[t32]).to_device(dev), c)?
+            }
+        };
+        latents = scheduler.step(&v, &latents)?.to_kind(Kind::Float);
+        progress(Progress { step: i + 1, total, timestep: t });
+    }
+    Ok(Phase2 { geometry, latents })
+}

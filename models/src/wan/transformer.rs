@@ -1,0 +1,594 @@
+//! Wan2.1 diffusion transformer (DiT): text-to-video and image-to-video.
+//!
+//! Paper: "Wan: Open and Advanced Large-Scale Video Generative Models" (Wan Team, 2025).
+//! Reference: diffusers `models/transformers/transformer_wan.py` (`WanTransformer3DModel`); var-store
+//! paths equal its state-dict keys. The original release's keys are remapped by [`remap_key`].
+//!
+//! Boundary: latent `[B, C_in, F, H, W]` (C_in 16, or 36 for I2V), timestep `[B]`, text context
+//! `[B, 512, text_dim]`, I2V image context `[B, 257, image_dim]` → velocity `[B, 16, F, H, W]`
+//! in the model dtype. Modulation and the time embedder run in fp32 (see [`KEEP_F32`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind, Tensor, nn};
+
+use super::config::{Config, Layout};
+use super::rope::RopeTables;
+use crate::nn::{FeedForward, Gelu, LayerNorm, Linear, RmsNorm, layer_norm_no_affine, param};
+use crate::nn::{sdpa, timestep_sinusoid};
+use crate::weights::{Checkpoint, LoadOptions, WeightsError, load_into};
+
+/// Parameters that stay fp32 in a bf16/fp16 model (diffusers' `_keep_in_fp32_modules`).
+pub const KEEP_F32: &[&str] =
+    &["condition_embedder.time_embedder.", "scale_shift_table", "norm1.", "norm2.", "norm3."];
+
+/// Original Wan key prefixes → diffusers, outside the blocks.
+const ORIGINAL_TOP_KEYS: &[(&str, &str)] = &[
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
+    ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
+    ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+];
+
+/// Original Wan key prefixes → diffusers, inside `blocks.N.`.
+const ORIGINAL_BLOCK_KEYS: &[(&str, &str)] = &[
+    ("modulation", "scale_shift_table"),
+    ("self_attn.q.", "attn1.to_q."),
+    ("self_attn.k.", "attn1.to_k."),
+    ("self_attn.v.", "attn1.to_v."),
+    ("self_attn.o.", "attn1.to_out.0."),
+    ("self_attn.norm_q.", "attn1.norm_q."),
+    ("self_attn.norm_k.", "attn1.norm_k."),
+    ("cross_attn.q.", "attn2.to_q."),
+    ("cross_attn.k.", "attn2.to_k."),
+    ("cross_attn.v.", "attn2.to_v."),
+    ("cross_attn.o.", "attn2.to_out.0."),
+    ("cross_attn.norm_q.", "attn2.norm_q."),
+    ("cross_attn.norm_k.", "attn2.norm_k."),
+    ("cross_attn.k_img.", "attn2.add_k_proj."),
+    ("cross_attn.v_img.", "attn2.add_v_proj."),
+    ("cross_attn.norm_k_img.", "attn2.norm_added_k."),
+    ("norm3.", "norm2."),
+    ("ffn.0.", "ffn.net.0.proj."),
+    ("ffn.2.", "ffn.net.2."),
+];
+
+/// Some single-file checkpoints carry this prefix on every key.
+const WRAPPER_PREFIX: &str = "model.diffusion_model.";
+
+/// Maps an original-release key to its diffusers name; unknown keys pass through unchanged (a
+/// strict load then reports them).
+pub fn remap_key(key: &str) -> Option<String> {
+    let key = key.strip_prefix(WRAPPER_PREFIX).unwrap_or(key);
+    if let Some((idx, tail)) = key.strip_prefix("blocks.").and_then(|r| r.split_once('.')) {
+        for (from, to) in ORIGINAL_BLOCK_KEYS {
+            if let Some(rest) = tail.strip_prefix(from) {
+                return Some(format!("blocks.{idx}.{to}{rest}"));
+            }
+        }
+        return Some(key.to_owned());
+    }
+    for (from, to) in ORIGINAL_TOP_KEYS {
+        if let Some(rest) = key.strip_prefix(from) {
+            return Some(format!("{to}{rest}"));
+        }
+    }
+    Some(key.to_owned())
+}
+
+/// diffusers-layout keys: strips the wrapper prefix and drops `norm_added_q` (unused, as in diffusers).
+pub fn diffusers_key(key: &str) -> Option<String> {
+    let key = key.strip_prefix(WRAPPER_PREFIX).unwrap_or(key);
+    (!key.contains(".norm_added_q.")).then(|| key.to_owned())
+}
+
+/// Why a DiT could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DitError {
+    #[error("DiT config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("invalid DiT input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl DitError {
+    pub fn kind(&self) -> x2v_core::ErrorKind {
+        match self {
+            DitError::Config { .. } | DitError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
+            DitError::Weights(e) => e.kind(),
+            DitError::Torch(_) => x2v_core::ErrorKind::Internal,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+    /// I2V: `(add_k_proj, add_v_proj, norm_added_k)` over the image context.
+    added: Option<(Linear, Linear, RmsNorm)>,
+    /// `to_q|to_k|to_v` (self-attention) or `to_k|to_v` (cross-attention), built after loading.
+    fused: Option<Linear>,
+    fused_added: Option<Linear>,
+    heads: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &Config, kind: Kind, added_kv: Option<i64>) -> Self {
+        let dim = cfg.dim();
+        let lin = |name: &str, d_in| Linear::new(&p / name, d_in, dim, kind, &[]);
+        let added = added_kv.map(|d| {
+            (
+                lin("add_k_proj", d),
+                lin("add_v_proj", d),
+                RmsNorm::new(&p / "norm_added_k", dim, cfg.eps, kind),
+            )
+        });
+        Attention {
+            to_q: lin("to_q", dim),
+            to_k: lin("to_k", dim),
+            to_v: lin("to_v", dim),
+            to_out: Linear::new(&p / "to_out" / 0, dim, dim, kind, &[]),
+            norm_q: RmsNorm::new(&p / "norm_q", dim, cfg.eps, kind),
+            norm_k: RmsNorm::new(&p / "norm_k", dim, cfg.eps, kind),
+            added,
+            fused: None,
+            fused_added: None,
+            heads: cfg.num_attention_heads,
+        }
+    }
+
+    fn fuse(&mut self, is_self: bool) {
+        self.fused = Some(if is_self {
+            Linear::fuse(&[&self.to_q, &self.to_k, &self.to_v])
+        } else {
+            Linear::fuse(&[&self.to_k, &self.to_v])
+        });
+        self.fused_added = self.added.as_ref().map(|(k, v, _)| Linear::fuse(&[k, v]));
+    }
+
+    /// Self-attention with RoPE on q and k.
+    fn self_attn(&self, x: &Tensor, rope: &RopeTables) -> Tensor {
+        let (q, k, v) = match &self.fused {
+            Some(qkv) => {
+                let c = qkv.forward(x).chunk(3, -1);
+                (c[0].shallow_clone(), c[1].shallow_clone(), c[2].shallow_clone())
+            }
+            None => (self.to_q.forward(x), self.to_k.forward(x), self.to_v.forward(x)),
+        };
+        let rotate = |t: Tensor| {
+            let s = t.size();
+            rope.apply(&t.view([s[0], s[1], self.heads, -1])).view([s[0], s[1], s[2]])
+        };
+        let q = rotate(self.norm_q.forward(&q));
+        let k = rotate(self.norm_k.forward(&k));
+        self.to_out.forward(&sdpa(&q, &k, &v, self.heads))
+    }
+
+    /// Keys and values of the text (and I2V image) context, after the k norms.
+    fn context_kv(&self, text: &Tensor, image: Option<&Tensor>) -> BlockContext {
+        let (k, v) = match &self.fused {
+            Some(kv) => {
+                let c = kv.forward(text).chunk(2, -1);
+                (c[0].shallow_clone(), c[1].shallow_clone())
+            }
+            None => (self.to_k.forward(text), self.to_v.forward(text)),
+        };
+        let image = match (&self.added, image) {
+            (Some((add_k, add_v, norm)), Some(img)) => {
+                let (ki, vi) = match &self.fused_added {
+                    Some(kv) => {
+                        let c = kv.forward(img).chunk(2, -1);
+                        (c[0].shallow_clone(), c[1].shallow_clone())
+                    }
+                    None => (add_k.forward(img), add_v.forward(img)),
+                };
+                Some((norm.forward(&ki), vi.contiguous()))
+            }
+            _ => None,
+        };
+        BlockContext { text: (self.norm_k.forward(&k), v.contiguous()), image }
+    }
+
+    /// Cross-attention to the prepared text context, plus the image context for I2V.
+    fn cross_attn(&self, x: &Tensor, ctx: &BlockContext) -> Tensor {
+        let q = self.norm_q.forward(&self.to_q.forward(x));
+        let mut out = sdpa(&q, &ctx.text.0, &ctx.text.1, self.heads);
+        if let Some((k, v)) = &ctx.image {
+            out = sdpa(&q, k, v, self.heads) + out;
+        }
+        self.to_out.forward(&out)
+    }
+}
+
+/// One block's cross-attention keys and values `[B, L, dim]`.
+#[derive(Debug)]
+struct BlockContext {
+    text: (Tensor, Tensor),
+    image: Option<(Tensor, Tensor)>,
+}
+
+/// The conditioning of one request projected once: every block's cross-attention keys and values.
+/// They do not depend on the latents or the timestep, so a sampling loop computes them once
+/// (memory: `2·layers·B·(512 [+257])·dim` values).
+#[derive(Debug)]
+pub struct PreparedContext {
+    blocks: Vec<BlockContext>,
+    batch: i64,
+}
+
+impl PreparedContext {
+    /// Batch size the context was prepared for.
+    pub fn batch(&self) -> i64 {
+        self.batch
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    attn1: Attention,
+    attn2: Attention,
+    norm2: Option<LayerNorm>,
+    ffn: FeedForward,
+    /// `[1, 6, dim]` fp32: (shift, scale, gate, c_shift, c_scale, c_gate).
+    scale_shift_table: Tensor,
+    eps: f64,
+}
+
+impl Block {
+    fn new(p: nn::Path, cfg: &Config, kind: Kind) -> Self {
+        let dim = cfg.dim();
+        Block {
+            attn1: Attention::new(&p / "attn1", cfg, kind, None),
+            attn2: Attention::new(&p / "attn2", cfg, kind, cfg.added_kv_proj_dim),
+            norm2: cfg.cross_attn_norm.then(|| LayerNorm::new(&p / "norm2", dim, cfg.eps)),
+            ffn: FeedForward::new(&p / "ffn", dim, cfg.ffn_dim, dim, Gelu::Tanh, kind),
+            scale_shift_table: param(&p, "scale_shift_table", &[1, 6, dim], kind, KEEP_F32),
+            eps: cfg.eps,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, tproj: &Tensor, ctx: &BlockContext, rope: &RopeTables) -> Tensor {
+        let kind = x.kind();
+        let m = (&self.scale_shift_table + tproj.to_kind(Kind::Float)).chunk(6, 1);
+        let modulate = |x: &Tensor, shift: &Tensor, scale: &Tensor| {
+            (layer_norm_no_affine(x, self.eps) * (scale + 1.0) + shift).to_kind(kind)
+        };
+        let a = self.attn1.self_attn(&modulate(x, &m[0], &m[1]), rope);
+        let x = (x.to_kind(Kind::Float) + a * &m[2]).to_kind(kind);
+        let n2 = match &self.norm2 {
+            Some(norm) => norm.forward(&x.to_kind(Kind::Float)).to_kind(kind),
+            None => x.shallow_clone(),
+        };
+        let x = &x + self.attn2.cross_attn(&n2, ctx);
+        let f = self.ffn.forward(&modulate(&x, &m[3], &m[4]));
+        (x.to_kind(Kind::Float) + f.to_kind(Kind::Float) * &m[5]).to_kind(kind)
+    }
+}
+
+/// The Wan2.1 DiT with weights loaded (see the module docs for shapes).
+#[derive(Debug)]
+pub struct WanTransformer3DModel {
+    config: Config,
+    kind: Kind,
+    device: Device,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    time_1: Linear,
+    time_2: Linear,
+    time_proj: Linear,
+    text_1: Linear,
+    text_2: Linear,
+    /// I2V: `(norm1, ff, norm2)`.
+    image_embedder: Option<(LayerNorm, FeedForward, LayerNorm)>,
+    blocks: Vec<Block>,
+    /// `[1, 2, dim]` fp32: (shift, scale) of the output head.
+    scale_shift_table: Tensor,
+    proj_out: Linear,
+    rope: RefCell<HashMap<[i64; 3], RopeTables>>,
+    _vs: nn::VarStore,
+}
+
+/// RoPE tables kept per token grid; a server sees few distinct resolutions.
+const ROPE_CACHE_ENTRIES: usize = 8;
+
+impl WanTransformer3DModel {
+    /// Loads a DiT from a directory holding `config.json` and its safetensors weights (a single
+    /// file or a shard index), in the diffusers or the original layout.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, DitError> {
+        let (config, layout) = Config::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = match layout {
+            Layout::Diffusers => ckpt.remap(diffusers_key),
+            Layout::Original => ckpt.remap(remap_key),
+        };
+        Self::from_checkpoint(config, &ckpt, device, kind)
+    }
+
+    /// Builds the model for `config` and strictly loads `ckpt` (diffusers key names) into it.
+    /// `kind` is the compute dtype; [`KEEP_F32`] parameters stay fp32.
+    pub fn from_checkpoint(
+        config: Config,
+        ckpt: &Checkpoint,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, DitError> {
+        config
+            .validate()
+            .map_err(|message| DitError::Config { path: ckpt.description().into(), message })?;
+        let vs = nn::VarStore::new(device);
+        let mut model = Self::build(&vs.root(), config, kind);
+        load_into(&vs, ckpt, &LoadOptions::strict())?;
+        for block in &mut model.blocks {
+            block.attn1.fuse(true);
+            block.attn2.fuse(false);
+        }
+        model._vs = vs;
+        Ok(model)
+    }
+
+    fn build(root: &nn::Path, config: Config, kind: Kind) -> Self {
+        let cfg = &config;
+        let dim = cfg.dim();
+        let [pt, ph, pw] = cfg.patch_size;
+        let pe = root / "patch_embedding";
+        let ce = root / "condition_embedder";
+        let te = &ce / "time_embedder";
+        let tx = &ce / "text_embedder";
+        let image_embedder = cfg.image_dim.map(|d| {
+            let ie = &ce / "image_embedder";
+            (
+                LayerNorm::new(&ie / "norm1", d, 1e-5),
+                FeedForward::new(&ie / "ff", d, d, dim, Gelu::Exact, kind),
+                LayerNorm::new(&ie / "norm2", dim, 1e-5),
+            )
+        });
+        WanTransformer3DModel {
+            kind,
+            device: root.device(),
+            patch_weight: param(&pe, "weight", &[dim, cfg.in_channels, pt, ph, pw], kind, &[]),
+            patch_bias: param(&pe, "bias", &[dim], kind, &[]),
+            time_1: Linear::new(&te / "linear_1", cfg.freq_dim, dim, kind, KEEP_F32),
+            time_2: Linear::new(&te / "linear_2", dim, dim, kind, KEEP_F32),
+            time_proj: Linear::new(&ce / "time_proj", dim, 6 * dim, kind, &[]),
+            text_1: Linear::new(&tx / "linear_1", cfg.text_dim, dim, kind, &[]),
+            text_2: Linear::new(&tx / "linear_2", dim, dim, kind, &[]),
+            image_embedder,
+            blocks: (0..cfg.num_layers)
+                .map(|i| Block::new(root / "blocks" / i, cfg, kind))
+                .collect(),
+            scale_shift_table: param(root, "scale_shift_table", &[1, 2, dim], kind, KEEP_F32),
+            proj_out: Linear::new(
+                root / "proj_out",
+                dim,
+                cfg.out_channels * pt * ph * pw,
+                kind,
+                &[],
+            ),
+            rope: RefCell::new(HashMap::new()),
+            _vs: nn::VarStore::new(Device::Cpu),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Predicts the flow velocity. `timestep` is `[B]` (any numeric dtype) or a scalar;
+    /// `image_context` is required for I2V models and rejected for T2V ones.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        context: &Tensor,
+        image_context: Option<&Tensor>,
+    ) -> Result<Tensor, DitError> {
+        let ctx = self.prepare_context(context, image_context)?;
+        self.forward_prepared(latents, timestep, &ctx)
+    }
+
+    /// Embeds the text context `[B, L, text_dim]` (and the I2V image context `[B, L_img,
+    /// image_dim]`) and projects every block's cross-attention keys and values.
+    pub fn prepare_context(
+        &self,
+        context: &Tensor,
+        image_context: Option<&Tensor>,
+    ) -> Result<PreparedContext, DitError> {
+        let _guard = tch::no_grad_guard();
+        let batch = self.check_context(context, image_context)?;
+        let (kind, dev) = (self.kind, self.device);
+        let text = context.to_device(dev).to_kind(kind);
+        let text = self.text_2.forward(&self.text_1.forward(&text).gelu("tanh"));
+        let image = match (&self.image_embedder, image_context) {
+            (Some((n1, ff, n2)), Some(img)) => {
+                Some(n2.forward(&ff.forward(&n1.forward(&img.to_device(dev).to_kind(kind)))))
+            }
+            _ => None,
+        };
+        let blocks =
+            self.blocks.iter().map(|b| b.attn2.context_kv(&text, image.as_ref())).collect();
+        Ok(PreparedContext { blocks, batch })
+    }
+
+    /// [`Self::forward`] with the context prepared by [`Self::prepare_context`].
+    pub fn forward_prepared(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+        ctx: &PreparedContext,
+    ) -> Result<Tensor, DitError> {
+        let _guard = tch::no_grad_guard();
+        let (b, grid) = self.check_latents(latents, timestep)?;
+        if b != ctx.batch {
+            return Err(DitError::Input(format!(
+                "latent batch {b} differs from the context batch {}",
+                ctx.batch
+            )));
+        }
+        let cfg = &self.config;
+        let dim = cfg.dim();
+        let kind = self.kind;
+        let dev = self.device;
+
+        let x = latents.to_device(dev).to_kind(kind);
+        let x = x.conv3d(&self.patch_weight, Some(&self.patch_bias), cfg.patch_size, 0, 1, 1);
+        let x = x.flatten(2, -1).transpose(1, 2).contiguous(); // [B, L, dim]
+
+        let t = timestep.to_device(dev).reshape([-1]).expand([b], false);
+        let temb =
+            self.time_2.forward(&self.time_1.forward(&timestep_sinusoid(&t, cfg.freq_dim)).silu());
+        let temb = temb.to_kind(kind);
+        let tproj = self.time_proj.forward(&temb.silu()).view([b, 6, dim]);
+
+        let mut cache = self.rope.borrow_mut();
+        if !cache.contains_key(&grid) && cache.len() >= ROPE_CACHE_ENTRIES {
+            cache.clear();
+        }
+        let rope =
+            cache.entry(grid).or_insert_with(|| RopeTables::new(cfg.attention_head_dim, grid, dev));
+
+        let mut x = x;
+        for (block, bctx) in self.blocks.iter().zip(&ctx.blocks) {
+            x = block.forward(&x, &tproj, bctx, rope);
+        }
+
+        let m = (&self.scale_shift_table + temb.unsqueeze(1).to_kind(Kind::Float)).chunk(2, 1);
+        let x = (layer_norm_no_affine(&x, cfg.eps) * (&m[1] + 1.0) + &m[0]).to_kind(kind);
+        let x = self.proj_out.forward(&x);
+        let [pt, ph, pw] = cfg.patch_size;
+        let [f, h, w] = grid;
+        let x =
+            x.reshape([b, f, h, w, pt, ph, pw, cfg.out_channels]).permute([0, 7, 1, 4, 2, 5, 3, 6]);
+        Ok(x.reshape([b, cfg.out_channels, f * pt, h * ph, w * pw]))
+    }
+
+    /// Validates the latents and timestep; returns the batch size and the token grid `[F', H', W']`.
+    fn check_latents(
+        &self,
+        latents: &Tensor,
+        timestep: &Tensor,
+    ) -> Result<(i64, [i64; 3]), DitError> {
+        let cfg = &self.config;
+        let bad = |m: String| Err(DitError::Input(m));
+        let s = latents.size();
+        if s.len() != 5 || s[1] != cfg.in_channels {
+            return bad(format!("latents must be [B, {}, F, H, W], got {s:?}", cfg.in_channels));
+        }
+        let b = s[0];
+        let mut grid = [0; 3];
+        for (i, axis) in ["frames", "height", "width"].iter().enumerate() {
+            let (n, p) = (s[2 + i], cfg.patch_size[i]);
+            if n <= 0 || n % p != 0 {
+                return bad(format!(
+                    "latent {axis} must be a positive multiple of the patch size {p}, got {n}"
+                ));
+            }
+            if n / p > cfg.rope_max_seq_len {
+                return bad(format!("latent {axis} {n} exceeds {} patches", cfg.rope_max_seq_len));
+            }
+            grid[i] = n / p;
+        }
+        let tn = timestep.numel() as i64;
+        if timestep.dim() > 1 || (tn != b && tn != 1) {
+            return bad(format!("timestep must be a scalar or [{b}], got {:?}", timestep.size()));
+        }
+        Ok((b, grid))
+    }
+
+    /// Validates the text and image contexts; returns the batch size.
+    fn check_context(
+        &self,
+        context: &Tensor,
+        image_context: Option<&Tensor>,
+    ) -> Result<i64, DitError> {
+        let cfg = &self.config;
+        let bad = |m: String| Err(DitError::Input(m));
+        let c = context.size();
+        if c.len() != 3 || c[1] < 1 || c[2] != cfg.text_dim {
+            return bad(format!("context must be [B, L, {}], got {c:?}", cfg.text_dim));
+        }
+        let b = c[0];
+        match (cfg.image_dim, image_context) {
+            (Some(d), Some(img)) => {
+                let i = img.size();
+                if i.len() != 3 || i[0] != b || i[1] < 1 || i[2] != d {
+                    return bad(format!("image context must be [{b}, L, {d}], got {i:?}"));
+                }
+            }
+            (Some(_), None) => return bad("this I2V model needs an image context".into()),
+            (None, Some(_)) => return bad("this T2V model takes no image context".into()),
+            (None, None) => {}
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_keys_map_to_diffusers_names() {
+        let cases = [
+            ("model.diffusion_model.blocks.3.self_attn.o.weight", "blocks.3.attn1.to_out.0.weight"),
+            ("blocks.0.cross_attn.norm_k_img.weight", "blocks.0.attn2.norm_added_k.weight"),
+            ("blocks.12.norm3.bias", "blocks.12.norm2.bias"),
+            ("blocks.1.modulation", "blocks.1.scale_shift_table"),
+            ("blocks.1.ffn.0.weight", "blocks.1.ffn.net.0.proj.weight"),
+            ("head.modulation", "scale_shift_table"),
+            ("head.head.bias", "proj_out.bias"),
+            ("img_emb.proj.4.weight", "condition_embedder.image_embedder.norm2.weight"),
+            ("time_projection.1.weight", "condition_embedder.time_proj.weight"),
+            ("patch_embedding.weight", "patch_embedding.weight"),
+        ];
+        for (orig, want) in cases {
+            assert_eq!(remap_key(orig).as_deref(), Some(want), "{orig}");
+        }
+        assert_eq!(diffusers_key("blocks.0.attn2.norm_added_q.weight"), None);
+    }
+
+    #[test]
+    fn fused_projection_shares_storage_with_the_parameters() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let parts: Vec<Linear> =
+            (0..3).map(|i| Linear::new(&root / i, 4, 2, Kind::Float, &[])).collect();
+        for (i, p) in parts.iter().enumerate() {
+            let _guard = tch::no_grad_guard();
+            let _ = p.weight.shallow_clone().fill_(i as f64);
+            let _ = p.bias.as_ref().unwrap().shallow_clone().fill_(10.0 + i as f64);
+        }
+        let fused = Linear::fuse(&parts.iter().collect::<Vec<_>>());
+        let x = Tensor::ones([1, 4], (Kind::Float, Device::Cpu));
+        let y: Vec<f32> = fused.forward(&x).view([-1]).try_into().unwrap();
+        assert_eq!(y, vec![10.0, 10.0, 15.0, 15.0, 20.0, 20.0]);
+        assert_eq!(parts[1].weight.data_ptr(), fused.weight.narrow(0, 2, 2).data_ptr());
+        assert_eq!(vs.variables()["2.bias"].double_value(&[0]), 12.0);
+    }
+}

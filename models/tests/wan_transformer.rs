@@ -1,0 +1,119 @@
+//! Parity of x2v's Wan2.1 DiT with diffusers' `WanTransformer3DModel` on tiny random checkpoints
+//! (`tools/fixtures/wan_dit.py`), loaded from both the diffusers and the original layouts.
+
+mod common;
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+use x2v_models::wan::transformer::{DitError, WanTransformer3DModel};
+use x2v_models::weights::WeightsError;
+
+/// fp32 tolerance, relative to max(1, max|reference|).
+const FP32_TOL: f64 = 1e-4;
+/// bf16 tolerance on the relative L2 error against diffusers' own bf16 forward.
+const BF16_REL_L2: f64 = 1e-2;
+
+fn run(dir: &Path, io: &std::collections::HashMap<String, Tensor>, kind: Kind) -> Tensor {
+    let model = WanTransformer3DModel::load(dir, Device::Cpu, kind).unwrap();
+    model
+        .forward(
+            &io["hidden_states"],
+            &io["timestep"],
+            &io["encoder_hidden_states"],
+            io.get("encoder_hidden_states_image"),
+        )
+        .unwrap()
+        .to_kind(Kind::Float)
+}
+
+fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
+    let num = (got - want).square().sum(Kind::Double).sqrt().double_value(&[]);
+    num / want.square().sum(Kind::Double).sqrt().double_value(&[])
+}
+
+fn parity(name: &str) {
+    let fx = common::fixture("wan_dit");
+    let io = common::tensors(&fx.join(format!("{name}_io.safetensors")));
+    for layout in ["diffusers", "original"] {
+        let got = run(&fx.join(format!("{name}_{layout}")), &io, Kind::Float);
+        let (diff, scale) = common::max_abs_diff(&got, &io["output"]);
+        eprintln!("{name} {layout} fp32: max |diff| {diff:.3e} (reference scale {scale:.3e})");
+        common::assert_close(&format!("{name} {layout} fp32"), &got, &io["output"], FP32_TOL);
+    }
+    let got = run(&fx.join(format!("{name}_diffusers")), &io, Kind::BFloat16);
+    let err = rel_l2(&got, &io["output_bf16"]);
+    let err_fp32 = rel_l2(&io["output_bf16"], &io["output"]);
+    eprintln!(
+        "{name} bf16: rel-L2 vs diffusers bf16 {err:.3e} (diffusers bf16 vs fp32: {err_fp32:.3e})"
+    );
+    assert!(err <= BF16_REL_L2, "{name} bf16 rel-L2 {err:.3e} exceeds {BF16_REL_L2:e}");
+}
+
+#[test]
+fn t2v_matches_diffusers_from_both_layouts() {
+    parity("t2v");
+}
+
+#[test]
+fn i2v_matches_diffusers_from_both_layouts() {
+    parity("i2v");
+}
+
+#[test]
+fn incomplete_checkpoint_names_the_missing_key() {
+    let fx = common::fixture("wan_dit");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fx.join("t2v_diffusers/config.json"), dir.path().join("config.json")).unwrap();
+    let mut tensors =
+        common::tensors(&fx.join("t2v_diffusers/diffusion_pytorch_model.safetensors"));
+    drop(tensors.remove("blocks.1.attn2.norm_k.weight").unwrap());
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    Tensor::write_safetensors(&tensors, dir.path().join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    let err = WanTransformer3DModel::load(dir.path(), Device::Cpu, Kind::Float).unwrap_err();
+    assert!(
+        matches!(&err, DitError::Weights(WeightsError::MissingKey { key, .. }) if key == "blocks.1.attn2.norm_k.weight"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("blocks.1.attn2.norm_k.weight"), "{err}");
+
+    // A T2V config over I2V weights: the first unexpected key is named.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fx.join("t2v_original/config.json"), dir.path().join("config.json")).unwrap();
+    let mut tensors = common::tensors(&fx.join("t2v_original/diffusion_pytorch_model.safetensors"));
+    tensors.insert(
+        "blocks.0.cross_attn.k_img.weight".into(),
+        Tensor::zeros([64, 64], (Kind::Float, Device::Cpu)),
+    );
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    Tensor::write_safetensors(&tensors, dir.path().join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    let err = WanTransformer3DModel::load(dir.path(), Device::Cpu, Kind::Float).unwrap_err();
+    assert!(err.to_string().contains("unexpected key `blocks.0.attn2.add_k_proj.weight`"), "{err}");
+}
+
+#[test]
+fn bad_inputs_are_rejected_with_a_message() {
+    let fx = common::fixture("wan_dit");
+    let model =
+        WanTransformer3DModel::load(&fx.join("t2v_diffusers"), Device::Cpu, Kind::Float).unwrap();
+    let opts = (Kind::Float, Device::Cpu);
+    let ctx = Tensor::zeros([1, 512, 48], opts);
+    let t = Tensor::from_slice(&[500i64]);
+    let cases = [
+        (Tensor::zeros([1, 16, 3, 7, 8], opts), "height must be a positive multiple"),
+        (Tensor::zeros([1, 36, 3, 8, 8], opts), "latents must be [B, 16, F, H, W]"),
+        (Tensor::zeros([16, 3, 8, 8], opts), "latents must be"),
+    ];
+    for (x, want) in cases {
+        let err = model.forward(&x, &t, &ctx, None).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    let x = Tensor::zeros([1, 16, 3, 8, 8], opts);
+    let err = model.forward(&x, &t, &Tensor::zeros([1, 512, 40], opts), None).unwrap_err();
+    assert!(err.to_string().contains("context must be [B, L, 48]"), "{err}");
+    let img = Tensor::zeros([1, 257, 1280], opts);
+    let err = model.forward(&x, &t, &ctx, Some(&img)).unwrap_err();
+    assert!(err.to_string().contains("takes no image context"), "{err}");
+}
