@@ -6,4 +6,5 @@
 
 pub mod cuda_driver;
 pub mod device;
+pub mod wan;
 pub mod weights;

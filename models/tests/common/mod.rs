@@ -15,7 +15,10 @@ use tch::Tensor;
 static GENERATE: Mutex<()> = Mutex::new(());
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("crate sits in the workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("crate sits in the workspace root")
+        .to_owned()
 }
 
 fn python() -> PathBuf {
@@ -24,7 +27,10 @@ fn python() -> PathBuf {
     }
     let home = std::env::var_os("HOME").expect("HOME is set");
     let venv = Path::new(&home).join(".cache/x2v/venv/bin/python");
-    assert!(venv.exists(), "no Python for fixture generation: run `make setup` (or set X2V_PYTHON)");
+    assert!(
+        venv.exists(),
+        "no Python for fixture generation: run `make setup` (or set X2V_PYTHON)"
+    );
     venv
 }
 
@@ -46,7 +52,9 @@ pub fn fixture(name: &str) -> PathBuf {
     assert!(script.exists(), "no fixture generator {}", script.display());
     let key = content_hash(&[tools.join("common.py"), script.clone()]);
     let base = std::env::var_os("X2V_FIXTURE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"));
         target.join("x2v-fixtures")
     });
     let dir = base.join(format!("{name}-{key}"));
@@ -103,5 +111,8 @@ pub fn max_abs_diff(got: &Tensor, want: &Tensor) -> (f64, f64) {
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let (diff, scale) = max_abs_diff(got, want);
     let bound = tol * scale.max(1.0);
-    assert!(diff <= bound, "{what}: max |diff| {diff:.3e} exceeds {bound:.3e} (reference scale {scale:.3e})");
+    assert!(
+        diff <= bound,
+        "{what}: max |diff| {diff:.3e} exceeds {bound:.3e} (reference scale {scale:.3e})"
+    );
 }
