@@ -1,4 +1,6 @@
 //! Wan2.1 model components.
 
+pub mod text_encoder;
+pub mod tokenizer;
 pub mod vae;
 mod vae_blocks;
