@@ -129,3 +129,16 @@ fn wan21_preset_has_the_published_parameter_count() {
     let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     assert_eq!(total, 126_892_531);
 }
+
+#[test]
+fn i2v_condition_matches_diffusers_prepare_latents() {
+    let dir = common::fixture("wan_vae");
+    let io = common::tensors(&dir.join("io.safetensors"));
+    let vae = load(&dir.join("vae"));
+    let y = vae.i2v_condition(&io["i2v_image"], 9).unwrap();
+    assert_eq!(y.size(), vec![1, 20, 3, 4, 4]);
+    close("i2v_y", &y, &io["i2v_y"]);
+    assert!(y.narrow(1, 0, 4).equal(&io["i2v_y"].narrow(1, 0, 4)), "mask channels are exact");
+    let err = vae.i2v_condition(&io["i2v_image"], 8).unwrap_err();
+    assert!(err.to_string().contains("num_frames = 8"), "{err}");
+}

@@ -484,6 +484,47 @@ impl AutoencoderKLWan {
         Ok(Tensor::cat(&outs, 2).clamp_(-1.0, 1.0))
     }
 
+    /// The Wan I2V conditioning tensor `y` `[B, 4 + z_dim, T', H/8, W/8]` (diffusers
+    /// `WanImageToVideoPipeline.prepare_latents`, no last image): the first frame `image`
+    /// `[B, 3, H, W]` in `[-1, 1]` (already resized) followed by `num_frames − 1` zero frames is
+    /// VAE-encoded (mode) and normalised; in front go 4 mask channels, all ones in latent frame 0
+    /// and zeros after (the first pixel frame repeated ×4, then folded 4 frames per latent frame).
+    pub fn i2v_condition(&self, image: &Tensor, num_frames: i64) -> Result<Tensor, VaeError> {
+        let size = image.size();
+        let [b, c, h, w] = size[..] else {
+            return Err(VaeError::Input(format!("image must be [B, 3, H, W], got shape {size:?}")));
+        };
+        if c != self.cfg.in_channels {
+            return Err(VaeError::Input(format!(
+                "image must have {} channels, got shape {size:?}",
+                self.cfg.in_channels
+            )));
+        }
+        let tf = self.cfg.temporal_factor();
+        if num_frames < 1 || (num_frames - 1) % tf != 0 {
+            return Err(VaeError::Input(format!(
+                "num_frames = {num_frames}; I2V takes 1 + {tf}·k frames"
+            )));
+        }
+        let image = image.to_device(self.device()).to_kind(self.kind()).unsqueeze(2);
+        let video = Tensor::cat(
+            &[
+                image.shallow_clone(),
+                image.new_zeros([b, c, num_frames - 1, h, w], (image.kind(), image.device())),
+            ],
+            2,
+        );
+        let mu = self.encode(&video)?.to_kind(Kind::Float);
+        let inv_std = self.latents_std.to_device(mu.device()).reciprocal();
+        // diffusers multiplies by 1/std here.
+        let cond = (mu - self.latents_mean.to_device(inv_std.device())) * inv_std;
+        let s = cond.size();
+        let (t, lh, lw) = (s[2], s[3], s[4]);
+        let mask = Tensor::zeros([b, tf, t, lh, lw], (Kind::Float, cond.device()));
+        let _ = mask.narrow(2, 0, 1).fill_(1.0);
+        Ok(Tensor::cat(&[mask, cond], 1))
+    }
+
     /// `(mu − mean) / std` per channel: the latents the DiT sees.
     pub fn normalize_latents(&self, mu: &Tensor) -> Result<Tensor, VaeError> {
         self.check_5d(mu, "latents", self.cfg.z_dim)?;
