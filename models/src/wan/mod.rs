@@ -5,3 +5,4 @@ pub mod config;
 pub mod pipeline;
 pub mod rope;
 pub mod transformer;
+pub mod transformer_keys;
