@@ -238,7 +238,8 @@ pub struct WanTransformer3DModel {
     scale_shift_table: Tensor,
     proj_out: Linear,
     rope: RefCell<HashMap<[i64; 3], RopeTables>>,
-    _vs: nn::VarStore,
+    /// Owns the parameters (the fields above are handles into it).
+    vs: nn::VarStore,
 }
 
 /// RoPE tables kept per token grid; a server sees few distinct resolutions.
@@ -269,17 +270,17 @@ impl WanTransformer3DModel {
             .validate()
             .map_err(|message| DitError::Config { path: ckpt.description().into(), message })?;
         let vs = nn::VarStore::new(device);
-        let mut model = Self::build(&vs.root(), config, kind);
-        load_into(&vs, ckpt, &LoadOptions::strict())?;
+        let mut model = Self::build(vs, config, kind);
+        load_into(&model.vs, ckpt, &LoadOptions::strict())?;
         for block in &mut model.blocks {
             block.attn1.fuse(true);
             block.attn2.fuse(false);
         }
-        model._vs = vs;
         Ok(model)
     }
 
-    fn build(root: &nn::Path, config: Config, kind: Kind) -> Self {
+    fn build(vs: nn::VarStore, config: Config, kind: Kind) -> Self {
+        let root = &vs.root();
         let cfg = &config;
         let dim = cfg.dim();
         let [pt, ph, pw] = cfg.patch_size;
@@ -318,8 +319,8 @@ impl WanTransformer3DModel {
                 &[],
             ),
             rope: RefCell::new(HashMap::new()),
-            _vs: nn::VarStore::new(Device::Cpu),
             config,
+            vs,
         }
     }
 
