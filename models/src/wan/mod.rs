@@ -8,5 +8,6 @@ pub mod rope;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod transformer;
+pub mod transformer_keys;
 pub mod vae;
 mod vae_blocks;

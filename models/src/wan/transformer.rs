@@ -2,7 +2,8 @@
 //!
 //! Paper: "Wan: Open and Advanced Large-Scale Video Generative Models" (Wan Team, 2025).
 //! Reference: diffusers `models/transformers/transformer_wan.py` (`WanTransformer3DModel`); var-store
-//! paths equal its state-dict keys. The original release's keys are remapped by [`remap_key`].
+//! paths equal its state-dict keys. The original release's keys are remapped by [`remap_key`]
+//! (`transformer_keys.rs`).
 //!
 //! Boundary: latent `[B, C_in, F, H, W]` (C_in 16, or 36 for I2V), timestep `[B]`, text context
 //! `[B, 512, text_dim]`, I2V image context `[B, 257, image_dim]` → velocity `[B, 16, F, H, W]`
@@ -16,6 +17,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::config::{Config, Layout};
 use super::rope::RopeTables;
+pub use super::transformer_keys::{diffusers_key, remap_key};
 use crate::nn::{FeedForward, Gelu, LayerNorm, Linear, RmsNorm, layer_norm_no_affine, param};
 use crate::nn::{sdpa, timestep_sinusoid};
 use crate::weights::{Checkpoint, LoadOptions, WeightsError, load_into};
@@ -23,73 +25,6 @@ use crate::weights::{Checkpoint, LoadOptions, WeightsError, load_into};
 /// Parameters that stay fp32 in a bf16/fp16 model (diffusers' `_keep_in_fp32_modules`).
 pub const KEEP_F32: &[&str] =
     &["condition_embedder.time_embedder.", "scale_shift_table", "norm1.", "norm2.", "norm3."];
-
-/// Original Wan key prefixes → diffusers, outside the blocks.
-const ORIGINAL_TOP_KEYS: &[(&str, &str)] = &[
-    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
-    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
-    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
-    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
-    ("time_projection.1.", "condition_embedder.time_proj."),
-    ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
-    ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
-    ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
-    ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
-    ("head.modulation", "scale_shift_table"),
-    ("head.head.", "proj_out."),
-];
-
-/// Original Wan key prefixes → diffusers, inside `blocks.N.`.
-const ORIGINAL_BLOCK_KEYS: &[(&str, &str)] = &[
-    ("modulation", "scale_shift_table"),
-    ("self_attn.q.", "attn1.to_q."),
-    ("self_attn.k.", "attn1.to_k."),
-    ("self_attn.v.", "attn1.to_v."),
-    ("self_attn.o.", "attn1.to_out.0."),
-    ("self_attn.norm_q.", "attn1.norm_q."),
-    ("self_attn.norm_k.", "attn1.norm_k."),
-    ("cross_attn.q.", "attn2.to_q."),
-    ("cross_attn.k.", "attn2.to_k."),
-    ("cross_attn.v.", "attn2.to_v."),
-    ("cross_attn.o.", "attn2.to_out.0."),
-    ("cross_attn.norm_q.", "attn2.norm_q."),
-    ("cross_attn.norm_k.", "attn2.norm_k."),
-    ("cross_attn.k_img.", "attn2.add_k_proj."),
-    ("cross_attn.v_img.", "attn2.add_v_proj."),
-    ("cross_attn.norm_k_img.", "attn2.norm_added_k."),
-    ("norm3.", "norm2."),
-    ("ffn.0.", "ffn.net.0.proj."),
-    ("ffn.2.", "ffn.net.2."),
-];
-
-/// Some single-file checkpoints carry this prefix on every key.
-const WRAPPER_PREFIX: &str = "model.diffusion_model.";
-
-/// Maps an original-release key to its diffusers name; unknown keys pass through unchanged (a
-/// strict load then reports them).
-pub fn remap_key(key: &str) -> Option<String> {
-    let key = key.strip_prefix(WRAPPER_PREFIX).unwrap_or(key);
-    if let Some((idx, tail)) = key.strip_prefix("blocks.").and_then(|r| r.split_once('.')) {
-        for (from, to) in ORIGINAL_BLOCK_KEYS {
-            if let Some(rest) = tail.strip_prefix(from) {
-                return Some(format!("blocks.{idx}.{to}{rest}"));
-            }
-        }
-        return Some(key.to_owned());
-    }
-    for (from, to) in ORIGINAL_TOP_KEYS {
-        if let Some(rest) = key.strip_prefix(from) {
-            return Some(format!("{to}{rest}"));
-        }
-    }
-    Some(key.to_owned())
-}
-
-/// diffusers-layout keys: strips the wrapper prefix and drops `norm_added_q` (unused, as in diffusers).
-pub fn diffusers_key(key: &str) -> Option<String> {
-    let key = key.strip_prefix(WRAPPER_PREFIX).unwrap_or(key);
-    (!key.contains(".norm_added_q.")).then(|| key.to_owned())
-}
 
 /// Why a DiT could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -303,7 +238,8 @@ pub struct WanTransformer3DModel {
     scale_shift_table: Tensor,
     proj_out: Linear,
     rope: RefCell<HashMap<[i64; 3], RopeTables>>,
-    _vs: nn::VarStore,
+    /// Owns the parameters (the fields above are handles into it).
+    vs: nn::VarStore,
 }
 
 /// RoPE tables kept per token grid; a server sees few distinct resolutions.
@@ -334,17 +270,17 @@ impl WanTransformer3DModel {
             .validate()
             .map_err(|message| DitError::Config { path: ckpt.description().into(), message })?;
         let vs = nn::VarStore::new(device);
-        let mut model = Self::build(&vs.root(), config, kind);
-        load_into(&vs, ckpt, &LoadOptions::strict())?;
+        let mut model = Self::build(vs, config, kind);
+        load_into(&model.vs, ckpt, &LoadOptions::strict())?;
         for block in &mut model.blocks {
             block.attn1.fuse(true);
             block.attn2.fuse(false);
         }
-        model._vs = vs;
         Ok(model)
     }
 
-    fn build(root: &nn::Path, config: Config, kind: Kind) -> Self {
+    fn build(vs: nn::VarStore, config: Config, kind: Kind) -> Self {
+        let root = &vs.root();
         let cfg = &config;
         let dim = cfg.dim();
         let [pt, ph, pw] = cfg.patch_size;
@@ -383,8 +319,8 @@ impl WanTransformer3DModel {
                 &[],
             ),
             rope: RefCell::new(HashMap::new()),
-            _vs: nn::VarStore::new(Device::Cpu),
             config,
+            vs,
         }
     }
 
@@ -552,26 +488,6 @@ impl WanTransformer3DModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn original_keys_map_to_diffusers_names() {
-        let cases = [
-            ("model.diffusion_model.blocks.3.self_attn.o.weight", "blocks.3.attn1.to_out.0.weight"),
-            ("blocks.0.cross_attn.norm_k_img.weight", "blocks.0.attn2.norm_added_k.weight"),
-            ("blocks.12.norm3.bias", "blocks.12.norm2.bias"),
-            ("blocks.1.modulation", "blocks.1.scale_shift_table"),
-            ("blocks.1.ffn.0.weight", "blocks.1.ffn.net.0.proj.weight"),
-            ("head.modulation", "scale_shift_table"),
-            ("head.head.bias", "proj_out.bias"),
-            ("img_emb.proj.4.weight", "condition_embedder.image_embedder.norm2.weight"),
-            ("time_projection.1.weight", "condition_embedder.time_proj.weight"),
-            ("patch_embedding.weight", "patch_embedding.weight"),
-        ];
-        for (orig, want) in cases {
-            assert_eq!(remap_key(orig).as_deref(), Some(want), "{orig}");
-        }
-        assert_eq!(diffusers_key("blocks.0.attn2.norm_added_q.weight"), None);
-    }
 
     #[test]
     fn fused_projection_shares_storage_with_the_parameters() {
