@@ -20,6 +20,9 @@ use crate::manifest::{OutTensor, TensorMeta};
 use crate::pool::{ALIGN, Lease};
 use crate::wire::{Frame, MAX_CHUNK, read_frame, write_frame};
 
+/// Payloads with at most this many bytes to hash are hashed on the receiving thread.
+const INLINE_HASH_MAX: u64 = 8 << 20;
+
 /// Granularity at which received bytes are handed to the hashing thread.
 const HASH_PIECE: usize = 512 << 10;
 
@@ -168,17 +171,23 @@ fn recv_chunks(
 ) -> Result<Vec<Option<[u8; 32]>>> {
     let mut rest: Vec<&mut [u8]> = lease.parts_mut();
     let mut filled = vec![0u64; metas.len()];
-    let wanted: Vec<bool> = metas.iter().map(|m| m.sha256.is_some()).collect();
+    let hashed: u64 = metas.iter().filter(|m| m.sha256.is_some()).map(|m| m.byte_len).sum();
+    let new_hashers = || metas.iter().map(|m| m.sha256.map(|_| Sha256::new())).collect::<Vec<_>>();
+    // Small payloads hash inline: a thread hand-off costs more than it overlaps (and much more on a
+    // loaded host, where every wake-up waits for a time slice).
+    let mut inline = (hashed <= INLINE_HASH_MAX).then(new_hashers);
     std::thread::scope(|s| {
         let (tx, rx) = mpsc::sync_channel::<(usize, &[u8])>(64);
-        let hasher = s.spawn(move || {
-            let mut h: Vec<Option<Sha256>> = wanted.iter().map(|&w| w.then(Sha256::new)).collect();
-            for (i, bytes) in rx {
-                if let Some(h) = h[i].as_mut() {
-                    h.update(bytes);
+        let hasher = inline.is_none().then(|| {
+            let mut h = new_hashers();
+            s.spawn(move || {
+                for (i, bytes) in rx {
+                    if let Some(h) = h[i].as_mut() {
+                        h.update(bytes);
+                    }
                 }
-            }
-            h.into_iter().map(|h| h.map(|h| h.finalize().into())).collect::<Vec<_>>()
+                h
+            })
         });
         loop {
             let (tensor, offset, len, crc) =
@@ -225,7 +234,11 @@ fn recv_chunks(
                 if crc.is_some() {
                     chunk_crc.update(piece);
                 }
-                if meta.sha256.is_some() {
+                if let Some(h) = inline.as_mut() {
+                    if let Some(h) = h[tensor].as_mut() {
+                        h.update(&*piece);
+                    }
+                } else if meta.sha256.is_some() {
                     tx.send((tensor, piece)).map_err(|_| {
                         TransferError::protocol(&ctx.peer, "hashing thread stopped")
                     })?;
@@ -248,6 +261,10 @@ fn recv_chunks(
             )));
         }
         drop(tx);
-        Ok(hasher.join().expect("hashing thread panicked"))
+        let hashers = match hasher {
+            Some(h) => h.join().expect("hashing thread panicked"),
+            None => inline.take().unwrap_or_default(),
+        };
+        Ok(hashers.into_iter().map(|h| h.map(|h| h.finalize().into())).collect())
     })
 }
