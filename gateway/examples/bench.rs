@@ -126,6 +126,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         hyper::Request::get(&poll_uri).body(Full::default()).expect("request")
     })
     .await;
+    let health_uri = format!("http://{addr}/healthz");
+    let health = load(&client, seconds, connections, move |_| {
+        hyper::Request::get(&health_uri).body(Full::default()).expect("request")
+    })
+    .await;
     shutdown.cancel();
     let _ = server.await;
 
@@ -175,6 +180,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, r, ceiling) in [
         ("create (POST /v1/videos)", &creates, redis_create),
         ("status poll (GET /v1/videos/{id})", &polls, redis_poll),
+        ("HTTP floor (GET /healthz, no Redis)", &health, "-".to_owned()),
     ] {
         println!(
             "| {name} | {:.0} | {:.2} | {:.2} | {} | {ceiling} |",
