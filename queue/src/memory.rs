@@ -194,24 +194,7 @@ impl Queue for MemoryQueue {
             }
             return Ok(Created { record: e.rec.clone(), created: false });
         }
-        let rec = JobRecord {
-            id: job.id,
-            resource: job.spec.task.resource(),
-            spec: job.spec,
-            status: JobStatus::Queued,
-            stage: Some(Stage::Encoder),
-            progress: 0,
-            step: 0,
-            total_steps: 0,
-            created_at_ms: job.id.timestamp_ms(),
-            finished_at_ms: None,
-            error: None,
-            outputs: Vec::new(),
-            ranks: job.ranks,
-            trace: job.trace,
-            attempts: 0,
-            cancel_requested: false,
-        };
+        let rec = job.queued_record();
         for s in Stage::ALL {
             if let Some(r) = rec.ranks.get(s) {
                 *st.load.entry((s, r)).or_default() += 1;

@@ -23,6 +23,31 @@ pub struct NewJob {
     pub idempotency: Option<Idempotency>,
 }
 
+impl NewJob {
+    /// The record of this job as just admitted: queued for the encoder stage, nothing run yet.
+    /// Both backends store exactly this (the Redis `create.lua` writes the same fields).
+    pub fn queued_record(&self) -> JobRecord {
+        JobRecord {
+            id: self.id,
+            resource: self.spec.task.resource(),
+            spec: self.spec.clone(),
+            status: crate::record::JobStatus::Queued,
+            stage: Some(Stage::Encoder),
+            progress: 0,
+            step: 0,
+            total_steps: 0,
+            created_at_ms: self.id.timestamp_ms(),
+            finished_at_ms: None,
+            error: None,
+            outputs: Vec::new(),
+            ranks: self.ranks,
+            trace: self.trace.clone(),
+            attempts: 0,
+            cancel_requested: false,
+        }
+    }
+}
+
 /// A client's idempotency key (already scoped to its API key) and a digest of the request body, so
 /// the same key with a different request is refused instead of silently answered with the old job.
 #[derive(Debug, Clone, PartialEq, Eq)]

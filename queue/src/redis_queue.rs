@@ -141,7 +141,7 @@ impl Queue for RedisQueue {
             reply.first().map(redis::from_redis_value_ref).transpose()?.unwrap_or_default();
         match tag.as_str() {
             "created" => {
-                let record = crate::redis_record::fresh(&job);
+                let record = job.queued_record();
                 Ok(Created { record, created: true })
             }
             "existing" => Ok(Created {

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use redis::Value;
 
 use crate::error::QueueError;
-use crate::queue::NewJob;
 use crate::record::{JobError, JobRecord, JobStatus, OutputRef};
 use crate::spec::{Ranks, Stage};
 
@@ -18,28 +17,6 @@ pub fn values_to_map(items: &[Value]) -> Result<HashMap<String, String>, QueueEr
         }
     }
     Ok(map)
-}
-
-/// The record a just-created job has (what `create.lua` stored).
-pub fn fresh(job: &NewJob) -> JobRecord {
-    JobRecord {
-        id: job.id,
-        resource: job.spec.task.resource(),
-        spec: job.spec.clone(),
-        status: JobStatus::Queued,
-        stage: Some(Stage::Encoder),
-        progress: 0,
-        step: 0,
-        total_steps: 0,
-        created_at_ms: job.id.timestamp_ms(),
-        finished_at_ms: None,
-        error: None,
-        outputs: Vec::new(),
-        ranks: job.ranks,
-        trace: job.trace.clone(),
-        attempts: 0,
-        cancel_requested: false,
-    }
 }
 
 pub fn record_from_hash(mut h: HashMap<String, String>) -> Result<JobRecord, QueueError> {

@@ -1,8 +1,8 @@
 """End-to-end fixtures: a real redis-server (AOF) on a free port, the x2v-gateway binary on port 0
 and the test worker (the x2v-queue `test_worker` example) completing jobs through the worker API.
 
-Run: /root/.cache/x2v/venv/bin/python -m pytest gateway/tests/py -q
-(builds the binaries first with cargo; CARGO_TARGET_DIR defaults to /root/.cache/x2v/target).
+Run: ~/.cache/x2v/venv/bin/python -m pytest gateway/tests/py -q
+(builds the binaries first with cargo; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
 """
 
 import os
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-TARGET = Path(os.environ.get("CARGO_TARGET_DIR", "/root/.cache/x2v/target"))
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
 API_KEY = "sk-x2v-test"
 
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p x2v-transfer --bin x2v-transfer-bench -- [--sizes 1M,64M,1G] [--runs 5]
-//!     [--python /root/.cache/x2v/venv/bin/python] [--mooncake tools/bench_mooncake.py] [--no-mooncake]
+//!     [--python ~/.cache/x2v/venv/bin/python] [--mooncake tools/bench_mooncake.py] [--no-mooncake]
 //!     [--only <substring of a row name>]
 //! ```
 //! Every cell is `best / median` GB/s (1 GB = 1e9 bytes) over `--runs` timed runs after one warm-up.
@@ -45,8 +45,9 @@ fn args() -> anyhow::Result<Args> {
     let mut a = Args {
         sizes: vec![1 << 20, 64 << 20, 1 << 30],
         runs: 5,
-        python: std::env::var("X2V_PYTHON")
-            .unwrap_or_else(|_| "/root/.cache/x2v/venv/bin/python".into()),
+        python: std::env::var("X2V_PYTHON").unwrap_or_else(|_| {
+            format!("{}/.cache/x2v/venv/bin/python", std::env::var("HOME").unwrap_or_default())
+        }),
         mooncake: Some(root.into()),
         only: None,
     };
