@@ -33,12 +33,18 @@ fn x2v(args: &[String]) -> Output {
 
 /// A valid T2V command line for the fixture, with `--out` set to `out`.
 fn t2v_args(out: &str) -> (Vec<String>, Settings) {
+    task_args("t2v", out)
+}
+
+/// A valid command line for the fixture's `task` (`t2v` or `i2v`), with `--out` set to `out`.
+fn task_args(task: &str, out: &str) -> (Vec<String>, Settings) {
     let fx = common::fixture("wan_pipeline");
     let s: Settings =
-        serde_json::from_str(&std::fs::read_to_string(fx.join("t2v.json")).unwrap()).unwrap();
-    let args = [
-        ("--model-dir", fx.join("t2v").display().to_string()),
-        ("--task", "t2v".into()),
+        serde_json::from_str(&std::fs::read_to_string(fx.join(format!("{task}.json"))).unwrap())
+            .unwrap();
+    let mut args = vec![
+        ("--model-dir", fx.join(task).display().to_string()),
+        ("--task", task.into()),
         ("--prompt", s.prompt.clone()),
         ("--negative-prompt", s.negative_prompt.clone()),
         ("--size", format!("{}x{}", s.width, s.height)),
@@ -49,6 +55,9 @@ fn t2v_args(out: &str) -> (Vec<String>, Settings) {
         ("--seed", s.seed.to_string()),
         ("--out", out.into()),
     ];
+    if task == "i2v" {
+        args.push(("--image", fx.join("image.png").display().to_string()));
+    }
     (args.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect(), s)
 }
 
@@ -63,23 +72,36 @@ fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
 
 #[test]
 fn t2v_npy_matches_wan_pipeline_frames() {
+    npy_matches_reference("t2v");
+}
+
+/// The first frame is read from `image.png` with the `image` crate.
+#[test]
+fn i2v_npy_matches_wan_image_to_video_pipeline_frames() {
+    npy_matches_reference("i2v");
+}
+
+fn npy_matches_reference(task: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("video.npy");
-    let (args, s) = t2v_args(out.to_str().unwrap());
+    let (args, s) = task_args(task, out.to_str().unwrap());
     let o = x2v(&args);
     assert!(o.status.success(), "x2v generate failed: {}", String::from_utf8_lossy(&o.stderr));
     let got = Tensor::read_npy(&out).unwrap();
     assert_eq!(got.kind(), Kind::Uint8);
     assert_eq!(got.size(), [s.frames, s.height, s.width, 3]);
-    let want =
-        &common::tensors(&common::fixture("wan_pipeline").join("t2v.safetensors"))["frames_u8"];
+    let fx = common::fixture("wan_pipeline");
+    let want = &common::tensors(&fx.join(format!("{task}.safetensors")))["frames_u8"];
     let diff = (got.to_kind(Kind::Int64) - want.to_kind(Kind::Int64)).abs();
     let max = diff.max().int64_value(&[]);
     let within = diff.le(MAX_LEVELS).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-    eprintln!("x2v generate: max |diff| {max} levels, {:.4}% within {MAX_LEVELS}", within * 100.0);
+    eprintln!(
+        "x2v generate {task}: max |diff| {max} levels, {:.4}% within {MAX_LEVELS}",
+        within * 100.0
+    );
     assert!(
         within >= MIN_MATCH,
-        "only {:.4}% of values within {MAX_LEVELS} level(s) of diffusers (need {:.1}%), max {max}",
+        "{task}: only {:.4}% of values within {MAX_LEVELS} level(s) of the reference (need {:.1}%), max {max}",
         within * 100.0,
         MIN_MATCH * 100.0
     );
@@ -97,6 +119,7 @@ fn bad_arguments_are_named() {
         (with(args.clone(), "--out", "v.mp4"), &["v.mp4", "only .npy"]),
         (with(args.clone(), "--task", "x2v"), &["unknown task `x2v`"]),
         (with(args.clone(), "--task", "i2v"), &["--task i2v needs --image"]),
+        (with(args.clone(), "--image", "first.png"), &["--image first.png", "--task i2v"]),
         (with(args.clone(), "--model-dir", "/nonexistent/wan"), &["/nonexistent/wan"]),
         (
             with(with(args.clone(), "--task", "i2v"), "--image", "/nonexistent/first.png"),
