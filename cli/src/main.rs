@@ -1,9 +1,11 @@
 //! `x2v`: the command line of the x2v video/image generation service.
 //!
-//! `x2v doctor` checks this host (libtorch, devices, Redis, ffmpeg). `x2v up` will start the whole
+//! `x2v doctor` checks this host (libtorch, devices, Redis, ffmpeg). `x2v generate` makes one
+//! video in-process. `x2v up` will start the whole
 //! system once the stage services exist; until then it says what is missing and fails.
 
 mod doctor;
+mod generate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +23,8 @@ struct Cli {
 enum Command {
     /// Check this host: libtorch, CPU/CUDA devices, cuDNN, Redis, ffmpeg, binary compatibility.
     Doctor(doctor::Args),
+    /// Generate one Wan2.1 video in this process (encoder, DiT and decoder stages) into a .npy file.
+    Generate(generate::Args),
     /// Start the gateway and all three stages in one process (not built yet).
     Up {
         /// Model directory to serve (Wan2.1, original or diffusers layout).
@@ -32,6 +36,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Doctor(args) => doctor::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Up { .. } => {
             eprintln!(
                 "x2v up: not available yet. The gateway, the transfer library and the encoder, DiT and \

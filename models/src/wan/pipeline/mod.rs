@@ -1,15 +1,23 @@
-//! The Wan2.1 DiT stage: the payload it receives from the encoder stage (Phase1), the one it
-//! hands to the decoder stage (Phase2), and the denoising loop ([`denoise()`]).
+//! The Wan2.1 stage pipeline: the encoder stage ([`WanEncoder`]), the payload it sends the DiT
+//! stage (Phase1), the denoising loop ([`denoise()`]) with the DiT loader ([`load_transformer`]),
+//! the payload the DiT stage hands the decoder stage (Phase2), and the decoder stage
+//! ([`WanDecoder`]). Model directories are located by [`ModelDir`] in either published layout.
 
+pub mod decode;
 pub mod denoise;
+pub mod encode;
+pub mod model_dir;
 
 use std::collections::HashMap;
 
 use tch::Tensor;
 
+pub use decode::{DecodeError, WanDecoder};
 pub use denoise::{
     DenoiseError, DenoiseSettings, Progress, SchedulerChoice, denoise, initial_noise,
 };
+pub use encode::{EncodeError, Task, WanEncoder};
+pub use model_dir::{Layout, LoadDitError, ModelDir, ModelDirError, load_transformer};
 
 /// Latent channels of the Wan2.1 VAE.
 pub const LATENT_CHANNELS: i64 = 16;

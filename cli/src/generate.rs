@@ -1,0 +1,220 @@
+//! `x2v generate`: one Wan2.1 video in this process — encoder, DiT and decoder stages in turn —
+//! written as `uint8 [F, H, W, 3]` to a `.npy` file.
+//!
+//! Every argument is validated before any model is loaded; errors name the value at fault.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tch::{Device, Kind, Tensor};
+use x2v_models::schedulers::UniPcConfig;
+use x2v_models::wan::pipeline::{
+    DenoiseSettings, Geometry, ModelDir, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
+    load_transformer,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Wan2.1 model directory (diffusers or original layout).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// `t2v` (text to video) or `i2v` (first frame + text to video).
+    #[arg(long, default_value = "t2v", value_parser = parse_task)]
+    task: Task,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Negative prompt (used when guidance > 1).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// First frame for i2v (png, jpeg or webp).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Video size `WxH`, both multiples of 16.
+    #[arg(long, default_value = "832x480")]
+    size: String,
+    /// Frames, `4k+1`.
+    #[arg(long, default_value_t = 81)]
+    frames: i64,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale (off at ≤ 1).
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    /// Flow shift of the UniPC sampler; default: the model's `scheduler/scheduler_config.json`,
+    /// else 3.0 up to 480p and 5.0 above.
+    #[arg(long)]
+    shift: Option<f64>,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output file; only `.npy` (`uint8 [F, H, W, 3]`) is supported.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_task(s: &str) -> Result<Task, String> {
+    s.parse()
+}
+
+/// `WxH` → (width, height).
+fn parse_size(s: &str) -> Result<(i64, i64)> {
+    let bad = || anyhow::anyhow!("--size must be WxH (e.g. 832x480), got `{s}`");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    Ok((w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?))
+}
+
+/// Everything checked, nothing loaded yet.
+struct Job {
+    geometry: Geometry,
+    shift: f64,
+    image: Option<Tensor>,
+}
+
+fn validate(a: &Args) -> Result<Job> {
+    let (width, height) = parse_size(&a.size)?;
+    for (name, v) in [("width", width), ("height", height)] {
+        if v < 16 || v % 16 != 0 {
+            bail!("--size {}: {name} {v} is not a positive multiple of 16", a.size);
+        }
+    }
+    if a.frames < 1 || (a.frames - 1) % 4 != 0 {
+        bail!("--frames {}: the frame count must be 4k+1 (1, 5, 9, …, 81)", a.frames);
+    }
+    let geometry = Geometry { frames: a.frames, height, width };
+    geometry.validate().map_err(anyhow::Error::msg)?;
+    if a.steps == 0 {
+        bail!("--steps must be at least 1, got 0");
+    }
+    if !a.guidance.is_finite() {
+        bail!("--guidance must be a finite number, got {}", a.guidance);
+    }
+    let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    if !ext.eq_ignore_ascii_case("npy") {
+        bail!(
+            "--out {}: only .npy output is supported until media encoding exists",
+            a.out.display()
+        );
+    }
+    let image = match (a.task, &a.image) {
+        (Task::I2v, None) => bail!("--task i2v needs --image FILE (the first frame)"),
+        (Task::T2v, Some(p)) => {
+            bail!("--image {} is only used with --task i2v", p.display())
+        }
+        (Task::I2v, Some(p)) => Some(read_image(p)?),
+        (Task::T2v, None) => None,
+    };
+    let dir = ModelDir::open(&a.model_dir).with_context(|| "--model-dir".to_string())?;
+    let shift = match a.shift {
+        Some(s) if s.is_finite() && s > 0.0 => s,
+        Some(s) => bail!("--shift must be a positive number, got {s}"),
+        None => configured_shift(dir.root()).unwrap_or(if height * width <= 480 * 832 {
+            3.0
+        } else {
+            5.0
+        }),
+    };
+    Ok(Job { geometry, shift, image })
+}
+
+/// `flow_shift` of a diffusers `scheduler/scheduler_config.json`, if any.
+fn configured_shift(root: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(root.join("scheduler/scheduler_config.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("flow_shift")?.as_f64()
+}
+
+/// An image file as RGB `uint8 [H, W, 3]`.
+fn read_image(path: &Path) -> Result<Tensor> {
+    let img = image::open(path)
+        .with_context(|| format!("--image {}: cannot read the image", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    Ok(Tensor::from_slice(img.as_raw()).view([i64::from(h), i64::from(w), 3]))
+}
+
+/// Writes a `uint8` tensor as a NumPy `.npy` file (format 1.0, C order).
+pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
+    if t.kind() != Kind::Uint8 {
+        bail!("write_npy takes uint8 tensors, got {:?}", t.kind());
+    }
+    let shape: Vec<String> = t.size().iter().map(i64::to_string).collect();
+    let shape = if shape.len() == 1 { format!("{},", shape[0]) } else { shape.join(", ") };
+    let mut header = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({shape}), }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let data: Vec<u8> = Vec::try_from(&t.contiguous().view([-1]))?;
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
+    f.write_all(b"\x93NUMPY\x01\x00")?;
+    f.write_all(&u16::try_from(header.len())?.to_le_bytes())?;
+    f.write_all(header.as_bytes())?;
+    f.write_all(&data)?;
+    f.flush()?;
+    Ok(())
+}
+
+fn generate(a: &Args, job: Job) -> Result<()> {
+    let device = Device::cuda_if_available();
+    // CPU runs fp32; on CUDA the encoders and the DiT run in bf16, the VAE decoder in fp32.
+    let (dtype, dit_kind) = match device {
+        Device::Cpu => (None, Kind::Float),
+        _ => (Some(Kind::BFloat16), Kind::BFloat16),
+    };
+    eprintln!("x2v generate: {:?} on {device:?}", job.geometry);
+    let phase1 = {
+        let encoder = WanEncoder::load(&a.model_dir, a.task, device, dtype)?;
+        encoder.encode(
+            &a.prompt,
+            Some(&a.negative_prompt),
+            job.image.as_ref(),
+            job.geometry,
+            a.guidance,
+        )?
+    };
+    let phase2 = {
+        let dit = load_transformer(&a.model_dir, device, dit_kind)?;
+        let settings = DenoiseSettings {
+            steps: a.steps,
+            guidance_scale: a.guidance,
+            seed: a.seed,
+            scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(job.shift)),
+            batch_cfg: true,
+        };
+        let bar = ProgressBar::with_draw_target(Some(a.steps as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("denoise {bar:30} {pos}/{len} steps [{elapsed}<{eta}]")
+                .expect("a valid template"),
+        );
+        let out = denoise(&dit, &phase1, &settings, |_| bar.inc(1), || false);
+        bar.finish();
+        out?
+    };
+    let frames = WanDecoder::load(&a.model_dir, device, None)?.decode(&phase2)?;
+    write_npy(&a.out, &frames)?;
+    eprintln!("x2v generate: wrote {:?} uint8 frames to {}", frames.size(), a.out.display());
+    Ok(())
+}
+
+pub fn run(a: &Args) -> ExitCode {
+    let job = match validate(a) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("x2v generate: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match generate(a, job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("x2v generate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

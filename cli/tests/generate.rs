@@ -1,0 +1,138 @@
+//! `x2v generate` end to end: the real binary on the tiny Wan2.1 T2V model directory of
+//! `tools/fixtures/wan_pipeline.py`, compared with the frames diffusers' `WanPipeline` produced;
+//! plus the argument checks.
+
+#[path = "../../models/tests/common/mod.rs"]
+mod common;
+
+use std::process::{Command, Output};
+
+use tch::{Kind, Tensor};
+
+/// Frames may differ from the reference by at most this many uint8 levels …
+const MAX_LEVELS: i64 = 1;
+/// … in at least this fraction of the values.
+const MIN_MATCH: f64 = 0.999;
+
+#[derive(serde::Deserialize)]
+struct Settings {
+    prompt: String,
+    negative_prompt: String,
+    frames: i64,
+    height: i64,
+    width: i64,
+    steps: usize,
+    guidance_scale: f64,
+    seed: u64,
+    shift: f64,
+}
+
+fn x2v(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_x2v")).arg("generate").args(args).output().expect("x2v runs")
+}
+
+/// A valid T2V command line for the fixture, with `--out` set to `out`.
+fn t2v_args(out: &str) -> (Vec<String>, Settings) {
+    task_args("t2v", out)
+}
+
+/// A valid command line for the fixture's `task` (`t2v` or `i2v`), with `--out` set to `out`.
+fn task_args(task: &str, out: &str) -> (Vec<String>, Settings) {
+    let fx = common::fixture("wan_pipeline");
+    let s: Settings =
+        serde_json::from_str(&std::fs::read_to_string(fx.join(format!("{task}.json"))).unwrap())
+            .unwrap();
+    let mut args = vec![
+        ("--model-dir", fx.join(task).display().to_string()),
+        ("--task", task.into()),
+        ("--prompt", s.prompt.clone()),
+        ("--negative-prompt", s.negative_prompt.clone()),
+        ("--size", format!("{}x{}", s.width, s.height)),
+        ("--frames", s.frames.to_string()),
+        ("--steps", s.steps.to_string()),
+        ("--guidance", s.guidance_scale.to_string()),
+        ("--shift", s.shift.to_string()),
+        ("--seed", s.seed.to_string()),
+        ("--out", out.into()),
+    ];
+    if task == "i2v" {
+        args.push(("--image", fx.join("image.png").display().to_string()));
+    }
+    (args.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect(), s)
+}
+
+/// Replaces the value of `flag` (or appends the pair).
+fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.into(),
+        None => args.extend([flag.to_string(), value.to_string()]),
+    }
+    args
+}
+
+#[test]
+fn t2v_npy_matches_wan_pipeline_frames() {
+    npy_matches_reference("t2v");
+}
+
+/// The first frame is read from `image.png` with the `image` crate.
+#[test]
+fn i2v_npy_matches_wan_image_to_video_pipeline_frames() {
+    npy_matches_reference("i2v");
+}
+
+fn npy_matches_reference(task: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("video.npy");
+    let (args, s) = task_args(task, out.to_str().unwrap());
+    let o = x2v(&args);
+    assert!(o.status.success(), "x2v generate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let got = Tensor::read_npy(&out).unwrap();
+    assert_eq!(got.kind(), Kind::Uint8);
+    assert_eq!(got.size(), [s.frames, s.height, s.width, 3]);
+    let fx = common::fixture("wan_pipeline");
+    let want = &common::tensors(&fx.join(format!("{task}.safetensors")))["frames_u8"];
+    let diff = (got.to_kind(Kind::Int64) - want.to_kind(Kind::Int64)).abs();
+    let max = diff.max().int64_value(&[]);
+    let within = diff.le(MAX_LEVELS).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    eprintln!(
+        "x2v generate {task}: max |diff| {max} levels, {:.4}% within {MAX_LEVELS}",
+        within * 100.0
+    );
+    assert!(
+        within >= MIN_MATCH,
+        "{task}: only {:.4}% of values within {MAX_LEVELS} level(s) of the reference (need {:.1}%), max {max}",
+        within * 100.0,
+        MIN_MATCH * 100.0
+    );
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("v.npy");
+    let (args, _) = t2v_args(out.to_str().unwrap());
+    let cases: Vec<(Vec<String>, &[&str])> = vec![
+        (with(args.clone(), "--frames", "6"), &["--frames 6", "4k+1"]),
+        (with(args.clone(), "--size", "60x64"), &["--size 60x64", "width 60", "multiple of 16"]),
+        (with(args.clone(), "--size", "64by64"), &["--size", "`64by64`"]),
+        (with(args.clone(), "--out", "v.mp4"), &["v.mp4", "only .npy"]),
+        (with(args.clone(), "--task", "x2v"), &["unknown task `x2v`"]),
+        (with(args.clone(), "--task", "i2v"), &["--task i2v needs --image"]),
+        (with(args.clone(), "--image", "first.png"), &["--image first.png", "--task i2v"]),
+        (with(args.clone(), "--model-dir", "/nonexistent/wan"), &["/nonexistent/wan"]),
+        (
+            with(with(args.clone(), "--task", "i2v"), "--image", "/nonexistent/first.png"),
+            &["--image /nonexistent/first.png"],
+        ),
+    ];
+    for (case, needles) in cases {
+        let o = x2v(&case);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{case:?} succeeded");
+        for n in needles {
+            assert!(err.contains(n), "{case:?}: stderr lacks {n:?}:\n{err}");
+        }
+    }
+    assert!(!out.exists(), "no output is written for bad arguments");
+}

@@ -1,0 +1,82 @@
+//! The Wan2.1 decoder stage: final DiT latents → video frames, as diffusers' pipelines decode
+//! (`latents / (1/std) + mean`, `vae.decode`) and `export_to_video` quantises the default
+//! `output_type="np"` frames (`uint8(clamp(x/2 + 0.5, 0, 1) · 255)`, truncating).
+//!
+//! Boundary: [`Phase2`] latents `[1, 16, T, H/8, W/8]` → `uint8 [F, H, W, 3]` on the CPU.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::Phase2;
+use super::model_dir::{ModelDir, ModelDirError};
+use crate::wan::vae::{AutoencoderKLWan, Quantize, VaeError, frames_u8};
+
+/// Why the decoder stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    ModelDir(#[from] ModelDirError),
+    #[error("invalid decode input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Vae(#[from] VaeError),
+}
+
+impl DecodeError {
+    pub fn kind(&self) -> x2v_core::ErrorKind {
+        match self {
+            DecodeError::ModelDir(e) => e.kind(),
+            DecodeError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
+            DecodeError::Vae(e) => e.kind(),
+        }
+    }
+}
+
+/// The decoder stage's model: the VAE (its decoder half is what runs).
+#[derive(Debug)]
+pub struct WanDecoder {
+    vae: AutoencoderKLWan,
+    _vs: tch::nn::VarStore,
+}
+
+impl WanDecoder {
+    /// Loads the VAE of a model directory (either layout); `dtype` casts it (`None`: fp32).
+    pub fn load(
+        model_dir: &Path,
+        device: Device,
+        dtype: Option<Kind>,
+    ) -> Result<Self, DecodeError> {
+        let path = ModelDir::open(model_dir)?.vae()?;
+        let (vs, vae) = AutoencoderKLWan::load(&path, None, device, dtype)?;
+        Ok(WanDecoder { vae, _vs: vs })
+    }
+
+    /// The video of `phase2` as `uint8 [F, H, W, 3]` (CPU, contiguous).
+    pub fn decode(&self, phase2: &Phase2) -> Result<Tensor, DecodeError> {
+        let g = phase2.geometry;
+        g.validate().map_err(DecodeError::Input)?;
+        if phase2.latents.size() != g.latent_shape() {
+            return Err(DecodeError::Input(format!(
+                "latents must be {:?} for {}×{}×{} frames, got {:?}",
+                g.latent_shape(),
+                g.frames,
+                g.height,
+                g.width,
+                phase2.latents.size()
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        let z = self.vae.denormalize_latents(&phase2.latents.to_kind(Kind::Float))?;
+        let video = self.vae.decode(&z)?;
+        let frames = frames_u8(&video.get(0), Quantize::Truncate)?.to_device(Device::Cpu);
+        let want = [g.frames, g.height, g.width, 3];
+        if frames.size() != want {
+            return Err(DecodeError::Input(format!(
+                "the VAE decoded {:?}, expected {want:?}",
+                frames.size()
+            )));
+        }
+        Ok(frames)
+    }
+}

@@ -1,0 +1,228 @@
+//! The Wan2.1 encoder stage: prompt → UMT5 embeddings, and for I2V the first frame → CLIP
+//! features and the VAE conditioning tensor, as diffusers' `WanPipeline` /
+//! `WanImageToVideoPipeline` compute them before denoising.
+//!
+//! Boundary: `encode(prompt, negative, image uint8 [H, W, 3]?, geometry, guidance)` → [`Phase1`]
+//! with `prompt_embeds [1, 512, text_dim]` fp32 (rows past the prompt zero), the negative the same
+//! only when guidance is on (> 1), and for I2V `image_embeds [1, N, clip_dim]` fp32 and
+//! `condition [1, 20, T, H/8, W/8]` fp32.
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::model_dir::{ModelDir, ModelDirError};
+use super::{Geometry, Phase1};
+use crate::wan::image_encoder::{ClipPreprocess, ClipVisionModel, ImageEncoderError};
+use crate::wan::text_encoder::{TextEncoderError, UMT5EncoderModel};
+use crate::wan::tokenizer::{T5Tokenizer, TokenizerError};
+use crate::wan::vae::{AutoencoderKLWan, VaeError};
+
+/// Which Wan2.1 task a model directory serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Text to video.
+    T2v,
+    /// Image (first frame) to video.
+    I2v,
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "t2v" => Ok(Task::T2v),
+            "i2v" => Ok(Task::I2v),
+            other => Err(format!("unknown task `{other}` (expected t2v or i2v)")),
+        }
+    }
+}
+
+/// Why the encoder stage failed. Every variant names the file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    ModelDir(#[from] ModelDirError),
+    #[error("cannot read image processor config {path}: {message}")]
+    Processor { path: String, message: String },
+    #[error("invalid encode input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    TextEncoder(#[from] TextEncoderError),
+    #[error(transparent)]
+    ImageEncoder(#[from] ImageEncoderError),
+    #[error(transparent)]
+    Vae(#[from] VaeError),
+}
+
+impl EncodeError {
+    pub fn kind(&self) -> x2v_core::ErrorKind {
+        match self {
+            EncodeError::ModelDir(e) => e.kind(),
+            EncodeError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
+            EncodeError::Processor { .. } => x2v_core::ErrorKind::Internal,
+            EncodeError::Tokenizer(e) => e.kind(),
+            EncodeError::TextEncoder(e) => e.kind(),
+            EncodeError::ImageEncoder(e) => e.kind(),
+            EncodeError::Vae(e) => e.kind(),
+        }
+    }
+}
+
+/// The I2V part of the encoder stage.
+#[derive(Debug)]
+struct ImageBranch {
+    clip: ClipVisionModel,
+    preprocess: ClipPreprocess,
+    /// Used for its encoder only (the I2V conditioning).
+    vae: AutoencoderKLWan,
+    _vs: [tch::nn::VarStore; 2],
+}
+
+/// The encoder stage's models: tokenizer + UMT5, plus CLIP and the VAE for I2V.
+#[derive(Debug)]
+pub struct WanEncoder {
+    task: Task,
+    tokenizer: T5Tokenizer,
+    text_encoder: UMT5EncoderModel,
+    _text_vs: tch::nn::VarStore,
+    image: Option<ImageBranch>,
+}
+
+/// `CLIPImageProcessor`'s `preprocessor_config.json` fields the Wan path uses.
+#[derive(Debug, serde::Deserialize)]
+struct ProcessorConfig {
+    size: Option<serde_json::Value>,
+    crop_size: Option<serde_json::Value>,
+    image_mean: Option<[f64; 3]>,
+    image_std: Option<[f64; 3]>,
+}
+
+fn edge(v: &Option<serde_json::Value>, keys: &[&str]) -> Option<i64> {
+    let v = v.as_ref()?;
+    v.as_i64().or_else(|| keys.iter().find_map(|k| v.get(k).and_then(|x| x.as_i64())))
+}
+
+fn read_processor(path: &Path) -> Result<ClipPreprocess, EncodeError> {
+    let bad =
+        |message: String| EncodeError::Processor { path: path.display().to_string(), message };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let c: ProcessorConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let d = ClipPreprocess::default();
+    Ok(ClipPreprocess {
+        shortest_edge: edge(&c.size, &["shortest_edge"]).unwrap_or(d.shortest_edge),
+        crop: edge(&c.crop_size, &["height"]).unwrap_or(d.crop),
+        mean: c.image_mean.unwrap_or(d.mean),
+        std: c.image_std.unwrap_or(d.std),
+    })
+}
+
+impl WanEncoder {
+    /// Loads the encoder-stage components of `task` from a model directory (either layout).
+    /// `dtype` casts the weights (`None` keeps fp32).
+    pub fn load(
+        model_dir: &Path,
+        task: Task,
+        device: Device,
+        dtype: Option<Kind>,
+    ) -> Result<Self, EncodeError> {
+        let dir = ModelDir::open(model_dir)?;
+        // Locate every file first, so that a missing one is reported before any loading.
+        let tok_path = dir.tokenizer()?;
+        let te_path = dir.text_encoder()?;
+        let image_paths = match task {
+            Task::T2v => None,
+            Task::I2v => Some((dir.image_encoder()?, dir.vae()?)),
+        };
+        let tokenizer = T5Tokenizer::from_file(&tok_path)?;
+        let (text_vs, text_encoder) = UMT5EncoderModel::load(&te_path, None, device, dtype)?;
+        let image = match image_paths {
+            None => None,
+            Some((clip_path, vae_path)) => {
+                let preprocess = match dir.image_processor() {
+                    Some(p) => read_processor(&p)?,
+                    None => ClipPreprocess::default(),
+                };
+                let (clip_vs, clip) = ClipVisionModel::load(&clip_path, None, device, dtype)?;
+                let (vae_vs, vae) = AutoencoderKLWan::load(&vae_path, None, device, dtype)?;
+                Some(ImageBranch { clip, preprocess, vae, _vs: [clip_vs, vae_vs] })
+            }
+        };
+        Ok(WanEncoder { task, tokenizer, text_encoder, _text_vs: text_vs, image })
+    }
+
+    pub fn task(&self) -> Task {
+        self.task
+    }
+
+    /// Builds the DiT stage's input. `negative_prompt` defaults to `""` and is encoded only when
+    /// `guidance_scale > 1`. `image` (I2V only, required there) is an RGB `uint8 [H, W, 3]`; an
+    /// image of another size than `geometry` is resized with antialiased bicubic
+    /// interpolation, which may differ slightly from PIL's resampling.
+    pub fn encode(
+        &self,
+        prompt: &str,
+        negative_prompt: Option<&str>,
+        image: Option<&Tensor>,
+        geometry: Geometry,
+        guidance_scale: f64,
+    ) -> Result<Phase1, EncodeError> {
+        geometry.validate().map_err(EncodeError::Input)?;
+        if guidance_scale.is_nan() {
+            return Err(EncodeError::Input("guidance_scale is NaN".into()));
+        }
+        let _guard = tch::no_grad_guard();
+        let embed = |text: &str| -> Result<Tensor, EncodeError> {
+            let e = self.text_encoder.prompt_embeds(&self.tokenizer, &[text])?;
+            Ok(e.to_kind(Kind::Float))
+        };
+        let prompt_embeds = embed(prompt)?;
+        let negative_prompt_embeds =
+            if guidance_scale > 1.0 { Some(embed(negative_prompt.unwrap_or(""))?) } else { None };
+        let (image_embeds, condition) = match (&self.image, image) {
+            (None, None) => (None, None),
+            (None, Some(_)) => {
+                return Err(EncodeError::Input("a T2V model takes no image".into()));
+            }
+            (Some(_), None) => {
+                return Err(EncodeError::Input("an I2V model needs an image".into()));
+            }
+            (Some(branch), Some(img)) => {
+                let (embeds, cond) = Self::encode_image(branch, img, geometry)?;
+                (Some(embeds), Some(cond))
+            }
+        };
+        Ok(Phase1 { geometry, prompt_embeds, negative_prompt_embeds, image_embeds, condition })
+    }
+
+    fn encode_image(
+        branch: &ImageBranch,
+        image: &Tensor,
+        geometry: Geometry,
+    ) -> Result<(Tensor, Tensor), EncodeError> {
+        let size = image.size();
+        if size.len() != 3 || size[2] != 3 || image.kind() != Kind::Uint8 || size.contains(&0) {
+            return Err(EncodeError::Input(format!(
+                "the image must be RGB uint8 [H, W, 3], got {:?} {size:?}",
+                image.kind()
+            )));
+        }
+        // encode_image: CLIPImageProcessor → CLIPVisionModel hidden_states[-2].
+        let pixels = branch.preprocess.apply(image)?;
+        let image_embeds = branch.clip.penultimate(&pixels)?.to_kind(Kind::Float);
+        // VideoProcessor.preprocess(image, height, width): [1, 3, H, W] in [-1, 1].
+        let (h, w) = (geometry.height, geometry.width);
+        let x = image.permute([2, 0, 1]).unsqueeze(0).to_kind(Kind::Float);
+        let x = if (size[0], size[1]) == (h, w) {
+            x
+        } else {
+            x.internal_upsample_bicubic2d_aa([h, w], false, None, None).round().clamp(0.0, 255.0)
+        };
+        let x = x / 255.0 * 2.0 - 1.0;
+        let condition = branch.vae.i2v_condition(&x, geometry.frames)?.to_kind(Kind::Float);
+        Ok((image_embeds, condition))
+    }
+}
