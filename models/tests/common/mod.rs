@@ -45,12 +45,35 @@ fn content_hash(files: &[PathBuf]) -> String {
     format!("{h:016x}")
 }
 
+/// The script plus every sibling module it imports (`from umt5 import ...`), transitively, so that a
+/// change to any of them regenerates the fixture.
+fn generator_sources(tools: &Path, script: &Path) -> Vec<PathBuf> {
+    let mut sources = vec![script.to_owned()];
+    let mut i = 0;
+    while i < sources.len() {
+        let text = std::fs::read_to_string(&sources[i]).unwrap_or_default();
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let module = match words.as_slice() {
+                ["from", m, "import", ..] | ["import", m, ..] => m.trim_end_matches(','),
+                _ => continue,
+            };
+            let sibling = tools.join(format!("{module}.py"));
+            if sibling.exists() && !sources.contains(&sibling) {
+                sources.push(sibling);
+            }
+        }
+        i += 1;
+    }
+    sources
+}
+
 /// The directory holding fixture `name` (from `tools/fixtures/<name>.py`), generating it if needed.
 pub fn fixture(name: &str) -> PathBuf {
     let tools = repo_root().join("tools/fixtures");
     let script = tools.join(format!("{name}.py"));
     assert!(script.exists(), "no fixture generator {}", script.display());
-    let key = content_hash(&[tools.join("common.py"), script.clone()]);
+    let key = content_hash(&generator_sources(&tools, &script));
     let base = std::env::var_os("X2V_FIXTURE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
