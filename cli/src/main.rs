@@ -39,9 +39,10 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Up { .. } => {
             eprintln!(
-                "x2v up: not available yet. The gateway, the transfer library and the encoder, DiT and \
-                 decoder services are not built in this version, so there is nothing to start. \
-                 `x2v doctor` checks the host in the meantime."
+                "x2v up: not available yet. The gateway (x2v-gateway), the job queue, the transfer \
+                 library and the Wan2.1 models exist, but the encoder, DiT and decoder stage services \
+                 that join them are not built, so there is no system to start. `x2v generate` runs the \
+                 whole pipeline in one process; `x2v doctor` checks the host."
             );
             ExitCode::from(2)
         }
