@@ -9,23 +9,7 @@ use std::process::{Command, Output};
 
 use tch::{Kind, Tensor};
 
-/// Frames may differ from the reference by at most this many uint8 levels …
-const MAX_LEVELS: i64 = 1;
-/// … in at least this fraction of the values.
-const MIN_MATCH: f64 = 0.999;
-
-#[derive(serde::Deserialize)]
-struct Settings {
-    prompt: String,
-    negative_prompt: String,
-    frames: i64,
-    height: i64,
-    width: i64,
-    steps: usize,
-    guidance_scale: f64,
-    seed: u64,
-    shift: f64,
-}
+use common::{PipelineSettings as Settings, assert_frames_match, pipeline_settings};
 
 fn x2v(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_x2v")).arg("generate").args(args).output().expect("x2v runs")
@@ -39,9 +23,7 @@ fn t2v_args(out: &str) -> (Vec<String>, Settings) {
 /// A valid command line for the fixture's `task` (`t2v` or `i2v`), with `--out` set to `out`.
 fn task_args(task: &str, out: &str) -> (Vec<String>, Settings) {
     let fx = common::fixture("wan_pipeline");
-    let s: Settings =
-        serde_json::from_str(&std::fs::read_to_string(fx.join(format!("{task}.json"))).unwrap())
-            .unwrap();
+    let s = pipeline_settings(&fx, task);
     let mut args = vec![
         ("--model-dir", fx.join(task).display().to_string()),
         ("--task", task.into()),
@@ -92,19 +74,7 @@ fn npy_matches_reference(task: &str) {
     assert_eq!(got.size(), [s.frames, s.height, s.width, 3]);
     let fx = common::fixture("wan_pipeline");
     let want = &common::tensors(&fx.join(format!("{task}.safetensors")))["frames_u8"];
-    let diff = (got.to_kind(Kind::Int64) - want.to_kind(Kind::Int64)).abs();
-    let max = diff.max().int64_value(&[]);
-    let within = diff.le(MAX_LEVELS).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-    eprintln!(
-        "x2v generate {task}: max |diff| {max} levels, {:.4}% within {MAX_LEVELS}",
-        within * 100.0
-    );
-    assert!(
-        within >= MIN_MATCH,
-        "{task}: only {:.4}% of values within {MAX_LEVELS} level(s) of the reference (need {:.1}%), max {max}",
-        within * 100.0,
-        MIN_MATCH * 100.0
-    );
+    assert_frames_match(&format!("x2v generate {task}"), &got, want);
 }
 
 #[test]

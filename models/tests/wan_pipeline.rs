@@ -13,23 +13,9 @@ use x2v_models::wan::pipeline::{
     load_transformer,
 };
 
-/// Frames may differ from the reference by at most this many uint8 levels …
-const MAX_LEVELS: i64 = 1;
-/// … in at least this fraction of the values.
-const MIN_MATCH: f64 = 0.999;
-
-#[derive(serde::Deserialize)]
-struct Settings {
-    prompt: String,
-    negative_prompt: String,
-    frames: i64,
-    height: i64,
-    width: i64,
-    steps: usize,
-    guidance_scale: f64,
-    seed: u64,
-    shift: f64,
-}
+use common::{
+    PipelineSettings as Settings, assert_frames_match, frame_agreement, pipeline_settings,
+};
 
 /// Runs the three x2v stages on `dir` and returns the frames `uint8 [F, H, W, 3]`.
 fn generate(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Tensor {
@@ -55,50 +41,24 @@ fn generate(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Ten
     frames
 }
 
-/// Asserts ≥ [`MIN_MATCH`] of the values are within [`MAX_LEVELS`] and returns (max, fraction).
-#[track_caller]
-fn assert_frames_match(what: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.size(), want.size(), "{what}: shape");
-    let diff = (got.to_kind(Kind::Int64) - want.to_kind(Kind::Int64)).abs();
-    let max = diff.max().int64_value(&[]);
-    let within = diff.le(MAX_LEVELS).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-    let spread = want.to_kind(Kind::Double).std(true).double_value(&[]);
-    eprintln!(
-        "{what}: max |diff| {max} levels, {:.4}% within {MAX_LEVELS} (reference std {spread:.2})",
-        within * 100.0
-    );
-    assert!(
-        within >= MIN_MATCH,
-        "{what}: only {:.4}% of values within {MAX_LEVELS} level(s) (need {:.1}%), max {max}",
-        within * 100.0,
-        MIN_MATCH * 100.0
-    );
-}
-
-fn settings(fx: &Path, name: &str) -> Settings {
-    serde_json::from_str(&std::fs::read_to_string(fx.join(format!("{name}.json"))).unwrap())
-        .unwrap()
-}
-
 #[test]
 fn t2v_frames_match_wan_pipeline() {
     let fx = common::fixture("wan_pipeline");
-    let s = settings(&fx, "t2v");
+    let s = pipeline_settings(&fx, "t2v");
     let want = common::tensors(&fx.join("t2v.safetensors"));
     let frames = generate(&fx.join("t2v"), Task::T2v, &s, None);
     assert_frames_match("t2v frames", &frames, &want["frames_u8"]);
 
     // The check can fail: another seed gives other frames.
     let other = generate(&fx.join("t2v"), Task::T2v, &Settings { seed: s.seed + 1, ..s }, None);
-    let diff = (other.to_kind(Kind::Int64) - want["frames_u8"].to_kind(Kind::Int64)).abs();
-    let within = diff.le(MAX_LEVELS).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-    assert!(within < MIN_MATCH, "a different seed still matches ({within})");
+    let (_, within) = frame_agreement(&other, &want["frames_u8"]);
+    assert!(within < common::MIN_MATCH, "a different seed still matches ({within})");
 }
 
 #[test]
 fn i2v_frames_match_wan_image_to_video_pipeline() {
     let fx = common::fixture("wan_pipeline");
-    let s = settings(&fx, "i2v");
+    let s = pipeline_settings(&fx, "i2v");
     let want = common::tensors(&fx.join("i2v.safetensors"));
     let frames = generate(&fx.join("i2v"), Task::I2v, &s, Some(&want["image"]));
     assert_frames_match("i2v frames", &frames, &want["frames_u8"]);

@@ -139,3 +139,53 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
         "{what}: max |diff| {diff:.3e} exceeds {bound:.3e} (reference scale {scale:.3e})"
     );
 }
+
+/// Pipeline frames may differ from the reference by at most this many uint8 levels …
+pub const MAX_LEVELS: i64 = 1;
+/// … in at least this fraction of the values.
+pub const MIN_MATCH: f64 = 0.999;
+
+/// Generation settings of a `wan_pipeline` fixture case (`<task>.json`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PipelineSettings {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub frames: i64,
+    pub height: i64,
+    pub width: i64,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub seed: u64,
+    pub shift: f64,
+}
+
+/// The settings of case `name` of the pipeline fixture in `fx`.
+pub fn pipeline_settings(fx: &Path, name: &str) -> PipelineSettings {
+    let path = fx.join(format!("{name}.json"));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// Largest |difference| in uint8 levels and the fraction of values within [`MAX_LEVELS`].
+pub fn frame_agreement(got: &Tensor, want: &Tensor) -> (i64, f64) {
+    use tch::Kind;
+    assert_eq!(got.size(), want.size(), "frame shape mismatch");
+    let diff = (got.to_kind(Kind::Int64) - want.to_kind(Kind::Int64)).abs();
+    let max = diff.max().int64_value(&[]);
+    let within = diff.le(MAX_LEVELS).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    (max, within)
+}
+
+/// Asserts at least [`MIN_MATCH`] of the frame values are within [`MAX_LEVELS`] of the reference.
+#[track_caller]
+pub fn assert_frames_match(what: &str, got: &Tensor, want: &Tensor) {
+    let (max, within) = frame_agreement(got, want);
+    eprintln!("{what}: max |diff| {max} levels, {:.4}% within {MAX_LEVELS}", within * 100.0);
+    assert!(
+        within >= MIN_MATCH,
+        "{what}: only {:.4}% of values within {MAX_LEVELS} level(s) of the reference (need {:.1}%), max {max}",
+        within * 100.0,
+        MIN_MATCH * 100.0
+    );
+}
