@@ -20,30 +20,29 @@ use crate::wire::{Frame, read_frame, write_frame};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn tcp_accept_loop(inner: Arc<Inner>, listener: TcpListener) {
-    for stream in listener.incoming() {
-        if inner.shutdown.is_cancelled() {
-            break;
-        }
-        let Ok(stream) = stream else { continue };
-        let inner = inner.clone();
-        std::thread::Builder::new()
-            .name("x2v-xfer-conn".into())
-            .spawn(move || serve_tcp(inner, stream))
-            .map_err(|e| tracing::error!(error = %e, "cannot spawn a connection thread"))
-            .ok();
-    }
+    accept_loop(inner, listener.incoming(), "x2v-xfer-conn", serve_tcp);
 }
 
 pub(crate) fn unix_accept_loop(inner: Arc<Inner>, listener: UnixListener) {
-    for stream in listener.incoming() {
+    accept_loop(inner, listener.incoming(), "x2v-xfer-shm", serve_unix);
+}
+
+/// Serves each accepted connection on a thread of its own until the engine shuts down.
+fn accept_loop<S: Send + 'static>(
+    inner: Arc<Inner>,
+    incoming: impl Iterator<Item = std::io::Result<S>>,
+    thread_name: &str,
+    serve: fn(Arc<Inner>, S),
+) {
+    for stream in incoming {
         if inner.shutdown.is_cancelled() {
             break;
         }
         let Ok(stream) = stream else { continue };
         let inner = inner.clone();
         std::thread::Builder::new()
-            .name("x2v-xfer-shm".into())
-            .spawn(move || serve_unix(inner, stream))
+            .name(thread_name.into())
+            .spawn(move || serve(inner, stream))
             .map_err(|e| tracing::error!(error = %e, "cannot spawn a connection thread"))
             .ok();
     }
