@@ -95,6 +95,36 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// The longest [`close_gracefully`] keeps reading.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// Half-closes the write side, then reads and discards what the peer still sends until it closes,
+/// errs, or `ctx` runs out. Closing a socket with unread input makes the kernel reset the connection,
+/// which can destroy a reply (an error frame) the peer has not read yet; draining avoids that.
+pub fn close_gracefully<S: Stream + ?Sized>(s: &mut S, ctx: &Ctx) {
+    if socket2::SockRef::from(&s.as_fd()).shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    // Never hold a connection thread for long on a peer that keeps sending.
+    let ctx = Ctx::new(
+        ctx.peer.clone(),
+        Instant::now() + ctx.remaining().min(DRAIN_LIMIT),
+        ctx.cancel.clone(),
+    );
+    let mut sink = [0u8; 64 * 1024];
+    while ctx.check("draining").is_ok() {
+        if s.set_timeouts(ctx.tick()).is_err() {
+            return;
+        }
+        match s.read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// Fills `buf` completely, or fails on EOF, error, deadline or cancel.
 pub fn read_exact<S: Stream + ?Sized>(
     s: &mut S,

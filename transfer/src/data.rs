@@ -9,6 +9,7 @@
 #![allow(unsafe_code)]
 
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -62,9 +63,9 @@ pub fn send(
         Frame::Ready { shm_offset } => shm_offset,
         other => return Err(remote_error(ctx, other, "Ready")),
     };
-    match (ch.kind, shm_offset) {
-        (TransportKind::Shm, Some(off)) => copy_into_peer(ch, tensors, off, ctx)?,
-        (TransportKind::Tcp, None) => stream_chunks(ch, tensors, chunk_bytes.max(1), crc, ctx)?,
+    let sent = match (ch.kind, shm_offset) {
+        (TransportKind::Shm, Some(off)) => copy_into_peer(ch, tensors, off, ctx),
+        (TransportKind::Tcp, None) => stream_chunks(ch, tensors, chunk_bytes.max(1), crc, ctx),
         (kind, off) => {
             return Err(TransferError::protocol(
                 &ctx.peer,
@@ -72,12 +73,34 @@ pub fn send(
             ));
         }
     }
-    write_frame(ch.stream.as_mut(), &Frame::DataDone, ctx, "finishing data")?;
+    .and_then(|()| write_frame(ch.stream.as_mut(), &Frame::DataDone, ctx, "finishing data"));
+    if let Err(e @ TransferError::Io { .. }) = sent {
+        return Err(explained_by_receiver(ch, ctx).unwrap_or(e));
+    }
+    sent?;
     match read_frame(ch.stream.as_mut(), ctx, "waiting for the verified ack")? {
         Frame::Ack => Ok(()),
         other => Err(remote_error(ctx, other, "Ack")),
     }
 }
+
+/// After a failed write: the receiver usually stopped the transfer on purpose (a checksum that did
+/// not match, a bound it refused) and said why in an error frame before closing. Reads that reason,
+/// waiting at most a moment; `None` when the connection simply broke.
+fn explained_by_receiver(ch: &mut Channel, ctx: &Ctx) -> Option<TransferError> {
+    let brief = Ctx::new(
+        ctx.peer.clone(),
+        Instant::now() + ctx.remaining().min(REASON_WAIT),
+        ctx.cancel.clone(),
+    );
+    match read_frame(ch.stream.as_mut(), &brief, "reading the receiver's reason") {
+        Ok(f @ Frame::Error { .. }) => Some(remote_error(ctx, f, "Error")),
+        _ => None,
+    }
+}
+
+/// How long a sender whose write failed waits for the receiver's error frame.
+const REASON_WAIT: Duration = Duration::from_secs(2);
 
 fn stream_chunks(
     ch: &mut Channel,

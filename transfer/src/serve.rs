@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::auth;
 use crate::channel::{self, Channel};
 use crate::config::TransportKind;
-use crate::conn::Ctx;
+use crate::conn::{self, Ctx};
 use crate::data;
 use crate::engine::Inner;
 use crate::error::{Result, TransferError};
@@ -142,12 +142,10 @@ fn reply_error(ch: &mut Channel, e: &TransferError, ctx: &Ctx) {
     if matches!(e, TransferError::Io { .. } | TransferError::Remote { .. }) {
         return;
     }
-    let _ = write_frame(
-        ch.stream.as_mut(),
-        &Frame::Error { kind: e.kind(), message: e.to_string() },
-        ctx,
-        "error",
-    );
+    let reply = Frame::Error { kind: e.kind(), message: e.to_string() };
+    if write_frame(ch.stream.as_mut(), &reply, ctx, "error").is_ok() {
+        conn::close_gracefully(ch.stream.as_mut(), ctx);
+    }
 }
 
 fn op_ctx(inner: &Inner, peer: &str, deadline_ms: u64) -> Ctx {
