@@ -31,8 +31,22 @@ pub(crate) struct Inner {
     inbox: Mutex<HashMap<JobId, Received>>,
     inflight: Mutex<HashSet<JobId>>,
     arrived: tokio::sync::Notify,
-    outbox: Mutex<HashMap<JobId, Payload>>,
+    outbox: Mutex<HashMap<JobId, Outgoing>>,
     idle: Mutex<HashMap<SocketAddr, Vec<Channel>>>,
+}
+
+/// A published payload: removed by its first verified pull, or kept for every pull until a time.
+#[derive(Clone)]
+pub(crate) struct Outgoing {
+    payload: Payload,
+    /// `None`: the first verified pull consumes it. `Some(t)`: every pull may read it until `t`.
+    retain_until: Option<Instant>,
+}
+
+impl Outgoing {
+    fn expired(&self, now: Instant) -> bool {
+        self.retain_until.is_some_and(|t| now >= t)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,14 +125,32 @@ impl Inner {
     }
 
     pub fn outbox_get(&self, job: JobId) -> Result<Payload> {
-        lock(&self.outbox)
+        let now = Instant::now();
+        let mut outbox = lock(&self.outbox);
+        outbox.retain(|_, o| !o.expired(now));
+        outbox
             .get(&job)
-            .cloned()
+            .map(|o| o.payload.clone())
             .ok_or_else(|| TransferError::NotFound { job: job.to_string() })
     }
 
+    /// A verified pull finished: a single-use payload is gone, a retained one stays.
     pub fn outbox_consumed(&self, job: JobId) {
-        lock(&self.outbox).remove(&job);
+        let mut outbox = lock(&self.outbox);
+        if outbox.get(&job).is_some_and(|o| o.retain_until.is_none()) {
+            outbox.remove(&job);
+        }
+    }
+
+    fn publish(&self, job: JobId, payload: Payload, retain_until: Option<Instant>) -> Result<()> {
+        let now = Instant::now();
+        let mut outbox = lock(&self.outbox);
+        outbox.retain(|_, o| !o.expired(now));
+        if outbox.contains_key(&job) {
+            return Err(TransferError::Conflict { job: job.to_string() });
+        }
+        outbox.insert(job, Outgoing { payload, retain_until });
+        Ok(())
     }
 
     fn push(&self, peer: SocketAddr, job: JobId, payload: &Payload, ctx: &Ctx) -> Result<Receipt> {

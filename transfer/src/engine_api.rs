@@ -139,12 +139,18 @@ impl Engine {
 
     /// Makes `payload` available to pullers; the first verified pull removes it.
     pub fn publish(&self, job: JobId, payload: Payload) -> Result<()> {
-        let mut outbox = lock(&self.inner.outbox);
-        if outbox.contains_key(&job) {
-            return Err(TransferError::Conflict { job: job.to_string() });
-        }
-        outbox.insert(job, payload);
-        Ok(())
+        self.inner.publish(job, payload, None)
+    }
+
+    /// Makes `payload` available to every puller for `ttl` (a redelivered job pulls it again);
+    /// [`Engine::unpublish`] withdraws it earlier. Publishing a job twice is a `Conflict`.
+    pub fn publish_retained(
+        &self,
+        job: JobId,
+        payload: Payload,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        self.inner.publish(job, payload, Some(Instant::now() + ttl))
     }
 
     /// Withdraws a published payload; `false` if there was none.

@@ -65,6 +65,26 @@ async fn pull_reads_the_outbox_over_both_transports() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_payload_serves_every_pull_until_it_expires() {
+    let (owner, puller) = (engine(1 << 20), forced(16 << 20, TransportKind::Tcp));
+    let payload = phase1(40);
+    let job = JobId::new();
+    owner.publish_retained(job, payload.clone(), Duration::from_millis(600)).unwrap();
+    // A redelivered job pulls again: the first verified pull does not consume it.
+    for _ in 0..2 {
+        same(&puller.pull(addr(&owner), job, opts()).await.unwrap(), &payload);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let err = puller.pull(addr(&owner), job, opts()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    // Expired entries are swept, so the job id can be published again; unpublish withdraws it.
+    owner.publish_retained(job, payload.clone(), Duration::from_secs(60)).unwrap();
+    assert!(owner.unpublish(job));
+    let err = puller.pull(addr(&owner), job, opts()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_rejected_with_a_clear_error() {
     let rx = engine(1 << 20);
     let mut cfg = config(1 << 20);
