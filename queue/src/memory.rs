@@ -291,7 +291,11 @@ impl Queue for MemoryQueue {
     }
 
     async fn deregister(&self, worker: &WorkerInfo) -> Result<(), QueueError> {
-        self.lock().workers.remove(&worker.id());
+        // Expire it now (as the Redis backend does); the next maintenance pass moves the jobs still
+        // queued for its rank to the shared queue.
+        if let Some((_, expiry)) = self.lock().workers.get_mut(&worker.id()) {
+            *expiry = Instant::now();
+        }
         Ok(())
     }
 

@@ -315,6 +315,28 @@ async fn ranks_are_assigned_by_load_and_dead_ranks_reassigned(q: Arc<dyn Queue>)
     ));
 }
 
+async fn a_deregistered_rank_hands_its_queued_jobs_on(q: Arc<dyn Queue>) {
+    let (enc, dit0, dit1) =
+        (worker(Stage::Encoder, 0), worker(Stage::Dit, 0), worker(Stage::Dit, 1));
+    for w in [&enc, &dit0, &dit1] {
+        q.heartbeat(w, Duration::from_secs(60)).await.unwrap();
+    }
+    let mut job = new_job("handover");
+    job.ranks = Ranks { dit: Some(0), ..Ranks::default() };
+    q.create(job).await.unwrap();
+    let l = q.claim(&enc, LEASE).await.unwrap().unwrap();
+    q.complete(&l.handle(), vec![]).await.unwrap();
+    // Rank 0 takes it, gives it back while draining, and leaves.
+    let l = q.claim(&dit0, LEASE).await.unwrap().unwrap();
+    q.release(&l.handle()).await.unwrap();
+    q.deregister(&dit0).await.unwrap();
+    assert_eq!(q.workers().await.unwrap().len(), 2, "a deregistered rank is not live");
+    let report = q.maintain().await.unwrap();
+    assert_eq!((report.dead_workers, report.reassigned), (1, 1));
+    let l = q.claim(&dit1, LEASE).await.unwrap().expect("rank 1 gets the job rank 0 left");
+    assert_eq!(l.job.ranks.dit, Some(1));
+}
+
 async fn unassigned_jobs_go_to_any_worker_of_the_stage(q: Arc<dyn Queue>) {
     let job = new_job("anyone");
     q.create(job.clone()).await.unwrap();
@@ -361,6 +383,7 @@ contract!(
     release_puts_the_job_first_in_line,
     ranks_are_assigned_by_load_and_dead_ranks_reassigned,
     unassigned_jobs_go_to_any_worker_of_the_stage,
+    a_deregistered_rank_hands_its_queued_jobs_on,
 );
 
 #[tokio::test]

@@ -1,1 +1,1 @@
-//! (being written)
+//! gRPC health and admin, HTTP metrics (being written).

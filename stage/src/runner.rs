@@ -1,1 +1,89 @@
-//! (being written)
+//! What a stage service supplies to the runtime: how to load its model (on the device thread), run
+//! one job on it, and turn the result into a payload for the next stage or stored files.
+
+use bytes::Bytes;
+use x2v_queue::{JobRecord, Stage};
+use x2v_transfer::Payload;
+
+use crate::exchange::Inputs;
+use crate::state::LoadedModel;
+
+/// Why a stage did not produce its output. `code` goes into the job's `error.code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct StageError {
+    pub code: String,
+    pub message: String,
+}
+
+impl StageError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        StageError { code: code.to_owned(), message: message.into() }
+    }
+
+    /// The run stopped at a step boundary because the job was cancelled (or the worker drains).
+    pub fn cancelled() -> Self {
+        StageError::new(CANCELLED, "stopped at a step boundary")
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.code == CANCELLED
+    }
+}
+
+const CANCELLED: &str = "cancelled";
+
+/// Hooks the stage calls while it runs on the device thread.
+pub struct RunCtx<'a> {
+    /// Reports step `step` of `total` (blocks for one queue round trip so that a cancellation is
+    /// seen before the next step starts).
+    pub progress: &'a mut dyn FnMut(u32, u32),
+    /// True once the job is cancelled or the worker must give it back; check between steps.
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+/// A file a stage produced for the client (video, thumbnail, spritesheet, image).
+#[derive(Debug, Clone)]
+pub struct Artifact {
+    /// `video`, `thumbnail`, `spritesheet` or `image`.
+    pub variant: String,
+    pub index: u32,
+    /// File extension without the dot (`mp4`, `webp`, `jpg`, `png`).
+    pub extension: String,
+    pub content_type: String,
+    pub bytes: Bytes,
+}
+
+/// A finished stage's result.
+pub enum Finished {
+    /// Named tensors for the next stage.
+    Payload(Payload),
+    /// Files to store; the job completes once they are stored.
+    Artifacts(Vec<Artifact>),
+}
+
+/// One stage's model work.
+pub trait StageRunner: Send + Sync + 'static {
+    /// The loaded model; built on, and never leaving, the device thread.
+    type Model: 'static;
+    /// What `run` hands to `finish` (tensors moved to the CPU, frames).
+    type Output: Send + 'static;
+
+    fn stage(&self) -> Stage;
+
+    /// Loads the model (called once, on the device thread) and describes what was loaded.
+    fn load(&self) -> Result<(Self::Model, Vec<LoadedModel>), StageError>;
+
+    /// Runs one job on the device thread. `inputs` is the previous stage's payload (none for the
+    /// encoder stage).
+    fn run(
+        &self,
+        model: &mut Self::Model,
+        job: &JobRecord,
+        inputs: Option<Inputs>,
+        ctx: &mut RunCtx<'_>,
+    ) -> Result<Self::Output, StageError>;
+
+    /// Serialises or encodes `out` on a blocking thread, off the device thread and the executor.
+    fn finish(&self, job: &JobRecord, out: Self::Output) -> Result<Finished, StageError>;
+}
