@@ -150,3 +150,36 @@ mod tests {
         assert_eq!(s, 14.0);
     }
 }
+
+/// The device a config names: `auto` (the first CUDA device when libtorch sees one, else the
+/// CPU), `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<tch::Device, String> {
+    let cuda = |i: usize| {
+        let n = tch::Cuda::device_count() as usize;
+        if i < n {
+            Ok(tch::Device::Cuda(i))
+        } else {
+            Err(format!("device `{s}`: libtorch sees {n} CUDA device(s)"))
+        }
+    };
+    match s {
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => cuda(i),
+            None => Err(format!("device must be auto, cpu, cuda or cuda:N; got `{s}`")),
+        },
+    }
+}
+
+/// The compute dtype a config names for `device`: `auto` (bf16 on CUDA, fp32 on the CPU), `f32`
+/// or `bf16`.
+pub fn parse_dtype(s: &str, device: tch::Device) -> Result<tch::Kind, String> {
+    match s {
+        "auto" if device == tch::Device::Cpu => Ok(tch::Kind::Float),
+        "auto" | "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
+        "f32" | "fp32" | "float32" => Ok(tch::Kind::Float),
+        other => Err(format!("dtype must be auto, f32 or bf16; got `{other}`")),
+    }
+}

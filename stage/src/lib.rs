@@ -6,6 +6,7 @@
 //! - [`exchange`]: hands payloads to the next stage (in-process, or x2v-transfer by job id).
 //! - [`device`]: the dedicated thread a stage's model runs on.
 //! - [`runner`] / [`runtime`]: the claim → receive → run → finish → send → complete loop.
+//! - [`service`]: starting a stage service from its config (or inside `x2v up`).
 //! - [`admin`]: gRPC `grpc.health.v1` and `x2v.admin.v1.Admin`, HTTP `/metrics`, `/healthz`, `/readyz`.
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod device;
 pub mod exchange;
 pub mod runner;
 pub mod runtime;
+pub mod service;
 pub mod state;
 
 pub use config::StageConfig;

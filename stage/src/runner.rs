@@ -26,6 +26,19 @@ impl StageError {
         StageError::new(CANCELLED, "stopped at a step boundary")
     }
 
+    /// A model error: the client's fault (`code_for_input`) when `kind` says invalid request,
+    /// else `internal_error`.
+    pub fn from_kind(
+        kind: x2v_core::ErrorKind,
+        code_for_input: &str,
+        e: impl std::fmt::Display,
+    ) -> Self {
+        match kind {
+            x2v_core::ErrorKind::InvalidRequest => StageError::new(code_for_input, e.to_string()),
+            _ => StageError::new("internal_error", e.to_string()),
+        }
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.code == CANCELLED
     }

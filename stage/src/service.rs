@@ -1,0 +1,187 @@
+//! Starting a stage service: connect the queue, start the transfer engine, open storage, serve the
+//! admin endpoints, load the model, register and serve until shutdown. `x2v encoder|dit|decoder`
+//! call [`run`] with their own config; `x2v up` passes [`Shared`] parts so that all stages of one
+//! process share the embedded queue, the in-process exchange and the storage.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+use x2v_queue::storage::Storage;
+use x2v_queue::worker::WorkerTimings;
+use x2v_queue::{Queue, RedisQueue, Retention, WorkerInfo};
+use x2v_transfer::{Engine, EngineConfig, Secret, TransportChoice, TransportKind};
+
+use crate::admin::{self, AdminEndpoints};
+use crate::config::StageConfig;
+use crate::exchange::{Exchange, Network};
+use crate::runner::StageRunner;
+use crate::runtime::{Limits, LoadedStage, StageDeps};
+use crate::state::ServiceState;
+
+/// What the stages of one process share in the embedded mode.
+#[derive(Clone)]
+pub struct Shared {
+    pub queue: Arc<dyn Queue>,
+    pub exchange: Arc<dyn Exchange>,
+    pub storage: Storage,
+}
+
+/// Where a started service can be reached; `on_ready` receives it once the model is loaded.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub admin: AdminEndpoints,
+    /// `x2v-transfer://host:port`, or empty in the embedded mode.
+    pub transfer: String,
+}
+
+/// The deployment secret from `transfer.secret_file` or `transfer.secret`.
+pub fn transfer_secret(config: &StageConfig) -> anyhow::Result<Secret> {
+    let t = &config.transfer;
+    let bytes = if !t.secret_file.is_empty() {
+        std::fs::read(&t.secret_file)
+            .with_context(|| format!("transfer.secret_file {}: cannot read it", t.secret_file))?
+            .trim_ascii()
+            .to_vec()
+    } else if !t.secret.is_empty() {
+        t.secret.clone().into_bytes()
+    } else {
+        bail!(
+            "transfer.secret (or transfer.secret_file) must be set: every stage of a deployment \
+             shares one secret (X2V_TRANSFER__SECRET)"
+        );
+    };
+    Secret::new(bytes).map_err(|e| anyhow::anyhow!("transfer secret: {e}"))
+}
+
+/// Starts this process's transfer engine from the `[transfer]` section.
+pub fn start_engine(config: &StageConfig) -> anyhow::Result<Network> {
+    let t = &config.transfer;
+    let listen: SocketAddr =
+        t.listen.parse().with_context(|| format!("transfer.listen `{}` is not host:port", t.listen))?;
+    let transport = match t.transport.as_str() {
+        "auto" => TransportChoice::Auto,
+        "shm" => TransportChoice::Force(TransportKind::Shm),
+        "tcp" => TransportChoice::Force(TransportKind::Tcp),
+        "rdma" => TransportChoice::Force(TransportKind::Rdma),
+        other => bail!("transfer.transport must be auto, shm, tcp or rdma; got `{other}`"),
+    };
+    let mut cfg = EngineConfig::new(transfer_secret(config)?);
+    cfg.listen = listen;
+    cfg.pool_bytes = t.pool_mib.max(1) << 20;
+    cfg.transport = transport;
+    cfg.chunk_crc = t.chunk_crc;
+    let engine = Engine::start(cfg).context("starting the transfer engine")?;
+    let advertise = if t.advertise.is_empty() {
+        engine.local_addr()
+    } else {
+        t.advertise
+            .parse()
+            .with_context(|| format!("transfer.advertise `{}` is not host:port", t.advertise))?
+    };
+    if advertise.ip().is_unspecified() {
+        bail!(
+            "transfer.listen {} binds every interface: set transfer.advertise to the address other \
+             stages reach this one at",
+            t.listen
+        );
+    }
+    Ok(Network::new(engine, advertise, Duration::from_secs(t.retain_s)))
+}
+
+/// The limits of the `[worker]` and `[transfer]` sections.
+pub fn limits(config: &StageConfig) -> Limits {
+    let w = &config.worker;
+    Limits {
+        timings: WorkerTimings {
+            lease: Duration::from_millis(w.lease_ms),
+            heartbeat_ttl: Duration::from_millis(w.heartbeat_ttl_ms),
+            max_poll: Duration::from_millis(w.max_poll_ms),
+        },
+        capacity: config.capacity.max(1),
+        transfer_timeout: Duration::from_secs(config.transfer.timeout_s),
+        job_timeout: Duration::from_secs(w.job_timeout_s),
+        drain_timeout: Duration::from_secs(w.drain_timeout_s),
+    }
+}
+
+/// Runs one stage service until `shutdown` fires (then drains) or an admin `Drain` finishes.
+pub async fn run<R: StageRunner>(
+    config: StageConfig,
+    runner: R,
+    shared: Option<Shared>,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Endpoints),
+) -> anyhow::Result<()> {
+    let stage = runner.stage();
+    if config.tasks.is_empty() {
+        bail!("tasks must name at least one task this {stage} worker runs");
+    }
+    let state =
+        Arc::new(ServiceState::new(stage, config.rank, config.model.clone(), config.tasks.clone()));
+    let (shared, transfer) = match shared {
+        Some(s) => (s, String::new()),
+        None => {
+            let queue: Arc<dyn Queue> = match config.queue.backend.as_str() {
+                "redis" => Arc::new(
+                    RedisQueue::connect(
+                        &config.queue.redis_url,
+                        &config.queue.prefix,
+                        Retention::default(),
+                    )
+                    .await
+                    .with_context(|| format!("queue.redis_url {}", config.queue.redis_url))?,
+                ),
+                other => bail!(
+                    "queue.backend must be `redis` for a stand-alone stage (`memory` only works \
+                     inside `x2v up`); got `{other}`"
+                ),
+            };
+            let network = start_engine(&config)?;
+            let locator = network.locator();
+            let storage = Storage::from_config(&config.storage).context("storage")?;
+            (Shared { queue, exchange: Arc::new(network), storage }, locator)
+        }
+    };
+    state.set_transfer_endpoint(transfer.clone());
+
+    let admin_stop = CancellationToken::new();
+    let (admin, admin_task) = admin::serve(
+        state.clone(),
+        Some(shared.queue.clone()),
+        &config.grpc.listen,
+        &config.http.listen,
+        admin_stop.clone(),
+    )
+    .await?;
+    {
+        let (shutdown, drain) = (shutdown.clone(), state.drain.clone());
+        tokio::spawn(async move {
+            tokio::select! { () = shutdown.cancelled() => drain.cancel(), () = drain.cancelled() => {} }
+        });
+    }
+
+    tracing::info!(%stage, rank = config.rank, model = %config.model, "loading the model");
+    let loaded = LoadedStage::load(runner, &state).await?;
+    on_ready(&Endpoints { admin, transfer });
+    let info = WorkerInfo {
+        stage,
+        rank: config.rank,
+        models: vec![config.model.clone()],
+        tasks: config.tasks.clone(),
+        capacity: config.capacity.max(1),
+    };
+    let deps = StageDeps {
+        queue: shared.queue,
+        exchange: shared.exchange,
+        storage: shared.storage,
+        state: state.clone(),
+        limits: limits(&config),
+    };
+    let served = loaded.serve(deps, info).await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    Ok(served?)
+}
