@@ -19,6 +19,9 @@ use serde_json::{Map, Value};
 /// The prefix of configuration environment variables.
 pub const ENV_PREFIX: &str = "X2V_";
 
+/// `X2V_*` variables the binaries read themselves (config path, tool paths); never warned about.
+pub const RESERVED_VARS: &[&str] = &["X2V_CONFIG", "X2V_PYTHON", "X2V_REDIS_URL"];
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -69,7 +72,9 @@ where
     }
     let mut warnings = Vec::new();
     let mut vars: Vec<(String, String)> =
-        env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        env.into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_VARS.contains(&k.as_str()))
+            .collect();
     vars.sort();
     for (var, value) in vars {
         let path: Vec<String> =
@@ -290,7 +295,9 @@ mod tests {
 
     #[test]
     fn unknown_env_vars_warn() {
-        let (_, warnings): (Root, _) = load_from(None, env(&[("X2V_CACHE", "/tmp/c")])).unwrap();
+        let (_, warnings): (Root, _) =
+            load_from(None, env(&[("X2V_CACHE", "/tmp/c"), ("X2V_CONFIG", "/etc/x2v.toml")]))
+                .unwrap();
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].0.contains("X2V_CACHE"));
     }
