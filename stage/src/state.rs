@@ -57,9 +57,11 @@ impl StageMetrics {
         let rank = rank.to_string();
         let registry = Metrics::new(stage.as_str(), &[("rank", rank.as_str())]);
         StageMetrics {
-            jobs: registry.counter("stage_jobs_total", "Jobs this stage finished, by outcome.", &[
-                "outcome",
-            ]),
+            jobs: registry.counter(
+                "stage_jobs_total",
+                "Jobs this stage finished, by outcome.",
+                &["outcome"],
+            ),
             latency: registry.histogram(
                 "stage_seconds",
                 "Time per job in each phase of this stage.",
@@ -166,15 +168,24 @@ impl ServiceState {
 
     /// Records (or updates) an in-flight job.
     pub fn track(&self, job: InFlight) {
-        self.metrics.in_flight.with_label_values::<&str>(&[]).set(lock(&self.in_flight).len() as i64);
+        self.metrics
+            .in_flight
+            .with_label_values::<&str>(&[])
+            .set(lock(&self.in_flight).len() as i64);
         lock(&self.in_flight).insert(job.job.clone(), job);
-        self.metrics.in_flight.with_label_values::<&str>(&[]).set(lock(&self.in_flight).len() as i64);
+        self.metrics
+            .in_flight
+            .with_label_values::<&str>(&[])
+            .set(lock(&self.in_flight).len() as i64);
     }
 
     /// Forgets an in-flight job and counts its outcome.
     pub fn untrack(&self, job: &str, outcome: &str) {
         lock(&self.in_flight).remove(job);
-        self.metrics.in_flight.with_label_values::<&str>(&[]).set(lock(&self.in_flight).len() as i64);
+        self.metrics
+            .in_flight
+            .with_label_values::<&str>(&[])
+            .set(lock(&self.in_flight).len() as i64);
         self.metrics.jobs.with_label_values(&[outcome]).inc();
         match outcome {
             "completed" => self.completed.fetch_add(1, Ordering::Relaxed),
