@@ -16,7 +16,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use x2v_core::JobId;
 use x2v_proto::admin::v1 as pb;
 use x2v_proto::admin::v1::admin_client::AdminClient;
-use x2v_queue::{JobSpec, MemoryQueue, NewJob, Queue, Ranks, Retention, Stage, Task};
+use x2v_queue::{JobSpec, MemoryQueue, NewJob, Queue, Ranks, RedisQueue, Retention, Stage, Task};
 use x2v_stage::ServiceState;
 use x2v_stage::admin::{self, AdminEndpoints};
 use x2v_stage::state::{InFlight, LoadedModel};
@@ -284,6 +284,33 @@ async fn http_metrics_and_probes() {
     assert_eq!(h.get("/readyz").await, (503, "draining\n".into()));
     assert_eq!(h.get("/healthz").await.0, 200);
     h.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_and_metrics_when_the_queue_is_down() {
+    let mut redis = x2v_queue::testing::RedisServer::start();
+    let queue = RedisQueue::connect(&redis.url(), "x2v", Retention::default()).await.unwrap();
+    let state = Arc::new(ServiceState::new(Stage::Encoder, 0, "m".into(), vec![Task::T2v]));
+    let shutdown = CancellationToken::new();
+    let (endpoints, task) =
+        admin::serve(state.clone(), Some(Arc::new(queue)), "", "127.0.0.1:0", shutdown.clone())
+            .await
+            .unwrap();
+    let http = endpoints.http.unwrap();
+    state.set_ready(true);
+    assert_eq!(http_get(http, "/readyz").await, (200, "ready\n".into()));
+    assert!(http_get(http, "/metrics").await.1.contains("x2v_queue_depth{"));
+
+    redis.kill();
+    let (code, reason) = http_get(http, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(reason.starts_with("queue unavailable"), "{reason}");
+    let (code, metrics) = http_get(http, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(!metrics.contains("x2v_queue_depth{"), "a depth nobody could read: {metrics}");
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
 }
 
 #[tokio::test]
