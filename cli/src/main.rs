@@ -1,13 +1,15 @@
 //! `x2v`: the command line of the x2v video/image generation service.
 //!
-//! `x2v doctor` checks this host (libtorch, devices, Redis, ffmpeg). `x2v generate` makes one
-//! video in-process. `x2v up` will start the whole
-//! system once the stage services exist; until then it says what is missing and fails.
+//! - `x2v up`: the gateway and all three stages in one process (embedded queue, no Redis).
+//! - `x2v gateway`, `x2v encoder`, `x2v dit`, `x2v decoder`: one service per process, on Redis.
+//! - `x2v generate`: one video in this process, no server.
+//! - `x2v doctor`: checks this host (libtorch, devices, Redis, ffmpeg).
 
 mod doctor;
 mod generate;
+mod serve;
+mod up;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,30 +23,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the gateway and all three stages in one process, on the embedded queue.
+    Up(up::Args),
+    /// The OpenAI-compatible gateway (jobs in Redis).
+    Gateway(serve::GatewayArgs),
+    /// The encoder stage service (UMT5; CLIP and the VAE encoder for i2v).
+    Encoder(serve::StageArgs),
+    /// The DiT stage service (transformer and sampling loop).
+    Dit(serve::StageArgs),
+    /// The decoder stage service (VAE decoder and media encoding).
+    Decoder(serve::StageArgs),
+    /// Generate one Wan2.1 video in this process (encoder, DiT and decoder stages in turn).
+    Generate(generate::Args),
     /// Check this host: libtorch, CPU/CUDA devices, cuDNN, Redis, ffmpeg, binary compatibility.
     Doctor(doctor::Args),
-    /// Generate one Wan2.1 video in this process (encoder, DiT and decoder stages) into a .npy file.
-    Generate(generate::Args),
-    /// Start the gateway and all three stages in one process (not built yet).
-    Up {
-        /// Model directory to serve (Wan2.1, original or diffusers layout).
-        #[arg(long)]
-        model_dir: Option<PathBuf>,
-    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Doctor(args) => doctor::run(&args),
+        Command::Up(args) => up::run(&args),
+        Command::Gateway(args) => serve::gateway(&args),
+        Command::Encoder(args) => serve::stage(serve::Which::Encoder, &args),
+        Command::Dit(args) => serve::stage(serve::Which::Dit, &args),
+        Command::Decoder(args) => serve::stage(serve::Which::Decoder, &args),
         Command::Generate(args) => generate::run(&args),
-        Command::Up { .. } => {
-            eprintln!(
-                "x2v up: not available yet. The gateway (x2v-gateway), the job queue, the transfer \
-                 library and the Wan2.1 models exist, but the encoder, DiT and decoder stage services \
-                 that join them are not built, so there is no system to start. `x2v generate` runs the \
-                 whole pipeline in one process; `x2v doctor` checks the host."
-            );
-            ExitCode::from(2)
-        }
+        Command::Doctor(args) => doctor::run(&args),
     }
 }

@@ -102,10 +102,3 @@ fn requiring_a_gpu_fails_where_libtorch_sees_none() {
         assert_eq!((code, status_of(&report, "cuda")), (0, "ok"), "{report:#}");
     }
 }
-
-#[test]
-fn up_says_what_is_missing_and_fails() {
-    let out = Command::new(env!("CARGO_BIN_EXE_x2v")).arg("up").output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not available yet"));
-}

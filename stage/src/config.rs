@@ -84,7 +84,7 @@ pub struct WorkerSection {
     pub drain_timeout_s: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenSection {
     /// Listen address (port 0 picks a free port); empty disables the endpoint.
@@ -151,8 +151,3 @@ impl Default for WorkerSection {
     }
 }
 
-impl Default for ListenSection {
-    fn default() -> Self {
-        ListenSection { listen: String::new() }
-    }
-}

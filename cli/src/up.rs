@@ -1,0 +1,216 @@
+//! `x2v up`: the whole system in one process — the gateway and the encoder, DiT and decoder stages
+//! on the embedded job queue, with payloads handed over in process and outputs in a local
+//! directory. No Redis, no second process. With no `--model-dir` it writes and serves a tiny
+//! random-initialised demo model (its videos are noise) so that the API can be tried at once.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio_util::sync::CancellationToken;
+use x2v_gateway::GatewayConfig;
+use x2v_gateway::config::ModelConfig;
+use x2v_queue::storage::Storage;
+use x2v_queue::{MemoryQueue, Queue, Retention, Task};
+use x2v_stage::StageConfig;
+use x2v_stage::exchange::InProcess;
+use x2v_stage::service::Shared;
+
+/// Name the demo model is served under.
+pub const DEMO_MODEL: &str = "x2v-demo";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Wan2.1 model directory to serve (diffusers or original layout). Without it, a tiny
+    /// random-initialised demo model is generated under the data directory and served.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Model name clients pass as `model` (default: `x2v-demo`, or `wan2.1-t2v` / `wan2.1-i2v`
+    /// from the transformer's config).
+    #[arg(long)]
+    model: Option<String>,
+    /// Address the OpenAI-compatible API listens on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: String,
+    /// Directory for outputs and the demo model.
+    #[arg(long, default_value = "./x2v-data")]
+    data_dir: PathBuf,
+    /// Gateway config file (auth, limits, telemetry); the queue, storage and served model are
+    /// set by `x2v up` itself.
+    #[arg(long, env = "X2V_CONFIG")]
+    config: Option<PathBuf>,
+    /// `auto`, `cpu` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn run(args: &Args) -> ExitCode {
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    match rt.block_on(up(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("x2v up: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether the model directory's transformer takes image embeddings (image-to-video).
+fn is_i2v(model_dir: &Path) -> Result<bool> {
+    let dir = x2v_models::wan::pipeline::ModelDir::open(model_dir)?;
+    let config = dir.transformer()?.join("config.json");
+    let config = if config.exists() { config } else { model_dir.join("config.json") };
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", config.display()))?;
+    let image_dim = v.get("image_dim").or_else(|| v.get("image_embed_dim"));
+    Ok(image_dim.is_some_and(|d| !d.is_null()) || v.get("model_type").and_then(|t| t.as_str()) == Some("i2v"))
+}
+
+/// What the gateway allows for the demo model: small sizes, short clips, few steps.
+fn demo_model_config() -> ModelConfig {
+    ModelConfig {
+        name: DEMO_MODEL.into(),
+        tasks: vec![Task::T2v, Task::T2i],
+        sizes: vec!["256x256".into(), "320x192".into(), "192x320".into()],
+        fps: 8,
+        max_frames: 33,
+        default_seconds: 2,
+        default_steps: 4,
+        max_steps: 50,
+        default_guidance_scale: 5.0,
+        default_shift: 3.0,
+        max_n: 1,
+    }
+}
+
+async fn up(args: &Args) -> Result<()> {
+    let (mut gateway, warnings): (GatewayConfig, _) =
+        x2v_core::config::load(args.config.as_deref())?;
+    let telemetry = x2v_core::telemetry::init("x2v", &gateway.telemetry)?;
+    for w in warnings {
+        tracing::warn!("{}", w.0);
+    }
+    x2v_models::device::load_cuda().map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
+
+    let (model_dir, model, tasks) = match &args.model_dir {
+        None => {
+            let dir = args.data_dir.join("demo-model");
+            if !dir.join("model_index.json").exists() {
+                eprintln!("x2v up: writing the demo model to {}", dir.display());
+                x2v_models::wan::demo::write_demo_model(
+                    &dir,
+                    &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false },
+                )
+                .context("writing the demo model")?;
+            }
+            gateway.models = vec![demo_model_config()];
+            (dir, DEMO_MODEL.to_string(), vec![Task::T2v, Task::T2i])
+        }
+        Some(dir) => {
+            let i2v = is_i2v(dir).with_context(|| format!("--model-dir {}", dir.display()))?;
+            let name = args.model.clone().unwrap_or_else(|| {
+                if i2v { "wan2.1-i2v".into() } else { "wan2.1-t2v".into() }
+            });
+            let base = if i2v {
+                ModelConfig::wan21_i2v_14b_480p()
+            } else {
+                ModelConfig::wan21_t2v_1_3b()
+            };
+            let tasks = if i2v { vec![Task::I2v] } else { vec![Task::T2v, Task::T2i] };
+            gateway.models = vec![ModelConfig { name: name.clone(), tasks: tasks.clone(), ..base }];
+            (dir.clone(), name, tasks)
+        }
+    };
+    if let Some(name) = &args.model
+        && args.model_dir.is_none()
+    {
+        bail!("--model {name} needs --model-dir (the demo model is always served as {DEMO_MODEL})");
+    }
+
+    gateway.queue.backend = "memory".into();
+    gateway.storage.kind = "local".into();
+    gateway.storage.path = args.data_dir.join("outputs").display().to_string();
+    gateway.listen = args.listen.clone();
+    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(Retention {
+        finished_ttl: Duration::from_secs(gateway.queue.finished_ttl_s),
+        idempotency_ttl: Duration::from_secs(gateway.queue.idempotency_ttl_s),
+        ..Retention::default()
+    }));
+    let storage = Storage::from_config(&gateway.storage).context("storage")?;
+    let shared = Shared {
+        queue: queue.clone(),
+        exchange: Arc::new(InProcess::new(Duration::from_secs(600))),
+        storage: storage.clone(),
+    };
+
+    let stage_config = StageConfig {
+        rank: 0,
+        model: model.clone(),
+        model_dir: model_dir.display().to_string(),
+        tasks,
+        device: args.device.clone(),
+        grpc: Default::default(),
+        http: Default::default(),
+        ..StageConfig::default()
+    };
+    let shutdown = crate::serve::shutdown_on_signals();
+    let mut stages = tokio::task::JoinSet::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    macro_rules! start {
+        ($name:literal, $runner:expr) => {{
+            let runner = $runner.map_err(|e| anyhow::anyhow!("{}: {e}", $name))?;
+            let (config, shared, stop, tx) =
+                (stage_config.clone(), shared.clone(), shutdown.clone(), ready_tx.clone());
+            stages.spawn(async move {
+                let on_ready = move |_: &x2v_stage::service::Endpoints| {
+                    let _ = tx.send($name);
+                };
+                x2v_stage::service::run(config, runner, Some(shared), stop, on_ready)
+                    .await
+                    .with_context(|| format!("{} stage", $name))
+            });
+        }};
+    }
+    start!("encoder", x2v_encoder::EncoderRunner::new(&stage_config, storage.clone()));
+    start!("dit", x2v_dit::DitRunner::new(&stage_config));
+    start!("decoder", x2v_decoder::DecoderRunner::new(&stage_config));
+    drop(ready_tx);
+    let mut ready = 0;
+    while ready < 3 {
+        tokio::select! {
+            Some(_) = ready_rx.recv() => ready += 1,
+            Some(r) = stages.join_next() => {
+                r.context("a stage task panicked")??;
+                bail!("a stage stopped while starting");
+            }
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind(&gateway.listen)
+        .await
+        .with_context(|| format!("--listen {}", gateway.listen))?;
+    let addr = listener.local_addr()?;
+    if args.model_dir.is_none() {
+        eprintln!(
+            "x2v up: serving the demo model `{DEMO_MODEL}`: tiny and random-initialised, so its \
+             videos are noise. Pass --model-dir DIR to serve real Wan2.1 weights."
+        );
+    }
+    println!("x2v up: serving `{model}` at http://{addr}/v1 (OpenAI base_url); Ctrl-C stops");
+    let state = x2v_gateway::AppState::new(gateway, queue, storage);
+    let served = x2v_gateway::serve(state, listener, shutdown.clone()).await;
+    shutdown.cancel();
+    while let Some(r) = stages.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "stage stopped with an error");
+        }
+    }
+    telemetry.shutdown();
+    Ok(served?)
+}
