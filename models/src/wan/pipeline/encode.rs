@@ -3,8 +3,9 @@
 //! `WanImageToVideoPipeline` compute them before denoising.
 //!
 //! Boundary: `encode(prompt, negative, image uint8 [H, W, 3]?, geometry, guidance)` → [`Phase1`]
-//! with `prompt_embeds [1, 512, text_dim]` fp32 (rows past the prompt zero), the negative the same
-//! only when guidance is on (> 1), and for I2V `image_embeds [1, N, clip_dim]` fp32 and
+//! with `prompt_embeds [1, L, text_dim]` fp32 (`L` ≤ 512 the prompt's tokens, `</s>` included: no
+//! padding travels to the DiT stage, which zero-pads to 512 rows), the negative the same only when
+//! guidance is on (> 1), and for I2V `image_embeds [1, N, clip_dim]` fp32 and
 //! `condition [1, 20, T, H/8, W/8]` fp32.
 
 use std::path::Path;
@@ -176,8 +177,9 @@ impl WanEncoder {
         }
         let _guard = tch::no_grad_guard();
         let embed = |text: &str| -> Result<Tensor, EncodeError> {
-            let e = self.text_encoder.prompt_embeds(&self.tokenizer, &[text])?;
-            Ok(e.to_kind(Kind::Float))
+            let rows = self.text_encoder.prompt_embeds_trimmed(&self.tokenizer, &[text])?;
+            let e = rows.into_iter().next().expect("one prompt in, one row set out");
+            Ok(e.to_kind(Kind::Float).unsqueeze(0))
         };
         let prompt_embeds = embed(prompt)?;
         let negative_prompt_embeds =
