@@ -336,6 +336,11 @@ impl WanTransformer3DModel {
         self.device
     }
 
+    /// Bytes held by the loaded parameters.
+    pub fn parameter_bytes(&self) -> u64 {
+        crate::weights::parameter_bytes(&self.vs)
+    }
+
     /// Predicts the flow velocity. `timestep` is `[B]` (any numeric dtype) or a scalar;
     /// `image_context` is required for I2V models and rejected for T2V ones.
     pub fn forward(

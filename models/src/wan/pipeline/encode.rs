@@ -17,7 +17,8 @@ use super::{Geometry, Phase1};
 use crate::wan::image_encoder::{ClipPreprocess, ClipVisionModel, ImageEncoderError};
 use crate::wan::text_encoder::{TextEncoderError, UMT5EncoderModel};
 use crate::wan::tokenizer::{T5Tokenizer, TokenizerError};
-use crate::wan::vae::{AutoencoderKLWan, VaeError};
+use crate::wan::vae::{AutoencoderKLWan, VaeError, VaeParts};
+use crate::weights;
 
 /// Which Wan2.1 task a model directory serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,9 +79,9 @@ impl EncodeError {
 struct ImageBranch {
     clip: ClipVisionModel,
     preprocess: ClipPreprocess,
-    /// Used for its encoder only (the I2V conditioning).
+    /// The encoder half only (the I2V conditioning).
     vae: AutoencoderKLWan,
-    _vs: [tch::nn::VarStore; 2],
+    vs: [tch::nn::VarStore; 2],
 }
 
 /// The encoder stage's models: tokenizer + UMT5, plus CLIP and the VAE for I2V.
@@ -89,7 +90,7 @@ pub struct WanEncoder {
     task: Task,
     tokenizer: T5Tokenizer,
     text_encoder: UMT5EncoderModel,
-    _text_vs: tch::nn::VarStore,
+    text_vs: tch::nn::VarStore,
     image: Option<ImageBranch>,
 }
 
@@ -148,15 +149,27 @@ impl WanEncoder {
                     None => ClipPreprocess::default(),
                 };
                 let (clip_vs, clip) = ClipVisionModel::load(&clip_path, None, device, dtype)?;
-                let (vae_vs, vae) = AutoencoderKLWan::load(&vae_path, None, device, dtype)?;
-                Some(ImageBranch { clip, preprocess, vae, _vs: [clip_vs, vae_vs] })
+                let (vae_vs, vae) = AutoencoderKLWan::load_parts(
+                    &vae_path,
+                    None,
+                    device,
+                    dtype,
+                    VaeParts::Encoder,
+                )?;
+                Some(ImageBranch { clip, preprocess, vae, vs: [clip_vs, vae_vs] })
             }
         };
-        Ok(WanEncoder { task, tokenizer, text_encoder, _text_vs: text_vs, image })
+        Ok(WanEncoder { task, tokenizer, text_encoder, text_vs, image })
     }
 
     pub fn task(&self) -> Task {
         self.task
+    }
+
+    /// Bytes held by the loaded parameters (UMT5, plus CLIP and the VAE encoder for I2V).
+    pub fn parameter_bytes(&self) -> u64 {
+        let image = self.image.iter().flat_map(|b| &b.vs);
+        std::iter::once(&self.text_vs).chain(image).map(weights::parameter_bytes).sum()
     }
 
     /// Builds the DiT stage's input. `negative_prompt` defaults to `""` and is encoded only when
