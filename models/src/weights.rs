@@ -236,6 +236,11 @@ pub fn load_into(
     Ok(())
 }
 
+/// Bytes held by the parameters of `vs` (element count × element size, each in its own dtype).
+pub fn parameter_bytes(vs: &nn::VarStore) -> u64 {
+    vs.variables().values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

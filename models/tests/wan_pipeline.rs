@@ -12,6 +12,7 @@ use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
     load_transformer,
 };
+use x2v_models::wan::tokenizer::T5Tokenizer;
 
 use common::{
     PipelineSettings as Settings, assert_frames_match, frame_agreement, pipeline_settings,
@@ -25,7 +26,15 @@ fn generate(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Ten
         .encode(&s.prompt, Some(&s.negative_prompt), image, geometry, s.guidance_scale)
         .unwrap();
     assert_eq!(phase1.prompt_embeds.kind(), Kind::Float);
-    assert_eq!(phase1.negative_prompt_embeds.as_ref().unwrap().size(), [1, 512, 48]);
+    // Exact-length embeddings: one row per token (`</s>` included), no padding to 512.
+    let tokenizer = T5Tokenizer::from_file(&dir.join("tokenizer")).unwrap();
+    for (text, embeds) in [
+        (&s.prompt, &phase1.prompt_embeds),
+        (&s.negative_prompt, phase1.negative_prompt_embeds.as_ref().unwrap()),
+    ] {
+        let len = tokenizer.encode(text).unwrap().len() as i64;
+        assert_eq!(embeds.size(), [1, len, 48], "{text:?}");
+    }
     let dit = load_transformer(dir, Device::Cpu, Kind::Float).unwrap();
     let settings = DenoiseSettings {
         steps: s.steps,

@@ -6,7 +6,8 @@ mod common;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use x2v_models::wan::vae::{AutoencoderKLWan, Quantize, VaeConfig, VaeError, frames_u8};
+use x2v_models::wan::vae::{AutoencoderKLWan, Quantize, VaeConfig, VaeError, VaeParts, frames_u8};
+use x2v_models::weights::parameter_bytes;
 
 /// fp32 CPU; tolerances are relative to max(1, max|reference|).
 const TOL: f64 = 1e-4;
@@ -141,4 +142,73 @@ fn i2v_condition_matches_diffusers_prepare_latents() {
     assert!(y.narrow(1, 0, 4).equal(&io["i2v_y"].narrow(1, 0, 4)), "mask channels are exact");
     let err = vae.i2v_condition(&io["i2v_image"], 8).unwrap_err();
     assert!(err.to_string().contains("num_frames = 8"), "{err}");
+}
+
+#[test]
+fn halves_load_alone_and_match_the_whole_vae() {
+    let dir = common::fixture("wan_vae");
+    let io = common::tensors(&dir.join("io.safetensors"));
+    let half = |parts| {
+        AutoencoderKLWan::load_parts(&dir.join("vae"), None, Device::Cpu, None, parts).unwrap()
+    };
+    let (full_vs, _) = AutoencoderKLWan::load(&dir.join("vae"), None, Device::Cpu, None).unwrap();
+    let (enc_vs, enc) = half(VaeParts::Encoder);
+    let (dec_vs, dec) = half(VaeParts::Decoder);
+    let (full, e, d) =
+        (parameter_bytes(&full_vs), parameter_bytes(&enc_vs), parameter_bytes(&dec_vs));
+    eprintln!("parameter bytes: full {full}, encoder half {e}, decoder half {d}");
+    assert!(e < full && d < full && e + d == full, "full {full}, encoder {e}, decoder {d}");
+    assert!(
+        enc_vs.variables().keys().all(|k| k.starts_with("encoder.")
+            || k == "quant_conv.weight"
+            || k == "quant_conv.bias")
+    );
+
+    close("encoder half", &enc.encode(&io["video"]).unwrap(), &io["latent_mode_raw"]);
+    let y = enc.i2v_condition(&io["i2v_image"], 9).unwrap();
+    close("encoder half i2v_y", &y, &io["i2v_y"]);
+    let z = dec.denormalize_latents(&io["latent_normalized"]).unwrap();
+    close("decoder half", &dec.decode(&z).unwrap(), &io["decoded"]);
+
+    // The half left out is reported, not silently absent.
+    let err = dec.encode(&io["video"]).unwrap_err();
+    assert!(err.to_string().contains("without its encoder"), "{err}");
+    let err = enc.decode(&z).unwrap_err();
+    assert!(err.to_string().contains("without its decoder"), "{err}");
+
+    // The original layout's halves load the same way.
+    let cfg = VaeConfig::from_file(&dir.join("vae/config.json")).unwrap();
+    let orig = dir.join("Wan2.1_VAE.pth");
+    let (vs, _) =
+        AutoencoderKLWan::load_parts(&orig, Some(cfg), Device::Cpu, None, VaeParts::Decoder)
+            .unwrap();
+    assert_eq!(parameter_bytes(&vs), d);
+}
+
+#[test]
+fn a_half_is_strict_about_its_own_keys() {
+    let dir = common::fixture("wan_vae");
+    let ckpt = common::tensors(&dir.join("vae/diffusion_pytorch_model.safetensors"));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("vae/config.json"), tmp.path().join("config.json")).unwrap();
+    let write = |skip: &str| {
+        let kept: Vec<(String, Tensor)> = ckpt
+            .iter()
+            .filter(|(k, _)| k.as_str() != skip)
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        Tensor::write_safetensors(&kept, tmp.path().join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
+    };
+    let load = |parts| AutoencoderKLWan::load_parts(tmp.path(), None, Device::Cpu, None, parts);
+
+    // Without an encoder weight, the decoder half still loads; the encoder half names the key.
+    write("encoder.conv_in.weight");
+    load(VaeParts::Decoder).unwrap();
+    let err = load(VaeParts::Encoder).unwrap_err();
+    assert!(err.to_string().contains("missing key `encoder.conv_in.weight`"), "{err}");
+    write("post_quant_conv.bias");
+    load(VaeParts::Encoder).unwrap();
+    let err = load(VaeParts::Decoder).unwrap_err();
+    assert!(err.to_string().contains("missing key `post_quant_conv.bias`"), "{err}");
 }

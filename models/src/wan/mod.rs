@@ -1,7 +1,9 @@
 //! Wan2.1 video models: the diffusion transformer with its configuration and 3D RoPE, the VAE,
-//! the UMT5 text encoder with its tokenizer, the CLIP image encoder, and the stage pipelines.
+//! the UMT5 text encoder with its tokenizer, the CLIP image encoder, the stage pipelines, and a
+//! tiny random demo model written from Rust ([`demo`]).
 
 pub mod config;
+pub mod demo;
 pub mod image_encoder;
 pub mod pipeline;
 pub mod rope;

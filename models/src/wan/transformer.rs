@@ -279,6 +279,16 @@ impl WanTransformer3DModel {
         Ok(model)
     }
 
+    /// The parameters a model for `config` has, by checkpoint key (diffusers names), with their
+    /// shapes, sorted by key.
+    pub fn parameter_shapes(config: &Config) -> Vec<(String, Vec<i64>)> {
+        let model = Self::build(nn::VarStore::new(Device::Cpu), config.clone(), Kind::Float);
+        let mut shapes: Vec<(String, Vec<i64>)> =
+            model.vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
+        shapes.sort();
+        shapes
+    }
+
     fn build(vs: nn::VarStore, config: Config, kind: Kind) -> Self {
         let root = &vs.root();
         let cfg = &config;
@@ -334,6 +344,11 @@ impl WanTransformer3DModel {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// Bytes held by the loaded parameters.
+    pub fn parameter_bytes(&self) -> u64 {
+        crate::weights::parameter_bytes(&self.vs)
     }
 
     /// Predicts the flow velocity. `timestep` is `[B]` (any numeric dtype) or a scalar;

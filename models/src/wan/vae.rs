@@ -8,6 +8,10 @@
 //! Boundary shapes: video `[B, 3, 1+4k, H, W]` in `[-1, 1]` ↔ latents `[B, z_dim, 1+k, H/8, W/8]`.
 //! Encoding runs the frame chunks `[0], [1:5], [5:9], …`; decoding runs one latent frame at a
 //! time (the first yields one frame, each later one four) and clamps to `[-1, 1]`.
+//!
+//! A stage that needs one direction only builds and loads that half ([`VaeParts`]): the decoder
+//! stage `decoder.*` + `post_quant_conv`, the I2V encoder `encoder.*` + `quant_conv`; both keep
+//! the latent statistics.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,6 +33,8 @@ pub enum VaeError {
     ConfigFile { path: String, message: String },
     #[error("bad VAE input: {0}")]
     Input(String),
+    #[error("this VAE was loaded without its {0} (VaeParts::{1:?})")]
+    NotLoaded(&'static str, VaeParts),
     #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error(transparent)]
@@ -326,15 +332,46 @@ impl Decoder {
     }
 }
 
+/// Which halves of the VAE are built and loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeParts {
+    /// Encoder and decoder.
+    #[default]
+    Full,
+    /// `encoder.*` + `quant_conv`: video → latents (the I2V conditioning).
+    Encoder,
+    /// `decoder.*` + `post_quant_conv`: latents → video.
+    Decoder,
+}
+
+impl VaeParts {
+    pub fn has_encoder(self) -> bool {
+        self != VaeParts::Decoder
+    }
+
+    pub fn has_decoder(self) -> bool {
+        self != VaeParts::Encoder
+    }
+
+    /// Whether checkpoint key `key` (diffusers name) belongs to a half this selection leaves
+    /// out; such keys are skipped on load rather than reported as unexpected.
+    pub fn skips(self, key: &str) -> bool {
+        let encoder = key.starts_with("encoder.") || key.starts_with("quant_conv.");
+        let decoder = key.starts_with("decoder.") || key.starts_with("post_quant_conv.");
+        (encoder && !self.has_encoder()) || (decoder && !self.has_decoder())
+    }
+}
+
 /// The Wan2.1 VAE with diffusers module paths (`encoder.*`, `decoder.*`, `quant_conv`,
-/// `post_quant_conv`).
+/// `post_quant_conv`), whole or one half of it ([`VaeParts`]).
 #[derive(Debug)]
 pub struct AutoencoderKLWan {
     cfg: VaeConfig,
-    encoder: Encoder,
-    decoder: Decoder,
-    quant_conv: CausalConv3d,
-    post_quant_conv: CausalConv3d,
+    parts: VaeParts,
+    /// `encoder` and `quant_conv`.
+    encoder: Option<(Encoder, CausalConv3d)>,
+    /// `decoder` and `post_quant_conv`.
+    decoder: Option<(Decoder, CausalConv3d)>,
     latents_mean: Tensor,
     latents_std: Tensor,
 }
@@ -354,6 +391,11 @@ pub enum Quantize {
 impl AutoencoderKLWan {
     /// Builds the modules under `p` (parameters uninitialised until loaded).
     pub fn new(p: &nn::Path, cfg: &VaeConfig) -> Result<Self, VaeError> {
+        Self::new_parts(p, cfg, VaeParts::Full)
+    }
+
+    /// Builds only the modules of `parts` under `p`.
+    pub fn new_parts(p: &nn::Path, cfg: &VaeConfig, parts: VaeParts) -> Result<Self, VaeError> {
         cfg.validate()?;
         let dev = p.device();
         let z = cfg.z_dim;
@@ -361,10 +403,15 @@ impl AutoencoderKLWan {
             |v: &[f64]| Tensor::from_slice(v).to_kind(Kind::Float).view([1, z, 1, 1, 1]).to(dev);
         Ok(AutoencoderKLWan {
             cfg: cfg.clone(),
-            encoder: Encoder::new(p / "encoder", cfg),
-            decoder: Decoder::new(p / "decoder", cfg),
-            quant_conv: CausalConv3d::cube(p / "quant_conv", 2 * z, 2 * z, 1),
-            post_quant_conv: CausalConv3d::cube(p / "post_quant_conv", z, z, 1),
+            parts,
+            encoder: parts.has_encoder().then(|| {
+                let quant_conv = CausalConv3d::cube(p / "quant_conv", 2 * z, 2 * z, 1);
+                (Encoder::new(p / "encoder", cfg), quant_conv)
+            }),
+            decoder: parts.has_decoder().then(|| {
+                let post_quant_conv = CausalConv3d::cube(p / "post_quant_conv", z, z, 1);
+                (Decoder::new(p / "decoder", cfg), post_quant_conv)
+            }),
             latents_mean: stats(&cfg.latents_mean),
             latents_std: stats(&cfg.latents_std),
         })
@@ -380,6 +427,18 @@ impl AutoencoderKLWan {
         device: Device,
         dtype: Option<Kind>,
     ) -> Result<(nn::VarStore, Self), VaeError> {
+        Self::load_parts(path, cfg, device, dtype, VaeParts::Full)
+    }
+
+    /// [`AutoencoderKLWan::load`] for the halves in `parts`: the keys of a half left out are
+    /// skipped, those of a loaded half are checked strictly (a missing one is an error).
+    pub fn load_parts(
+        path: &Path,
+        cfg: Option<VaeConfig>,
+        device: Device,
+        dtype: Option<Kind>,
+        parts: VaeParts,
+    ) -> Result<(nn::VarStore, Self), VaeError> {
         let cfg = match cfg {
             Some(c) => c,
             None if path.join("config.json").is_file() => {
@@ -388,14 +447,13 @@ impl AutoencoderKLWan {
             None => VaeConfig::wan21(),
         };
         let ckpt = Checkpoint::open(path)?;
-        let ckpt = if ckpt.get("encoder.conv1.weight").is_some() {
-            let table = original_key_table(&cfg);
-            ckpt.remap(|k| Some(remap_key(&table, k)))
-        } else {
-            ckpt
-        };
+        let table = ckpt.get("encoder.conv1.weight").is_some().then(|| original_key_table(&cfg));
+        let ckpt = ckpt.remap(|k| {
+            let k = table.as_ref().map_or_else(|| k.to_owned(), |t| remap_key(t, k));
+            (!parts.skips(&k)).then_some(k)
+        });
         let vs = nn::VarStore::new(device);
-        let model = Self::new(&vs.root(), &cfg)?;
+        let model = Self::new_parts(&vs.root(), &cfg, parts)?;
         weights::load_into(&vs, &ckpt, &LoadOptions { strict: true, dtype, keep_f32: &[] })?;
         Ok((vs, model))
     }
@@ -404,13 +462,27 @@ impl AutoencoderKLWan {
         &self.cfg
     }
 
+    /// Which halves are built.
+    pub fn parts(&self) -> VaeParts {
+        self.parts
+    }
+
+    /// A parameter of whichever half is built (all share one dtype and device).
+    fn any_weight(&self) -> &Tensor {
+        match (&self.encoder, &self.decoder) {
+            (_, Some((_, post_quant_conv))) => post_quant_conv.weight(),
+            (Some((_, quant_conv)), None) => quant_conv.weight(),
+            (None, None) => unreachable!("VaeParts always selects a half"),
+        }
+    }
+
     /// The parameters' dtype (all share one).
     fn kind(&self) -> Kind {
-        self.decoder.conv_in.weight().kind()
+        self.any_weight().kind()
     }
 
     fn device(&self) -> Device {
-        self.decoder.conv_in.weight().device()
+        self.any_weight().device()
     }
 
     fn check_5d(&self, x: &Tensor, what: &str, channels: i64) -> Result<[i64; 5], VaeError> {
@@ -434,6 +506,9 @@ impl AutoencoderKLWan {
     /// The posterior parameters `[B, 2·z_dim, T', H/8, W/8]` (mean, then log-variance) of a video
     /// `[B, 3, 1+4k, H, W]` in `[-1, 1]`; H and W must be multiples of 8.
     pub fn encode_moments(&self, video: &Tensor) -> Result<Tensor, VaeError> {
+        let Some((encoder, quant_conv)) = &self.encoder else {
+            return Err(VaeError::NotLoaded("encoder", self.parts));
+        };
         let s = self.check_5d(video, "video", self.cfg.in_channels)?;
         let (tf, sf) = (self.cfg.temporal_factor(), self.cfg.spatial_factor());
         if (s[2] - 1) % tf != 0 {
@@ -456,11 +531,11 @@ impl AutoencoderKLWan {
         while start < s[2] {
             let len = if start == 0 { 1 } else { tf };
             cache.start_chunk();
-            outs.push(self.encoder.forward(&x.narrow(2, start, len), &mut cache));
+            outs.push(encoder.forward(&x.narrow(2, start, len), &mut cache));
             start += len;
         }
         let h = Tensor::cat(&outs, 2);
-        Ok(self.quant_conv.forward(&h, None))
+        Ok(quant_conv.forward(&h, None))
     }
 
     /// `encode(video).latent_dist.mode()`: the posterior mean `[B, z_dim, T', H/8, W/8]`.
@@ -471,15 +546,17 @@ impl AutoencoderKLWan {
     /// Decodes raw (un-normalised) latents `[B, z_dim, T', h, w]` to a video
     /// `[B, 3, 1+4(T'−1), 8h, 8w]` clamped to `[-1, 1]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor, VaeError> {
+        let Some((decoder, post_quant_conv)) = &self.decoder else {
+            return Err(VaeError::NotLoaded("decoder", self.parts));
+        };
         let s = self.check_5d(z, "latents", self.cfg.z_dim)?;
         let _guard = tch::no_grad_guard();
-        let x =
-            self.post_quant_conv.forward(&z.to_device(self.device()).to_kind(self.kind()), None);
+        let x = post_quant_conv.forward(&z.to_device(self.device()).to_kind(self.kind()), None);
         let mut cache = FeatCache::new();
         let mut outs = Vec::with_capacity(s[2] as usize);
         for i in 0..s[2] {
             cache.start_chunk();
-            outs.push(self.decoder.forward(&x.narrow(2, i, 1), &mut cache));
+            outs.push(decoder.forward(&x.narrow(2, i, 1), &mut cache));
         }
         Ok(Tensor::cat(&outs, 2).clamp_(-1.0, 1.0))
     }

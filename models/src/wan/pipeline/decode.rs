@@ -10,7 +10,8 @@ use tch::{Device, Kind, Tensor};
 
 use super::Phase2;
 use super::model_dir::{ModelDir, ModelDirError};
-use crate::wan::vae::{AutoencoderKLWan, Quantize, VaeError, frames_u8};
+use crate::wan::vae::{AutoencoderKLWan, Quantize, VaeError, VaeParts, frames_u8};
+use crate::weights;
 
 /// Why the decoder stage failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,23 +34,30 @@ impl DecodeError {
     }
 }
 
-/// The decoder stage's model: the VAE (its decoder half is what runs).
+/// The decoder stage's model: the decoder half of the VAE.
 #[derive(Debug)]
 pub struct WanDecoder {
     vae: AutoencoderKLWan,
-    _vs: tch::nn::VarStore,
+    vs: tch::nn::VarStore,
 }
 
 impl WanDecoder {
-    /// Loads the VAE of a model directory (either layout); `dtype` casts it (`None`: fp32).
+    /// Loads the decoder half of the VAE of a model directory (either layout: the encoder's
+    /// weights are skipped); `dtype` casts it (`None`: fp32).
     pub fn load(
         model_dir: &Path,
         device: Device,
         dtype: Option<Kind>,
     ) -> Result<Self, DecodeError> {
         let path = ModelDir::open(model_dir)?.vae()?;
-        let (vs, vae) = AutoencoderKLWan::load(&path, None, device, dtype)?;
-        Ok(WanDecoder { vae, _vs: vs })
+        let (vs, vae) =
+            AutoencoderKLWan::load_parts(&path, None, device, dtype, VaeParts::Decoder)?;
+        Ok(WanDecoder { vae, vs })
+    }
+
+    /// Bytes held by the loaded parameters.
+    pub fn parameter_bytes(&self) -> u64 {
+        weights::parameter_bytes(&self.vs)
     }
 
     /// The video of `phase2` as `uint8 [F, H, W, 3]` (CPU, contiguous).

@@ -3,8 +3,9 @@
 //! `WanImageToVideoPipeline` compute them before denoising.
 //!
 //! Boundary: `encode(prompt, negative, image uint8 [H, W, 3]?, geometry, guidance)` → [`Phase1`]
-//! with `prompt_embeds [1, 512, text_dim]` fp32 (rows past the prompt zero), the negative the same
-//! only when guidance is on (> 1), and for I2V `image_embeds [1, N, clip_dim]` fp32 and
+//! with `prompt_embeds [1, L, text_dim]` fp32 (`L` ≤ 512 the prompt's tokens, `</s>` included: no
+//! padding travels to the DiT stage, which zero-pads to 512 rows), the negative the same only when
+//! guidance is on (> 1), and for I2V `image_embeds [1, N, clip_dim]` fp32 and
 //! `condition [1, 20, T, H/8, W/8]` fp32.
 
 use std::path::Path;
@@ -16,7 +17,8 @@ use super::{Geometry, Phase1};
 use crate::wan::image_encoder::{ClipPreprocess, ClipVisionModel, ImageEncoderError};
 use crate::wan::text_encoder::{TextEncoderError, UMT5EncoderModel};
 use crate::wan::tokenizer::{T5Tokenizer, TokenizerError};
-use crate::wan::vae::{AutoencoderKLWan, VaeError};
+use crate::wan::vae::{AutoencoderKLWan, VaeError, VaeParts};
+use crate::weights;
 
 /// Which Wan2.1 task a model directory serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +79,9 @@ impl EncodeError {
 struct ImageBranch {
     clip: ClipVisionModel,
     preprocess: ClipPreprocess,
-    /// Used for its encoder only (the I2V conditioning).
+    /// The encoder half only (the I2V conditioning).
     vae: AutoencoderKLWan,
-    _vs: [tch::nn::VarStore; 2],
+    vs: [tch::nn::VarStore; 2],
 }
 
 /// The encoder stage's models: tokenizer + UMT5, plus CLIP and the VAE for I2V.
@@ -88,7 +90,7 @@ pub struct WanEncoder {
     task: Task,
     tokenizer: T5Tokenizer,
     text_encoder: UMT5EncoderModel,
-    _text_vs: tch::nn::VarStore,
+    text_vs: tch::nn::VarStore,
     image: Option<ImageBranch>,
 }
 
@@ -147,15 +149,27 @@ impl WanEncoder {
                     None => ClipPreprocess::default(),
                 };
                 let (clip_vs, clip) = ClipVisionModel::load(&clip_path, None, device, dtype)?;
-                let (vae_vs, vae) = AutoencoderKLWan::load(&vae_path, None, device, dtype)?;
-                Some(ImageBranch { clip, preprocess, vae, _vs: [clip_vs, vae_vs] })
+                let (vae_vs, vae) = AutoencoderKLWan::load_parts(
+                    &vae_path,
+                    None,
+                    device,
+                    dtype,
+                    VaeParts::Encoder,
+                )?;
+                Some(ImageBranch { clip, preprocess, vae, vs: [clip_vs, vae_vs] })
             }
         };
-        Ok(WanEncoder { task, tokenizer, text_encoder, _text_vs: text_vs, image })
+        Ok(WanEncoder { task, tokenizer, text_encoder, text_vs, image })
     }
 
     pub fn task(&self) -> Task {
         self.task
+    }
+
+    /// Bytes held by the loaded parameters (UMT5, plus CLIP and the VAE encoder for I2V).
+    pub fn parameter_bytes(&self) -> u64 {
+        let image = self.image.iter().flat_map(|b| &b.vs);
+        std::iter::once(&self.text_vs).chain(image).map(weights::parameter_bytes).sum()
     }
 
     /// Builds the DiT stage's input. `negative_prompt` defaults to `""` and is encoded only when
@@ -176,8 +190,9 @@ impl WanEncoder {
         }
         let _guard = tch::no_grad_guard();
         let embed = |text: &str| -> Result<Tensor, EncodeError> {
-            let e = self.text_encoder.prompt_embeds(&self.tokenizer, &[text])?;
-            Ok(e.to_kind(Kind::Float))
+            let rows = self.text_encoder.prompt_embeds_trimmed(&self.tokenizer, &[text])?;
+            let e = rows.into_iter().next().expect("one prompt in, one row set out");
+            Ok(e.to_kind(Kind::Float).unsqueeze(0))
         };
         let prompt_embeds = embed(prompt)?;
         let negative_prompt_embeds =

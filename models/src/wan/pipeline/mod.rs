@@ -1,12 +1,14 @@
 //! The Wan2.1 stage pipeline: the encoder stage ([`WanEncoder`]), the payload it sends the DiT
 //! stage (Phase1), the denoising loop ([`denoise()`]) with the DiT loader ([`load_transformer`]),
 //! the payload the DiT stage hands the decoder stage (Phase2), and the decoder stage
-//! ([`WanDecoder`]). Model directories are located by [`ModelDir`] in either published layout.
+//! ([`WanDecoder`]). Model directories are located by [`ModelDir`] in either published layout;
+//! [`payload`] converts both payloads to and from the named tensors `x2v-transfer` moves.
 
 pub mod decode;
 pub mod denoise;
 pub mod encode;
 pub mod model_dir;
+pub mod payload;
 
 use std::collections::HashMap;
 
@@ -18,6 +20,7 @@ pub use denoise::{
 };
 pub use encode::{EncodeError, Task, WanEncoder};
 pub use model_dir::{Layout, LoadDitError, ModelDir, ModelDirError, load_transformer};
+pub use payload::{Part, PayloadError, tensor_from_part, tensor_to_part};
 
 /// Latent channels of the Wan2.1 VAE.
 pub const LATENT_CHANNELS: i64 = 16;
@@ -59,7 +62,8 @@ impl Geometry {
 #[derive(Debug)]
 pub struct Phase1 {
     pub geometry: Geometry,
-    /// `[1, L ≤ 512, text_dim]` prompt embeddings (zero-padded to 512 rows here if shorter).
+    /// `[1, L ≤ 512, text_dim]` prompt embeddings, `L` the prompt's token count (`</s>`
+    /// included); [`denoise()`] zero-pads them to [`TEXT_LEN`] rows as diffusers does.
     pub prompt_embeds: Tensor,
     /// `[1, L ≤ 512, text_dim]`; required when guidance is on.
     pub negative_prompt_embeds: Option<Tensor>,

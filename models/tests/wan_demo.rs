@@ -1,0 +1,128 @@
+//! The demo model written from Rust: x2v's three stage loaders accept it strictly, a short
+//! encode → denoise → decode run produces frames of the requested shape that are not constant,
+//! and one seed always writes the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+use x2v_models::schedulers::UniPcConfig;
+use x2v_models::wan::demo::{DemoOptions, write_demo_model};
+use x2v_models::wan::pipeline::{
+    DenoiseSettings, Geometry, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
+    load_transformer,
+};
+use x2v_models::wan::vae::AutoencoderKLWan;
+use x2v_models::weights::parameter_bytes;
+
+/// Runs the three stages on `dir` (2 UniPC steps, guidance 5) and returns `uint8 [F, H, W, 3]`.
+fn generate(dir: &Path, task: Task, g: Geometry, image: Option<&Tensor>) -> Tensor {
+    let encoder = WanEncoder::load(dir, task, Device::Cpu, None).unwrap();
+    let phase1 = encoder.encode("A cat walks on the grass.", None, image, g, 5.0).unwrap();
+    let dit = load_transformer(dir, Device::Cpu, Kind::Float).unwrap();
+    let settings = DenoiseSettings {
+        steps: 2,
+        guidance_scale: 5.0,
+        seed: 1,
+        scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(3.0)),
+        batch_cfg: true,
+    };
+    let phase2 = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
+    let decoder = WanDecoder::load(dir, Device::Cpu, None).unwrap();
+    assert!(encoder.parameter_bytes() > 0 && dit.parameter_bytes() > 0);
+    assert!(decoder.parameter_bytes() > 0);
+    decoder.decode(&phase2).unwrap()
+}
+
+#[track_caller]
+fn assert_varied_frames(frames: &Tensor, g: Geometry) {
+    assert_eq!(frames.size(), [g.frames, g.height, g.width, 3]);
+    assert_eq!(frames.kind(), Kind::Uint8);
+    let f = frames.to_kind(Kind::Double);
+    let std = f.std(true).double_value(&[]);
+    let (lo, hi) = (f.min().double_value(&[]), f.max().double_value(&[]));
+    eprintln!("frames: std {std:.1}, range [{lo}, {hi}]");
+    assert!(
+        std > 5.0 && hi - lo > 50.0,
+        "frames are nearly constant: std {std}, range [{lo}, {hi}]"
+    );
+}
+
+#[test]
+fn t2v_demo_runs_through_the_three_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_demo_model(tmp.path(), &DemoOptions { seed: 0, i2v: false }).unwrap();
+    let g = Geometry { frames: 9, height: 64, width: 96 };
+    assert_varied_frames(&generate(tmp.path(), Task::T2v, g, None), g);
+    // A T2V directory has no image encoder.
+    let err = WanEncoder::load(tmp.path(), Task::I2v, Device::Cpu, None).unwrap_err();
+    assert!(err.to_string().contains("image_encoder/"), "{err}");
+
+    // The decoder stage holds the decoder half of the VAE only.
+    let decoder = WanDecoder::load(tmp.path(), Device::Cpu, None).unwrap();
+    let (full, _) =
+        AutoencoderKLWan::load(&tmp.path().join("vae"), None, Device::Cpu, None).unwrap();
+    assert!(decoder.parameter_bytes() < parameter_bytes(&full));
+}
+
+#[test]
+fn i2v_demo_runs_through_the_three_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_demo_model(tmp.path(), &DemoOptions { seed: 5, i2v: true }).unwrap();
+    let g = Geometry { frames: 5, height: 64, width: 64 };
+    let ramp = Tensor::arange(64 * 64 * 3, (Kind::Int64, Device::Cpu)).remainder(251);
+    let image = ramp.to_kind(Kind::Uint8).view([64, 64, 3]);
+    assert_varied_frames(&generate(tmp.path(), Task::I2v, g, Some(&image)), g);
+}
+
+/// Every file under `dir` by relative path, with its bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn one_seed_writes_identical_files() {
+    let (a, b, c) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let opts = DemoOptions { seed: 11, i2v: true };
+    write_demo_model(a.path(), &opts).unwrap();
+    write_demo_model(b.path(), &opts).unwrap();
+    let (fa, fb) = (files(a.path()), files(b.path()));
+    let names: Vec<&str> = fa.keys().map(String::as_str).collect();
+    for want in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "image_encoder/config.json",
+        "image_encoder/model.safetensors",
+        "image_processor/preprocessor_config.json",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    assert_eq!(fa, fb, "same seed, different files");
+
+    write_demo_model(c.path(), &DemoOptions { seed: 12, ..opts }).unwrap();
+    let fc = files(c.path());
+    let weights = "transformer/diffusion_pytorch_model.safetensors";
+    assert_ne!(fa[weights], fc[weights], "another seed gives other weights");
+    assert_eq!(fa["transformer/config.json"], fc["transformer/config.json"]);
+}
