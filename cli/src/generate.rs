@@ -1,5 +1,6 @@
 //! `x2v generate`: one Wan2.1 video in this process — encoder, DiT and decoder stages in turn —
-//! written as `uint8 [F, H, W, 3]` to a `.npy` file.
+//! written as an H.264 MP4 (the decoder service's encoder, so the bytes match a served job's) or
+//! losslessly as `uint8 [F, H, W, 3]` to a `.npy` file.
 //!
 //! Every argument is validated before any model is loaded; errors name the value at fault.
 
@@ -52,7 +53,10 @@ pub struct Args {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output file; only `.npy` (`uint8 [F, H, W, 3]`) is supported.
+    /// Frames per second of an `.mp4` output.
+    #[arg(long, default_value_t = 16)]
+    fps: u32,
+    /// Output file: `.mp4` (H.264) or `.npy` (`uint8 [F, H, W, 3]`, lossless).
     #[arg(long)]
     out: PathBuf,
 }
@@ -94,11 +98,11 @@ fn validate(a: &Args) -> Result<Job> {
         bail!("--guidance must be a finite number, got {}", a.guidance);
     }
     let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or_default();
-    if !ext.eq_ignore_ascii_case("npy") {
-        bail!(
-            "--out {}: only .npy output is supported until media encoding exists",
-            a.out.display()
-        );
+    if !ext.eq_ignore_ascii_case("npy") && !ext.eq_ignore_ascii_case("mp4") {
+        bail!("--out {}: the output must be a .mp4 or .npy file", a.out.display());
+    }
+    if a.fps == 0 || a.fps > x2v_media::MAX_FPS {
+        bail!("--fps must be from 1 to {}, got {}", x2v_media::MAX_FPS, a.fps);
     }
     let image = match (a.task, &a.image) {
         (Task::I2v, None) => bail!("--task i2v needs --image FILE (the first frame)"),
@@ -160,6 +164,20 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Encodes `uint8 [F, H, W, 3]` frames as an H.264 MP4 at `fps`.
+fn write_mp4(path: &Path, t: &Tensor, fps: u32) -> Result<()> {
+    let size = t.size();
+    let data: Vec<u8> = Vec::try_from(&t.contiguous().view([-1]))?;
+    let frames = x2v_media::Frames::new(
+        &data,
+        size[0] as usize,
+        size[1] as usize,
+        size[2] as usize,
+    )?;
+    let mp4 = x2v_media::encode_mp4(&frames, fps, &x2v_media::Mp4Options::default())?;
+    std::fs::write(path, mp4).with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn generate(a: &Args, job: Job) -> Result<()> {
     let device = Device::cuda_if_available();
     // CPU runs fp32; on CUDA the encoders and the DiT run in bf16, the VAE decoder in fp32.
@@ -197,7 +215,12 @@ fn generate(a: &Args, job: Job) -> Result<()> {
         out?
     };
     let frames = WanDecoder::load(&a.model_dir, device, None)?.decode(&phase2)?;
-    write_npy(&a.out, &frames)?;
+    let is_mp4 = a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("mp4"));
+    if is_mp4 {
+        write_mp4(&a.out, &frames, a.fps)?;
+    } else {
+        write_npy(&a.out, &frames)?;
+    }
     eprintln!("x2v generate: wrote {:?} uint8 frames to {}", frames.size(), a.out.display());
     Ok(())
 }

@@ -86,7 +86,8 @@ fn bad_arguments_are_named() {
         (with(args.clone(), "--frames", "6"), &["--frames 6", "4k+1"]),
         (with(args.clone(), "--size", "60x64"), &["--size 60x64", "width 60", "multiple of 16"]),
         (with(args.clone(), "--size", "64by64"), &["--size", "`64by64`"]),
-        (with(args.clone(), "--out", "v.mp4"), &["v.mp4", "only .npy"]),
+        (with(args.clone(), "--out", "v.gif"), &["v.gif", "must be a .mp4 or .npy"]),
+        (with(args.clone(), "--fps", "0"), &["--fps", "got 0"]),
         (with(args.clone(), "--task", "x2v"), &["unknown task `x2v`"]),
         (with(args.clone(), "--task", "i2v"), &["--task i2v needs --image"]),
         (with(args.clone(), "--image", "first.png"), &["--image first.png", "--task i2v"]),
@@ -105,4 +106,42 @@ fn bad_arguments_are_named() {
         }
     }
     assert!(!out.exists(), "no output is written for bad arguments");
+}
+
+#[test]
+fn mp4_output_is_h264_of_the_same_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (npy, mp4) = (tmp.path().join("v.npy"), tmp.path().join("v.mp4"));
+    let (args, s) = t2v_args(npy.to_str().unwrap());
+    assert!(x2v(&args).status.success());
+    let mp4_args = with(with(args, "--out", mp4.to_str().unwrap()), "--fps", "8");
+    let o = x2v(&mp4_args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let probe = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-count_frames", "-show_streams", "-of", "json"])
+        .arg(&mp4)
+        .output()
+        .expect("ffprobe is installed (make setup)");
+    let v: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+    let st = &v["streams"][0];
+    assert_eq!(st["codec_name"], "h264", "{v:#}");
+    assert_eq!((st["width"].as_i64(), st["height"].as_i64()), (Some(s.width), Some(s.height)));
+    assert_eq!(st["nb_read_frames"].as_str(), Some(s.frames.to_string().as_str()));
+    assert_eq!(st["r_frame_rate"], "8/1");
+
+    // The MP4 decodes back to the lossless frames within H.264's loss.
+    let raw = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&mp4)
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .unwrap()
+        .stdout;
+    let want = Vec::<u8>::try_from(&Tensor::read_npy(&npy).unwrap().view([-1])).unwrap();
+    assert_eq!(raw.len(), want.len());
+    let mse = raw.iter().zip(&want).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>()
+        / want.len() as f64;
+    let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
+    assert!(psnr > 25.0, "PSNR of the MP4 against the lossless frames: {psnr:.1} dB");
 }
