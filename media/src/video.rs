@@ -42,7 +42,7 @@ pub fn encode_mp4(frames: &Frames, fps: u32, opts: &Mp4Options) -> Result<Vec<u8
         return Err(MediaError::Fps { fps, max: MAX_FPS });
     }
     let (width, height) = (frames.width, frames.height);
-    if width % 2 != 0 || height % 2 != 0 {
+    if !width.is_multiple_of(2) || !height.is_multiple_of(2) {
         return Err(MediaError::OddSize { width, height });
     }
     let bitrate_bps = opts.bitrate_for(width, height, fps);

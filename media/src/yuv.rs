@@ -22,7 +22,7 @@ const VB: i32 = -4681;
 /// Converts one RGB frame (`height * width * 3` bytes) to a planar I420 buffer
 /// (`Y` then `U` then `V`, `width * height * 3 / 2` bytes). Sides must be even.
 pub(crate) fn rgb_to_i420(rgb: &[u8], width: usize, height: usize) -> Vec<u8> {
-    debug_assert!(width % 2 == 0 && height % 2 == 0);
+    debug_assert!(width.is_multiple_of(2) && height.is_multiple_of(2));
     debug_assert_eq!(rgb.len(), width * height * 3);
     let luma_len = width * height;
     let chroma_len = luma_len / 4;
