@@ -46,7 +46,8 @@ pub(crate) fn encode(frames: &Frames, settings: Settings) -> Result<Stream, Medi
         .bitrate(BitRate::from_bps(settings.bitrate_bps))
         .max_frame_rate(FrameRate::from_hz(settings.fps as f32))
         .rate_control_mode(RateControlMode::Quality)
-        // Every input frame must become exactly one sample.
+        // Every input frame must become exactly one sample. The bitrate then becomes a target rather
+        // than a cap, and openh264 logs a warning saying so on stderr when it initialises.
         .skip_frames(false)
         .usage_type(UsageType::CameraVideoRealTime)
         .intra_frame_period(IntraFramePeriod::from_num_frames(settings.keyframe_interval))

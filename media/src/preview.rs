@@ -92,13 +92,16 @@ pub fn thumbnail_webp(frames: &Frames, max_side: u32) -> Result<Vec<u8>, MediaEr
         let (h, w) = fit(frames.height, frames.width, target);
         (w, h)
     };
-    let first = frame_image(frames, 0);
-    let pixels = if (width, height) == (frames.width, frames.height) {
-        first.into_raw().to_vec()
-    } else {
-        imageops::resize(&first, width as u32, height as u32, FilterType::Triangle).into_raw()
-    };
-    encode_image(&pixels, width, height, ImageFormat::Webp, None)
+    if (width, height) == (frames.width, frames.height) {
+        return encode_image(frames.frame(0), width, height, ImageFormat::Webp, None);
+    }
+    let scaled = imageops::resize(
+        &frame_image(frames, 0),
+        width as u32,
+        height as u32,
+        FilterType::Triangle,
+    );
+    encode_image(scaled.as_raw(), width, height, ImageFormat::Webp, None)
 }
 
 /// A JPEG grid of evenly spaced frames, left to right then top to bottom; see [`SpriteOptions`]

@@ -30,6 +30,10 @@ fn ffprobe_sees_every_frame_at_the_requested_rate() {
         assert_eq!(s["width"], width, "{case}");
         assert_eq!(s["height"], height, "{case}");
         assert_eq!(s["pix_fmt"], "yuv420p", "{case}");
+        // BT.601 limited range, signalled in the SPS.
+        assert_eq!(s["color_range"], "tv", "{case}");
+        assert_eq!(s["color_space"], "smpte170m", "{case}");
+        assert_eq!(s["profile"], "Constrained Baseline", "{case}");
         assert_eq!(s["nb_frames"], frames.to_string(), "{case}");
         assert_eq!(s["nb_read_frames"], frames.to_string(), "{case}");
         assert_eq!(s["r_frame_rate"], format!("{fps}/1"), "{case}");
