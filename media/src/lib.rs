@@ -1,2 +1,25 @@
 //! x2v-media: turns decoded frames (`uint8 [F, H, W, 3]` RGB) into what clients download.
+//!
+//! - [`encode_mp4`]: H.264 in MP4, encoded by openh264 built from its bundled source and written
+//!   by a small in-crate MP4 writer, so no system FFmpeg is needed. The output is deterministic:
+//!   a disaggregated run and a single-process run of the same frames give the same file.
+//! - [`thumbnail_webp`] and [`spritesheet_jpeg`]: previews of a video.
+//! - [`encode_image`]: PNG, JPEG or WebP for image responses.
+//!
+//! Everything here is CPU-bound and synchronous; async callers run it on a blocking thread.
 #![forbid(unsafe_code)]
+
+mod error;
+mod frames;
+mod h264;
+mod mux;
+mod preview;
+mod still;
+mod video;
+mod yuv;
+
+pub use error::MediaError;
+pub use frames::{Frames, MAX_SIDE};
+pub use preview::{SpriteGrid, SpriteOptions, spritesheet_jpeg, thumbnail_webp};
+pub use still::{DEFAULT_JPEG_QUALITY, ImageFormat, encode_image};
+pub use video::{MAX_FPS, Mp4Options, encode_mp4};
