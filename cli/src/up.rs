@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio_util::sync::CancellationToken;
 use x2v_gateway::GatewayConfig;
 use x2v_gateway::config::ModelConfig;
 use x2v_queue::storage::Storage;
