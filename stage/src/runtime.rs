@@ -145,6 +145,7 @@ impl<R: StageRunner> LoadedStage<R> {
         }
 
         state.set_ready(false);
+        while jobs.try_join_next().is_some() {}
         let in_flight = jobs.len();
         if in_flight > 0 {
             tracing::info!(in_flight, timeout = ?deps.limits.drain_timeout, "draining");
