@@ -168,12 +168,8 @@ pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
 fn write_mp4(path: &Path, t: &Tensor, fps: u32) -> Result<()> {
     let size = t.size();
     let data: Vec<u8> = Vec::try_from(&t.contiguous().view([-1]))?;
-    let frames = x2v_media::Frames::new(
-        &data,
-        size[0] as usize,
-        size[1] as usize,
-        size[2] as usize,
-    )?;
+    let frames =
+        x2v_media::Frames::new(&data, size[0] as usize, size[1] as usize, size[2] as usize)?;
     let mp4 = x2v_media::encode_mp4(&frames, fps, &x2v_media::Mp4Options::default())?;
     std::fs::write(path, mp4).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -128,7 +128,12 @@ async fn run_stage(which: Which, name: &str, args: &StageArgs) -> Result<()> {
             announce(name, e);
         }
     };
-    let bad = |e: String| anyhow::anyhow!("{}: {e}", args.config.as_ref().map_or("config".into(), |p| p.display().to_string()));
+    let bad = |e: String| {
+        anyhow::anyhow!(
+            "{}: {e}",
+            args.config.as_ref().map_or("config".into(), |p| p.display().to_string())
+        )
+    };
     let result = match which {
         Which::Encoder => {
             let storage = Storage::from_config(&config.storage).context("storage")?;

@@ -63,10 +63,11 @@ fn is_i2v(model_dir: &Path) -> Result<bool> {
     let config = if config.exists() { config } else { model_dir.join("config.json") };
     let text = std::fs::read_to_string(&config)
         .with_context(|| format!("reading {}", config.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", config.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
     let image_dim = v.get("image_dim").or_else(|| v.get("image_embed_dim"));
-    Ok(image_dim.is_some_and(|d| !d.is_null()) || v.get("model_type").and_then(|t| t.as_str()) == Some("i2v"))
+    Ok(image_dim.is_some_and(|d| !d.is_null())
+        || v.get("model_type").and_then(|t| t.as_str()) == Some("i2v"))
 }
 
 /// What the gateway allows for the demo model: small sizes, short clips, few steps.
@@ -113,14 +114,12 @@ async fn up(args: &Args) -> Result<()> {
         }
         Some(dir) => {
             let i2v = is_i2v(dir).with_context(|| format!("--model-dir {}", dir.display()))?;
-            let name = args.model.clone().unwrap_or_else(|| {
-                if i2v { "wan2.1-i2v".into() } else { "wan2.1-t2v".into() }
-            });
-            let base = if i2v {
-                ModelConfig::wan21_i2v_14b_480p()
-            } else {
-                ModelConfig::wan21_t2v_1_3b()
-            };
+            let name = args
+                .model
+                .clone()
+                .unwrap_or_else(|| if i2v { "wan2.1-i2v".into() } else { "wan2.1-t2v".into() });
+            let base =
+                if i2v { ModelConfig::wan21_i2v_14b_480p() } else { ModelConfig::wan21_t2v_1_3b() };
             let tasks = if i2v { vec![Task::I2v] } else { vec![Task::T2v, Task::T2i] };
             gateway.models = vec![ModelConfig { name: name.clone(), tasks: tasks.clone(), ..base }];
             (dir.clone(), name, tasks)

@@ -140,8 +140,9 @@ fn mp4_output_is_h264_of_the_same_frames() {
         .stdout;
     let want = Vec::<u8>::try_from(&Tensor::read_npy(&npy).unwrap().view([-1])).unwrap();
     assert_eq!(raw.len(), want.len());
-    let mse = raw.iter().zip(&want).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>()
-        / want.len() as f64;
+    let mse =
+        raw.iter().zip(&want).map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2)).sum::<f64>()
+            / want.len() as f64;
     let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
     assert!(psnr > 25.0, "PSNR of the MP4 against the lossless frames: {psnr:.1} dB");
 }

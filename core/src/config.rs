@@ -71,10 +71,10 @@ where
         merge(&mut tree, overlay, "", path)?;
     }
     let mut warnings = Vec::new();
-    let mut vars: Vec<(String, String)> =
-        env.into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_VARS.contains(&k.as_str()))
-            .collect();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !RESERVED_VARS.contains(&k.as_str()))
+        .collect();
     vars.sort();
     for (var, value) in vars {
         let path: Vec<String> =

@@ -122,7 +122,11 @@ pub fn init(service: &str, config: &TelemetryConfig) -> Result<Telemetry, Teleme
         provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("x2v")));
 
     let fmt_layer = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            // Colour only on a terminal: log files and collectors get plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)

@@ -76,7 +76,8 @@ pub fn encode_outputs(job: &JobRecord, d: &Decoded) -> Result<Vec<Artifact>, Sta
     let spec = &job.spec;
     match spec.task.resource() {
         Resource::Video => {
-            let mp4 = x2v_media::encode_mp4(&frames, spec.fps, &Mp4Options::default()).map_err(media)?;
+            let mp4 =
+                x2v_media::encode_mp4(&frames, spec.fps, &Mp4Options::default()).map_err(media)?;
             let thumb = x2v_media::thumbnail_webp(&frames, THUMBNAIL_SIDE).map_err(media)?;
             let sprite =
                 x2v_media::spritesheet_jpeg(&frames, &SpriteOptions::default()).map_err(media)?;
@@ -90,7 +91,10 @@ pub fn encode_outputs(job: &JobRecord, d: &Decoded) -> Result<Vec<Artifact>, Sta
             let format: ImageFormat = spec.output_format.parse().map_err(|_| {
                 StageError::new(
                     "invalid_request",
-                    format!("output_format must be png, jpeg or webp; got `{}`", spec.output_format),
+                    format!(
+                        "output_format must be png, jpeg or webp; got `{}`",
+                        spec.output_format
+                    ),
                 )
             })?;
             let bytes = x2v_media::encode_image(

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 
 use tch::{Device, Kind};
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
-use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_models::wan::pipeline::{
     DenoiseError, DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, load_transformer,
 };
+use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_queue::{JobRecord, Stage};
 use x2v_stage::StageConfig;
 use x2v_stage::exchange::Inputs;

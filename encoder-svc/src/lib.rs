@@ -50,15 +50,22 @@ impl EncoderRunner {
 
     /// The uploaded first frame of an image-to-video job as RGB `uint8 [H, W, 3]`.
     fn first_frame(&self, job: &JobRecord) -> Result<Tensor, StageError> {
-        let input = job.spec.inputs.iter().find(|i| i.role == "input_reference").ok_or_else(|| {
-            StageError::new("invalid_request", "image-to-video needs an `input_reference` image")
-        })?;
+        let input =
+            job.spec.inputs.iter().find(|i| i.role == "input_reference").ok_or_else(|| {
+                StageError::new(
+                    "invalid_request",
+                    "image-to-video needs an `input_reference` image",
+                )
+            })?;
         let bytes = self.rt.block_on(self.storage.get(&input.key)).map_err(|e| {
             StageError::new("input_unavailable", format!("reading input {}: {e}", input.key))
         })?;
         let img = image::load_from_memory(&bytes)
             .map_err(|e| {
-                StageError::new("invalid_image", format!("`input_reference` is not a readable image: {e}"))
+                StageError::new(
+                    "invalid_image",
+                    format!("`input_reference` is not a readable image: {e}"),
+                )
             })?
             .to_rgb8();
         let (w, h) = img.dimensions();
@@ -125,15 +132,15 @@ impl StageRunner for EncoderRunner {
                 f64::from(spec.guidance_scale),
             )
             .map_err(|e| StageError::from_kind(e.kind(), "invalid_request", e))?;
-        let parts = phase1
-            .to_parts()
-            .map_err(|e| StageError::new("internal_error", e.to_string()))?;
+        let parts =
+            phase1.to_parts().map_err(|e| StageError::new("internal_error", e.to_string()))?;
         (ctx.progress)(1, 1);
         Ok(parts)
     }
 
     fn finish(&self, _: &JobRecord, parts: Self::Output) -> Result<Finished, StageError> {
-        let payload = Payload::new(parts).map_err(|e| StageError::new("internal_error", e.to_string()))?;
+        let payload =
+            Payload::new(parts).map_err(|e| StageError::new("internal_error", e.to_string()))?;
         Ok(Finished::Payload(payload))
     }
 }

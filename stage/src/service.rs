@@ -59,8 +59,10 @@ pub fn transfer_secret(config: &StageConfig) -> anyhow::Result<Secret> {
 /// Starts this process's transfer engine from the `[transfer]` section.
 pub fn start_engine(config: &StageConfig) -> anyhow::Result<Network> {
     let t = &config.transfer;
-    let listen: SocketAddr =
-        t.listen.parse().with_context(|| format!("transfer.listen `{}` is not host:port", t.listen))?;
+    let listen: SocketAddr = t
+        .listen
+        .parse()
+        .with_context(|| format!("transfer.listen `{}` is not host:port", t.listen))?;
     let transport = match t.transport.as_str() {
         "auto" => TransportChoice::Auto,
         "shm" => TransportChoice::Force(TransportKind::Shm),
