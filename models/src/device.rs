@@ -121,36 +121,6 @@ fn version_next_to(lib: &std::path::Path) -> Option<String> {
     std::fs::read_to_string(dir.join("build-version")).ok().map(|s| s.trim().to_owned())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reports_the_linked_libtorch() {
-        let info = LibtorchInfo::query();
-        assert!(info.build_version.starts_with("2.11.0"), "{}", info.build_version);
-        let lib = info.library.as_ref().expect("libtorch_cpu.so is mapped");
-        assert!(lib.exists());
-        assert_eq!(info.version_matches(), Some(true), "{info:?}");
-        assert!(info.cpu_threads >= 1);
-        // Where the wheel ships libtorch_cuda.so, it must be loaded even on a host without a GPU.
-        if std::path::Path::new(BUILD_LIB_DIR).join("libtorch_cuda.so").exists() {
-            assert_eq!(info.cuda_load_error, None);
-            assert!(info.torch_cuda_loaded, "libtorch_cuda.so is not loaded");
-            // The CUDA runtime hooks answer without a device; unregistered hooks report no CUDART.
-            assert!(info.cudart_version.is_some(), "libtorch's CUDA backend is not registered");
-        }
-        assert_eq!(info.cuda_available, info.cuda_device_count > 0);
-    }
-
-    #[test]
-    fn tensors_compute() {
-        let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
-        let s: f64 = (&t * &t).sum(tch::Kind::Float).double_value(&[]);
-        assert_eq!(s, 14.0);
-    }
-}
-
 /// The device a config names: `auto` (the first CUDA device when libtorch sees one, else the
 /// CPU), `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> Result<tch::Device, String> {
@@ -181,5 +151,35 @@ pub fn parse_dtype(s: &str, device: tch::Device) -> Result<tch::Kind, String> {
         "auto" | "bf16" | "bfloat16" => Ok(tch::Kind::BFloat16),
         "f32" | "fp32" | "float32" => Ok(tch::Kind::Float),
         other => Err(format!("dtype must be auto, f32 or bf16; got `{other}`")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_the_linked_libtorch() {
+        let info = LibtorchInfo::query();
+        assert!(info.build_version.starts_with("2.11.0"), "{}", info.build_version);
+        let lib = info.library.as_ref().expect("libtorch_cpu.so is mapped");
+        assert!(lib.exists());
+        assert_eq!(info.version_matches(), Some(true), "{info:?}");
+        assert!(info.cpu_threads >= 1);
+        // Where the wheel ships libtorch_cuda.so, it must be loaded even on a host without a GPU.
+        if std::path::Path::new(BUILD_LIB_DIR).join("libtorch_cuda.so").exists() {
+            assert_eq!(info.cuda_load_error, None);
+            assert!(info.torch_cuda_loaded, "libtorch_cuda.so is not loaded");
+            // The CUDA runtime hooks answer without a device; unregistered hooks report no CUDART.
+            assert!(info.cudart_version.is_some(), "libtorch's CUDA backend is not registered");
+        }
+        assert_eq!(info.cuda_available, info.cuda_device_count > 0);
+    }
+
+    #[test]
+    fn tensors_compute() {
+        let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let s: f64 = (&t * &t).sum(tch::Kind::Float).double_value(&[]);
+        assert_eq!(s, 14.0);
     }
 }
