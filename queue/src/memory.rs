@@ -170,6 +170,8 @@ impl State {
         for (id, stage) in &expired {
             let e = self.jobs.get_mut(id).expect("job exists");
             e.lease = None;
+            // Step counts belong to a claim: a job waiting in a queue shows none.
+            (e.rec.step, e.rec.total_steps) = (0, 0);
             let rank = e.rec.ranks.get(*stage);
             e.rec.ranks.set(*stage, None);
             self.unload(*stage, rank);
@@ -336,31 +338,49 @@ impl Queue for MemoryQueue {
         let now = Instant::now();
         let mut st = self.lock();
         st.expire_leases(now);
+        // The oldest job of a model this worker serves, from its rank's queue, then the shared one
+        // (as the Redis backend): other models' jobs stay queued, stale entries are dropped.
         for key in [(worker.stage, Some(worker.rank)), (worker.stage, None)] {
-            while let Some(id) = st.queues.get_mut(&key).and_then(|q| q.pop_front()) {
-                let Some(e) = st.jobs.get_mut(&id) else { continue };
-                if e.rec.cancel_requested
-                    || e.rec.status.is_terminal()
-                    || e.rec.stage != Some(worker.stage)
-                {
-                    continue;
+            let Some(queue) = st.queues.get(&key) else { continue };
+            let mut stale = Vec::new();
+            let mut found = None;
+            for (i, id) in queue.iter().enumerate() {
+                match st.jobs.get(id) {
+                    Some(e)
+                        if !e.rec.cancel_requested
+                            && !e.rec.status.is_terminal()
+                            && e.rec.stage == Some(worker.stage) =>
+                    {
+                        if worker.models.contains(&e.rec.spec.model) {
+                            found = Some(i);
+                            break;
+                        }
+                    }
+                    _ => stale.push(i),
                 }
-                let token = JobId::new().to_string();
-                e.lease = Some((token.clone(), now + lease));
-                e.rec.status = JobStatus::InProgress;
-                e.rec.attempts += 1;
-                e.rec.step = 0;
-                e.rec.total_steps = 0;
-                e.rec.progress = e.rec.progress.max(worker.stage.progress_span().0);
-                let newly_assigned = e.rec.ranks.get(worker.stage).is_none();
-                e.rec.ranks.set(worker.stage, Some(worker.rank));
-                let rec = e.rec.clone();
-                if newly_assigned {
-                    *st.load.entry((worker.stage, worker.rank)).or_default() += 1;
-                }
-                st.publish("status", id);
-                return Ok(Some(Lease { job: rec, stage: worker.stage, token }));
             }
+            let queue = st.queues.get_mut(&key).expect("looked up above");
+            let id = found.and_then(|i| queue.remove(i));
+            for i in stale.into_iter().rev() {
+                queue.remove(i);
+            }
+            let Some(id) = id else { continue };
+            let Some(e) = st.jobs.get_mut(&id) else { continue };
+            let token = JobId::new().to_string();
+            e.lease = Some((token.clone(), now + lease));
+            e.rec.status = JobStatus::InProgress;
+            e.rec.attempts += 1;
+            e.rec.step = 0;
+            e.rec.total_steps = 0;
+            e.rec.progress = e.rec.progress.max(worker.stage.progress_span().0);
+            let newly_assigned = e.rec.ranks.get(worker.stage).is_none();
+            e.rec.ranks.set(worker.stage, Some(worker.rank));
+            let rec = e.rec.clone();
+            if newly_assigned {
+                *st.load.entry((worker.stage, worker.rank)).or_default() += 1;
+            }
+            st.publish("status", id);
+            return Ok(Some(Lease { job: rec, stage: worker.stage, token }));
         }
         Ok(None)
     }
@@ -413,6 +433,7 @@ impl Queue for MemoryQueue {
         match lease.stage.next() {
             Some(next) => {
                 e.rec.stage = Some(next);
+                (e.rec.step, e.rec.total_steps) = (0, 0);
                 e.rec.progress = e.rec.progress.max(lease.stage.progress_span().1);
                 st.unload(lease.stage, rank);
                 st.enqueue(lease.id, next, false, now);
@@ -440,6 +461,7 @@ impl Queue for MemoryQueue {
         let mut st = self.lock();
         let e = st.leased(lease)?;
         e.lease = None;
+        (e.rec.step, e.rec.total_steps) = (0, 0);
         st.enqueue(lease.id, lease.stage, true, now);
         Ok(())
     }

@@ -293,7 +293,8 @@ impl Queue for RedisQueue {
     ) -> Result<Option<Lease>, QueueError> {
         let token = JobId::new().to_string();
         let mut inv = self.invocation(&CLAIM);
-        inv.arg(worker.stage.as_str()).arg(worker.rank).arg(ms(lease)).arg(&token);
+        let models = serde_json::to_string(&worker.models).expect("model names serialize");
+        inv.arg(worker.stage.as_str()).arg(worker.rank).arg(ms(lease)).arg(&token).arg(models);
         let reply: Value = inv.invoke_async(&mut self.conn.clone()).await?;
         match reply {
             Value::Nil => Ok(None),

@@ -109,6 +109,11 @@ async fn job_flows_through_every_stage(q: Arc<dyn Queue>) {
         };
         q.complete(&lease.handle(), outputs).await.unwrap();
         assert!(q.claim(&worker(stage, 0), LEASE).await.unwrap().is_none(), "a stage runs once");
+        if stage != Stage::Decoder {
+            // Waiting for the next stage: no steps of the stage just finished are shown as its.
+            let waiting = q.get(job.id).await.unwrap();
+            assert_eq!((waiting.step, waiting.total_steps), (0, 0), "after {stage}");
+        }
     }
     let done = q.get(job.id).await.unwrap();
     assert_eq!((done.status, done.progress, done.stage), (JobStatus::Completed, 100, None));
@@ -347,6 +352,23 @@ async fn unassigned_jobs_go_to_any_worker_of_the_stage(q: Arc<dyn Queue>) {
     assert_eq!(q.load(Stage::Encoder).await.unwrap().get(&5), Some(&0));
 }
 
+async fn workers_claim_only_jobs_of_their_models(q: Arc<dyn Queue>) {
+    // Two models share the stage's shared queue; the older job belongs to the other model.
+    let mut other = new_job("other model");
+    other.spec.model = "wan2.1-i2v-14b-480p".into();
+    q.create(other.clone()).await.unwrap();
+    let mine = new_job("this model");
+    q.create(mine.clone()).await.unwrap();
+    let t2v = worker(Stage::Encoder, 0);
+    let l = q.claim(&t2v, LEASE).await.unwrap().expect("the job of its model");
+    assert_eq!(l.job.id, mine.id);
+    assert!(q.claim(&t2v, LEASE).await.unwrap().is_none(), "never another model's job");
+    let i2v =
+        WorkerInfo { models: vec!["wan2.1-i2v-14b-480p".into()], ..worker(Stage::Encoder, 0) };
+    let l = q.claim(&i2v, LEASE).await.unwrap().expect("the other model's job is still queued");
+    assert_eq!(l.job.id, other.id);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -384,6 +406,7 @@ contract!(
     ranks_are_assigned_by_load_and_dead_ranks_reassigned,
     unassigned_jobs_go_to_any_worker_of_the_stage,
     a_deregistered_rank_hands_its_queued_jobs_on,
+    workers_claim_only_jobs_of_their_models,
 );
 
 #[tokio::test]

@@ -1,13 +1,20 @@
--- ARGV: 3 stage, 4 rank, 5 lease ms, 6 token. Returns the job hash, or nil when nothing is waiting.
+-- ARGV: 3 stage, 4 rank, 5 lease ms, 6 token, 7 JSON array of the worker's models.
+-- Returns the job hash, or nil when nothing is waiting for this worker.
+-- Takes the oldest job of a model the worker serves, from its rank's queue, then the shared one;
+-- jobs of other models stay where they are (ranks are per stage, and several models may share a
+-- queue prefix). Entries of jobs that no longer wait for this stage are dropped on the way.
 local stage, rank = ARGV[3], ARGV[4]
+local served = {}
+for _, m in ipairs(cjson.decode(ARGV[7])) do served[m] = true end
 expire(stage)
 for _, q in ipairs({P .. ':q:' .. stage .. ':' .. rank, P .. ':q:' .. stage .. ':any'}) do
-  while true do
-    local id = redis.call('LPOP', q)
-    if not id then break end
+  for _, id in ipairs(redis.call('LRANGE', q, 0, 255)) do
     local k = jk(id)
-    local h = redis.call('HMGET', k, 'status', 'stage', 'cancel', 'rank_' .. stage, 'progress')
-    if (h[1] == 'queued' or h[1] == 'in_progress') and h[2] == stage and h[3] ~= '1' then
+    local h = redis.call('HMGET', k, 'status', 'stage', 'cancel', 'rank_' .. stage, 'progress', 'spec')
+    if not ((h[1] == 'queued' or h[1] == 'in_progress') and h[2] == stage and h[3] ~= '1') then
+      redis.call('LREM', q, 1, id)
+    elseif served[cjson.decode(h[6]).model] then
+      redis.call('LREM', q, 1, id)
       if h[4] == '' then redis.call('HINCRBY', P .. ':load:' .. stage, rank, 1) end
       local progress = math.max(tonumber(h[5]), SPAN[stage][1])
       redis.call('HSET', k, 'rank_' .. stage, rank, 'status', 'in_progress', 'lease_token', ARGV[6],

@@ -68,7 +68,7 @@ local function expire(stage)
     local k = jk(id)
     if redis.call('HGET', k, 'stage') == stage and redis.call('HGET', k, 'lease_token') ~= '' then
       unload(stage, redis.call('HGET', k, 'rank_' .. stage))
-      redis.call('HSET', k, 'rank_' .. stage, '', 'lease_token', '')
+      redis.call('HSET', k, 'rank_' .. stage, '', 'lease_token', '', 'step', 0, 'total', 0)
       redis.call('LPUSH', P .. ':q:' .. stage .. ':any', id)
     end
   end

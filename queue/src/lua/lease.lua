@@ -31,7 +31,7 @@ elseif op == 'complete' then
   local nxt = NEXT[stage]
   if nxt then
     unload(stage, h[4])
-    redis.call('HSET', k, 'stage', nxt, 'lease_token', '',
+    redis.call('HSET', k, 'stage', nxt, 'lease_token', '', 'step', 0, 'total', 0,
       'progress', math.max(tonumber(h[5]), SPAN[stage][2]))
     enqueue(id, nxt, false)
     publish(id, 'status')
@@ -44,7 +44,7 @@ elseif op == 'fail' then
   finish(id, 'failed', tonumber(ARGV[9]))
 elseif op == 'release' then
   redis.call('ZREM', P .. ':leases:' .. stage, id)
-  redis.call('HSET', k, 'lease_token', '')
+  redis.call('HSET', k, 'lease_token', '', 'step', 0, 'total', 0)
   enqueue(id, stage, true)
 end
 return 'ok'
