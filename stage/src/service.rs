@@ -148,6 +148,22 @@ pub async fn run<R: StageRunner>(
         }
     };
     state.set_transfer_endpoint(transfer.clone());
+    // Ranks name workers per stage across every model on this queue: two models' workers on one
+    // rank would share its queue and load count. Refuse before loading any weights. (A live worker
+    // of the same model on this rank is this worker restarted within its heartbeat TTL.)
+    let live = shared.queue.workers().await.context("listing live workers")?;
+    if let Some(w) = live
+        .iter()
+        .find(|w| w.stage == stage && w.rank == config.rank && w.models != [config.model.clone()])
+    {
+        bail!(
+            "{stage} rank {} is already live for model(s) {:?}: ranks are unique per stage across \
+             all models on one queue (prefix `{}`); give this worker another `rank`",
+            config.rank,
+            w.models,
+            config.queue.prefix
+        );
+    }
 
     let admin_stop = CancellationToken::new();
     let (admin, admin_task) = admin::serve(
