@@ -148,7 +148,7 @@ fn ranks_are_unique_per_stage_across_topologies() {
     let mut seen: BTreeMap<(&str, u32), &Path> = BTreeMap::new();
     for (name, files) in &all {
         let mut stages = BTreeSet::new();
-        for f in &files {
+        for f in files {
             stages.insert(f.stage);
             if let Some(other) = seen.insert((f.stage, f.config.rank), &f.path) {
                 panic!(
@@ -255,7 +255,7 @@ fn compose_overrides_apply() {
     let (c, warnings) = x2v_core::config::load_from::<StageConfig, _>(Some(&path), env).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(c.device, "cuda:0");
-    assert_eq!(c.rank, 1);
+    assert_eq!(c.rank, 3);
     assert_eq!(c.transfer.advertise, "10.0.0.5:9222");
     assert_eq!(c.queue.redis_url, "redis://10.0.0.7:6379/0");
     assert_eq!(c.telemetry.otlp_endpoint.as_deref(), Some("http://otel-collector:4317"));
