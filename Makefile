@@ -32,9 +32,11 @@ test: setup test-rust test-python
 test-rust:
 	cargo test --workspace --all-targets --no-fail-fast
 
-# End-to-end tests with the official openai client against the real binaries and redis-server.
+# End-to-end tests with the official openai client against the real binaries and redis-server:
+# the gateway against a test worker, then the whole multi-process pipeline (tests/e2e).
 test-python:
 	$(X2V_PYTHON) -m pytest -q gateway/tests/py
+	$(X2V_PYTHON) -m pytest -q tests/e2e
 
 # The test profile, so clippy shares build-script runs (libtorch bindings) with `make test`.
 lint:

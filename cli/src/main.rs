@@ -37,6 +37,9 @@ enum Command {
     Generate(generate::Args),
     /// Check this host: libtorch, CPU/CUDA devices, cuDNN, Redis, ffmpeg, binary compatibility.
     Doctor(doctor::Args),
+    /// Write the tiny random-initialised demo model (diffusers layout) to a directory, e.g. to
+    /// try the multi-process services without real weights. Its videos are noise.
+    DemoModel(up::DemoModelArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,5 +51,6 @@ fn main() -> ExitCode {
         Command::Decoder(args) => serve::stage(serve::Which::Decoder, &args),
         Command::Generate(args) => generate::run(&args),
         Command::Doctor(args) => doctor::run(&args),
+        Command::DemoModel(args) => up::demo_model(&args),
     }
 }

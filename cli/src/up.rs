@@ -45,6 +45,35 @@ pub struct Args {
     device: String,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct DemoModelArgs {
+    /// Directory to write (created; an existing model there is overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// An image-to-video model (CLIP image encoder, 36-channel DiT) instead of text-to-video.
+    #[arg(long)]
+    i2v: bool,
+    /// Seed of every weight: the same seed writes the same model.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// `x2v demo-model`: writes the demo model that `x2v up` serves.
+pub fn demo_model(args: &DemoModelArgs) -> ExitCode {
+    let options = x2v_models::wan::demo::DemoOptions { seed: args.seed, i2v: args.i2v };
+    match x2v_models::wan::demo::write_demo_model(&args.out, &options) {
+        Ok(()) => {
+            let task = if args.i2v { "i2v" } else { "t2v" };
+            println!("wrote the {task} demo model to {}", args.out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("x2v demo-model: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn run(args: &Args) -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("a tokio runtime");
     match rt.block_on(up(args)) {

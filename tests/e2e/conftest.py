@@ -1,0 +1,284 @@
+"""Multi-process end-to-end fixtures: a real redis-server, `x2v gateway` and one `x2v encoder`,
+`x2v dit` and `x2v decoder` process per stage (two DiT ranks for text-to-video), on tiny
+random-initialised demo models written by `x2v demo-model`, driven by the official openai client.
+
+Run: make test (or ~/.cache/x2v/venv/bin/python -m pytest tests/e2e -q; builds `x2v` with cargo
+first; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
+API_KEY = "sk-x2v-e2e"
+SECRET = "e2e-transfer-secret-0123456789"
+T2V, I2V = "demo-t2v", "demo-i2v"
+# Short leases and heartbeats so that a killed worker's job moves on within seconds.
+LEASE_MS, HEARTBEAT_TTL_MS = 2000, 1500
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=60.0, what="condition", every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def x2v_bin() -> Path:
+    env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET), LIBTORCH_USE_PYTORCH="1")
+    subprocess.run(["cargo", "build", "-q", "-p", "x2v"], cwd=ROOT, env=env, check=True)
+    return TARGET / "debug" / "x2v"
+
+
+class Process:
+    """A child process whose output is kept (last lines) for failure messages."""
+
+    def __init__(self, name, argv, env, ready):
+        self.name = name
+        self.tail = deque(maxlen=60)
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.ready_line = None
+        deadline = time.monotonic() + 120
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip())
+            if ready(line):
+                self.ready_line = line.strip()
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.ready_line is None:
+            self.proc.kill()
+            raise RuntimeError(f"{name} did not become ready:\n" + self.log())
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip())
+
+    def log(self) -> str:
+        return "\n".join(f"[{self.name}] {l}" for l in self.tail)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self):
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout=30):
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+class Redis:
+    def __init__(self, workdir):
+        assert shutil.which("redis-server"), "redis-server must be on PATH (apt-get install redis-server)"
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, what="redis-server")
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def ping(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def model_entry(name, task):
+    return {
+        "name": name, "tasks": [task], "sizes": ["256x256", "512x512"], "fps": 8, "max_frames": 33,
+        "default_seconds": 2, "default_steps": 4, "max_steps": 1000, "default_guidance_scale": 5.0,
+        "default_shift": 3.0, "max_n": 1,
+    }
+
+
+class Stage(Process):
+    """One stage service: `x2v encoder|dit|decoder` with its own JSON config."""
+
+    @staticmethod
+    def write_config(cluster, kind, model, model_dir, task, rank, transfer):
+        config = {
+            "rank": rank, "model": model, "model_dir": str(model_dir), "tasks": [task],
+            "device": "cpu", "capacity": 1,
+            "queue": {"backend": "redis", "redis_url": cluster.redis.url, "prefix": cluster.prefix},
+            "transfer": {"secret": SECRET, "timeout_s": 20, **(transfer or {})},
+            "storage": {"kind": "local", "path": cluster.storage},
+            "worker": {"lease_ms": LEASE_MS, "heartbeat_ttl_ms": HEARTBEAT_TTL_MS, "max_poll_ms": 100,
+                       "job_timeout_s": 120, "drain_timeout_s": 20},
+            "grpc": {"listen": "127.0.0.1:0"}, "http": {"listen": "127.0.0.1:0"},
+            "telemetry": {"log_format": "text", "log_level": "warn"},
+        }
+        path = Path(cluster.dir) / f"{model}-{kind}-{rank}.json"
+        path.write_text(json.dumps(config))
+        return path
+
+    def __init__(self, cluster, kind, model, model_dir, task, rank=0, transfer=None):
+        self.kind, self.model, self.rank = kind, model, rank
+        path = self.write_config(cluster, kind, model, model_dir, task, rank, transfer)
+        env = dict(os.environ, RUST_LOG="warn")
+        super().__init__(f"{model}/{kind}-{rank}", [str(cluster.bin), kind, "--config", str(path),
+                                                     "--print-addr"],
+                         env, lambda l: l.startswith(f"{kind} ready "))
+        fields = dict(kv.split("=", 1) for kv in self.ready_line.split()[2:])
+        self.http, self.transfer = fields["http"], fields["transfer"]
+
+    def metrics(self, **labels) -> dict:
+        """Prometheus samples whose labels include `labels`, summed over the rest: name -> value."""
+        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)$", line)
+            if not m:
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        return out
+
+
+class Cluster:
+    """Redis, the gateway and the stage services of both demo models."""
+
+    def __init__(self, x2v_bin, workdir):
+        self.bin, self.dir = x2v_bin, workdir
+        self.prefix = "x2v-e2e"
+        self.storage = os.path.join(workdir, "outputs")
+        self.models = {T2V: Path(workdir) / "t2v", I2V: Path(workdir) / "i2v"}
+        for name, path in self.models.items():
+            argv = [str(x2v_bin), "demo-model", "--out", str(path)] + (["--i2v"] if name == I2V else [])
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        self.redis = Redis(workdir)
+        self.procs = []
+        self.gateway = self._gateway()
+        self.stages = {}
+        # Ranks are unique per stage across models: T2V takes encoder 0, DiT 0 and 1 (the second
+        # is where a killed rank's job goes), decoder 0; I2V encoder 1, DiT 2, decoder 1.
+        for kind, model, task, rank in [
+            ("encoder", T2V, "t2v", 0), ("dit", T2V, "t2v", 0), ("dit", T2V, "t2v", 1), ("decoder", T2V, "t2v", 0),
+            ("encoder", I2V, "i2v", 1), ("dit", I2V, "i2v", 2), ("decoder", I2V, "i2v", 1),
+        ]:
+            self.add_stage(kind, model, task, rank)
+
+    def _gateway(self):
+        config = {
+            "queue": {"backend": "redis", "redis_url": self.redis.url, "prefix": self.prefix,
+                      "maintain_interval_ms": 200},
+            "storage": {"kind": "local", "path": self.storage},
+            "auth": {"api_keys": [API_KEY]},
+            "http": {"poll_after_ms": 50},
+            "models": [model_entry(T2V, "t2v"), model_entry(I2V, "i2v")],
+            "telemetry": {"log_format": "text", "log_level": "warn"},
+        }
+        path = Path(self.dir) / "gateway.json"
+        path.write_text(json.dumps(config))
+        gw = Process("gateway", [str(self.bin), "gateway", "--config", str(path), "--listen", "127.0.0.1:0",
+                                 "--print-addr"],
+                     dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("listening on "))
+        gw.addr = gw.ready_line.split()[-1]
+        gw.base_url = f"http://{gw.addr}/v1"
+        self.procs.append(gw)
+        return gw
+
+    def add_stage(self, kind, model, task, rank=0, transfer=None) -> Stage:
+        stage = Stage(self, kind, model, self.models[model], task, rank, transfer)
+        self.procs.append(stage)
+        self.stages[(model, kind, rank)] = stage
+        return stage
+
+    def remove(self, stage: Stage):
+        """Stops a stage service (SIGTERM: it drains and deregisters) and forgets it."""
+        stage.terminate()
+        del self.stages[(stage.model, stage.kind, stage.rank)]
+
+    def stage_config(self, kind, model, task, rank):
+        return Stage.write_config(self, kind, model, self.models[model], task, rank, None)
+
+    def stage(self, model, kind, rank=0) -> Stage:
+        return self.stages[(model, kind, rank)]
+
+    def logs(self) -> str:
+        return "\n".join(p.log() for p in self.procs)
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+        self.redis.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster(x2v_bin):
+    workdir = tempfile.mkdtemp(prefix="x2v-e2e-")
+    c = Cluster(x2v_bin, workdir)
+    yield c
+    c.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def client(cluster):
+    import openai
+
+    return openai.OpenAI(base_url=cluster.gateway.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request, cluster):
+    """Prints the services' recent output when a test fails."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(cluster.logs())
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

@@ -1,0 +1,101 @@
+"""A video request through the disaggregated pipeline: gateway -> encoder -> DiT -> decoder, each a
+separate process, jobs in Redis, payloads over x2v-transfer, driven by the official openai client."""
+
+import io
+import json
+import shutil
+import subprocess
+
+import pytest
+from PIL import Image
+
+from conftest import I2V, T2V
+
+FPS = 8
+
+
+def ffprobe(path):
+    """(codec, width, height, frame count, fps) of the first video stream, counted by decoding."""
+    assert shutil.which("ffprobe"), "ffprobe must be on PATH (apt-get install ffmpeg)"
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
+         "stream=codec_name,width,height,nb_read_frames,r_frame_rate", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    s = json.loads(out)["streams"][0]
+    num, den = s["r_frame_rate"].split("/")
+    return s["codec_name"], s["width"], s["height"], int(s["nb_read_frames"]), int(num) / int(den)
+
+
+def run(client, tmp_path, name, **kwargs):
+    video = client.videos.create_and_poll(poll_interval_ms=100, **kwargs)
+    assert video.status == "completed", video.error
+    path = tmp_path / f"{name}.mp4"
+    client.videos.download_content(video.id).write_to_file(path)
+    return video, path
+
+
+def test_text_to_video_runs_through_three_services(client, cluster, tmp_path):
+    video, path = run(client, tmp_path, "t2v", model=T2V, prompt="a red fox in the snow", size="256x256",
+                      seconds="2", extra_body={"seed": 7, "num_inference_steps": 3})
+    assert ffprobe(path) == ("h264", 256, 256, 17, FPS)
+    assert video.progress == 100
+    extra = video.model_extra["x2v"]
+    assert extra["num_frames"] == 17 and extra["fps"] == FPS
+    # Every stage really ran in its own service: each one counted the job.
+    for kind in ["encoder", "dit", "decoder"]:
+        done = sum(s.metrics(outcome="completed").get("x2v_stage_jobs_total", 0)
+                   for (m, k, _), s in cluster.stages.items()
+                   if m == T2V and k == kind)
+        assert done >= 1, f"no {kind} of {T2V} reports a job"
+    for variant in ["thumbnail", "spritesheet"]:
+        content = client.videos.download_content(video.id, variant=variant).read()
+        assert len(content) > 0
+
+
+def test_image_to_video_uses_the_uploaded_first_frame(client, tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (320, 200), (200, 40, 40)).save(png, format="PNG")
+    png.seek(0)
+    video, path = run(client, tmp_path, "i2v", model=I2V, prompt="it starts to move", size="256x256",
+                      seconds="4", input_reference=("first.png", png, "image/png"),
+                      extra_body={"seed": 3, "num_inference_steps": 2})
+    assert ffprobe(path) == ("h264", 256, 256, 33, FPS)
+
+
+def test_served_video_equals_x2v_generate(client, cluster, tmp_path):
+    prompt = "waves breaking on a rocky shore"
+    _, served = run(client, tmp_path, "served", model=T2V, prompt=prompt, size="256x256", seconds="2",
+                    extra_body={"seed": 1234, "num_inference_steps": 4, "guidance_scale": 5.0, "shift": 3.0,
+                                "negative_prompt": "blurry"})
+    local = tmp_path / "local.mp4"
+    subprocess.run(
+        [str(cluster.bin), "generate", "--model-dir", str(cluster.models[T2V]), "--task", "t2v",
+         "--prompt", prompt, "--negative-prompt", "blurry", "--size", "256x256", "--frames", "17",
+         "--steps", "4", "--guidance", "5", "--shift", "3", "--seed", "1234", "--fps", str(FPS),
+         "--out", str(local)],
+        check=True, capture_output=True,
+    )
+    assert served.read_bytes() == local.read_bytes(), "the served MP4 differs from x2v generate's"
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"size": "300x200"}, "size"),
+    ({"extra_body": {"num_frames": 18}}, "num_frames"),
+])
+def test_bad_requests_are_rejected_before_queueing(client, kwargs, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.videos.create(model=T2V, prompt="x", **kwargs)
+    assert e.value.body["param"] == param
+
+
+def test_a_rank_live_for_another_model_is_refused(cluster):
+    # Encoder rank 0 serves the T2V model; an I2V encoder may not take that rank too (they would
+    # share its queue), and says so before loading any weights.
+    path = cluster.stage_config("encoder", I2V, "i2v", rank=0)
+    r = subprocess.run([str(cluster.bin), "encoder", "--config", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "encoder rank 0 is already live for model(s)" in r.stderr and T2V in r.stderr, r.stderr
