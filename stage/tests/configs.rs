@@ -268,10 +268,11 @@ fn compose_stage_services(text: &str) -> Vec<(String, String)> {
     let mut service = None;
     for line in text.lines() {
         // Service keys are indented by exactly two spaces under `services:`.
-        if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
-            if !key.starts_with(' ') && !key.starts_with('#') {
-                service = Some(key.to_owned());
-            }
+        if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':'))
+            && !key.starts_with(' ')
+            && !key.starts_with('#')
+        {
+            service = Some(key.to_owned());
         }
         if let Some((_, rest)) = line.trim().split_once("X2V_CONFIG: /etc/x2v/${TOPOLOGY:-") {
             let file = rest.rsplit_once("}/").expect("X2V_CONFIG names a file").1;
