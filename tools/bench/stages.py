@@ -1,0 +1,819 @@
+"""Disaggregated stage services against the monolithic `x2v generate`, on the CPU: memory, throughput
+and per-stage time. A benchmark that prints tables; it asserts nothing.
+
+What it measures, for the same checkpoint, prompts, seeds and settings on both sides:
+
+  (a) Peak RSS. Each stage service (`x2v encoder`, `x2v dit`, `x2v decoder`) and `x2v gateway` is a
+      long-lived process: its VmRSS and VmHWM right after it is ready (weights loaded), its VmHWM (peak
+      RSS) from /proc/PID/status read after every job has finished, before it is stopped, and the
+      largest VmRSS sampled every 0.2 s during the jobs. Each monolithic `x2v generate` run: its peak
+      RSS at exit (`ru_maxrss` from wait4, i.e. VmHWM just before exit; the largest over the runs is
+      reported). RSS counts a shared page in every process that maps it, and the stages share memory
+      (each pre-faults a `transfer.pool_mib` receive pool of memfd pages that its peers map too), so a
+      second table splits RSS into anonymous / file / shmem pages and gives PSS (/proc/PID/smaps_rollup,
+      shared pages divided among their users), whose sum over the stages is sampled during the jobs.
+  (b) Throughput for N concurrent jobs (default 8), in jobs/min, and the ratio of the two sides.
+      Disaggregated: redis-server + gateway + 1 encoder + 1 DiT + 1 decoder (the shipped capacities:
+      encoder 2, DiT 1, decoder 2); the N jobs are submitted at once with the official `openai` client
+      (`client.videos.create`, then `client.videos.poll`), timed from the first submission to the last
+      completion (model loading is not in it: the services are started and ready first). Monolithic:
+      the same N jobs as `x2v generate` runs, one at a time and K at a time (`--parallel 1,2`), timed
+      from the first start to the last exit; every run loads its own weights, as a one-shot
+      `x2v generate` does. Also CPU seconds per job (user + system, of the runs or of the services).
+  (c) Per-stage time: the `x2v_stage_seconds{service, phase}` histograms (sum / count = mean seconds
+      per job and phase) and `x2v_stage_step_seconds` from each stage's /metrics, and the DiT:encoder
+      and decoder:DiT time ratios (configs/README.md, "Sizing the DiT:encoder ratio"), both from each
+      stage's device time per job (step seconds summed over the jobs: the encoder and decoder report
+      one step at the end of a job) and from the `run` phase (which also counts the wait for the
+      device thread when a stage holds 2 jobs). `x2v generate` prints no timings of its own; it draws
+      a denoising progress bar when stderr is a terminal, so its stderr is a pseudo-terminal here and
+      the bar's step times split each run into "before denoising" (start-up, UMT5 load + encode, DiT
+      load), "denoising" and "after denoising" (VAE load + decode, MP4 encoding, write).
+
+The model is random-initialised (its videos are noise; only shapes and sizes matter here):
+
+  --model mid   (default) a mid-size Wan2.1 T2V model in the diffusers layout, written once with the
+                pinned diffusers/transformers of the venv and the tokenizer/scheduler of the project's
+                fixture generators (tools/fixtures/umt5.py, wan_pipeline.py): a DiT of width 1536
+                (12 heads x 128, the 1.3B model's), FFN 8960 and 2 blocks (114 M parameters, 435 MiB
+                fp32); a UMT5 of width 1024, 16 heads, FFN 2816, 6 layers and a 32128-row embedding
+                (110 M, 420 MiB); the Wan2.1 VAE's own shape, base width 96 (127 M, 485 MiB). Written
+                in ~15 s and cached under --work by its shape; --dit-layers, --text-layers, --vae-dim,
+                ... change it.
+  --model demo  the tiny model of `x2v demo-model` (a few MiB: only start-up and overheads show).
+  --model-dir DIR  any existing Wan2.1 T2V model directory.
+
+Run (after `cargo build --release -p x2v`; the venv of scripts/setup.sh has torch, diffusers,
+transformers and openai; redis-server must be on PATH; libtorch is found in the venv's torch):
+
+  export CARGO_TARGET_DIR=~/.cache/x2v/target   # wherever target/release/x2v is (or pass --x2v)
+  ~/.cache/x2v/venv/bin/python tools/bench/stages.py [--jobs 8] [--parallel 1,2] [--rounds 2]
+
+Defaults: 128x128, 5 frames, 4 steps, guidance 5 (CFG on), shift 3, fps 8, 8 jobs, 2 rounds. A
+round runs monolithic 1 at a time, disaggregated, monolithic 2 at a time; the second round runs
+them in reverse order, so that the two sides are interleaved and load from other processes on the
+host falls on both. With the mid-size model that is 10 to 15 minutes on two CPU cores (one round
+with 9 frames: 6 to 10). The tables list every round, then the throughput summed over the rounds.
+Timings on a shared host are noisy: the load average is printed before and after, and CPU seconds
+per job are less sensitive to it than wall time. Configs, logs and outputs stay under --work.
+"""
+
+import argparse
+import concurrent.futures as cf
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tools" / "fixtures"
+MODEL_NAME = "x2v-bench"
+SECRET = "x2v-bench-transfer-secret-0123456789"
+PROMPTS = [
+    "A cat walks on the grass, realistic style.",
+    "A panda eating bamboo in a misty forest, cinematic lighting.",
+    "Two astronauts ride horses across the surface of the moon at sunset.",
+    "The camera slowly pans over a city skyline at night with neon signs.",
+    "A bowl of ramen, steam rising; close-up shot, shallow depth of field.",
+    "Waves crash against the rocks while gulls circle overhead.",
+    "A dog runs on the beach at sunset, cinematic style.",
+    "A black cat sleeps on the sofa near the window.",
+]
+NEGATIVE = "blurry, low quality"
+MIB = 1024 * 1024
+
+CHILDREN: list = []  # every process this script started, stopped at exit
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def model_spec(a) -> dict:
+    return {
+        "dit": dict(heads=a.dit_heads, head_dim=a.dit_head_dim, ffn=a.dit_ffn, layers=a.dit_layers, freq_dim=256),
+        "text": dict(d_model=a.text_dim, heads=a.text_heads, d_kv=a.text_dim // a.text_heads, d_ff=a.text_ff,
+                     layers=a.text_layers, vocab=a.text_vocab),
+        "vae": dict(base_dim=a.vae_dim, num_res_blocks=2),
+        "seed": 0,
+    }
+
+
+def write_mid_model(out: Path, spec: dict) -> None:
+    """Writes a random Wan2.1 T2V model of `spec`'s shape with `WanPipeline.save_pretrained`."""
+    sys.path.insert(0, str(FIXTURES))
+    import torch
+    from common import seed_everything
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+    from umt5 import build_tokenizer
+    from wan_pipeline import scheduler
+
+    seed_everything(spec["seed"])
+    torch.use_deterministic_algorithms(False)
+    d, t, v = spec["dit"], spec["text"], spec["vae"]
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) <= t["vocab"], "the embedding must cover the tokenizer"
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=t["vocab"], d_model=t["d_model"], d_kv=t["d_kv"], d_ff=t["d_ff"], num_layers=t["layers"],
+        num_heads=t["heads"], relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=d["heads"], attention_head_dim=d["head_dim"], in_channels=16,
+        out_channels=16, text_dim=t["d_model"], freq_dim=d["freq_dim"], ffn_dim=d["ffn"], num_layers=d["layers"],
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=v["base_dim"], z_dim=16, dim_mult=[1, 2, 4, 4],
+                           num_res_blocks=v["num_res_blocks"], attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler(3.0),
+                       transformer=transformer)
+    pipe.save_pretrained(out, safe_serialization=True)
+    counts = {name: sum(p.numel() for p in m.parameters())
+              for name, m in [("text_encoder", text_encoder), ("transformer", transformer), ("vae", vae)]}
+    (out / "bench_model.json").write_text(json.dumps({"spec": spec, "parameters": counts}, indent=2) + "\n")
+
+
+def prepare_model(a, binary: Path, env: dict) -> Path:
+    if a.model_dir:
+        return Path(a.model_dir).resolve()
+    if a.model == "demo":
+        out = a.work / "model-demo"
+        if not (out / "model_index.json").exists():
+            subprocess.run([str(binary), "demo-model", "--out", str(out)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+        return out
+    spec = model_spec(a)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    out = a.work / f"model-mid-{key}"
+    if (out / "bench_model.json").exists() and (out / "model_index.json").exists():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    log(f"writing the mid-size random model to {out} ...")
+    t = time.monotonic()
+    # In a child process, so that torch's memory is not held by this one while it measures.
+    subprocess.run([sys.executable, __file__, "--write-model", str(out), "--spec", json.dumps(spec)], check=True)
+    log(f"  written in {time.monotonic() - t:.0f} s")
+    return out
+
+
+def component_sizes(model_dir: Path) -> list:
+    rows = []
+    for comp in ["tokenizer", "text_encoder", "transformer", "vae"]:
+        files = [f for f in (model_dir / comp).glob("*.safetensors")]
+        size = sum(f.stat().st_size for f in files)
+        rows.append((comp, size))
+    params = {}
+    meta = model_dir / "bench_model.json"
+    if meta.exists():
+        params = json.loads(meta.read_text()).get("parameters", {})
+    return [(c, s, params.get(c)) for c, s in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and /proc
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_kib(pid: int, key: str):
+    """`VmRSS`, `VmHWM`, ... of /proc/PID/status in KiB (None once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_parts(pid: int) -> dict:
+    """VmRSS split into anonymous, file-backed and shared-memory pages (KiB)."""
+    return {k: proc_kib(pid, k) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+
+
+def pss_parts(pid: int) -> dict:
+    """Proportional set size (shared pages divided among the processes that map them), KiB."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, rest = line.partition(":")
+                if k in ("Pss", "Pss_Anon", "Pss_File", "Pss_Shmem"):
+                    out[k] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def x2v_env(a) -> dict:
+    env = dict(os.environ)
+    torch_lib = sorted(Path(sys.prefix).glob("lib/python3*/site-packages/torch/lib"))
+    if torch_lib:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([str(torch_lib[0])] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+    env.pop("X2V_CONFIG", None)
+    env.pop("RUST_LOG", None)
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+    return env
+
+
+def stop(proc, timeout=30.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def stop_all() -> None:
+    for p in reversed(CHILDREN):
+        try:
+            stop(p, timeout=10)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+class RssSampler(threading.Thread):
+    """Largest VmRSS and PSS seen per process, and the largest PSS sum over `groups` of processes,
+    sampled every `period` seconds (VmRSS cross-checks VmHWM; PSS counts shared pages once)."""
+
+    def __init__(self, pids: dict, groups: dict, period=0.2):
+        super().__init__(daemon=True)
+        self.pids, self.groups, self.period = pids, groups, period
+        self.rss = {k: 0 for k in pids}
+        self.pss = {k: 0 for k in list(pids) + list(groups)}
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            now = {}
+            for name, pid in self.pids.items():
+                self.rss[name] = max(self.rss[name], proc_kib(pid, "VmRSS") or 0)
+                now[name] = pss_parts(pid).get("Pss", 0)
+                self.pss[name] = max(self.pss[name], now[name])
+            for g, members in self.groups.items():
+                self.pss[g] = max(self.pss[g], sum(now[m] for m in members))
+            self.done.wait(self.period)
+
+    def finish(self) -> "RssSampler":
+        self.done.set()
+        self.join()
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Monolithic: x2v generate
+
+BAR = re.compile(r"denoise\s.*?(\d+)/(\d+) steps")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_generate(a, binary, model_dir, env, i, out_dir) -> dict:
+    """One `x2v generate` run with stderr on a pseudo-terminal; wall time, phase split, peak RSS."""
+    out = out_dir / f"job{i}.mp4"
+    cmd = [str(binary), "generate", "--model-dir", str(model_dir), "--task", "t2v", "--prompt", PROMPTS[i % len(PROMPTS)],
+           "--negative-prompt", NEGATIVE, "--size", a.size, "--frames", str(a.frames), "--steps", str(a.steps),
+           "--guidance", str(a.guidance), "--shift", str(a.shift), "--seed", str(i), "--fps", str(a.fps),
+           "--out", str(out)]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+    CHILDREN.append(proc)
+    os.close(slave)
+    steps_seen: dict = {}
+    text = []
+
+    def read():
+        buf = ""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError as e:  # EIO: the child closed the terminal
+                if e.errno == errno.EIO:
+                    break
+                raise
+            if not chunk:
+                break
+            now = time.monotonic() - t0
+            s = ANSI.sub("", chunk.decode(errors="replace"))
+            text.append(s)
+            buf = (buf + s)[-400:]
+            for m in BAR.finditer(buf):
+                steps_seen.setdefault(int(m.group(1)), now)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(timeout=5)
+    os.close(master)
+    if proc.returncode != 0:
+        raise RuntimeError(f"x2v generate job {i} failed ({proc.returncode}):\n{''.join(text)[-3000:]}")
+    r = {"wall": wall, "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime,
+         "pre": None, "denoise": None, "post": None}
+    n = a.steps
+    if n >= 2 and 1 in steps_seen and n in steps_seen:
+        step = (steps_seen[n] - steps_seen[1]) / (n - 1)
+        start = steps_seen[1] - step
+        r.update(pre=start, denoise=steps_seen[n] - start, post=wall - steps_seen[n])
+    return r
+
+
+def monolithic(a, binary, model_dir, env, parallel: int, tag: str) -> dict:
+    out_dir = a.work / "mono-out" / tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"monolithic: {a.jobs} x2v generate runs, {parallel} at a time ...")
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(parallel) as pool:
+        runs = list(pool.map(lambda i: run_generate(a, binary, model_dir, env, i, out_dir), range(a.jobs)))
+    makespan = time.monotonic() - t0
+    log(f"  done in {makespan:.1f} s")
+    return {"mode": f"monolithic, {parallel} at a time", "parallel": parallel, "makespan": makespan, "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Disaggregated: redis + gateway + encoder + dit + decoder
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def write_toml(path: Path, top: dict, sections: dict, models: list = ()) -> None:
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    for name, body in sections.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in body.items()]
+    for m in models:
+        lines += ["", "[[models]]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+class Service:
+    def __init__(self, name, cmd, env, log_path: Path, ready_prefix: str):
+        self.name = name
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        CHILDREN.append(self.proc)
+        self.pid = self.proc.pid
+        self.ready_prefix = ready_prefix
+        self.t0 = time.monotonic()
+        self.line = None
+        self.ready_s = None
+
+    def wait_ready(self, timeout=600.0) -> str:
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            if line.startswith(self.ready_prefix):
+                self.line = line.strip()
+                self.ready_s = time.monotonic() - self.t0
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.line is None:
+            stop(self.proc)
+            raise RuntimeError(f"{self.name} did not become ready; see {self.log.name}")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        return self.line
+
+    def http(self) -> str:
+        m = re.search(r"http=(\S+)", self.line) or re.search(r"listening on (\S+)", self.line)
+        return m.group(1)
+
+
+def scrape(addr: str) -> dict:
+    """Prometheus text → {(name, frozenset(labels)): value}."""
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)", line)
+        if not m:
+            continue
+        labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
+    import warnings
+
+    import openai
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)  # "Sora API" notices
+
+    base = a.work / "disagg" / tag
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "outputs").mkdir(parents=True)
+    (base / "redis").mkdir()
+    procs = {}
+    services = []
+    redis = None
+    try:
+        port = free_port()
+        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(base / "redis")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        CHILDREN.append(redis)
+        procs["redis-server"] = redis.pid
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(200):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not start")
+
+        queue = {"backend": "redis", "redis_url": url, "prefix": f"bench-{tag}"}
+        storage = {"kind": "local", "path": str(base / "outputs")}
+        telemetry = {"log_format": "text", "log_level": "warn"}
+        w, h = (int(x) for x in a.size.split("x"))
+        # The shipped topology's capacities: encoder 2, DiT 1, decoder 2 (configs/wan2.1-t2v-1.3b/).
+        for stage, capacity in [("encoder", 2), ("dit", 1), ("decoder", 2)]:
+            cfg = base / f"{stage}.toml"
+            write_toml(cfg, {"rank": 0, "model": MODEL_NAME, "model_dir": str(model_dir), "tasks": ["t2v"],
+                             "device": "cpu", "dtype": "auto", "capacity": capacity},
+                       {"queue": queue, "transfer": {"secret": SECRET, "pool_mib": a.pool_mib}, "storage": storage,
+                        "telemetry": telemetry})
+            services.append(Service(stage, [str(binary), stage, "--config", str(cfg), "--print-addr"], env,
+                                    base / f"{stage}.log", f"{stage} ready "))
+        log("disaggregated: starting the encoder, DiT and decoder services ...")
+        for s in services:
+            s.wait_ready()
+            procs[s.name] = s.pid
+        gw_cfg = base / "gateway.toml"
+        write_toml(gw_cfg, {"listen": "127.0.0.1:0"},
+                   {"queue": dict(queue, maintain_interval_ms=500), "storage": storage,
+                    "http": {"poll_after_ms": 250}, "telemetry": telemetry},
+                   [{"name": MODEL_NAME, "tasks": ["t2v"], "sizes": [a.size], "fps": a.fps,
+                     "max_frames": max(a.frames, 33), "default_seconds": 1, "default_steps": a.steps,
+                     "max_steps": max(a.steps, 50), "default_guidance_scale": a.guidance,
+                     "default_shift": a.shift, "max_n": 1}])
+        gateway = Service("gateway", [str(binary), "gateway", "--config", str(gw_cfg), "--print-addr"], env,
+                          base / "gateway.log", "listening on ")
+        gateway.wait_ready(timeout=60)
+        procs["gateway"] = gateway.pid
+        services.append(gateway)
+        api = f"http://{gateway.http()}/v1"
+        client = openai.OpenAI(base_url=api, api_key="sk-x2v-bench", max_retries=2, timeout=120)
+        deadline = time.monotonic() + 60
+        while True:  # every stage registered with the gateway's Redis
+            ranks = {m.id: (m.model_extra or {}).get("x2v", {}).get("ranks", {}) for m in client.models.list().data}
+            r = ranks.get(MODEL_NAME, {})
+            if all(r.get(s) for s in ("encoder", "dit", "decoder")):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the stages did not register: {ranks}")
+            time.sleep(0.2)
+        ready = {name: dict(rss_parts(pid), hwm=proc_kib(pid, "VmHWM")) for name, pid in procs.items()}
+        load_s = {s.name: s.ready_s for s in services}
+
+        log(f"disaggregated: {a.jobs} jobs submitted at once through {api} ...")
+        sampler = RssSampler(procs, {"3 stages": ["encoder", "dit", "decoder"],
+                                     "3 stages + gateway": ["encoder", "dit", "decoder", "gateway"]})
+        sampler.start()
+
+        def job(i):
+            t = time.monotonic()
+            v = client.videos.create(
+                model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], size=a.size,
+                extra_body={"num_frames": a.frames, "num_inference_steps": a.steps, "guidance_scale": a.guidance,
+                            "shift": a.shift, "seed": i, "negative_prompt": NEGATIVE},
+            )
+            v = client.videos.poll(v.id)
+            if v.status != "completed":
+                raise RuntimeError(f"job {i} {v.id}: {v.status} {v.error}")
+            return {"id": v.id, "latency": time.monotonic() - t}
+
+        cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(a.jobs) as pool:
+            jobs = list(pool.map(job, range(a.jobs)))
+        makespan = time.monotonic() - t0
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in procs.items()}
+        log(f"  done in {makespan:.1f} s")
+        mp4 = client.videos.download_content(jobs[0]["id"]).content
+        if mp4[4:8] != b"ftyp":
+            raise RuntimeError("the first job's content is not an MP4")
+
+        stage_metrics = {}
+        for s in services[:3]:
+            deadline = time.monotonic() + 15
+            while True:  # the `total` observation lands just after the job is marked complete
+                m = scrape(s.http())
+                if metric(m, "x2v_stage_seconds_count", phase="total") >= a.jobs or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            stage_metrics[s.name] = m
+        peak = {name: proc_kib(pid, "VmHWM") for name, pid in procs.items()}
+        after = {name: dict(rss_parts(pid), **pss_parts(pid)) for name, pid in procs.items()}
+        sampled = sampler.finish()
+        return {"after": after, "cpu": cpu, "mode": "disaggregated (gateway + 1+1+1 stages)", "parallel": a.jobs, "makespan": makespan,
+                "jobs": jobs, "ready": ready, "peak": peak, "sampled": sampled, "metrics": stage_metrics,
+                "load_s": load_s}
+    finally:
+        for s in reversed(services):
+            stop(s.proc)
+            s.log.close()
+        if redis is not None:
+            stop(redis)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def table(title: str, headers: list, rows: list) -> None:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    print(f"\n{title}")
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print(line(r))
+
+
+def mib(kib) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f}"
+
+
+def mean(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def report(a, model_dir, results, load_before, load_after) -> None:
+    print(f"\nx2v stages benchmark: model {model_dir}")
+    print(f"settings: {a.size}, {a.frames} frames, {a.steps} steps, guidance {a.guidance}, shift {a.shift}, "
+          f"{a.jobs} jobs per run; CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={a.threads or 'unset'}; "
+          f"load average before {load_before}, after {load_after}")
+
+    table("Model (random weights, fp32 safetensors)", ["component", "file MiB", "parameters (M)"],
+          [(c, f"{s / MIB:.0f}", f"{p / 1e6:.1f}" if p else "-") for c, s, p in component_sizes(model_dir)])
+
+    # (a) memory
+    rows, shared = [], []
+    for tag, r in results:
+        if r["mode"].startswith("disaggregated"):
+            smp = r["sampled"]
+            for name in ["encoder", "dit", "decoder", "gateway", "redis-server"]:
+                rd, af = r["ready"][name], r["after"][name]
+                rows.append((f"{name} [{tag}]", mib(rd["VmRSS"]), mib(rd["hwm"]), mib(r["peak"][name]),
+                             mib(smp.rss[name])))
+                shared.append((f"{name} [{tag}]",
+                               f"{mib(af['VmRSS'])} = {mib(af['RssAnon'])} + {mib(af['RssFile'])} + {mib(af['RssShmem'])}",
+                               f"{mib(af.get('Pss'))} = {mib(af.get('Pss_Anon'))} + {mib(af.get('Pss_File'))} + "
+                               f"{mib(af.get('Pss_Shmem'))}", mib(smp.pss[name])))
+            stages = sum(r["peak"][n] for n in ["encoder", "dit", "decoder"])
+            rows.append((f"sum of the 3 stages [{tag}]", "", "", mib(stages), ""))
+            rows.append((f"sum of the 3 stages + gateway [{tag}]", "", "", mib(stages + r["peak"]["gateway"]), ""))
+            for g in ["3 stages", "3 stages + gateway"]:
+                shared.append((f"{g}, PSS summed at each sample [{tag}]", "", "", mib(smp.pss[g])))
+        else:
+            peaks = [x["maxrss_kib"] for x in r["runs"]]
+            rows.append((f"x2v generate [{tag}, {r['parallel']} at a time, {len(peaks)} runs]", "", "",
+                         f"{mib(max(peaks))} (smallest {mib(min(peaks))})", ""))
+    table("(a) Peak RSS, MiB. Services: VmRSS and VmHWM once ready (weights loaded), VmHWM read after the "
+          "jobs, and the largest VmRSS sampled every 0.2 s during the jobs. x2v generate: peak RSS at exit "
+          "(ru_maxrss = VmHWM), largest of the runs",
+          ["process", "RSS ready", "HWM ready", "peak RSS (VmHWM)", "sampled max RSS"], rows)
+    table("(a) Shared memory, MiB: RSS counts a shared page in every process that maps it (the stages' "
+          "pre-faulted transfer pools, mapped by their peers too; libtorch's code pages); PSS divides it among "
+          "them, so PSS adds up. After the jobs, and the largest PSS sampled during them",
+          ["process", "RSS after = anon + file + shmem", "PSS after = anon + file + shmem", "sampled max PSS"],
+          shared)
+
+    # (b) throughput
+    rows = []
+    base = {}
+    for tag, r in results:
+        if not r["mode"].startswith("disaggregated") and r["parallel"] == 1:
+            base[tag.split("/")[0]] = a.jobs / r["makespan"] * 60
+    ref = mean(base.values())
+    for tag, r in results:
+        jpm = a.jobs / r["makespan"] * 60
+        if r["mode"].startswith("disaggregated"):
+            lat = mean(j["latency"] for j in r["jobs"])
+            cpu = sum(r["cpu"].values()) / a.jobs
+        else:
+            lat = mean(x["wall"] for x in r["runs"])
+            cpu = sum(x["cpu"] for x in r["runs"]) / a.jobs
+        rows.append((f"{r['mode']} [{tag}]", r["parallel"], f"{r['makespan']:.1f}", f"{jpm:.2f}", f"{lat:.1f}",
+                     f"{cpu:.1f}", f"{jpm / ref:.2f}" if ref == ref else "-"))
+    table(f"(b) Throughput, {a.jobs} jobs. Makespan: first start (monolithic) or submission (disaggregated) to "
+          "the last completion. CPU s/job: user + system CPU of the x2v generate runs, or of the services "
+          "(3 stages, gateway, redis) during the makespan. Ratio: jobs/min over the mean of the monolithic "
+          "1-at-a-time rows",
+          ["mode", "concurrency", "makespan s", "jobs/min", "mean job latency s", "CPU s/job", "ratio"], rows)
+
+    if a.rounds > 1:
+        modes: dict = {}
+        for tag, r in results:
+            d = modes.setdefault(r["mode"], {"rounds": 0, "makespan": 0.0, "cpu": 0.0, "parallel": r["parallel"]})
+            d["rounds"] += 1
+            d["makespan"] += r["makespan"]
+            d["cpu"] += sum(r["cpu"].values()) if r["mode"].startswith("disaggregated") else sum(x["cpu"] for x in r["runs"])
+        ref = next((a.jobs * d["rounds"] / d["makespan"] * 60 for m, d in modes.items()
+                    if not m.startswith("disaggregated") and d["parallel"] == 1), float("nan"))
+        rows = []
+        for m, d in modes.items():
+            jpm = a.jobs * d["rounds"] / d["makespan"] * 60
+            rows.append((m, d["rounds"], f"{d['makespan']:.1f}", f"{jpm:.2f}", f"{d['cpu'] / (a.jobs * d['rounds']):.1f}",
+                         f"{jpm / ref:.2f}" if ref == ref else "-"))
+        table(f"(b) Throughput over all rounds ({a.jobs} jobs per round; jobs/min = all jobs / summed makespans)",
+              ["mode", "rounds", "summed makespan s", "jobs/min", "CPU s/job", "ratio"], rows)
+
+    # (c) per-stage timings
+    rows = []
+    sizing = []
+    for tag, r in results:
+        if not r["mode"].startswith("disaggregated"):
+            continue
+        means = {}
+        for stage in ["encoder", "dit", "decoder"]:
+            m = r["metrics"][stage]
+            for phase in ["receive", "run", "finish", "send", "total"]:
+                n = metric(m, "x2v_stage_seconds_count", phase=phase)
+                s = metric(m, "x2v_stage_seconds_sum", phase=phase)
+                means[(stage, phase)] = s / n if n else float("nan")
+                rows.append((f"{stage} [{tag}]", phase, int(n), f"{s:.2f}", f"{s / n:.3f}" if n else "-"))
+            n = metric(m, "x2v_stage_step_seconds_count")
+            s = metric(m, "x2v_stage_step_seconds_sum")
+            if n:
+                rows.append((f"{stage} [{tag}]", "one step (x2v_stage_step_seconds)", int(n), f"{s:.2f}", f"{s / n:.3f}"))
+            rows.append((f"{stage} [{tag}]", "load (start to ready)", 1, f"{r['load_s'][stage]:.2f}", ""))
+        m = r["metrics"]
+        device = {st: metric(m[st], "x2v_stage_step_seconds_sum") / max(1.0, metric(m[st], "x2v_stage_seconds_count", phase="run"))
+                  for st in ["encoder", "dit", "decoder"]}
+        step = metric(m["dit"], "x2v_stage_step_seconds_sum") / max(1.0, metric(m["dit"], "x2v_stage_step_seconds_count"))
+        for label, t_enc, t_dit, t_dec in [
+            ("device time: x2v_stage_step_seconds sum / jobs", device["encoder"], device["dit"], device["decoder"]),
+            ("run phase mean (+ decoder finish)", means[("encoder", "run")], means[("dit", "run")],
+             means[("decoder", "run")] + means[("decoder", "finish")]),
+        ]:
+            t_dit50 = t_dit + (50 - a.steps) * step
+            sizing.append((f"disaggregated, {label} [{tag}]", f"{t_enc:.3f}", f"{t_dit:.3f}", f"{t_dec:.3f}",
+                           f"{t_dit / t_enc:.1f}", f"{t_dec / t_dit:.2f}", f"{t_dit50 / t_enc:.0f}"))
+    table("(c) Stage services: x2v_stage_seconds{service, phase} from /metrics (mean = sum / count)",
+          ["service", "phase", "count", "sum s", "mean s"], rows)
+
+    rows = []
+    for tag, r in results:
+        if r["mode"].startswith("disaggregated"):
+            continue
+        runs = r["runs"]
+        rows.append((f"{r['mode']} [{tag}]", len(runs), f"{mean(x['pre'] for x in runs):.2f}",
+                     f"{mean(x['denoise'] for x in runs):.2f}", f"{mean(x['post'] for x in runs):.2f}",
+                     f"{mean(x['wall'] for x in runs):.2f}"))
+    table("(c) x2v generate, mean seconds per run from its progress bar (before: start-up, UMT5 load + encode, "
+          "DiT load; after: VAE load + decode, MP4, write)",
+          ["mode", "runs", "before denoising", "denoising", "after denoising", "total"], rows)
+    for tag, r in results:
+        if r["mode"].startswith("disaggregated") or r["parallel"] != 1:
+            continue
+        runs = r["runs"]
+        sizing.append((f"x2v generate, 1 at a time [{tag}]", "-", f"{mean(x['denoise'] for x in runs):.3f}", "-",
+                       "-", "-", "-"))
+    table("(c) Sizing, seconds per job and stage. Device time: from the start of a job's work on the stage's "
+          "device thread to its last progress report (the encoder and decoder report once, at the end; the DiT "
+          "after every step). The run phase also counts waiting for the device thread while another job holds "
+          "it (encoder and decoder run 2 jobs at once here, capacity 2). Last column: t_dit at 50 steps "
+          "(t_dit + (50 - steps) x mean DiT step)",
+          ["source", "t_enc s", "t_dit s", "t_dec s", "T/E = t_dit/t_enc", "D/T = t_dec/t_dit", "T/E at 50 steps"],
+          sizing)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--x2v", type=Path, help="x2v binary (default: $CARGO_TARGET_DIR/release/x2v)")
+    p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "x2v-bench-stages",
+                   help="scratch directory: cached models, configs, logs, outputs")
+    p.add_argument("--model", choices=["mid", "demo"], default="mid")
+    p.add_argument("--model-dir", help="an existing Wan2.1 T2V model directory instead of a random one")
+    p.add_argument("--dit-heads", type=int, default=12)
+    p.add_argument("--dit-head-dim", type=int, default=128)
+    p.add_argument("--dit-ffn", type=int, default=8960)
+    p.add_argument("--dit-layers", type=int, default=2)
+    p.add_argument("--text-dim", type=int, default=1024)
+    p.add_argument("--text-heads", type=int, default=16)
+    p.add_argument("--text-ff", type=int, default=2816)
+    p.add_argument("--text-layers", type=int, default=6)
+    p.add_argument("--text-vocab", type=int, default=32128)
+    p.add_argument("--vae-dim", type=int, default=96)
+    p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--parallel", default="1,2", help="monolithic concurrency levels, comma-separated ('' skips)")
+    p.add_argument("--rounds", type=int, default=2, help="repeat the interleaved sequence (the order flips each round)")
+    p.add_argument("--size", default="128x128")
+    p.add_argument("--frames", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--pool-mib", type=int, default=256,
+                   help="transfer.pool_mib of every stage (the shipped configs' 256: pre-faulted shared memory)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every x2v process (default: libtorch's)")
+    p.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.write_model:
+        write_mid_model(a.write_model, json.loads(a.spec))
+        return
+
+    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
+    binary = (a.x2v or target / "release" / "x2v").resolve()
+    if not binary.exists():
+        sys.exit(f"{binary} not found: cargo build --release -p x2v (or pass --x2v)")
+    if not shutil.which("redis-server"):
+        sys.exit("redis-server is not on PATH")
+    a.work = a.work.resolve()
+    a.work.mkdir(parents=True, exist_ok=True)
+    env = x2v_env(a)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        model_dir = prepare_model(a, binary, env)
+        levels = [int(x) for x in a.parallel.split(",") if x.strip()]
+        load_before = loadavg()
+        results = []
+        for rnd in range(1, a.rounds + 1):
+            plan = [("mono", levels[0])] if levels else []
+            plan += [("disagg", None)] + [("mono", k) for k in levels[1:]]
+            if rnd % 2 == 0:
+                plan.reverse()
+            for kind, k in plan:
+                tag = f"r{rnd}"
+                if kind == "mono":
+                    results.append((tag, monolithic(a, binary, model_dir, env, k, f"{tag}-p{k}")))
+                else:
+                    results.append((tag, disaggregated(a, binary, model_dir, env, tag)))
+        report(a, model_dir, results, load_before, loadavg())
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    main()
