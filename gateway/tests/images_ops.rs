@@ -80,7 +80,8 @@ async fn failed_generation_is_an_error_in_both_modes() {
         let w = x2v_queue::WorkerInfo {
             stage: x2v_queue::Stage::Encoder,
             rank: 0,
-            models: vec![],
+            // The default config's image model (workers claim only jobs of their models).
+            models: vec!["qwen-image".into()],
             tasks: vec![],
             capacity: 1,
         };

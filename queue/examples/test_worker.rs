@@ -71,7 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let models: Vec<String> = if args.len() > 3 {
         args[3..].to_vec()
     } else {
-        vec!["wan2.1-t2v-1.3b".into(), "qwen-image".into()]
+        vec!["wan2.1-t2v-1.3b".into(), "wan2.1-i2v-14b-480p".into(), "qwen-image".into()]
     };
     let queue: Arc<dyn Queue> =
         Arc::new(RedisQueue::connect(&url, "x2v", Retention::default()).await?);
