@@ -29,7 +29,8 @@ pub struct Shared {
     pub storage: Storage,
 }
 
-/// Where a started service can be reached; `on_ready` receives it once the model is loaded.
+/// Where a started service can be reached; `on_ready` receives it once the model is loaded and the
+/// rank registered, i.e. when jobs assigned to this worker will be claimed.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     pub admin: AdminEndpoints,
@@ -183,7 +184,7 @@ pub async fn run<R: StageRunner>(
 
     tracing::info!(%stage, rank = config.rank, model = %config.model, "loading the model");
     let loaded = LoadedStage::load(runner, &state).await?;
-    on_ready(&Endpoints { admin, transfer });
+    let endpoints = Endpoints { admin, transfer };
     let info = WorkerInfo {
         stage,
         rank: config.rank,
@@ -198,7 +199,20 @@ pub async fn run<R: StageRunner>(
         state: state.clone(),
         limits: limits(&config),
     };
-    let served = loaded.serve(deps, info).await;
+    // `serve` registers the rank and then marks the state ready; announce the endpoints only then.
+    let serve = loaded.serve(deps, info);
+    tokio::pin!(serve);
+    let mut on_ready = Some(on_ready);
+    let served = loop {
+        tokio::select! {
+            served = &mut serve => break served,
+            () = tokio::time::sleep(std::time::Duration::from_millis(10)), if on_ready.is_some() => {
+                if state.is_ready() {
+                    (on_ready.take().expect("checked by the guard"))(&endpoints);
+                }
+            }
+        }
+    };
     admin_stop.cancel();
     let _ = admin_task.await;
     Ok(served?)
