@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from x2v_testing import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
@@ -29,22 +29,6 @@ SECRET = "e2e-transfer-secret-0123456789"
 T2V, I2V = "demo-t2v", "demo-i2v"
 # Short leases and heartbeats so that a killed worker's job moves on within seconds.
 LEASE_MS, HEARTBEAT_TTL_MS = 2000, 1500
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout=60.0, what="condition", every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="session")
@@ -100,34 +84,6 @@ class Process:
             self.proc.kill()
             self.proc.wait()
             raise
-
-
-class Redis:
-    def __init__(self, workdir):
-        assert shutil.which("redis-server"), "redis-server must be on PATH (apt-get install redis-server)"
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", workdir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for(self.ping, what="redis-server")
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def ping(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
 
 
 def model_entry(name, task):
@@ -194,7 +150,7 @@ class Cluster:
         for name, path in self.models.items():
             argv = [str(x2v_bin), "demo-model", "--out", str(path)] + (["--i2v"] if name == I2V else [])
             subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-        self.redis = Redis(workdir)
+        self.redis = RedisServer(workdir)
         self.procs = []
         self.gateway = self._gateway()
         self.stages = {}

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from conftest import LEASE_MS, T2V, free_port, wait_for
+from conftest import LEASE_MS, T2V
+from x2v_testing import free_port, wait_for
 
 # Big enough frames that one denoising step of the demo model takes a noticeable time on the CPU.
 SLOW = {"model": T2V, "size": "512x512", "seconds": "4"}

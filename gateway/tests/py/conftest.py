@@ -1,40 +1,23 @@
-"""End-to-end fixtures: a real redis-server (AOF) on a free port, the x2v-gateway binary on port 0
-and the test worker (the x2v-queue `test_worker` example) completing jobs through the worker API.
+"""End-to-end fixtures: a real redis-server with AOF on a free port (tests/support/x2v_testing.py),
+the x2v-gateway binary on port 0 and the test worker (the x2v-queue `test_worker` example)
+completing jobs through the worker API.
 
 Run: ~/.cache/x2v/venv/bin/python -m pytest gateway/tests/py -q
 (builds the binaries first with cargo; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
 """
 
 import os
-import shutil
-import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from x2v_testing import RedisServer
 
 ROOT = Path(__file__).resolve().parents[3]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
 API_KEY = "sk-x2v-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")
@@ -45,39 +28,6 @@ def binaries():
         cwd=ROOT, env=env, check=True,
     )
     return {"gateway": TARGET / "debug" / "x2v-gateway", "worker": TARGET / "debug" / "examples" / "test_worker"}
-
-
-class Redis:
-    def __init__(self):
-        assert shutil.which("redis-server"), "redis-server must be on PATH (apt-get install redis-server)"
-        self.dir = tempfile.mkdtemp(prefix="x2v-redis-")
-        self.port = free_port()
-        self.proc = None
-        self.start()
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/"
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for(self.ping, what="redis-server")
-
-    def ping(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
 
 
 class Gateway:
@@ -134,7 +84,7 @@ class Worker:
 
 @pytest.fixture(scope="session")
 def stack(binaries):
-    redis = Redis()
+    redis = RedisServer(aof=True)
     storage = tempfile.mkdtemp(prefix="x2v-outputs-")
     gateway = Gateway(binaries["gateway"], redis, storage)
     worker = Worker(binaries["worker"], redis, storage)

@@ -7,7 +7,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, Gateway, Worker, wait_for
+from conftest import API_KEY, Gateway, Worker
+from x2v_testing import wait_for
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4DwABAQEABRjYTgAAAABJRU5ErkJggg=="
