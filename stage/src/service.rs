@@ -153,10 +153,9 @@ pub async fn run<R: StageRunner>(
     // rank would share its queue and load count. Refuse before loading any weights. (A live worker
     // of the same model on this rank is this worker restarted within its heartbeat TTL.)
     let live = shared.queue.workers().await.context("listing live workers")?;
-    if let Some(w) = live
-        .iter()
-        .find(|w| w.stage == stage && w.rank == config.rank && w.models != [config.model.clone()])
-    {
+    if let Some(w) = live.iter().find(|w| {
+        w.stage == stage && w.rank == config.rank && w.models != std::slice::from_ref(&config.model)
+    }) {
         bail!(
             "{stage} rank {} is already live for model(s) {:?}: ranks are unique per stage across \
              all models on one queue (prefix `{}`); give this worker another `rank`",
@@ -202,15 +201,11 @@ pub async fn run<R: StageRunner>(
     // `serve` registers the rank and then marks the state ready; announce the endpoints only then.
     let serve = loaded.serve(deps, info);
     tokio::pin!(serve);
-    let mut on_ready = Some(on_ready);
-    let served = loop {
-        tokio::select! {
-            served = &mut serve => break served,
-            () = tokio::time::sleep(std::time::Duration::from_millis(10)), if on_ready.is_some() => {
-                if state.is_ready() {
-                    (on_ready.take().expect("checked by the guard"))(&endpoints);
-                }
-            }
+    let served = tokio::select! {
+        served = &mut serve => served,
+        () = state.registered() => {
+            on_ready(&endpoints);
+            serve.await
         }
     };
     admin_stop.cancel();

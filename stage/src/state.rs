@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use x2v_core::metrics::Metrics;
 use x2v_queue::{Stage, Task};
@@ -100,7 +101,8 @@ pub struct ServiceState {
     /// Fires on SIGTERM or an admin `Drain`: stop claiming, finish or release in-flight work.
     pub drain: CancellationToken,
     pub metrics: StageMetrics,
-    ready: AtomicBool,
+    /// Models loaded and the rank registered (cleared again when serving ends).
+    ready: watch::Sender<bool>,
     completed: AtomicU64,
     failed: AtomicU64,
     loaded: Mutex<Vec<LoadedModel>>,
@@ -140,7 +142,7 @@ impl ServiceState {
             started: Instant::now(),
             drain: CancellationToken::new(),
             metrics: StageMetrics::new(stage, rank),
-            ready: AtomicBool::new(false),
+            ready: watch::Sender::new(false),
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             loaded: Mutex::new(Vec::new()),
@@ -151,11 +153,17 @@ impl ServiceState {
 
     /// Models loaded and the worker registered: `/readyz` and gRPC health say SERVING.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
+        self.ready.send_replace(ready);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.drain.is_cancelled()
+        *self.ready.borrow() && !self.drain.is_cancelled()
+    }
+
+    /// Resolves once the models are loaded and the rank registered ([`Self::set_ready`]).
+    pub async fn registered(&self) {
+        // `self` holds the sender, so the channel cannot close while this waits.
+        let _ = self.ready.subscribe().wait_for(|ready| *ready).await;
     }
 
     pub fn set_loaded(&self, models: Vec<LoadedModel>) {
