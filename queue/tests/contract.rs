@@ -353,10 +353,15 @@ async fn unassigned_jobs_go_to_any_worker_of_the_stage(q: Arc<dyn Queue>) {
 }
 
 async fn workers_claim_only_jobs_of_their_models(q: Arc<dyn Queue>) {
-    // Two models share the stage's shared queue; the older job belongs to the other model.
-    let mut other = new_job("other model");
-    other.spec.model = "wan2.1-i2v-14b-480p".into();
-    q.create(other.clone()).await.unwrap();
+    // Two models share the stage's shared queue; the older jobs, more than one page of the Redis
+    // scan, belong to the other model.
+    let mut others = Vec::new();
+    for i in 0..300 {
+        let mut other = new_job(&format!("other model {i}"));
+        other.spec.model = "wan2.1-i2v-14b-480p".into();
+        q.create(other.clone()).await.unwrap();
+        others.push(other);
+    }
     let mine = new_job("this model");
     q.create(mine.clone()).await.unwrap();
     let t2v = worker(Stage::Encoder, 0);
@@ -365,8 +370,8 @@ async fn workers_claim_only_jobs_of_their_models(q: Arc<dyn Queue>) {
     assert!(q.claim(&t2v, LEASE).await.unwrap().is_none(), "never another model's job");
     let i2v =
         WorkerInfo { models: vec!["wan2.1-i2v-14b-480p".into()], ..worker(Stage::Encoder, 0) };
-    let l = q.claim(&i2v, LEASE).await.unwrap().expect("the other model's job is still queued");
-    assert_eq!(l.job.id, other.id);
+    let l = q.claim(&i2v, LEASE).await.unwrap().expect("the other model's jobs are still queued");
+    assert_eq!(l.job.id, others[0].id, "in order");
 }
 
 macro_rules! contract {
