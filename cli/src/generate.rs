@@ -177,13 +177,13 @@ fn write_mp4(path: &Path, t: &Tensor, fps: u32) -> Result<()> {
 fn generate(a: &Args, job: Job) -> Result<()> {
     let device = Device::cuda_if_available();
     // CPU runs fp32; on CUDA the encoders and the DiT run in bf16, the VAE decoder in fp32.
-    let (dtype, dit_kind) = match device {
-        Device::Cpu => (None, Kind::Float),
-        _ => (Some(Kind::BFloat16), Kind::BFloat16),
+    let kind = match device {
+        Device::Cpu => Kind::Float,
+        _ => Kind::BFloat16,
     };
     eprintln!("x2v generate: {:?} on {device:?}", job.geometry);
     let phase1 = {
-        let encoder = WanEncoder::load(&a.model_dir, a.task, device, dtype)?;
+        let encoder = WanEncoder::load(&a.model_dir, a.task, device, kind)?;
         encoder.encode(
             &a.prompt,
             Some(&a.negative_prompt),
@@ -193,7 +193,7 @@ fn generate(a: &Args, job: Job) -> Result<()> {
         )?
     };
     let phase2 = {
-        let dit = load_transformer(&a.model_dir, device, dit_kind)?;
+        let dit = load_transformer(&a.model_dir, device, kind)?;
         let settings = DenoiseSettings {
             steps: a.steps,
             guidance_scale: a.guidance,
@@ -210,7 +210,7 @@ fn generate(a: &Args, job: Job) -> Result<()> {
         bar.finish();
         out?
     };
-    let frames = WanDecoder::load(&a.model_dir, device, None)?.decode(&phase2)?;
+    let frames = WanDecoder::load(&a.model_dir, device, Kind::Float)?.decode(&phase2)?;
     let is_mp4 = a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("mp4"));
     if is_mp4 {
         write_mp4(&a.out, &frames, a.fps)?;

@@ -1,12 +1,19 @@
 //! x2v-models: model code on libtorch (`tch`), weight loading and the stage pipelines.
 //!
-//! Today this crate holds the libtorch runtime facts ([`device`]) that `x2v doctor` reports and that
-//! every model loader relies on (CUDA really linked, devices visible). The Wan2.1 and Qwen-Image
-//! components are added by the model issues.
+//! - [`error`]: the crate's one error type, naming the component and the file or key at fault.
+//! - [`weights`]: memory-mapped checkpoints copied straight into parameters made by [`nn::Builder`].
+//! - [`config`]: component configs from `config.json` or a preset.
+//! - [`nn`]: the shared layers; [`schedulers`]: the flow-matching samplers.
+//! - [`wan`]: the Wan2.1 components and stage pipelines.
+//! - [`device`]: libtorch runtime facts (CUDA really linked, devices visible) for `x2v doctor`.
 
+pub mod config;
 pub mod cuda_driver;
 pub mod device;
+pub mod error;
 pub mod nn;
 pub mod schedulers;
 pub mod wan;
 pub mod weights;
+
+pub use error::{Component, Error, Result};

@@ -20,8 +20,8 @@ fn penultimate_hidden_states_match_transformers_from_all_layouts() {
         dir.join("image_encoder_prefixed.safetensors"),
         dir.join("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"),
     ] {
-        let (_vs, model) =
-            ClipVisionModel::load(&path, Some(cfg.clone()), Device::Cpu, None).unwrap();
+        let model =
+            ClipVisionModel::load(&path, Some(cfg.clone()), Device::Cpu, Kind::Float).unwrap();
         let got = model.penultimate(&io["pixel_values"]).unwrap();
         assert_eq!(got.size(), vec![2, 17, 64]);
         let (diff, scale) = common::max_abs_diff(&got, &io["penultimate"]);
@@ -33,8 +33,8 @@ fn penultimate_hidden_states_match_transformers_from_all_layouts() {
 #[test]
 fn bad_pixel_values_are_named() {
     let dir = common::fixture("clip");
-    let (_vs, model) =
-        ClipVisionModel::load(&dir.join("image_encoder"), None, Device::Cpu, None).unwrap();
+    let model =
+        ClipVisionModel::load(&dir.join("image_encoder"), None, Device::Cpu, Kind::Float).unwrap();
     let err =
         model.penultimate(&Tensor::zeros([1, 3, 32, 56], (Kind::Float, Device::Cpu))).unwrap_err();
     assert!(err.to_string().contains("[1, 3, 32, 56]"), "{err}");

@@ -4,7 +4,8 @@
 mod common;
 
 use tch::{Device, Kind, Tensor};
-use x2v_models::wan::text_encoder::{TextEncoderError, UMT5EncoderModel};
+use x2v_models::Error;
+use x2v_models::wan::text_encoder::UMT5EncoderModel;
 use x2v_models::wan::tokenizer::{T5Tokenizer, prompt_clean};
 
 /// fp32 CPU; relative to max(1, max|reference|).
@@ -80,8 +81,8 @@ fn token_ids_match_transformers() {
 fn encoder_matches_transformers_on_padded_batch() {
     let dir = common::fixture("umt5");
     let io = common::tensors(&dir.join("io.safetensors"));
-    let (_vs, model) =
-        UMT5EncoderModel::load(&dir.join("text_encoder"), None, Device::Cpu, None).unwrap();
+    let model =
+        UMT5EncoderModel::load(&dir.join("text_encoder"), None, Device::Cpu, Kind::Float).unwrap();
     let got = model.forward(&io["input_ids"], &io["attention_mask"]).unwrap();
     close("last_hidden_state", &got, &io["last_hidden_state"]);
 }
@@ -96,8 +97,8 @@ fn wan_prompt_embeds_match_diffusers_from_both_layouts() {
         x2v_models::wan::text_encoder::UMT5Config::from_file(&dir.join("text_encoder/config.json"))
             .unwrap();
     for path in [dir.join("text_encoder"), dir.join("models_t5_umt5-xxl-enc-bf16.pth")] {
-        let (_vs, model) =
-            UMT5EncoderModel::load(&path, Some(cfg.clone()), Device::Cpu, None).unwrap();
+        let model =
+            UMT5EncoderModel::load(&path, Some(cfg.clone()), Device::Cpu, Kind::Float).unwrap();
         let got = model.prompt_embeds(&tok, &p.prompts).unwrap();
         assert_eq!(got.size(), vec![p.prompts.len() as i64, 512, 64]);
         close(&format!("prompt_embeds ({})", path.display()), &got, &io["prompt_embeds"]);
@@ -111,14 +112,11 @@ fn wan_prompt_embeds_match_diffusers_from_both_layouts() {
 #[test]
 fn bad_token_ids_are_named() {
     let dir = common::fixture("umt5");
-    let (_vs, model) =
-        UMT5EncoderModel::load(&dir.join("text_encoder"), None, Device::Cpu, None).unwrap();
+    let model =
+        UMT5EncoderModel::load(&dir.join("text_encoder"), None, Device::Cpu, Kind::Float).unwrap();
     let ids = Tensor::from_slice(&[5i64, 999, 1]).view([1, 3]);
     let err = model.forward(&ids, &ids.ones_like()).unwrap_err();
-    assert!(
-        matches!(err, TextEncoderError::Input(_)) && err.to_string().contains("[1, 999]"),
-        "{err}"
-    );
+    assert!(matches!(err, Error::Input { .. }) && err.to_string().contains("[1, 999]"), "{err}");
     let err = model.forward(&ids, &Tensor::ones([1, 2], (Kind::Int64, Device::Cpu))).unwrap_err();
     assert!(err.to_string().contains("[1, 2]"), "{err}");
 }

@@ -17,7 +17,7 @@ use x2v_models::weights::parameter_bytes;
 
 /// Runs the three stages on `dir` (2 UniPC steps, guidance 5) and returns `uint8 [F, H, W, 3]`.
 fn generate(dir: &Path, task: Task, g: Geometry, image: Option<&Tensor>) -> Tensor {
-    let encoder = WanEncoder::load(dir, task, Device::Cpu, None).unwrap();
+    let encoder = WanEncoder::load(dir, task, Device::Cpu, Kind::Float).unwrap();
     let phase1 = encoder.encode("A cat walks on the grass.", None, image, g, 5.0).unwrap();
     let dit = load_transformer(dir, Device::Cpu, Kind::Float).unwrap();
     let settings = DenoiseSettings {
@@ -28,7 +28,7 @@ fn generate(dir: &Path, task: Task, g: Geometry, image: Option<&Tensor>) -> Tens
         batch_cfg: true,
     };
     let phase2 = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
-    let decoder = WanDecoder::load(dir, Device::Cpu, None).unwrap();
+    let decoder = WanDecoder::load(dir, Device::Cpu, Kind::Float).unwrap();
     assert!(encoder.parameter_bytes() > 0 && dit.parameter_bytes() > 0);
     assert!(decoder.parameter_bytes() > 0);
     decoder.decode(&phase2).unwrap()
@@ -55,14 +55,14 @@ fn t2v_demo_runs_through_the_three_stages() {
     let g = Geometry { frames: 9, height: 64, width: 96 };
     assert_varied_frames(&generate(tmp.path(), Task::T2v, g, None), g);
     // A T2V directory has no image encoder.
-    let err = WanEncoder::load(tmp.path(), Task::I2v, Device::Cpu, None).unwrap_err();
+    let err = WanEncoder::load(tmp.path(), Task::I2v, Device::Cpu, Kind::Float).unwrap_err();
     assert!(err.to_string().contains("image_encoder/"), "{err}");
 
     // The decoder stage holds the decoder half of the VAE only.
-    let decoder = WanDecoder::load(tmp.path(), Device::Cpu, None).unwrap();
-    let (full, _) =
-        AutoencoderKLWan::load(&tmp.path().join("vae"), None, Device::Cpu, None).unwrap();
-    assert!(decoder.parameter_bytes() < parameter_bytes(&full));
+    let decoder = WanDecoder::load(tmp.path(), Device::Cpu, Kind::Float).unwrap();
+    let full =
+        AutoencoderKLWan::load(&tmp.path().join("vae"), None, Device::Cpu, Kind::Float).unwrap();
+    assert!(decoder.parameter_bytes() < parameter_bytes(full.var_store()));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::cell::Cell;
 use tch::{Device, Kind};
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
 use x2v_models::wan::pipeline::{
-    DenoiseError, DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, initial_noise,
+    DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, initial_noise,
 };
 use x2v_models::wan::transformer::WanTransformer3DModel;
 
@@ -167,7 +167,7 @@ fn cancellation_stops_between_steps() {
         },
     )
     .unwrap_err();
-    assert!(matches!(err, DenoiseError::Cancelled { completed: 2, total: 6 }), "{err}");
+    assert!(matches!(err, x2v_models::Error::Cancelled { completed: 2, total: 6 }), "{err}");
     assert_eq!(err.kind(), x2v_core::ErrorKind::Cancelled);
 }
 

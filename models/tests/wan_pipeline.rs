@@ -21,7 +21,7 @@ use common::{
 /// Runs the three x2v stages on `dir` and returns the frames `uint8 [F, H, W, 3]`.
 fn generate(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Tensor {
     let geometry = Geometry { frames: s.frames, height: s.height, width: s.width };
-    let encoder = WanEncoder::load(dir, task, Device::Cpu, None).unwrap();
+    let encoder = WanEncoder::load(dir, task, Device::Cpu, Kind::Float).unwrap();
     let phase1 = encoder
         .encode(&s.prompt, Some(&s.negative_prompt), image, geometry, s.guidance_scale)
         .unwrap();
@@ -44,7 +44,7 @@ fn generate(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Ten
         batch_cfg: true,
     };
     let phase2 = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
-    let frames = WanDecoder::load(dir, Device::Cpu, None).unwrap().decode(&phase2).unwrap();
+    let frames = WanDecoder::load(dir, Device::Cpu, Kind::Float).unwrap().decode(&phase2).unwrap();
     assert_eq!(frames.kind(), Kind::Uint8);
     assert_eq!(frames.size(), [s.frames, s.height, s.width, 3]);
     frames
@@ -77,7 +77,7 @@ fn i2v_frames_match_wan_image_to_video_pipeline() {
 fn encoder_rejects_mismatched_inputs() {
     let fx = common::fixture("wan_pipeline");
     let g = Geometry { frames: 5, height: 64, width: 64 };
-    let t2v = WanEncoder::load(&fx.join("t2v"), Task::T2v, Device::Cpu, None).unwrap();
+    let t2v = WanEncoder::load(&fx.join("t2v"), Task::T2v, Device::Cpu, Kind::Float).unwrap();
     let no_cfg = t2v.encode("a cat", None, None, g, 1.0).unwrap();
     assert!(no_cfg.negative_prompt_embeds.is_none() && no_cfg.image_embeds.is_none());
     let img = Tensor::zeros([64, 64, 3], (Kind::Uint8, Device::Cpu));
@@ -87,9 +87,9 @@ fn encoder_rejects_mismatched_inputs() {
     assert!(err.to_string().contains("4k+1"), "{err}");
 
     // The T2V directory has no image encoder: loading it for I2V names what is missing.
-    let err = WanEncoder::load(&fx.join("t2v"), Task::I2v, Device::Cpu, None).unwrap_err();
+    let err = WanEncoder::load(&fx.join("t2v"), Task::I2v, Device::Cpu, Kind::Float).unwrap_err();
     assert!(err.to_string().contains("image_encoder/"), "{err}");
-    let i2v = WanEncoder::load(&fx.join("i2v"), Task::I2v, Device::Cpu, None).unwrap();
+    let i2v = WanEncoder::load(&fx.join("i2v"), Task::I2v, Device::Cpu, Kind::Float).unwrap();
     let err = i2v.encode("a cat", None, None, g, 5.0).unwrap_err();
     assert!(err.to_string().contains("needs an image"), "{err}");
 }

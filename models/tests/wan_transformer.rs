@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use x2v_models::wan::transformer::{DitError, WanTransformer3DModel};
-use x2v_models::weights::WeightsError;
+use x2v_models::Error;
+use x2v_models::wan::transformer::WanTransformer3DModel;
 
 /// fp32 tolerance, relative to max(1, max|reference|).
 const FP32_TOL: f64 = 1e-4;
@@ -73,7 +73,7 @@ fn incomplete_checkpoint_names_the_missing_key() {
         .unwrap();
     let err = WanTransformer3DModel::load(dir.path(), Device::Cpu, Kind::Float).unwrap_err();
     assert!(
-        matches!(&err, DitError::Weights(WeightsError::MissingKey { key, .. }) if key == "blocks.1.attn2.norm_k.weight"),
+        matches!(&err, Error::MissingKey { key, .. } if key == "blocks.1.attn2.norm_k.weight"),
         "{err}"
     );
     assert!(err.to_string().contains("blocks.1.attn2.norm_k.weight"), "{err}");

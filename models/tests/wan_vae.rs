@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use x2v_models::wan::vae::{AutoencoderKLWan, Quantize, VaeConfig, VaeError, VaeParts, frames_u8};
+use x2v_models::wan::vae::{AutoencoderKLWan, Quantize, VaeConfig, VaeParts, frames_u8};
 use x2v_models::weights::parameter_bytes;
 
 /// fp32 CPU; tolerances are relative to max(1, max|reference|).
@@ -20,7 +20,7 @@ fn close(what: &str, got: &Tensor, want: &Tensor) {
 }
 
 fn load(path: &Path) -> AutoencoderKLWan {
-    AutoencoderKLWan::load(path, None, Device::Cpu, None).expect("load VAE").1
+    AutoencoderKLWan::load(path, None, Device::Cpu, Kind::Float).expect("load VAE")
 }
 
 fn check_video_round_trip(vae: &AutoencoderKLWan, io: &std::collections::HashMap<String, Tensor>) {
@@ -49,8 +49,9 @@ fn original_layout_matches_diffusers() {
     let dir = common::fixture("wan_vae");
     let io = common::tensors(&dir.join("io.safetensors"));
     let cfg = VaeConfig::from_file(&dir.join("vae/config.json")).unwrap();
-    let (_vs, vae) =
-        AutoencoderKLWan::load(&dir.join("Wan2.1_VAE.pth"), Some(cfg), Device::Cpu, None).unwrap();
+    let vae =
+        AutoencoderKLWan::load(&dir.join("Wan2.1_VAE.pth"), Some(cfg), Device::Cpu, Kind::Float)
+            .unwrap();
     check_video_round_trip(&vae, &io);
 }
 
@@ -107,7 +108,10 @@ fn bad_inputs_are_named() {
     let vae = load(&dir.join("vae"));
     let err =
         vae.encode(&Tensor::zeros([1, 3, 6, 32, 32], (Kind::Float, Device::Cpu))).unwrap_err();
-    assert!(matches!(err, VaeError::Input(_)) && err.to_string().contains("6 frames"), "{err}");
+    assert!(
+        matches!(err, x2v_models::Error::Input { .. }) && err.to_string().contains("6 frames"),
+        "{err}"
+    );
     let err =
         vae.encode(&Tensor::zeros([1, 3, 5, 30, 32], (Kind::Float, Device::Cpu))).unwrap_err();
     assert!(err.to_string().contains("30×32"), "{err}");
@@ -118,16 +122,16 @@ fn bad_inputs_are_named() {
     assert!(err.to_string().contains("[2, 3, 4]"), "{err}");
     let mut cfg = VaeConfig::wan21();
     cfg.patch_size = Some(2);
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let err = AutoencoderKLWan::new(&vs.root(), &cfg).unwrap_err();
+    let err = AutoencoderKLWan::build(&cfg, VaeParts::Full, Device::Cpu, Kind::Float).unwrap_err();
     assert!(err.to_string().contains("patch_size = 2"), "{err}");
 }
 
 #[test]
 fn wan21_preset_has_the_published_parameter_count() {
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let _vae = AutoencoderKLWan::new(&vs.root(), &VaeConfig::wan21()).unwrap();
-    let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+    let vae =
+        AutoencoderKLWan::build(&VaeConfig::wan21(), VaeParts::Full, Device::Cpu, Kind::Float)
+            .unwrap();
+    let total: i64 = vae.var_store().variables().values().map(|t| t.numel() as i64).sum();
     assert_eq!(total, 126_892_531);
 }
 
@@ -149,13 +153,18 @@ fn halves_load_alone_and_match_the_whole_vae() {
     let dir = common::fixture("wan_vae");
     let io = common::tensors(&dir.join("io.safetensors"));
     let half = |parts| {
-        AutoencoderKLWan::load_parts(&dir.join("vae"), None, Device::Cpu, None, parts).unwrap()
+        AutoencoderKLWan::load_parts(&dir.join("vae"), None, Device::Cpu, Kind::Float, parts)
+            .unwrap()
     };
-    let (full_vs, _) = AutoencoderKLWan::load(&dir.join("vae"), None, Device::Cpu, None).unwrap();
-    let (enc_vs, enc) = half(VaeParts::Encoder);
-    let (dec_vs, dec) = half(VaeParts::Decoder);
-    let (full, e, d) =
-        (parameter_bytes(&full_vs), parameter_bytes(&enc_vs), parameter_bytes(&dec_vs));
+    let whole = AutoencoderKLWan::load(&dir.join("vae"), None, Device::Cpu, Kind::Float).unwrap();
+    let enc = half(VaeParts::Encoder);
+    let dec = half(VaeParts::Decoder);
+    let enc_vs = enc.var_store();
+    let (full, e, d) = (
+        parameter_bytes(whole.var_store()),
+        parameter_bytes(enc_vs),
+        parameter_bytes(dec.var_store()),
+    );
     eprintln!("parameter bytes: full {full}, encoder half {e}, decoder half {d}");
     assert!(e < full && d < full && e + d == full, "full {full}, encoder {e}, decoder {d}");
     assert!(
@@ -179,10 +188,10 @@ fn halves_load_alone_and_match_the_whole_vae() {
     // The original layout's halves load the same way.
     let cfg = VaeConfig::from_file(&dir.join("vae/config.json")).unwrap();
     let orig = dir.join("Wan2.1_VAE.pth");
-    let (vs, _) =
-        AutoencoderKLWan::load_parts(&orig, Some(cfg), Device::Cpu, None, VaeParts::Decoder)
+    let orig_dec =
+        AutoencoderKLWan::load_parts(&orig, Some(cfg), Device::Cpu, Kind::Float, VaeParts::Decoder)
             .unwrap();
-    assert_eq!(parameter_bytes(&vs), d);
+    assert_eq!(parameter_bytes(orig_dec.var_store()), d);
 }
 
 #[test]
@@ -200,7 +209,8 @@ fn a_half_is_strict_about_its_own_keys() {
         Tensor::write_safetensors(&kept, tmp.path().join("diffusion_pytorch_model.safetensors"))
             .unwrap();
     };
-    let load = |parts| AutoencoderKLWan::load_parts(tmp.path(), None, Device::Cpu, None, parts);
+    let load =
+        |parts| AutoencoderKLWan::load_parts(tmp.path(), None, Device::Cpu, Kind::Float, parts);
 
     // Without an encoder weight, the decoder half still loads; the encoder half names the key.
     write("encoder.conv_in.weight");

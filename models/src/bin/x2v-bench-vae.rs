@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 use x2v_models::wan::vae::AutoencoderKLWan;
 
 struct Args {
@@ -84,7 +84,7 @@ fn run(args: &Args, script: &std::path::Path, dir: &std::path::Path) -> Result<(
 
     eprintln!("running x2v ({} runs)...", args.runs);
     tch::set_num_threads(args.threads);
-    let (_vs, vae) = AutoencoderKLWan::load(&dir.join("vae"), None, Device::Cpu, None)?;
+    let vae = AutoencoderKLWan::load(&dir.join("vae"), None, Device::Cpu, Kind::Float)?;
     let io: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(dir.join("io.safetensors"))?.into_iter().collect();
     let z = &io["z"];

@@ -1,27 +1,82 @@
-//! Shared layers for x2v's diffusion transformers, written against `tch` tensors directly so that
-//! the dtype of every intermediate is explicit (the reference casts some of them to fp32).
+//! Shared layers for x2v's models, written against `tch` tensors directly so that the dtype of
+//! every intermediate is explicit (the references cast some of them to fp32).
 //!
-//! Parameters are created uninitialised in the var store under their checkpoint key and must be
-//! filled by [`crate::weights::load_into`]; a strict load guarantees none is left unset.
+//! Every parameter is made by a [`Builder`]: empty (never initialised: [`crate::weights::load_into`]
+//! fills it, and a strict load guarantees none is left unset), under its checkpoint key, in its
+//! final dtype on the var store's device. The model dtype applies unless the key matches the
+//! model's fp32 keep-list, so half-precision weights are never first made in fp32.
 
 pub mod attention;
 pub mod embeddings;
 pub mod norm;
 
-use tch::{Kind, Tensor, nn};
+use std::ops::Div;
+
+use tch::{Device, Kind, Tensor, nn};
 
 pub use attention::sdpa;
 pub use embeddings::timestep_sinusoid;
-pub use norm::{LayerNorm, RmsNorm, layer_norm_no_affine};
+pub use norm::{Fp32LayerNorm, LayerNorm, RmsNorm, layer_norm_no_affine};
 
-/// Creates an uninitialised, non-trainable parameter `name` under `path`.
-///
-/// `keep_f32` lists key fragments whose parameters stay fp32 whatever `kind` is (see
-/// [`crate::weights::LoadOptions::keep_f32`]).
-pub fn param(path: &nn::Path, name: &str, dims: &[i64], kind: Kind, keep_f32: &[&str]) -> Tensor {
-    let full = path.path(name);
-    let kind = if keep_f32.iter().any(|p| full.contains(p)) { Kind::Float } else { kind };
-    path.add(name, Tensor::empty(dims, (kind, path.device())), false)
+/// Makes the parameters of one model: a position in the var store (the checkpoint key so far),
+/// the model dtype, and the key fragments whose parameters stay fp32 whatever the model dtype.
+#[derive(Debug, Clone)]
+pub struct Builder<'a> {
+    path: nn::Path<'a>,
+    kind: Kind,
+    keep_f32: &'static [&'static str],
+}
+
+impl<'a> Builder<'a> {
+    /// The root of `vs`, for a model computing in `kind`.
+    pub fn new(vs: &'a nn::VarStore, kind: Kind, keep_f32: &'static [&'static str]) -> Self {
+        Builder { path: vs.root(), kind, keep_f32 }
+    }
+
+    /// The model dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.path.device()
+    }
+
+    /// The dtype a parameter `name` here gets: fp32 when its key matches the keep-list.
+    pub fn kind_of(&self, name: &str) -> Kind {
+        let full = self.path.path(name);
+        if self.keep_f32.iter().any(|p| full.contains(p)) { Kind::Float } else { self.kind }
+    }
+
+    /// An empty parameter `name` of shape `dims` in [`Builder::kind_of`] its key.
+    pub fn param(&self, name: &str, dims: &[i64]) -> Tensor {
+        self.param_in(name, dims, self.kind_of(name))
+    }
+
+    /// An empty parameter that is fp32 whatever the model dtype (the reference keeps it so).
+    pub fn param_f32(&self, name: &str, dims: &[i64]) -> Tensor {
+        self.param_in(name, dims, Kind::Float)
+    }
+
+    fn param_in(&self, name: &str, dims: &[i64], kind: Kind) -> Tensor {
+        self.path.add(name, Tensor::empty(dims, (kind, self.device())), false)
+    }
+}
+
+impl<'a, T: std::string::ToString> Div<T> for &Builder<'a> {
+    type Output = Builder<'a>;
+
+    fn div(self, rhs: T) -> Builder<'a> {
+        Builder { path: &self.path / rhs, kind: self.kind, keep_f32: self.keep_f32 }
+    }
+}
+
+impl<'a, T: std::string::ToString> Div<T> for Builder<'a> {
+    type Output = Builder<'a>;
+
+    fn div(self, rhs: T) -> Builder<'a> {
+        &self / rhs
+    }
 }
 
 /// A dense layer `y = x·Wᵀ + b` with PyTorch's `nn.Linear` keys (`weight` `[out, in]`, `bias`).
@@ -32,10 +87,15 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(path: nn::Path, d_in: i64, d_out: i64, kind: Kind, keep_f32: &[&str]) -> Self {
-        let weight = param(&path, "weight", &[d_out, d_in], kind, keep_f32);
-        let bias = Some(param(&path, "bias", &[d_out], kind, keep_f32));
+    pub fn new(b: Builder, d_in: i64, d_out: i64) -> Self {
+        let weight = b.param("weight", &[d_out, d_in]);
+        let bias = Some(b.param("bias", &[d_out]));
         Linear { weight, bias }
+    }
+
+    /// `nn.Linear(..., bias=False)`.
+    pub fn no_bias(b: Builder, d_in: i64, d_out: i64) -> Self {
+        Linear { weight: b.param("weight", &[d_out, d_in]), bias: None }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -64,6 +124,45 @@ impl Linear {
     }
 }
 
+/// `nn.Embedding(n, dim)`: row lookup in a `[n, dim]` `weight`.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(b: Builder, n: i64, dim: i64) -> Self {
+        Embedding { weight: b.param("weight", &[n, dim]) }
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// `nn.Conv2d` with a square kernel, a stride and no padding (CLIP's patch embedding, the VAE's
+/// 1×1 projections).
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    stride: i64,
+}
+
+impl Conv2d {
+    pub fn new(b: Builder, c_in: i64, c_out: i64, k: i64, stride: i64, bias: bool) -> Self {
+        Conv2d {
+            weight: b.param("weight", &[c_out, c_in, k, k]),
+            bias: bias.then(|| b.param("bias", &[c_out])),
+            stride,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [0, 0], [1, 1], 1)
+    }
+}
+
 /// Which GELU a feed-forward layer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gelu {
@@ -88,16 +187,36 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(path: nn::Path, dim: i64, hidden: i64, d_out: i64, act: Gelu, kind: Kind) -> Self {
-        let net = &path / "net";
+    pub fn new(b: Builder, dim: i64, hidden: i64, d_out: i64, act: Gelu) -> Self {
+        let net = &b / "net";
         FeedForward {
-            proj_in: Linear::new(&net / 0 / "proj", dim, hidden, kind, &[]),
-            proj_out: Linear::new(&net / 2, hidden, d_out, kind, &[]),
+            proj_in: Linear::new(&net / 0 / "proj", dim, hidden),
+            proj_out: Linear::new(&net / 2, hidden, d_out),
             act,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.proj_out.forward(&self.act.apply(&self.proj_in.forward(x)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_made_in_their_final_dtype_under_their_keys() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let b = Builder::new(&vs, Kind::BFloat16, &["time_embedder."]);
+        let _a = Linear::new(&b / "blocks" / 0 / "proj", 4, 8);
+        let _t = Linear::no_bias(&b / "time_embedder" / "linear_1", 4, 8);
+        let _n = Fp32LayerNorm::new(&b / "norm", 8, 1e-6);
+        let vars = vs.variables();
+        assert_eq!(vars["blocks.0.proj.weight"].kind(), Kind::BFloat16);
+        assert_eq!(vars["blocks.0.proj.weight"].size(), [8, 4]);
+        assert_eq!(vars["time_embedder.linear_1.weight"].kind(), Kind::Float);
+        assert!(!vars.contains_key("time_embedder.linear_1.bias"));
+        assert_eq!(vars["norm.weight"].kind(), Kind::Float);
     }
 }

@@ -1,9 +1,10 @@
-//! Normalisation layers: RMSNorm over the last dim (Wan's q/k norm across all heads), LayerNorm
-//! computed in fp32 with or without affine parameters (diffusers' `FP32LayerNorm`).
+//! Normalisation layers: RMSNorm over the last dim (Wan's q/k norm across all heads), LayerNorm in
+//! the model dtype (CLIP), and LayerNorm computed in fp32 with or without affine parameters
+//! (diffusers' `FP32LayerNorm`).
 
-use tch::{Kind, Tensor, nn};
+use tch::{Kind, Tensor};
 
-use super::param;
+use super::Builder;
 
 /// `torch.nn.RMSNorm(dim, eps)` with a `[dim]` weight: `x / sqrt(mean(x²) + eps) · weight`.
 #[derive(Debug)]
@@ -14,8 +15,8 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn new(path: nn::Path, dim: i64, eps: f64, kind: Kind) -> Self {
-        RmsNorm { weight: param(&path, "weight", &[dim], kind, &[]), dim, eps }
+    pub fn new(b: Builder, dim: i64, eps: f64) -> Self {
+        RmsNorm { weight: b.param("weight", &[dim]), dim, eps }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -29,8 +30,7 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Tensor {
     x.to_kind(Kind::Float).layer_norm([dim], None::<Tensor>, None::<Tensor>, eps, false)
 }
 
-/// diffusers' `FP32LayerNorm` with affine parameters: normalises in fp32 and returns the input's
-/// dtype. Its parameters are kept fp32 by the model's keep-list.
+/// `torch.nn.LayerNorm(dim, eps)` in the dtype of its input and parameters.
 #[derive(Debug)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -39,10 +39,30 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn new(path: nn::Path, dim: i64, eps: f64) -> Self {
-        LayerNorm {
-            weight: param(&path, "weight", &[dim], Kind::Float, &[]),
-            bias: param(&path, "bias", &[dim], Kind::Float, &[]),
+    pub fn new(b: Builder, dim: i64, eps: f64) -> Self {
+        LayerNorm { weight: b.param("weight", &[dim]), bias: b.param("bias", &[dim]), eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let dim = self.weight.size()[0];
+        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// diffusers' `FP32LayerNorm` with affine parameters: fp32 parameters, normalises in fp32 and
+/// returns the input's dtype.
+#[derive(Debug)]
+pub struct Fp32LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Fp32LayerNorm {
+    pub fn new(b: Builder, dim: i64, eps: f64) -> Self {
+        Fp32LayerNorm {
+            weight: b.param_f32("weight", &[dim]),
+            bias: b.param_f32("bias", &[dim]),
             eps,
         }
     }
@@ -50,13 +70,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let dim = self.weight.size()[0];
         x.to_kind(Kind::Float)
-            .layer_norm(
-                [dim],
-                Some(self.weight.to_kind(Kind::Float)),
-                Some(self.bias.to_kind(Kind::Float)),
-                self.eps,
-                false,
-            )
+            .layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, false)
             .to_kind(x.kind())
     }
 }

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::{Scheduler, SchedulerError, check_shift_and_steps, np_linspace, shift_sigma};
+use super::{Error, Scheduler, check_shift_and_steps, np_linspace, shift_sigma};
 
 /// Settings of [`FlowMatchEulerScheduler`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ pub struct FlowMatchEulerScheduler {
 }
 
 impl FlowMatchEulerScheduler {
-    pub fn new(config: &FlowMatchEulerConfig, steps: usize) -> Result<Self, SchedulerError> {
+    pub fn new(config: &FlowMatchEulerConfig, steps: usize) -> Result<Self, Error> {
         check_shift_and_steps(config.shift, steps)?;
         let n_train = config.num_train_timesteps as f32;
         let shift32 = config.shift as f32;
@@ -63,10 +63,10 @@ impl Scheduler for FlowMatchEulerScheduler {
         self.index
     }
 
-    fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, SchedulerError> {
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, Error> {
         let i = self.index;
         if i >= self.timesteps.len() {
-            return Err(SchedulerError::Finished(self.timesteps.len()));
+            return Err(Error::SchedulerFinished(self.timesteps.len()));
         }
         let dt = self.sigmas[i + 1] as f32 - self.sigmas[i] as f32;
         self.index += 1;

@@ -13,22 +13,7 @@ pub use flow_euler::{FlowMatchEulerConfig, FlowMatchEulerScheduler};
 pub use unipc::{UniPcConfig, UniPcScheduler};
 
 /// Why a scheduler could not be built or stepped.
-#[derive(Debug, thiserror::Error)]
-pub enum SchedulerError {
-    #[error("invalid scheduler setting: {0}")]
-    Invalid(String),
-    #[error("scheduler stepped {0} times, past the end of its {0}-step grid")]
-    Finished(usize),
-}
-
-impl SchedulerError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            SchedulerError::Invalid(_) => x2v_core::ErrorKind::InvalidRequest,
-            SchedulerError::Finished(_) => x2v_core::ErrorKind::Internal,
-        }
-    }
-}
+use crate::error::Error;
 
 /// One sampling run's schedule and solver state.
 pub trait Scheduler {
@@ -39,7 +24,7 @@ pub trait Scheduler {
     fn sigmas(&self) -> &[f64];
 
     /// Advances `sample` (fp32) by one step given the model's velocity prediction.
-    fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, SchedulerError>;
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, Error>;
 
     /// Steps taken so far.
     fn step_index(&self) -> usize;
@@ -65,12 +50,18 @@ pub(crate) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     v
 }
 
-pub(crate) fn check_shift_and_steps(shift: f64, steps: usize) -> Result<(), SchedulerError> {
+pub(crate) fn check_shift_and_steps(shift: f64, steps: usize) -> Result<(), Error> {
     if steps == 0 || steps > 1000 {
-        return Err(SchedulerError::Invalid(format!("steps must be in 1..=1000, got {steps}")));
+        return Err(crate::error::Error::input(
+            crate::error::Component::Scheduler,
+            format!("steps must be in 1..=1000, got {steps}"),
+        ));
     }
     if !(shift.is_finite() && shift > 0.0) {
-        return Err(SchedulerError::Invalid(format!("shift must be positive, got {shift}")));
+        return Err(crate::error::Error::input(
+            crate::error::Component::Scheduler,
+            format!("shift must be positive, got {shift}"),
+        ));
     }
     Ok(())
 }

@@ -10,7 +10,8 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::{Scheduler, SchedulerError, check_shift_and_steps, np_linspace, shift_sigma};
+use super::{Error, Scheduler, check_shift_and_steps, np_linspace, shift_sigma};
+use crate::error::Component;
 
 /// Settings of [`UniPcScheduler`] that vary between deployments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,13 +72,13 @@ fn lambda(sigma: f64) -> f64 {
 }
 
 impl UniPcScheduler {
-    pub fn new(config: &UniPcConfig, steps: usize) -> Result<Self, SchedulerError> {
+    pub fn new(config: &UniPcConfig, steps: usize) -> Result<Self, Error> {
         check_shift_and_steps(config.flow_shift, steps)?;
         if !(1..=2).contains(&config.solver_order) {
-            return Err(SchedulerError::Invalid(format!(
-                "solver_order must be 1 or 2, got {}",
-                config.solver_order
-            )));
+            return Err(Error::input(
+                Component::Scheduler,
+                format!("solver_order must be 1 or 2, got {}", config.solver_order),
+            ));
         }
         let n_train = config.num_train_timesteps as f64;
         let s = np_linspace(1.0, 1.0 / n_train, steps + 1);
@@ -169,10 +170,10 @@ impl Scheduler for UniPcScheduler {
         self.index
     }
 
-    fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, SchedulerError> {
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, Error> {
         let n = self.timesteps.len();
         if self.index >= n {
-            return Err(SchedulerError::Finished(n));
+            return Err(Error::SchedulerFinished(n));
         }
         let sigma = self.sigmas[self.index];
         let x0 = sample - model_output * sigma; // flow_prediction: x0 = x − sigma·v

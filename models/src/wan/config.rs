@@ -5,7 +5,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::transformer::DitError;
+use crate::config::ModelConfig;
+use crate::error::{Component, Error};
 
 /// Hyper-parameters of a Wan2.1 diffusion transformer (diffusers field names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,8 +171,8 @@ impl Config {
     }
 
     /// Reads `config.json` in either layout and says which one it is.
-    pub fn from_file(path: &Path) -> Result<(Self, Layout), DitError> {
-        let bad = |message: String| DitError::Config { path: path.to_owned(), message };
+    pub fn from_file(path: &Path) -> Result<(Self, Layout), Error> {
+        let bad = |message: String| Error::config(Component::Transformer, Some(path), message);
         let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
@@ -261,6 +262,14 @@ impl Config {
             return Err("pos_embed_seq_len (FLF2V) is not supported".into());
         }
         Ok(())
+    }
+}
+
+impl ModelConfig for Config {
+    const COMPONENT: Component = Component::Transformer;
+
+    fn validate(&self) -> Result<(), String> {
+        Config::validate(self)
     }
 }
 

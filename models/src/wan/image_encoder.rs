@@ -12,33 +12,12 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor, nn, nn::Module};
+use tch::{Device, Kind, Tensor, nn};
 
-use crate::weights::{self, Checkpoint, LoadOptions, WeightsError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ImageEncoderError {
-    #[error("unsupported CLIP vision config: {0}")]
-    Config(String),
-    #[error("cannot read CLIP vision config {path}: {message}")]
-    ConfigFile { path: String, message: String },
-    #[error("bad image encoder input: {0}")]
-    Input(String),
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
-}
-
-impl ImageEncoderError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            ImageEncoderError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
-            ImageEncoderError::Weights(e) => e.kind(),
-            _ => x2v_core::ErrorKind::Internal,
-        }
-    }
-}
+use crate::config::{ModelConfig, checked, read_config};
+use crate::error::{Component, Error};
+use crate::nn::{Builder, LayerNorm, Linear};
+use crate::weights::{self, Checkpoint, Entry, LoadOptions};
 
 /// `CLIPVisionConfig` fields the tower uses (unknown keys ignored; a full `CLIPConfig` keeps
 /// them under `vision_config`, which [`ClipVisionConfig::from_file`] also accepts).
@@ -87,41 +66,40 @@ impl ClipVisionConfig {
         }
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, ImageEncoderError> {
-        let err = |message: String| ImageEncoderError::ConfigFile {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        if let Some(inner) = v.get_mut("vision_config") {
-            v = inner.take();
-        }
-        let cfg: ClipVisionConfig = serde_json::from_value(v).map_err(|e| err(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    pub fn validate(&self) -> Result<(), ImageEncoderError> {
-        if !matches!(self.hidden_act.as_str(), "gelu" | "quick_gelu") {
-            return Err(ImageEncoderError::Config(format!(
-                "hidden_act = {:?}; supported: \"gelu\", \"quick_gelu\"",
-                self.hidden_act
-            )));
-        }
-        if self.num_hidden_layers < 2 || self.hidden_size % self.num_attention_heads != 0 {
-            return Err(ImageEncoderError::Config(format!(
-                "num_hidden_layers {} (need ≥ 2 for the penultimate layer), hidden_size {} not divisible by {} heads",
-                self.num_hidden_layers, self.hidden_size, self.num_attention_heads
-            )));
-        }
-        Ok(())
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        crate::config::read_config_file(path)
     }
 
     /// Tokens per image: patches plus CLS (257 for ViT-H/14 at 224²).
     pub fn num_positions(&self) -> i64 {
         (self.image_size / self.patch_size).pow(2) + 1
+    }
+}
+
+impl ModelConfig for ClipVisionConfig {
+    const COMPONENT: Component = Component::ImageEncoder;
+
+    fn validate(&self) -> Result<(), String> {
+        if !matches!(self.hidden_act.as_str(), "gelu" | "quick_gelu") {
+            return Err(format!(
+                "hidden_act = {:?}; supported: \"gelu\", \"quick_gelu\"",
+                self.hidden_act
+            ));
+        }
+        if self.num_hidden_layers < 2 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "num_hidden_layers {} (need ≥ 2 for the penultimate layer), hidden_size {} not divisible by {} heads",
+                self.num_hidden_layers, self.hidden_size, self.num_attention_heads
+            ));
+        }
+        Ok(())
+    }
+
+    fn select(mut json: serde_json::Value) -> serde_json::Value {
+        match json.get_mut("vision_config") {
+            Some(inner) => inner.take(),
+            None => json,
+        }
     }
 }
 
@@ -136,11 +114,8 @@ pub fn convert_original(ckpt: Checkpoint, cfg: &ClipVisionConfig) -> Checkpoint 
             || k.starts_with("visual_projection.")
             || k.starts_with(&format!("encoder.layers.{last_layer}."))
     };
-    let desc = ckpt.description().to_owned();
-    let mut out: Vec<(String, Tensor)> = Vec::new();
-    for key in ckpt.keys() {
-        let t = ckpt.get(key).expect("listed key").shallow_clone();
-        let renamed: Vec<(String, Tensor)> = if let Some(k) = key.strip_prefix("visual.") {
+    ckpt.transform(|key, t| {
+        let renamed: Vec<(String, Entry)> = if let Some(k) = key.strip_prefix("visual.") {
             original_visual_key(k, t)
         } else if let Some(k) = key.strip_prefix("vision_model.") {
             vec![(k.to_owned(), t)]
@@ -152,13 +127,12 @@ pub fn convert_original(ckpt: Checkpoint, cfg: &ClipVisionConfig) -> Checkpoint 
         } else {
             vec![(key.to_owned(), t)]
         };
-        for (k, t) in renamed {
-            if !unused(&k) {
-                out.push((format!("vision_model.{k}"), t));
-            }
-        }
-    }
-    Checkpoint::from_tensors(desc, out)
+        renamed
+            .into_iter()
+            .filter(|(k, _)| !unused(k))
+            .map(|(k, t)| (format!("vision_model.{k}"), t))
+            .collect()
+    })
 }
 
 /// Original `visual.*` fragments → transformers `vision_model.*` fragments (models.md §3.2).
@@ -170,11 +144,21 @@ const ORIGINAL_LAYER_KEYS: &[(&str, &str)] = &[
     ("mlp.2.", "mlp.fc2."),
 ];
 
-fn original_visual_key(k: &str, t: Tensor) -> Vec<(String, Tensor)> {
+fn original_visual_key(k: &str, t: Entry) -> Vec<(String, Entry)> {
     match k {
         "patch_embedding.weight" => vec![("embeddings.patch_embedding.weight".into(), t)],
-        "cls_embedding" => vec![("embeddings.class_embedding".into(), t.reshape([-1]))],
-        "pos_embedding" => vec![("embeddings.position_embedding.weight".into(), t.squeeze_dim(0))],
+        "cls_embedding" => {
+            let n = t.shape().iter().product::<i64>();
+            vec![("embeddings.class_embedding".into(), t.reshape(&[n]))]
+        }
+        "pos_embedding" => {
+            // `[1, positions, width]` → `[positions, width]`.
+            let shape: Vec<i64> = match t.shape() {
+                [1, rest @ ..] => rest.to_vec(),
+                other => other.to_vec(),
+            };
+            vec![("embeddings.position_embedding.weight".into(), t.reshape(&shape))]
+        }
         "head" => vec![],
         _ => {
             if let Some(rest) = k.strip_prefix("pre_norm.") {
@@ -189,7 +173,7 @@ fn original_visual_key(k: &str, t: Tensor) -> Vec<(String, Tensor)> {
             };
             let layer = format!("encoder.layers.{idx}.");
             if let Some(kind) = tail.strip_prefix("attn.to_qkv.") {
-                let parts = t.chunk(3, 0);
+                let parts = t.chunk0(3);
                 return ["q", "k", "v"]
                     .iter()
                     .zip(parts)
@@ -207,31 +191,30 @@ fn original_visual_key(k: &str, t: Tensor) -> Vec<(String, Tensor)> {
 
 #[derive(Debug)]
 struct EncoderLayer {
-    layer_norm1: nn::LayerNorm,
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
-    layer_norm2: nn::LayerNorm,
-    fc1: nn::Linear,
-    fc2: nn::Linear,
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
 }
 
 impl EncoderLayer {
-    fn new(p: nn::Path, cfg: &ClipVisionConfig) -> Self {
-        let d = cfg.hidden_size;
-        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+    fn new(p: Builder, cfg: &ClipVisionConfig) -> Self {
+        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let a = &p / "self_attn";
         let m = &p / "mlp";
         EncoderLayer {
-            layer_norm1: nn::layer_norm(&p / "layer_norm1", vec![d], ln),
-            q_proj: nn::linear(&a / "q_proj", d, d, Default::default()),
-            k_proj: nn::linear(&a / "k_proj", d, d, Default::default()),
-            v_proj: nn::linear(&a / "v_proj", d, d, Default::default()),
-            out_proj: nn::linear(&a / "out_proj", d, d, Default::default()),
-            layer_norm2: nn::layer_norm(&p / "layer_norm2", vec![d], ln),
-            fc1: nn::linear(&m / "fc1", d, cfg.intermediate_size, Default::default()),
-            fc2: nn::linear(&m / "fc2", cfg.intermediate_size, d, Default::default()),
+            layer_norm1: LayerNorm::new(&p / "layer_norm1", d, eps),
+            q_proj: Linear::new(&a / "q_proj", d, d),
+            k_proj: Linear::new(&a / "k_proj", d, d),
+            v_proj: Linear::new(&a / "v_proj", d, d),
+            out_proj: Linear::new(&a / "out_proj", d, d),
+            layer_norm2: LayerNorm::new(&p / "layer_norm2", d, eps),
+            fc1: Linear::new(&m / "fc1", d, cfg.intermediate_size),
+            fc2: Linear::new(&m / "fc2", cfg.intermediate_size, d),
         }
     }
 
@@ -269,30 +252,34 @@ pub struct ClipVisionModel {
     patch_embedding: Tensor,
     class_embedding: Tensor,
     position_embedding: Tensor,
-    pre_layrnorm: nn::LayerNorm,
+    pre_layrnorm: LayerNorm,
     /// Layers `0..num_hidden_layers-1`: the last one does not contribute to `hidden_states[-2]`.
     layers: Vec<EncoderLayer>,
+    /// Owns the parameters (the fields above are handles into it).
+    vs: nn::VarStore,
 }
 
 impl ClipVisionModel {
-    pub fn new(p: &nn::Path, cfg: &ClipVisionConfig) -> Result<Self, ImageEncoderError> {
-        cfg.validate()?;
-        let v = p / "vision_model";
+    /// The tower for `cfg` with empty parameters in `kind` on `device`.
+    pub fn build(cfg: &ClipVisionConfig, device: Device, kind: Kind) -> Result<Self, Error> {
+        let cfg = checked(cfg.clone())?;
+        let vs = nn::VarStore::new(device);
+        let v = Builder::new(&vs, kind, &[]) / "vision_model";
         let e = &v / "embeddings";
         let d = cfg.hidden_size;
         let ps = cfg.patch_size;
-        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
         Ok(ClipVisionModel {
-            cfg: cfg.clone(),
             patch_embedding: (&e / "patch_embedding")
-                .zeros("weight", &[d, cfg.num_channels, ps, ps]),
-            class_embedding: e.zeros("class_embedding", &[d]),
+                .param("weight", &[d, cfg.num_channels, ps, ps]),
+            class_embedding: e.param("class_embedding", &[d]),
             position_embedding: (&e / "position_embedding")
-                .zeros("weight", &[cfg.num_positions(), d]),
-            pre_layrnorm: nn::layer_norm(&v / "pre_layrnorm", vec![d], ln),
+                .param("weight", &[cfg.num_positions(), d]),
+            pre_layrnorm: LayerNorm::new(&v / "pre_layrnorm", d, cfg.layer_norm_eps),
             layers: (0..cfg.num_hidden_layers - 1)
-                .map(|i| EncoderLayer::new(&v / "encoder" / "layers" / i, cfg))
+                .map(|i| EncoderLayer::new(&v / "encoder" / "layers" / i, &cfg))
                 .collect(),
+            cfg,
+            vs,
         })
     }
 
@@ -303,20 +290,23 @@ impl ClipVisionModel {
         path: &Path,
         cfg: Option<ClipVisionConfig>,
         device: Device,
-        dtype: Option<Kind>,
-    ) -> Result<(nn::VarStore, Self), ImageEncoderError> {
+        kind: Kind,
+    ) -> Result<Self, Error> {
+        let started = std::time::Instant::now();
         let cfg = match cfg {
             Some(c) => c,
-            None if path.join("config.json").is_file() => {
-                ClipVisionConfig::from_file(&path.join("config.json"))?
-            }
-            None => ClipVisionConfig::vit_h_14(),
+            None => read_config(path, ClipVisionConfig::vit_h_14)?,
         };
         let ckpt = convert_original(Checkpoint::open(path)?, &cfg);
-        let vs = nn::VarStore::new(device);
-        let model = Self::new(&vs.root(), &cfg)?;
-        weights::load_into(&vs, &ckpt, &LoadOptions { strict: true, dtype, keep_f32: &[] })?;
-        Ok((vs, model))
+        let model = Self::build(&cfg, device, kind)?;
+        weights::load_into(&model.vs, &ckpt, &LoadOptions::strict())?;
+        weights::log_loaded(Component::ImageEncoder, &ckpt, &model.vs, kind, started);
+        Ok(model)
+    }
+
+    /// Its parameters, by checkpoint key.
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
     }
 
     pub fn config(&self) -> &ClipVisionConfig {
@@ -325,13 +315,14 @@ impl ClipVisionModel {
 
     /// `CLIPVisionModel(pixel_values, output_hidden_states=True).hidden_states[-2]`:
     /// `[B, num_positions, hidden_size]`.
-    pub fn penultimate(&self, pixel_values: &Tensor) -> Result<Tensor, ImageEncoderError> {
+    pub fn penultimate(&self, pixel_values: &Tensor) -> Result<Tensor, Error> {
         let size = pixel_values.size();
         let (c, s) = (self.cfg.num_channels, self.cfg.image_size);
         if size.len() != 4 || size[1] != c || size[2] != s || size[3] != s || size[0] == 0 {
-            return Err(ImageEncoderError::Input(format!(
-                "pixel_values must be [B, {c}, {s}, {s}], got shape {size:?}"
-            )));
+            return Err(Error::input(
+                Component::ImageEncoder,
+                format!("pixel_values must be [B, {c}, {s}, {s}], got shape {size:?}"),
+            ));
         }
         let _guard = tch::no_grad_guard();
         let w = &self.patch_embedding;
@@ -383,27 +374,30 @@ impl ClipPreprocess {
     /// back to bytes as PIL returns them; PIL filters in two separable passes with 8-bit rounding
     /// in between, so individual pixels may differ from transformers' PIL path by a level or two.
     /// The output size follows transformers: the long side becomes `int(edge · long / short)`.
-    pub fn apply(&self, image: &Tensor) -> Result<Tensor, ImageEncoderError> {
+    pub fn apply(&self, image: &Tensor) -> Result<Tensor, Error> {
         let size = image.size();
         if size.len() != 3 || size[2] != 3 || image.kind() != Kind::Uint8 {
-            return Err(ImageEncoderError::Input(format!(
-                "the image must be uint8 [H, W, 3], got {:?} {size:?}",
-                image.kind()
-            )));
+            return Err(Error::input(
+                Component::ImageEncoder,
+                format!("the image must be uint8 [H, W, 3], got {:?} {size:?}", image.kind()),
+            ));
         }
         let (h, w) = (size[0], size[1]);
         if h.min(w) == 0 {
-            return Err(ImageEncoderError::Input(format!("empty image: shape {size:?}")));
+            return Err(Error::input(
+                Component::ImageEncoder,
+                format!("empty image: shape {size:?}"),
+            ));
         }
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
         let new_long = (self.shortest_edge as f64 * long as f64 / short as f64) as i64;
         let (nh, nw) =
             if w <= h { (new_long, self.shortest_edge) } else { (self.shortest_edge, new_long) };
         if nh < self.crop || nw < self.crop {
-            return Err(ImageEncoderError::Input(format!(
-                "resized image {nh}×{nw} is smaller than the {c}×{c} crop",
-                c = self.crop
-            )));
+            return Err(Error::input(
+                Component::ImageEncoder,
+                format!("resized image {nh}×{nw} is smaller than the {c}×{c} crop", c = self.crop),
+            ));
         }
         let _guard = tch::no_grad_guard();
         let x = image.permute([2, 0, 1]).unsqueeze(0).to_kind(Kind::Float);

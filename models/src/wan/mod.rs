@@ -12,4 +12,3 @@ pub mod tokenizer;
 pub mod transformer;
 pub mod transformer_keys;
 pub mod vae;
-mod vae_blocks;

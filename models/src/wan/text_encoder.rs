@@ -13,37 +13,13 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor, nn, nn::Module};
+use tch::{Device, Kind, Tensor, nn};
 
-use super::tokenizer::{T5Tokenizer, TokenizerError};
-use crate::weights::{self, Checkpoint, LoadOptions, WeightsError};
-
-#[derive(Debug, thiserror::Error)]
-pub enum TextEncoderError {
-    #[error("unsupported UMT5 config: {0}")]
-    Config(String),
-    #[error("cannot read UMT5 config {path}: {message}")]
-    ConfigFile { path: String, message: String },
-    #[error("bad text encoder input: {0}")]
-    Input(String),
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
-}
-
-impl TextEncoderError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            TextEncoderError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
-            TextEncoderError::Tokenizer(e) => e.kind(),
-            TextEncoderError::Weights(e) => e.kind(),
-            _ => x2v_core::ErrorKind::Internal,
-        }
-    }
-}
+use super::tokenizer::T5Tokenizer;
+use crate::config::{ModelConfig, checked, read_config};
+use crate::error::{Component, Error};
+use crate::nn::{Builder, Embedding, Linear};
+use crate::weights::{self, Checkpoint, LoadOptions};
 
 /// `UMT5Config` fields the encoder uses (transformers `config.json`; unknown keys ignored).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -94,29 +70,26 @@ impl UMT5Config {
         }
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, TextEncoderError> {
-        let err = |message: String| TextEncoderError::ConfigFile {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let cfg: UMT5Config = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        crate::config::read_config_file(path)
     }
+}
 
-    pub fn validate(&self) -> Result<(), TextEncoderError> {
+impl ModelConfig for UMT5Config {
+    const COMPONENT: Component = Component::TextEncoder;
+
+    fn validate(&self) -> Result<(), String> {
         if self.feed_forward_proj != "gated-gelu" {
-            return Err(TextEncoderError::Config(format!(
+            return Err(format!(
                 "feed_forward_proj = {:?}; only \"gated-gelu\" (UMT5) is supported",
                 self.feed_forward_proj
-            )));
+            ));
         }
         if self.relative_attention_num_buckets < 4 || self.relative_attention_num_buckets % 2 != 0 {
-            return Err(TextEncoderError::Config(format!(
+            return Err(format!(
                 "relative_attention_num_buckets = {} must be even and at least 4",
                 self.relative_attention_num_buckets
-            )));
+            ));
         }
         Ok(())
     }
@@ -162,8 +135,8 @@ struct T5LayerNorm {
 }
 
 impl T5LayerNorm {
-    fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
-        T5LayerNorm { weight: p.ones("weight", &[dim]), eps }
+    fn new(b: Builder, dim: i64, eps: f64) -> Self {
+        T5LayerNorm { weight: b.param("weight", &[dim]), eps }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -179,20 +152,19 @@ impl T5LayerNorm {
 #[derive(Debug)]
 struct Block {
     norm1: T5LayerNorm,
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    o: nn::Linear,
-    relative_attention_bias: nn::Embedding,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    relative_attention_bias: Embedding,
     norm2: T5LayerNorm,
-    wi_0: nn::Linear,
-    wi_1: nn::Linear,
-    wo: nn::Linear,
+    wi_0: Linear,
+    wi_1: Linear,
+    wo: Linear,
 }
 
 impl Block {
-    fn new(p: nn::Path, cfg: &UMT5Config) -> Self {
-        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+    fn new(p: Builder, cfg: &UMT5Config) -> Self {
         let inner = cfg.num_heads * cfg.d_kv;
         let (d, eps) = (cfg.d_model, cfg.layer_norm_epsilon);
         let a = &p / "layer" / 0;
@@ -201,20 +173,19 @@ impl Block {
         let ff = &f / "DenseReluDense";
         Block {
             norm1: T5LayerNorm::new(&a / "layer_norm", d, eps),
-            q: nn::linear(&sa / "q", d, inner, no_bias),
-            k: nn::linear(&sa / "k", d, inner, no_bias),
-            v: nn::linear(&sa / "v", d, inner, no_bias),
-            o: nn::linear(&sa / "o", inner, d, no_bias),
-            relative_attention_bias: nn::embedding(
+            q: Linear::no_bias(&sa / "q", d, inner),
+            k: Linear::no_bias(&sa / "k", d, inner),
+            v: Linear::no_bias(&sa / "v", d, inner),
+            o: Linear::no_bias(&sa / "o", inner, d),
+            relative_attention_bias: Embedding::new(
                 &sa / "relative_attention_bias",
                 cfg.relative_attention_num_buckets,
                 cfg.num_heads,
-                Default::default(),
             ),
             norm2: T5LayerNorm::new(&f / "layer_norm", d, eps),
-            wi_0: nn::linear(&ff / "wi_0", d, cfg.d_ff, no_bias),
-            wi_1: nn::linear(&ff / "wi_1", d, cfg.d_ff, no_bias),
-            wo: nn::linear(&ff / "wo", cfg.d_ff, d, no_bias),
+            wi_0: Linear::no_bias(&ff / "wi_0", d, cfg.d_ff),
+            wi_1: Linear::no_bias(&ff / "wi_1", d, cfg.d_ff),
+            wo: Linear::no_bias(&ff / "wo", cfg.d_ff, d),
         }
     }
 
@@ -242,7 +213,7 @@ impl Block {
         let x = x + self.o.forward(&a);
         let n = self.norm2.forward(&x);
         let h = self.wi_0.forward(&n).gelu("tanh") * self.wi_1.forward(&n);
-        let h = h.to_kind(self.wo.ws.kind());
+        let h = h.to_kind(self.wo.weight.kind());
         let y = self.wo.forward(&h).to_kind(x.kind());
         x + y
     }
@@ -253,56 +224,65 @@ impl Block {
 #[derive(Debug)]
 pub struct UMT5EncoderModel {
     cfg: UMT5Config,
-    shared: nn::Embedding,
+    shared: Embedding,
     blocks: Vec<Block>,
     final_layer_norm: T5LayerNorm,
+    /// Owns the parameters (the fields above are handles into it).
+    vs: nn::VarStore,
 }
 
 impl UMT5EncoderModel {
-    pub fn new(p: &nn::Path, cfg: &UMT5Config) -> Result<Self, TextEncoderError> {
-        cfg.validate()?;
-        let e = p / "encoder";
+    /// The model for `cfg` with empty parameters in `kind` on `device` ([`KEEP_F32`] stays fp32).
+    pub fn build(cfg: &UMT5Config, device: Device, kind: Kind) -> Result<Self, Error> {
+        let cfg = checked(cfg.clone())?;
+        let vs = nn::VarStore::new(device);
+        let p = Builder::new(&vs, kind, KEEP_F32);
+        let e = &p / "encoder";
         Ok(UMT5EncoderModel {
-            cfg: cfg.clone(),
-            shared: nn::embedding(p / "shared", cfg.vocab_size, cfg.d_model, Default::default()),
-            blocks: (0..cfg.num_layers).map(|i| Block::new(&e / "block" / i, cfg)).collect(),
+            shared: Embedding::new(&p / "shared", cfg.vocab_size, cfg.d_model),
+            blocks: (0..cfg.num_layers).map(|i| Block::new(&e / "block" / i, &cfg)).collect(),
             final_layer_norm: T5LayerNorm::new(
                 &e / "final_layer_norm",
                 cfg.d_model,
                 cfg.layer_norm_epsilon,
             ),
+            cfg,
+            vs,
         })
     }
 
     /// Loads from a transformers `text_encoder/` directory (`config.json` + safetensors), a
     /// safetensors file, or the original `models_t5_umt5-xxl-enc-bf16.pth` (layout detected from
     /// the keys). `cfg` defaults to the directory's `config.json`, else the UMT5-XXL preset.
-    /// With `dtype` half precision, `wo` stays fp32 as in transformers.
+    /// In half precision `wo` stays fp32 as in transformers.
     pub fn load(
         path: &Path,
         cfg: Option<UMT5Config>,
         device: Device,
-        dtype: Option<Kind>,
-    ) -> Result<(nn::VarStore, Self), TextEncoderError> {
+        kind: Kind,
+    ) -> Result<Self, Error> {
+        let started = std::time::Instant::now();
         let cfg = match cfg {
             Some(c) => c,
-            None if path.join("config.json").is_file() => {
-                UMT5Config::from_file(&path.join("config.json"))?
-            }
-            None => UMT5Config::umt5_xxl(),
+            None => read_config(path, UMT5Config::umt5_xxl)?,
         };
         let ckpt = Checkpoint::open(path)?;
-        let has_shared = ckpt.get("shared.weight").is_some();
+        let has_shared = ckpt.contains("shared.weight");
         let ckpt = ckpt.remap(|k| match k {
             // The tied input embedding is stored under either name (or both).
             "encoder.embed_tokens.weight" if has_shared => None,
             "encoder.embed_tokens.weight" => Some("shared.weight".into()),
             _ => Some(remap_original_key(k)),
         });
-        let vs = nn::VarStore::new(device);
-        let model = Self::new(&vs.root(), &cfg)?;
-        weights::load_into(&vs, &ckpt, &LoadOptions { strict: true, dtype, keep_f32: KEEP_F32 })?;
-        Ok((vs, model))
+        let model = Self::build(&cfg, device, kind)?;
+        weights::load_into(&model.vs, &ckpt, &LoadOptions::strict())?;
+        weights::log_loaded(Component::TextEncoder, &ckpt, &model.vs, kind, started);
+        Ok(model)
+    }
+
+    /// Its parameters, by checkpoint key.
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
     }
 
     pub fn config(&self) -> &UMT5Config {
@@ -326,36 +306,42 @@ impl UMT5EncoderModel {
     }
 
     /// `UMT5EncoderModel(input_ids, attention_mask).last_hidden_state`: `[B, L, d_model]`.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-    ) -> Result<Tensor, TextEncoderError> {
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor, Error> {
         let size = input_ids.size();
         let [b, l] = size[..] else {
-            return Err(TextEncoderError::Input(format!(
-                "input_ids must be [B, L], got shape {size:?}"
-            )));
+            return Err(Error::input(
+                Component::TextEncoder,
+                format!("input_ids must be [B, L], got shape {size:?}"),
+            ));
         };
         if attention_mask.size() != size {
-            return Err(TextEncoderError::Input(format!(
-                "attention_mask shape {:?} differs from input_ids shape {size:?}",
-                attention_mask.size()
-            )));
+            return Err(Error::input(
+                Component::TextEncoder,
+                format!(
+                    "attention_mask shape {:?} differs from input_ids shape {size:?}",
+                    attention_mask.size()
+                ),
+            ));
         }
         if b == 0 || l == 0 {
-            return Err(TextEncoderError::Input(format!("empty input_ids: shape {size:?}")));
+            return Err(Error::input(
+                Component::TextEncoder,
+                format!("empty input_ids: shape {size:?}"),
+            ));
         }
         let ids = input_ids.to_kind(Kind::Int64);
         let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
         if lo < 0 || hi >= self.cfg.vocab_size {
-            return Err(TextEncoderError::Input(format!(
-                "token ids span [{lo}, {hi}]; the vocabulary has {} entries",
-                self.cfg.vocab_size
-            )));
+            return Err(Error::input(
+                Component::TextEncoder,
+                format!(
+                    "token ids span [{lo}, {hi}]; the vocabulary has {} entries",
+                    self.cfg.vocab_size
+                ),
+            ));
         }
         let _guard = tch::no_grad_guard();
-        let device = self.shared.ws.device();
+        let device = self.shared.weight.device();
         let ids = ids.to_device(device);
         let mut x = self.shared.forward(&ids);
         let min = f64::from(f32::MIN);
@@ -374,7 +360,7 @@ impl UMT5EncoderModel {
         &self,
         tokenizer: &T5Tokenizer,
         prompts: &[S],
-    ) -> Result<Tensor, TextEncoderError> {
+    ) -> Result<Tensor, Error> {
         let trimmed = self.prompt_embeds_trimmed(tokenizer, prompts)?;
         let max = tokenizer.max_length() as i64;
         let rows: Vec<Tensor> =
@@ -387,8 +373,8 @@ impl UMT5EncoderModel {
         &self,
         tokenizer: &T5Tokenizer,
         prompts: &[S],
-    ) -> Result<Vec<Tensor>, TextEncoderError> {
-        let batch = tokenizer.encode_batch(prompts, self.shared.ws.device())?;
+    ) -> Result<Vec<Tensor>, Error> {
+        let batch = tokenizer.encode_batch(prompts, self.shared.weight.device())?;
         // Padding past the longest prompt changes nothing for the real rows (masked keys,
         // relative positions), so the batch is encoded at its own length.
         let hidden = self.forward(&batch.input_ids, &batch.attention_mask)?;

@@ -10,31 +10,10 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::error::Error;
+
 /// Wan's text length: prompts are truncated to this many tokens, `</s>` included.
 pub const MAX_LENGTH: usize = 512;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TokenizerError {
-    #[error("cannot load tokenizer {path}: {message}")]
-    Load { path: String, message: String },
-    #[error("tokenizer {path} has no `{token}` token")]
-    MissingToken { path: String, token: &'static str },
-    #[error("cannot tokenize prompt {prompt:?}: {message}")]
-    Encode { prompt: String, message: String },
-    #[error("no prompts to tokenize")]
-    Empty,
-}
-
-impl TokenizerError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            TokenizerError::Encode { .. } | TokenizerError::Empty => {
-                x2v_core::ErrorKind::InvalidRequest
-            }
-            _ => x2v_core::ErrorKind::Internal,
-        }
-    }
-}
 
 /// Python's `str.isspace` (what `re.sub(r"\s+", ...)` and `str.strip()` use): Unicode
 /// whitespace plus the information separators U+001C..U+001F.
@@ -88,14 +67,14 @@ impl std::fmt::Debug for T5Tokenizer {
 
 impl T5Tokenizer {
     /// Reads `tokenizer.json` (or `<dir>/tokenizer.json`) with truncation at [`MAX_LENGTH`].
-    pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
         Self::with_max_length(path, MAX_LENGTH)
     }
 
-    pub fn with_max_length(path: &Path, max_length: usize) -> Result<Self, TokenizerError> {
+    pub fn with_max_length(path: &Path, max_length: usize) -> Result<Self, Error> {
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
         let shown = file.display().to_string();
-        let err = |message: String| TokenizerError::Load { path: shown.clone(), message };
+        let err = |message: String| Error::TokenizerLoad { path: shown.clone(), message };
         let mut inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
         inner
             .with_truncation(Some(tokenizers::TruncationParams {
@@ -106,9 +85,9 @@ impl T5Tokenizer {
         inner.with_padding(None);
         let pad_id = inner
             .token_to_id("<pad>")
-            .ok_or(TokenizerError::MissingToken { path: shown.clone(), token: "<pad>" })?;
+            .ok_or(Error::MissingToken { path: shown.clone(), token: "<pad>" })?;
         if inner.token_to_id("</s>").is_none() {
-            return Err(TokenizerError::MissingToken { path: shown, token: "</s>" });
+            return Err(Error::MissingToken { path: shown, token: "</s>" });
         }
         Ok(T5Tokenizer { inner, pad_id, max_length })
     }
@@ -118,11 +97,12 @@ impl T5Tokenizer {
     }
 
     /// Cleans and tokenizes one prompt: ids with `</s>` appended, at most `max_length`.
-    pub fn encode(&self, prompt: &str) -> Result<Vec<i64>, TokenizerError> {
+    pub fn encode(&self, prompt: &str) -> Result<Vec<i64>, Error> {
         let cleaned = prompt_clean(prompt);
-        let enc = self.inner.encode(cleaned.as_str(), true).map_err(|e| {
-            TokenizerError::Encode { prompt: prompt.to_owned(), message: e.to_string() }
-        })?;
+        let enc = self
+            .inner
+            .encode(cleaned.as_str(), true)
+            .map_err(|e| Error::Tokenize { prompt: prompt.to_owned(), message: e.to_string() })?;
         Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
     }
 
@@ -131,9 +111,9 @@ impl T5Tokenizer {
         &self,
         prompts: &[S],
         device: Device,
-    ) -> Result<TokenBatch, TokenizerError> {
+    ) -> Result<TokenBatch, Error> {
         if prompts.is_empty() {
-            return Err(TokenizerError::Empty);
+            return Err(Error::NoPrompts);
         }
         let ids: Vec<Vec<i64>> =
             prompts.iter().map(|p| self.encode(p.as_ref())).collect::<Result<_, _>>()?;

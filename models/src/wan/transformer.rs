@@ -11,43 +11,21 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor, nn};
 
 use super::config::{Config, Layout};
 use super::rope::RopeTables;
 pub use super::transformer_keys::{diffusers_key, remap_key};
-use crate::nn::{FeedForward, Gelu, LayerNorm, Linear, RmsNorm, layer_norm_no_affine, param};
+use crate::error::{Component, Error};
+use crate::nn::{Builder, FeedForward, Fp32LayerNorm, Gelu, Linear, RmsNorm, layer_norm_no_affine};
 use crate::nn::{sdpa, timestep_sinusoid};
-use crate::weights::{Checkpoint, LoadOptions, WeightsError, load_into};
+use crate::weights::{Checkpoint, LoadOptions, load_into};
 
 /// Parameters that stay fp32 in a bf16/fp16 model (diffusers' `_keep_in_fp32_modules`).
 pub const KEEP_F32: &[&str] =
     &["condition_embedder.time_embedder.", "scale_shift_table", "norm1.", "norm2.", "norm3."];
-
-/// Why a DiT could not be built or run.
-#[derive(Debug, thiserror::Error)]
-pub enum DitError {
-    #[error("DiT config {path}: {message}")]
-    Config { path: PathBuf, message: String },
-    #[error(transparent)]
-    Weights(#[from] WeightsError),
-    #[error("invalid DiT input: {0}")]
-    Input(String),
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
-}
-
-impl DitError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            DitError::Config { .. } | DitError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
-            DitError::Weights(e) => e.kind(),
-            DitError::Torch(_) => x2v_core::ErrorKind::Internal,
-        }
-    }
-}
 
 #[derive(Debug)]
 struct Attention {
@@ -66,23 +44,23 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(p: nn::Path, cfg: &Config, kind: Kind, added_kv: Option<i64>) -> Self {
+    fn new(p: Builder, cfg: &Config, added_kv: Option<i64>) -> Self {
         let dim = cfg.dim();
-        let lin = |name: &str, d_in| Linear::new(&p / name, d_in, dim, kind, &[]);
+        let lin = |name: &str, d_in| Linear::new(&p / name, d_in, dim);
         let added = added_kv.map(|d| {
             (
                 lin("add_k_proj", d),
                 lin("add_v_proj", d),
-                RmsNorm::new(&p / "norm_added_k", dim, cfg.eps, kind),
+                RmsNorm::new(&p / "norm_added_k", dim, cfg.eps),
             )
         });
         Attention {
             to_q: lin("to_q", dim),
             to_k: lin("to_k", dim),
             to_v: lin("to_v", dim),
-            to_out: Linear::new(&p / "to_out" / 0, dim, dim, kind, &[]),
-            norm_q: RmsNorm::new(&p / "norm_q", dim, cfg.eps, kind),
-            norm_k: RmsNorm::new(&p / "norm_k", dim, cfg.eps, kind),
+            to_out: Linear::new(&p / "to_out" / 0, dim, dim),
+            norm_q: RmsNorm::new(&p / "norm_q", dim, cfg.eps),
+            norm_k: RmsNorm::new(&p / "norm_k", dim, cfg.eps),
             added,
             fused: None,
             fused_added: None,
@@ -180,7 +158,7 @@ impl PreparedContext {
 struct Block {
     attn1: Attention,
     attn2: Attention,
-    norm2: Option<LayerNorm>,
+    norm2: Option<Fp32LayerNorm>,
     ffn: FeedForward,
     /// `[1, 6, dim]` fp32: (shift, scale, gate, c_shift, c_scale, c_gate).
     scale_shift_table: Tensor,
@@ -188,14 +166,14 @@ struct Block {
 }
 
 impl Block {
-    fn new(p: nn::Path, cfg: &Config, kind: Kind) -> Self {
+    fn new(p: Builder, cfg: &Config) -> Self {
         let dim = cfg.dim();
         Block {
-            attn1: Attention::new(&p / "attn1", cfg, kind, None),
-            attn2: Attention::new(&p / "attn2", cfg, kind, cfg.added_kv_proj_dim),
-            norm2: cfg.cross_attn_norm.then(|| LayerNorm::new(&p / "norm2", dim, cfg.eps)),
-            ffn: FeedForward::new(&p / "ffn", dim, cfg.ffn_dim, dim, Gelu::Tanh, kind),
-            scale_shift_table: param(&p, "scale_shift_table", &[1, 6, dim], kind, KEEP_F32),
+            attn1: Attention::new(&p / "attn1", cfg, None),
+            attn2: Attention::new(&p / "attn2", cfg, cfg.added_kv_proj_dim),
+            norm2: cfg.cross_attn_norm.then(|| Fp32LayerNorm::new(&p / "norm2", dim, cfg.eps)),
+            ffn: FeedForward::new(&p / "ffn", dim, cfg.ffn_dim, dim, Gelu::Tanh),
+            scale_shift_table: p.param("scale_shift_table", &[1, 6, dim]),
             eps: cfg.eps,
         }
     }
@@ -232,7 +210,7 @@ pub struct WanTransformer3DModel {
     text_1: Linear,
     text_2: Linear,
     /// I2V: `(norm1, ff, norm2)`.
-    image_embedder: Option<(LayerNorm, FeedForward, LayerNorm)>,
+    image_embedder: Option<(Fp32LayerNorm, FeedForward, Fp32LayerNorm)>,
     blocks: Vec<Block>,
     /// `[1, 2, dim]` fp32: (shift, scale) of the output head.
     scale_shift_table: Tensor,
@@ -248,7 +226,7 @@ const ROPE_CACHE_ENTRIES: usize = 8;
 impl WanTransformer3DModel {
     /// Loads a DiT from a directory holding `config.json` and its safetensors weights (a single
     /// file or a shard index), in the diffusers or the original layout.
-    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, DitError> {
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, Error> {
         let (config, layout) = Config::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
         let ckpt = match layout {
@@ -265,10 +243,11 @@ impl WanTransformer3DModel {
         ckpt: &Checkpoint,
         device: Device,
         kind: Kind,
-    ) -> Result<Self, DitError> {
-        config
-            .validate()
-            .map_err(|message| DitError::Config { path: ckpt.description().into(), message })?;
+    ) -> Result<Self, Error> {
+        let started = std::time::Instant::now();
+        config.validate().map_err(|message| {
+            Error::config(Component::Transformer, Some(Path::new(ckpt.description())), message)
+        })?;
         let vs = nn::VarStore::new(device);
         let mut model = Self::build(vs, config, kind);
         load_into(&model.vs, ckpt, &LoadOptions::strict())?;
@@ -276,6 +255,7 @@ impl WanTransformer3DModel {
             block.attn1.fuse(true);
             block.attn2.fuse(false);
         }
+        crate::weights::log_loaded(Component::Transformer, ckpt, &model.vs, kind, started);
         Ok(model)
     }
 
@@ -290,44 +270,36 @@ impl WanTransformer3DModel {
     }
 
     fn build(vs: nn::VarStore, config: Config, kind: Kind) -> Self {
-        let root = &vs.root();
+        let root = Builder::new(&vs, kind, KEEP_F32);
         let cfg = &config;
         let dim = cfg.dim();
         let [pt, ph, pw] = cfg.patch_size;
-        let pe = root / "patch_embedding";
-        let ce = root / "condition_embedder";
+        let pe = &root / "patch_embedding";
+        let ce = &root / "condition_embedder";
         let te = &ce / "time_embedder";
         let tx = &ce / "text_embedder";
         let image_embedder = cfg.image_dim.map(|d| {
             let ie = &ce / "image_embedder";
             (
-                LayerNorm::new(&ie / "norm1", d, 1e-5),
-                FeedForward::new(&ie / "ff", d, d, dim, Gelu::Exact, kind),
-                LayerNorm::new(&ie / "norm2", dim, 1e-5),
+                Fp32LayerNorm::new(&ie / "norm1", d, 1e-5),
+                FeedForward::new(&ie / "ff", d, d, dim, Gelu::Exact),
+                Fp32LayerNorm::new(&ie / "norm2", dim, 1e-5),
             )
         });
         WanTransformer3DModel {
             kind,
             device: root.device(),
-            patch_weight: param(&pe, "weight", &[dim, cfg.in_channels, pt, ph, pw], kind, &[]),
-            patch_bias: param(&pe, "bias", &[dim], kind, &[]),
-            time_1: Linear::new(&te / "linear_1", cfg.freq_dim, dim, kind, KEEP_F32),
-            time_2: Linear::new(&te / "linear_2", dim, dim, kind, KEEP_F32),
-            time_proj: Linear::new(&ce / "time_proj", dim, 6 * dim, kind, &[]),
-            text_1: Linear::new(&tx / "linear_1", cfg.text_dim, dim, kind, &[]),
-            text_2: Linear::new(&tx / "linear_2", dim, dim, kind, &[]),
+            patch_weight: pe.param("weight", &[dim, cfg.in_channels, pt, ph, pw]),
+            patch_bias: pe.param("bias", &[dim]),
+            time_1: Linear::new(&te / "linear_1", cfg.freq_dim, dim),
+            time_2: Linear::new(&te / "linear_2", dim, dim),
+            time_proj: Linear::new(&ce / "time_proj", dim, 6 * dim),
+            text_1: Linear::new(&tx / "linear_1", cfg.text_dim, dim),
+            text_2: Linear::new(&tx / "linear_2", dim, dim),
             image_embedder,
-            blocks: (0..cfg.num_layers)
-                .map(|i| Block::new(root / "blocks" / i, cfg, kind))
-                .collect(),
-            scale_shift_table: param(root, "scale_shift_table", &[1, 2, dim], kind, KEEP_F32),
-            proj_out: Linear::new(
-                root / "proj_out",
-                dim,
-                cfg.out_channels * pt * ph * pw,
-                kind,
-                &[],
-            ),
+            blocks: (0..cfg.num_layers).map(|i| Block::new(&root / "blocks" / i, cfg)).collect(),
+            scale_shift_table: root.param("scale_shift_table", &[1, 2, dim]),
+            proj_out: Linear::new(&root / "proj_out", dim, cfg.out_channels * pt * ph * pw),
             rope: RefCell::new(HashMap::new()),
             config,
             vs,
@@ -359,7 +331,7 @@ impl WanTransformer3DModel {
         timestep: &Tensor,
         context: &Tensor,
         image_context: Option<&Tensor>,
-    ) -> Result<Tensor, DitError> {
+    ) -> Result<Tensor, Error> {
         let ctx = self.prepare_context(context, image_context)?;
         self.forward_prepared(latents, timestep, &ctx)
     }
@@ -370,7 +342,7 @@ impl WanTransformer3DModel {
         &self,
         context: &Tensor,
         image_context: Option<&Tensor>,
-    ) -> Result<PreparedContext, DitError> {
+    ) -> Result<PreparedContext, Error> {
         let _guard = tch::no_grad_guard();
         let batch = self.check_context(context, image_context)?;
         let (kind, dev) = (self.kind, self.device);
@@ -393,14 +365,14 @@ impl WanTransformer3DModel {
         latents: &Tensor,
         timestep: &Tensor,
         ctx: &PreparedContext,
-    ) -> Result<Tensor, DitError> {
+    ) -> Result<Tensor, Error> {
         let _guard = tch::no_grad_guard();
         let (b, grid) = self.check_latents(latents, timestep)?;
         if b != ctx.batch {
-            return Err(DitError::Input(format!(
-                "latent batch {b} differs from the context batch {}",
-                ctx.batch
-            )));
+            return Err(Error::input(
+                Component::Transformer,
+                format!("latent batch {b} differs from the context batch {}", ctx.batch),
+            ));
         }
         let cfg = &self.config;
         let dim = cfg.dim();
@@ -440,13 +412,9 @@ impl WanTransformer3DModel {
     }
 
     /// Validates the latents and timestep; returns the batch size and the token grid `[F', H', W']`.
-    fn check_latents(
-        &self,
-        latents: &Tensor,
-        timestep: &Tensor,
-    ) -> Result<(i64, [i64; 3]), DitError> {
+    fn check_latents(&self, latents: &Tensor, timestep: &Tensor) -> Result<(i64, [i64; 3]), Error> {
         let cfg = &self.config;
-        let bad = |m: String| Err(DitError::Input(m));
+        let bad = |m: String| Err(Error::input(Component::Transformer, m));
         let s = latents.size();
         if s.len() != 5 || s[1] != cfg.in_channels {
             return bad(format!("latents must be [B, {}, F, H, W], got {s:?}", cfg.in_channels));
@@ -477,9 +445,9 @@ impl WanTransformer3DModel {
         &self,
         context: &Tensor,
         image_context: Option<&Tensor>,
-    ) -> Result<i64, DitError> {
+    ) -> Result<i64, Error> {
         let cfg = &self.config;
-        let bad = |m: String| Err(DitError::Input(m));
+        let bad = |m: String| Err(Error::input(Component::Transformer, m));
         let c = context.size();
         if c.len() != 3 || c[1] < 1 || c[2] != cfg.text_dim {
             return bad(format!("context must be [B, L, {}], got {c:?}", cfg.text_dim));
@@ -507,9 +475,8 @@ mod tests {
     #[test]
     fn fused_projection_shares_storage_with_the_parameters() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let root = vs.root();
-        let parts: Vec<Linear> =
-            (0..3).map(|i| Linear::new(&root / i, 4, 2, Kind::Float, &[])).collect();
+        let root = Builder::new(&vs, Kind::Float, &[]);
+        let parts: Vec<Linear> = (0..3).map(|i| Linear::new(&root / i, 4, 2)).collect();
         for (i, p) in parts.iter().enumerate() {
             let _guard = tch::no_grad_guard();
             let _ = p.weight.shallow_clone().fill_(i as f64);

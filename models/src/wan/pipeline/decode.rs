@@ -9,70 +9,48 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use super::Phase2;
-use super::model_dir::{ModelDir, ModelDirError};
-use crate::wan::vae::{AutoencoderKLWan, Quantize, VaeError, VaeParts, frames_u8};
+use super::model_dir::ModelDir;
+use crate::error::{Component, Error};
+use crate::wan::vae::{AutoencoderKLWan, Quantize, VaeParts, frames_u8};
 use crate::weights;
 
 /// Why the decoder stage failed.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error(transparent)]
-    ModelDir(#[from] ModelDirError),
-    #[error("invalid decode input: {0}")]
-    Input(String),
-    #[error(transparent)]
-    Vae(#[from] VaeError),
-}
-
-impl DecodeError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            DecodeError::ModelDir(e) => e.kind(),
-            DecodeError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
-            DecodeError::Vae(e) => e.kind(),
-        }
-    }
-}
-
 /// The decoder stage's model: the decoder half of the VAE.
 #[derive(Debug)]
 pub struct WanDecoder {
     vae: AutoencoderKLWan,
-    vs: tch::nn::VarStore,
 }
 
 impl WanDecoder {
     /// Loads the decoder half of the VAE of a model directory (either layout: the encoder's
-    /// weights are skipped); `dtype` casts it (`None`: fp32).
-    pub fn load(
-        model_dir: &Path,
-        device: Device,
-        dtype: Option<Kind>,
-    ) -> Result<Self, DecodeError> {
+    /// weights are skipped) in `kind`.
+    pub fn load(model_dir: &Path, device: Device, kind: Kind) -> Result<Self, Error> {
         let path = ModelDir::open(model_dir)?.vae()?;
-        let (vs, vae) =
-            AutoencoderKLWan::load_parts(&path, None, device, dtype, VaeParts::Decoder)?;
-        Ok(WanDecoder { vae, vs })
+        let vae = AutoencoderKLWan::load_parts(&path, None, device, kind, VaeParts::Decoder)?;
+        Ok(WanDecoder { vae })
     }
 
     /// Bytes held by the loaded parameters.
     pub fn parameter_bytes(&self) -> u64 {
-        weights::parameter_bytes(&self.vs)
+        weights::parameter_bytes(self.vae.var_store())
     }
 
     /// The video of `phase2` as `uint8 [F, H, W, 3]` (CPU, contiguous).
-    pub fn decode(&self, phase2: &Phase2) -> Result<Tensor, DecodeError> {
+    pub fn decode(&self, phase2: &Phase2) -> Result<Tensor, Error> {
         let g = phase2.geometry;
-        g.validate().map_err(DecodeError::Input)?;
+        g.validate().map_err(|m| Error::input(Component::Decode, m))?;
         if phase2.latents.size() != g.latent_shape() {
-            return Err(DecodeError::Input(format!(
-                "latents must be {:?} for {}×{}×{} frames, got {:?}",
-                g.latent_shape(),
-                g.frames,
-                g.height,
-                g.width,
-                phase2.latents.size()
-            )));
+            return Err(Error::input(
+                Component::Decode,
+                format!(
+                    "latents must be {:?} for {}×{}×{} frames, got {:?}",
+                    g.latent_shape(),
+                    g.frames,
+                    g.height,
+                    g.width,
+                    phase2.latents.size()
+                ),
+            ));
         }
         let _guard = tch::no_grad_guard();
         let z = self.vae.denormalize_latents(&phase2.latents.to_kind(Kind::Float))?;
@@ -80,10 +58,10 @@ impl WanDecoder {
         let frames = frames_u8(&video.get(0), Quantize::Truncate)?.to_device(Device::Cpu);
         let want = [g.frames, g.height, g.width, 3];
         if frames.size() != want {
-            return Err(DecodeError::Input(format!(
-                "the VAE decoded {:?}, expected {want:?}",
-                frames.size()
-            )));
+            return Err(Error::input(
+                Component::Decode,
+                format!("the VAE decoded {:?}, expected {want:?}", frames.size()),
+            ));
         }
         Ok(frames)
     }

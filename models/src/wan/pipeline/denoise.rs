@@ -10,11 +10,11 @@ use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 use super::{Geometry, Phase1, Phase2, TEXT_LEN};
+use crate::error::{Component, Error};
 use crate::schedulers::{
-    FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, SchedulerError, UniPcConfig,
-    UniPcScheduler,
+    FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, UniPcConfig, UniPcScheduler,
 };
-use crate::wan::transformer::{DitError, PreparedContext, WanTransformer3DModel};
+use crate::wan::transformer::{PreparedContext, WanTransformer3DModel};
 
 /// Which sampler to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,29 +63,6 @@ pub struct Progress {
 }
 
 /// Why denoising stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum DenoiseError {
-    #[error("invalid denoise input: {0}")]
-    Input(String),
-    #[error("cancelled after {completed} of {total} steps")]
-    Cancelled { completed: usize, total: usize },
-    #[error(transparent)]
-    Dit(#[from] DitError),
-    #[error(transparent)]
-    Scheduler(#[from] SchedulerError),
-}
-
-impl DenoiseError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            DenoiseError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
-            DenoiseError::Cancelled { .. } => x2v_core::ErrorKind::Cancelled,
-            DenoiseError::Dit(e) => e.kind(),
-            DenoiseError::Scheduler(e) => e.kind(),
-        }
-    }
-}
-
 /// How the conditioning is evaluated per step.
 enum Guidance {
     /// CFG with cond and uncond as one batch of 2 (cond first).
@@ -109,12 +86,13 @@ pub fn initial_noise(geometry: &Geometry, seed: u64, device: Device) -> Tensor {
     Tensor::randn(geometry.latent_shape(), (Kind::Float, Device::Cpu)).to_device(device)
 }
 
-fn pad_text(t: &Tensor, text_dim: i64, what: &str) -> Result<Tensor, DenoiseError> {
+fn pad_text(t: &Tensor, text_dim: i64, what: &str) -> Result<Tensor, Error> {
     let s = t.size();
     if s.len() != 3 || s[0] != 1 || s[1] < 1 || s[1] > TEXT_LEN || s[2] != text_dim {
-        return Err(DenoiseError::Input(format!(
-            "{what} must be [1, 1..={TEXT_LEN}, {text_dim}], got {s:?}"
-        )));
+        return Err(Error::input(
+            Component::Denoise,
+            format!("{what} must be [1, 1..={TEXT_LEN}, {text_dim}], got {s:?}"),
+        ));
     }
     Ok(t.to_kind(Kind::Float).constant_pad_nd([0, 0, 0, TEXT_LEN - s[1]]))
 }
@@ -122,29 +100,29 @@ fn pad_text(t: &Tensor, text_dim: i64, what: &str) -> Result<Tensor, DenoiseErro
 /// Runs the sampling loop and returns the final latents.
 ///
 /// `progress` is called after every step; `cancelled` is polled before every step and stops the
-/// loop with [`DenoiseError::Cancelled`].
+/// loop with [`Error::Cancelled`].
 pub fn denoise(
     dit: &WanTransformer3DModel,
     phase1: &Phase1,
     settings: &DenoiseSettings,
     mut progress: impl FnMut(Progress),
     cancelled: impl Fn() -> bool,
-) -> Result<Phase2, DenoiseError> {
+) -> Result<Phase2, Error> {
     let _guard = tch::no_grad_guard();
     let cfg = dit.config();
     let dev = dit.device();
     let geometry = phase1.geometry;
-    geometry.validate().map_err(DenoiseError::Input)?;
+    geometry.validate().map_err(|m| Error::input(Component::Denoise, m))?;
     let latent_shape = geometry.latent_shape();
     if settings.guidance_scale.is_nan() {
-        return Err(DenoiseError::Input("guidance_scale is NaN".into()));
+        return Err(Error::input(Component::Denoise, "guidance_scale is NaN"));
     }
     let guided = settings.guidance_scale > 1.0;
 
     let cond = pad_text(&phase1.prompt_embeds, cfg.text_dim, "prompt_embeds")?;
     let context = if guided {
         let neg = phase1.negative_prompt_embeds.as_ref().ok_or_else(|| {
-            DenoiseError::Input("guidance_scale > 1 needs negative_prompt_embeds".into())
+            Error::input(Component::Denoise, "guidance_scale > 1 needs negative_prompt_embeds")
         })?;
         Some(pad_text(neg, cfg.text_dim, "negative_prompt_embeds")?)
     } else {
@@ -154,10 +132,10 @@ pub fn denoise(
     let image = match (cfg.is_i2v(), &phase1.image_embeds) {
         (true, Some(img)) => Some(img.to_device(dev)),
         (true, None) => {
-            return Err(DenoiseError::Input("this I2V model needs image_embeds".into()));
+            return Err(Error::input(Component::Denoise, "this I2V model needs image_embeds"));
         }
         (false, Some(_)) => {
-            return Err(DenoiseError::Input("this T2V model takes no image_embeds".into()));
+            return Err(Error::input(Component::Denoise, "this T2V model takes no image_embeds"));
         }
         (false, None) => None,
     };
@@ -171,18 +149,21 @@ pub fn denoise(
                 latent_shape[4],
             ];
             if y.size() != want {
-                return Err(DenoiseError::Input(format!(
-                    "condition must be {want:?}, got {:?}",
-                    y.size()
-                )));
+                return Err(Error::input(
+                    Component::Denoise,
+                    format!("condition must be {want:?}, got {:?}", y.size()),
+                ));
             }
             Some(y.to_device(dev).to_kind(Kind::Float))
         }
         None if cfg.in_channels != latent_shape[1] => {
-            return Err(DenoiseError::Input(format!(
-                "this model takes {} input channels and needs a condition tensor",
-                cfg.in_channels
-            )));
+            return Err(Error::input(
+                Component::Denoise,
+                format!(
+                    "this model takes {} input channels and needs a condition tensor",
+                    cfg.in_channels
+                ),
+            ));
         }
         None => None,
     };
@@ -212,7 +193,7 @@ pub fn denoise(
     let mut latents = initial_noise(&geometry, settings.seed, dev);
     for (i, &t) in timesteps.iter().enumerate() {
         if cancelled() {
-            return Err(DenoiseError::Cancelled { completed: i, total });
+            return Err(Error::Cancelled { completed: i, total });
         }
         let input = match &y {
             Some(y) => Tensor::cat(&[&latents, y], 1),

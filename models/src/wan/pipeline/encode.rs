@@ -12,12 +12,13 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::model_dir::{ModelDir, ModelDirError};
+use super::model_dir::ModelDir;
 use super::{Geometry, Phase1};
-use crate::wan::image_encoder::{ClipPreprocess, ClipVisionModel, ImageEncoderError};
-use crate::wan::text_encoder::{TextEncoderError, UMT5EncoderModel};
-use crate::wan::tokenizer::{T5Tokenizer, TokenizerError};
-use crate::wan::vae::{AutoencoderKLWan, VaeError, VaeParts};
+use crate::error::{Component, Error};
+use crate::wan::image_encoder::{ClipPreprocess, ClipVisionModel};
+use crate::wan::text_encoder::UMT5EncoderModel;
+use crate::wan::tokenizer::T5Tokenizer;
+use crate::wan::vae::{AutoencoderKLWan, VaeParts};
 use crate::weights;
 
 /// Which Wan2.1 task a model directory serves.
@@ -41,39 +42,6 @@ impl std::str::FromStr for Task {
     }
 }
 
-/// Why the encoder stage failed. Every variant names the file or value at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum EncodeError {
-    #[error(transparent)]
-    ModelDir(#[from] ModelDirError),
-    #[error("cannot read image processor config {path}: {message}")]
-    Processor { path: String, message: String },
-    #[error("invalid encode input: {0}")]
-    Input(String),
-    #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
-    #[error(transparent)]
-    TextEncoder(#[from] TextEncoderError),
-    #[error(transparent)]
-    ImageEncoder(#[from] ImageEncoderError),
-    #[error(transparent)]
-    Vae(#[from] VaeError),
-}
-
-impl EncodeError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            EncodeError::ModelDir(e) => e.kind(),
-            EncodeError::Input(_) => x2v_core::ErrorKind::InvalidRequest,
-            EncodeError::Processor { .. } => x2v_core::ErrorKind::Internal,
-            EncodeError::Tokenizer(e) => e.kind(),
-            EncodeError::TextEncoder(e) => e.kind(),
-            EncodeError::ImageEncoder(e) => e.kind(),
-            EncodeError::Vae(e) => e.kind(),
-        }
-    }
-}
-
 /// The I2V part of the encoder stage.
 #[derive(Debug)]
 struct ImageBranch {
@@ -81,7 +49,6 @@ struct ImageBranch {
     preprocess: ClipPreprocess,
     /// The encoder half only (the I2V conditioning).
     vae: AutoencoderKLWan,
-    vs: [tch::nn::VarStore; 2],
 }
 
 /// The encoder stage's models: tokenizer + UMT5, plus CLIP and the VAE for I2V.
@@ -90,7 +57,6 @@ pub struct WanEncoder {
     task: Task,
     tokenizer: T5Tokenizer,
     text_encoder: UMT5EncoderModel,
-    text_vs: tch::nn::VarStore,
     image: Option<ImageBranch>,
 }
 
@@ -108,9 +74,8 @@ fn edge(v: &Option<serde_json::Value>, keys: &[&str]) -> Option<i64> {
     v.as_i64().or_else(|| keys.iter().find_map(|k| v.get(k).and_then(|x| x.as_i64())))
 }
 
-fn read_processor(path: &Path) -> Result<ClipPreprocess, EncodeError> {
-    let bad =
-        |message: String| EncodeError::Processor { path: path.display().to_string(), message };
+fn read_processor(path: &Path) -> Result<ClipPreprocess, Error> {
+    let bad = |message: String| Error::config(Component::ImageProcessor, Some(path), message);
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     let c: ProcessorConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let d = ClipPreprocess::default();
@@ -124,13 +89,8 @@ fn read_processor(path: &Path) -> Result<ClipPreprocess, EncodeError> {
 
 impl WanEncoder {
     /// Loads the encoder-stage components of `task` from a model directory (either layout).
-    /// `dtype` casts the weights (`None` keeps fp32).
-    pub fn load(
-        model_dir: &Path,
-        task: Task,
-        device: Device,
-        dtype: Option<Kind>,
-    ) -> Result<Self, EncodeError> {
+    /// `kind` is the weights' dtype (fp32, or bf16/fp16 with the components' fp32 keep-lists).
+    pub fn load(model_dir: &Path, task: Task, device: Device, kind: Kind) -> Result<Self, Error> {
         let dir = ModelDir::open(model_dir)?;
         // Locate every file first, so that a missing one is reported before any loading.
         let tok_path = dir.tokenizer()?;
@@ -140,7 +100,7 @@ impl WanEncoder {
             Task::I2v => Some((dir.image_encoder()?, dir.vae()?)),
         };
         let tokenizer = T5Tokenizer::from_file(&tok_path)?;
-        let (text_vs, text_encoder) = UMT5EncoderModel::load(&te_path, None, device, dtype)?;
+        let text_encoder = UMT5EncoderModel::load(&te_path, None, device, kind)?;
         let image = match image_paths {
             None => None,
             Some((clip_path, vae_path)) => {
@@ -148,18 +108,13 @@ impl WanEncoder {
                     Some(p) => read_processor(&p)?,
                     None => ClipPreprocess::default(),
                 };
-                let (clip_vs, clip) = ClipVisionModel::load(&clip_path, None, device, dtype)?;
-                let (vae_vs, vae) = AutoencoderKLWan::load_parts(
-                    &vae_path,
-                    None,
-                    device,
-                    dtype,
-                    VaeParts::Encoder,
-                )?;
-                Some(ImageBranch { clip, preprocess, vae, vs: [clip_vs, vae_vs] })
+                let clip = ClipVisionModel::load(&clip_path, None, device, kind)?;
+                let vae =
+                    AutoencoderKLWan::load_parts(&vae_path, None, device, kind, VaeParts::Encoder)?;
+                Some(ImageBranch { clip, preprocess, vae })
             }
         };
-        Ok(WanEncoder { task, tokenizer, text_encoder, text_vs, image })
+        Ok(WanEncoder { task, tokenizer, text_encoder, image })
     }
 
     pub fn task(&self) -> Task {
@@ -168,8 +123,11 @@ impl WanEncoder {
 
     /// Bytes held by the loaded parameters (UMT5, plus CLIP and the VAE encoder for I2V).
     pub fn parameter_bytes(&self) -> u64 {
-        let image = self.image.iter().flat_map(|b| &b.vs);
-        std::iter::once(&self.text_vs).chain(image).map(weights::parameter_bytes).sum()
+        let image = self.image.iter().flat_map(|b| [b.clip.var_store(), b.vae.var_store()]);
+        std::iter::once(self.text_encoder.var_store())
+            .chain(image)
+            .map(weights::parameter_bytes)
+            .sum()
     }
 
     /// Builds the DiT stage's input. `negative_prompt` defaults to `""` and is encoded only when
@@ -183,13 +141,13 @@ impl WanEncoder {
         image: Option<&Tensor>,
         geometry: Geometry,
         guidance_scale: f64,
-    ) -> Result<Phase1, EncodeError> {
-        geometry.validate().map_err(EncodeError::Input)?;
+    ) -> Result<Phase1, Error> {
+        geometry.validate().map_err(|m| Error::input(Component::Encode, m))?;
         if guidance_scale.is_nan() {
-            return Err(EncodeError::Input("guidance_scale is NaN".into()));
+            return Err(Error::input(Component::Encode, "guidance_scale is NaN"));
         }
         let _guard = tch::no_grad_guard();
-        let embed = |text: &str| -> Result<Tensor, EncodeError> {
+        let embed = |text: &str| -> Result<Tensor, Error> {
             let rows = self.text_encoder.prompt_embeds_trimmed(&self.tokenizer, &[text])?;
             let e = rows.into_iter().next().expect("one prompt in, one row set out");
             Ok(e.to_kind(Kind::Float).unsqueeze(0))
@@ -200,10 +158,10 @@ impl WanEncoder {
         let (image_embeds, condition) = match (&self.image, image) {
             (None, None) => (None, None),
             (None, Some(_)) => {
-                return Err(EncodeError::Input("a T2V model takes no image".into()));
+                return Err(Error::input(Component::Encode, "a T2V model takes no image"));
             }
             (Some(_), None) => {
-                return Err(EncodeError::Input("an I2V model needs an image".into()));
+                return Err(Error::input(Component::Encode, "an I2V model needs an image"));
             }
             (Some(branch), Some(img)) => {
                 let (embeds, cond) = Self::encode_image(branch, img, geometry)?;
@@ -217,13 +175,13 @@ impl WanEncoder {
         branch: &ImageBranch,
         image: &Tensor,
         geometry: Geometry,
-    ) -> Result<(Tensor, Tensor), EncodeError> {
+    ) -> Result<(Tensor, Tensor), Error> {
         let size = image.size();
         if size.len() != 3 || size[2] != 3 || image.kind() != Kind::Uint8 || size.contains(&0) {
-            return Err(EncodeError::Input(format!(
-                "the image must be RGB uint8 [H, W, 3], got {:?} {size:?}",
-                image.kind()
-            )));
+            return Err(Error::input(
+                Component::Encode,
+                format!("the image must be RGB uint8 [H, W, 3], got {:?} {size:?}", image.kind()),
+            ));
         }
         // encode_image: CLIPImageProcessor → CLIPVisionModel hidden_states[-2].
         let pixels = branch.preprocess.apply(image)?;

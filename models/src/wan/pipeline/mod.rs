@@ -14,12 +14,10 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
-pub use decode::{DecodeError, WanDecoder};
-pub use denoise::{
-    DenoiseError, DenoiseSettings, Progress, SchedulerChoice, denoise, initial_noise,
-};
-pub use encode::{EncodeError, Task, WanEncoder};
-pub use model_dir::{Layout, LoadDitError, ModelDir, ModelDirError, load_transformer};
+pub use decode::WanDecoder;
+pub use denoise::{DenoiseSettings, Progress, SchedulerChoice, denoise, initial_noise};
+pub use encode::{Task, WanEncoder};
+pub use model_dir::{Layout, ModelDir, load_transformer};
 pub use payload::{Part, PayloadError, tensor_from_part, tensor_to_part};
 
 /// Latent channels of the Wan2.1 VAE.

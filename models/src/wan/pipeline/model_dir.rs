@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind};
 
-use crate::wan::transformer::{DitError, WanTransformer3DModel};
+use crate::error::Error;
+use crate::wan::transformer::WanTransformer3DModel;
 
 /// Which layout a model directory uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,20 +23,6 @@ pub enum Layout {
 }
 
 /// Why a component could not be located.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelDirError {
-    #[error("model directory {0} does not exist or is not a directory")]
-    NotADirectory(PathBuf),
-    #[error("model directory {dir} lacks the {what}: expected {expected}")]
-    Missing { dir: PathBuf, what: &'static str, expected: String },
-}
-
-impl ModelDirError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        x2v_core::ErrorKind::NotFound
-    }
-}
-
 /// A located model directory.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
@@ -45,9 +32,9 @@ pub struct ModelDir {
 
 impl ModelDir {
     /// Detects the layout: `model_index.json` means diffusers, anything else the original one.
-    pub fn open(root: &Path) -> Result<Self, ModelDirError> {
+    pub fn open(root: &Path) -> Result<Self, Error> {
         if !root.is_dir() {
-            return Err(ModelDirError::NotADirectory(root.to_owned()));
+            return Err(Error::NotADirectory(root.to_owned()));
         }
         let layout = if root.join("model_index.json").is_file() {
             Layout::Diffusers
@@ -65,8 +52,8 @@ impl ModelDir {
         self.layout
     }
 
-    fn missing(&self, what: &'static str, expected: String) -> ModelDirError {
-        ModelDirError::Missing { dir: self.root.clone(), what, expected }
+    fn missing(&self, what: &'static str, expected: String) -> Error {
+        Error::MissingPart { dir: self.root.clone(), what, expected }
     }
 
     /// A diffusers component folder, or the first existing original file among `names`.
@@ -75,7 +62,7 @@ impl ModelDir {
         what: &'static str,
         folder: &str,
         originals: &[&str],
-    ) -> Result<PathBuf, ModelDirError> {
+    ) -> Result<PathBuf, Error> {
         match self.layout {
             Layout::Diffusers => {
                 let p = self.root.join(folder);
@@ -90,7 +77,7 @@ impl ModelDir {
     }
 
     /// `tokenizer.json` of the UMT5 tokenizer.
-    pub fn tokenizer(&self) -> Result<PathBuf, ModelDirError> {
+    pub fn tokenizer(&self) -> Result<PathBuf, Error> {
         let dir = self.component("tokenizer", "tokenizer", &["google/umt5-xxl"])?;
         let file = dir.join("tokenizer.json");
         if file.is_file() {
@@ -101,17 +88,17 @@ impl ModelDir {
     }
 
     /// The UMT5 encoder folder or checkpoint.
-    pub fn text_encoder(&self) -> Result<PathBuf, ModelDirError> {
+    pub fn text_encoder(&self) -> Result<PathBuf, Error> {
         self.component("text encoder", "text_encoder", &["models_t5_umt5-xxl-enc-bf16.pth"])
     }
 
     /// The VAE folder or checkpoint.
-    pub fn vae(&self) -> Result<PathBuf, ModelDirError> {
+    pub fn vae(&self) -> Result<PathBuf, Error> {
         self.component("VAE", "vae", &["Wan2.1_VAE.pth"])
     }
 
     /// The CLIP vision folder or checkpoint (I2V).
-    pub fn image_encoder(&self) -> Result<PathBuf, ModelDirError> {
+    pub fn image_encoder(&self) -> Result<PathBuf, Error> {
         if self.layout == Layout::Original {
             let found = std::fs::read_dir(&self.root).ok().and_then(|entries| {
                 let mut names: Vec<PathBuf> = entries
@@ -137,7 +124,7 @@ impl ModelDir {
     }
 
     /// The DiT folder: `transformer/` (diffusers) or the top level (original, `config.json`).
-    pub fn transformer(&self) -> Result<PathBuf, ModelDirError> {
+    pub fn transformer(&self) -> Result<PathBuf, Error> {
         let dir = match self.layout {
             Layout::Diffusers => self.root.join("transformer"),
             Layout::Original => self.root.clone(),
@@ -150,32 +137,14 @@ impl ModelDir {
     }
 }
 
-/// Why the DiT stage could not load its model.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadDitError {
-    #[error(transparent)]
-    ModelDir(#[from] ModelDirError),
-    #[error(transparent)]
-    Dit(#[from] DitError),
-}
-
-impl LoadDitError {
-    pub fn kind(&self) -> x2v_core::ErrorKind {
-        match self {
-            LoadDitError::ModelDir(e) => e.kind(),
-            LoadDitError::Dit(e) => e.kind(),
-        }
-    }
-}
-
 /// Loads only the DiT of a model directory (either layout) in `kind`.
 pub fn load_transformer(
     model_dir: &Path,
     device: Device,
     kind: Kind,
-) -> Result<WanTransformer3DModel, LoadDitError> {
+) -> Result<WanTransformer3DModel, Error> {
     let dir = ModelDir::open(model_dir)?.transformer()?;
-    Ok(WanTransformer3DModel::load(&dir, device, kind)?)
+    WanTransformer3DModel::load(&dir, device, kind)
 }
 
 #[cfg(test)]

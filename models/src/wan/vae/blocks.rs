@@ -5,7 +5,9 @@
 //! `WanRMS_norm`, `WanResidualBlock`, `WanAttentionBlock`, `WanResample`). Activations are
 //! `[B, C, T, H, W]` throughout.
 
-use tch::{Kind, Tensor, nn};
+use tch::{Kind, Tensor};
+
+use crate::nn::{Builder, Conv2d};
 
 /// Frames of history a causal convolution keeps between chunks (`CACHE_T`).
 const CACHE_T: i64 = 2;
@@ -74,20 +76,20 @@ pub(crate) struct CausalConv3d {
 
 impl CausalConv3d {
     pub(crate) fn new(
-        p: nn::Path,
+        p: Builder,
         c_in: i64,
         c_out: i64,
         kernel: [i64; 3],
         stride: [i64; 3],
         pad: [i64; 3],
     ) -> Self {
-        let weight = p.zeros("weight", &[c_out, c_in, kernel[0], kernel[1], kernel[2]]);
-        let bias = p.zeros("bias", &[c_out]);
+        let weight = p.param("weight", &[c_out, c_in, kernel[0], kernel[1], kernel[2]]);
+        let bias = p.param("bias", &[c_out]);
         CausalConv3d { weight, bias, stride, pad }
     }
 
     /// `k×k×k` convolution with "same" spatial padding and causal time padding.
-    pub(crate) fn cube(p: nn::Path, c_in: i64, c_out: i64, k: i64) -> Self {
+    pub(crate) fn cube(p: Builder, c_in: i64, c_out: i64, k: i64) -> Self {
         let pad = (k - 1) / 2;
         Self::new(p, c_in, c_out, [k; 3], [1; 3], [pad; 3])
     }
@@ -150,10 +152,10 @@ pub(crate) struct RmsNorm {
 
 impl RmsNorm {
     /// `spatial_dims`: 3 for `[B,C,T,H,W]` activations, 2 for per-frame `[N,C,H,W]`.
-    pub(crate) fn new(p: nn::Path, dim: i64, spatial_dims: usize) -> Self {
+    pub(crate) fn new(p: Builder, dim: i64, spatial_dims: usize) -> Self {
         let mut shape = vec![dim];
         shape.extend(std::iter::repeat_n(1, spatial_dims));
-        RmsNorm { gamma: p.ones("gamma", &shape), scale: (dim as f64).sqrt() }
+        RmsNorm { gamma: p.param("gamma", &shape), scale: (dim as f64).sqrt() }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
@@ -176,7 +178,7 @@ pub(crate) struct ResidualBlock {
 }
 
 impl ResidualBlock {
-    pub(crate) fn new(p: nn::Path, c_in: i64, c_out: i64) -> Self {
+    pub(crate) fn new(p: Builder, c_in: i64, c_out: i64) -> Self {
         ResidualBlock {
             norm1: RmsNorm::new(&p / "norm1", c_in, 3),
             conv1: CausalConv3d::cube(&p / "conv1", c_in, c_out, 3),
@@ -204,21 +206,20 @@ impl ResidualBlock {
 #[derive(Debug)]
 pub(crate) struct AttentionBlock {
     norm: RmsNorm,
-    to_qkv: nn::Conv2D,
-    proj: nn::Conv2D,
+    to_qkv: Conv2d,
+    proj: Conv2d,
 }
 
 impl AttentionBlock {
-    pub(crate) fn new(p: nn::Path, dim: i64) -> Self {
+    pub(crate) fn new(p: Builder, dim: i64) -> Self {
         AttentionBlock {
             norm: RmsNorm::new(&p / "norm", dim, 2),
-            to_qkv: nn::conv2d(&p / "to_qkv", dim, 3 * dim, 1, Default::default()),
-            proj: nn::conv2d(&p / "proj", dim, dim, 1, Default::default()),
+            to_qkv: Conv2d::new(&p / "to_qkv", dim, 3 * dim, 1, 1, true),
+            proj: Conv2d::new(&p / "proj", dim, dim, 1, 1, true),
         }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
-        use tch::nn::Module;
         let [b, c, t, h, w] = x.size()[..] else { unreachable!("5-D activations") };
         let frames = x.permute([0, 2, 1, 3, 4]).reshape([b * t, c, h, w]);
         let qkv = self.to_qkv.forward(&self.norm.forward(&frames));
@@ -254,14 +255,14 @@ pub(crate) struct Resample {
 }
 
 impl Resample {
-    pub(crate) fn new(p: nn::Path, dim: i64, mode: ResampleMode) -> Self {
+    pub(crate) fn new(p: Builder, dim: i64, mode: ResampleMode) -> Self {
         let c_out = match mode {
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => dim,
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => dim / 2,
         };
         let r = &p / "resample" / 1;
-        let weight = r.zeros("weight", &[c_out, dim, 3, 3]);
-        let bias = r.zeros("bias", &[c_out]);
+        let weight = r.param("weight", &[c_out, dim, 3, 3]);
+        let bias = r.param("bias", &[c_out]);
         let time_conv = match mode {
             ResampleMode::Downsample3d => {
                 Some(CausalConv3d::new(&p / "time_conv", dim, dim, [3, 1, 1], [2, 1, 1], [0; 3]))
