@@ -119,8 +119,7 @@ impl StageRunner for DecoderRunner {
     }
 
     fn load(&self) -> Result<(WanDecoder, Vec<LoadedModel>), StageError> {
-        let dtype = (self.kind != Kind::Float).then_some(self.kind);
-        let dec = WanDecoder::load(&self.model_dir, self.device, dtype)
+        let dec = WanDecoder::load(&self.model_dir, self.device, self.kind)
             .map_err(|e| StageError::new("model_load_failed", e.to_string()))?;
         let loaded = LoadedModel {
             name: self.model.clone(),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use tch::{Device, Kind};
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
 use x2v_models::wan::pipeline::{
-    DenoiseError, DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, load_transformer,
+    DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, load_transformer,
 };
 use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_queue::{JobRecord, Stage};
@@ -121,7 +121,7 @@ impl StageRunner for DitRunner {
             cancelled,
         )
         .map_err(|e| match e {
-            DenoiseError::Cancelled { .. } => StageError::cancelled(),
+            x2v_models::Error::Cancelled { .. } => StageError::cancelled(),
             e => StageError::from_kind(e.kind(), "invalid_request", e),
         })?;
         phase2.to_parts().map_err(|e| StageError::new("internal_error", e.to_string()))

@@ -91,8 +91,7 @@ impl StageRunner for EncoderRunner {
     }
 
     fn load(&self) -> Result<(WanEncoder, Vec<LoadedModel>), StageError> {
-        let dtype = (self.kind != Kind::Float).then_some(self.kind);
-        let enc = WanEncoder::load(&self.model_dir, self.task, self.device, dtype)
+        let enc = WanEncoder::load(&self.model_dir, self.task, self.device, self.kind)
             .map_err(|e| StageError::new("model_load_failed", e.to_string()))?;
         let mut components = vec!["tokenizer".to_string(), "text_encoder".to_string()];
         if self.task == Task::I2v {

@@ -91,8 +91,8 @@ pub enum Error {
     /// The caller's tensors or settings do not fit the model (the client's fault when served).
     #[error("invalid {component} input: {message}")]
     Input { component: Component, message: String },
-    #[error("this VAE was loaded without its {0} (VaeParts::{1:?})")]
-    NotLoaded(&'static str, crate::wan::vae::VaeParts),
+    #[error("this VAE was loaded without its {0} (VaeParts::{1})")]
+    NotLoaded(&'static str, &'static str),
     #[error("cancelled after {completed} of {total} steps")]
     Cancelled { completed: usize, total: usize },
     #[error("scheduler stepped {0} times, past the end of its {0}-step grid")]

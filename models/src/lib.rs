@@ -12,7 +12,6 @@ pub mod cuda_driver;
 pub mod device;
 pub mod error;
 pub mod nn;
-pub mod pth;
 pub mod schedulers;
 pub mod wan;
 pub mod weights;

@@ -13,6 +13,7 @@
 //! function applied to the checkpoint's keys (data, not scattered `if`s).
 
 mod mapped;
+mod pth;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -263,8 +264,34 @@ fn open_safetensors(path: &Path) -> Result<BTreeMap<String, Entry>, Error> {
 }
 
 /// A `torch.save` archive: indexed in place when its tensors lie contiguously in the file, else
-/// read whole by libtorch.
+/// (legacy format, strided views) read whole by libtorch.
 fn open_pickle(path: &Path) -> Result<BTreeMap<String, Entry>, Error> {
+    match pth::read_index(path) {
+        Ok(index) => {
+            let map = Arc::new(Mapping::open(path)?);
+            let mut entries = BTreeMap::new();
+            for t in index {
+                let end = t.offset.saturating_add(t.len);
+                if end > map.bytes().len() as u64 {
+                    return Err(Error::Read {
+                        path: path.to_owned(),
+                        message: format!("tensor `{}` runs past the end of the file", t.name),
+                    });
+                }
+                let source = Source::Mapped { map: map.clone(), start: t.offset as usize };
+                entries.insert(t.name, Entry { source, kind: t.kind, shape: t.shape });
+            }
+            Ok(entries)
+        }
+        Err(pth::PthError::Unsupported(why)) => {
+            tracing::debug!(path = %path.display(), why, "reading the archive whole");
+            read_pickle_whole(path)
+        }
+        Err(e) => Err(Error::Read { path: path.to_owned(), message: e.to_string() }),
+    }
+}
+
+fn read_pickle_whole(path: &Path) -> Result<BTreeMap<String, Entry>, Error> {
     let read_err = |e: tch::TchError| Error::Read { path: path.to_owned(), message: e.to_string() };
     let tensors = Tensor::loadz_multi_with_device(path, tch::Device::Cpu).map_err(read_err)?;
     Ok(tensors

@@ -47,6 +47,14 @@ pub enum VaeParts {
 }
 
 impl VaeParts {
+    pub fn name(self) -> &'static str {
+        match self {
+            VaeParts::Full => "Full",
+            VaeParts::Encoder => "Encoder",
+            VaeParts::Decoder => "Decoder",
+        }
+    }
+
     pub fn has_encoder(self) -> bool {
         self != VaeParts::Decoder
     }
@@ -209,7 +217,7 @@ impl AutoencoderKLWan {
     /// `[B, 3, 1+4k, H, W]` in `[-1, 1]`; H and W must be multiples of 8.
     pub fn encode_moments(&self, video: &Tensor) -> Result<Tensor, Error> {
         let Some((encoder, quant_conv)) = &self.encoder else {
-            return Err(Error::NotLoaded("encoder", self.parts));
+            return Err(Error::NotLoaded("encoder", self.parts.name()));
         };
         let s = self.check_5d(video, "video", self.cfg.in_channels)?;
         let (tf, sf) = (self.cfg.temporal_factor(), self.cfg.spatial_factor());
@@ -249,7 +257,7 @@ impl AutoencoderKLWan {
     /// `[B, 3, 1+4(T'−1), 8h, 8w]` clamped to `[-1, 1]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor, Error> {
         let Some((decoder, post_quant_conv)) = &self.decoder else {
-            return Err(Error::NotLoaded("decoder", self.parts));
+            return Err(Error::NotLoaded("decoder", self.parts.name()));
         };
         let s = self.check_5d(z, "latents", self.cfg.z_dim)?;
         let _guard = tch::no_grad_guard();

@@ -19,7 +19,7 @@ use tch::Kind;
 
 /// One tensor of a `torch.save` archive whose bytes lie contiguously in the file.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PthTensor {
+pub(crate) struct PthTensor {
     /// State-dict key.
     pub name: String,
     /// Element type.
@@ -33,7 +33,7 @@ pub struct PthTensor {
 
 /// Why a `.pth` file could not be indexed.
 #[derive(Debug, thiserror::Error)]
-pub enum PthError {
+pub(crate) enum PthError {
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a valid torch.save zip archive: {message}")]
@@ -50,7 +50,7 @@ pub enum PthError {
 /// Reads the zip central directory and the pickled `*/data.pkl` of `path`, returning the tensors
 /// of the top-level state dict in file order (ascending offset; views of one storage keep their
 /// state-dict order). Non-tensor values of the state dict are skipped.
-pub fn read_index(path: &Path) -> Result<Vec<PthTensor>, PthError> {
+pub(crate) fn read_index(path: &Path) -> Result<Vec<PthTensor>, PthError> {
     File::open(path).map_err(Fail::Io).and_then(index).map_err(|e| e.at(path))
 }
 
