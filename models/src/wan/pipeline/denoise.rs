@@ -62,7 +62,6 @@ pub struct Progress {
     pub timestep: f64,
 }
 
-/// Why denoising stopped.
 /// How the conditioning is evaluated per step.
 enum Guidance {
     /// CFG with cond and uncond as one batch of 2 (cond first).
@@ -97,6 +96,124 @@ fn pad_text(t: &Tensor, text_dim: i64, what: &str) -> Result<Tensor, Error> {
     Ok(t.to_kind(Kind::Float).constant_pad_nd([0, 0, 0, TEXT_LEN - s[1]]))
 }
 
+/// The per-job conditioning of a DiT, checked against its config and moved to its device.
+struct Conditioning {
+    /// `[1, 512, text_dim]` fp32.
+    cond: Tensor,
+    /// Present when guidance is on.
+    uncond: Option<Tensor>,
+    /// I2V CLIP features.
+    image: Option<Tensor>,
+    /// I2V `y`, concatenated to the latents on the channel axis.
+    y: Option<Tensor>,
+}
+
+impl Conditioning {
+    fn check(
+        dit: &WanTransformer3DModel,
+        phase1: &Phase1,
+        guided: bool,
+        latent_shape: [i64; 5],
+    ) -> Result<Self, Error> {
+        let cfg = dit.config();
+        let dev = dit.device();
+        let bad = |m: String| Error::input(Component::Denoise, m);
+        let cond = pad_text(&phase1.prompt_embeds, cfg.text_dim, "prompt_embeds")?;
+        let uncond = if guided {
+            let neg = phase1.negative_prompt_embeds.as_ref().ok_or_else(|| {
+                Error::input(Component::Denoise, "guidance_scale > 1 needs negative_prompt_embeds")
+            })?;
+            Some(pad_text(neg, cfg.text_dim, "negative_prompt_embeds")?.to_device(dev))
+        } else {
+            None
+        };
+        let image = match (cfg.is_i2v(), &phase1.image_embeds) {
+            (true, Some(img)) => Some(img.to_device(dev)),
+            (true, None) => return Err(bad("this I2V model needs image_embeds".into())),
+            (false, Some(_)) => return Err(bad("this T2V model takes no image_embeds".into())),
+            (false, None) => None,
+        };
+        let [_, c, t, h, w] = latent_shape;
+        let y = match &phase1.condition {
+            Some(y) => {
+                let want = [1, cfg.in_channels - c, t, h, w];
+                if y.size() != want {
+                    return Err(bad(format!("condition must be {want:?}, got {:?}", y.size())));
+                }
+                Some(y.to_device(dev).to_kind(Kind::Float))
+            }
+            None if cfg.in_channels != c => {
+                return Err(bad(format!(
+                    "this model takes {} input channels and needs a condition tensor",
+                    cfg.in_channels
+                )));
+            }
+            None => None,
+        };
+        Ok(Conditioning { cond: cond.to_device(dev), uncond, image, y })
+    }
+}
+
+impl Guidance {
+    /// Projects the conditioning once: it is the same at every step.
+    fn prepare(
+        dit: &WanTransformer3DModel,
+        c: &Conditioning,
+        batch_cfg: bool,
+    ) -> Result<Self, Error> {
+        let image = c.image.as_ref();
+        Ok(match &c.uncond {
+            Some(u) if batch_cfg => {
+                let image2 = image.map(|i| Tensor::cat(&[i, i], 0));
+                let both = Tensor::cat(&[&c.cond, u], 0);
+                Guidance::Batched(dit.prepare_context(&both, image2.as_ref())?)
+            }
+            Some(u) => Guidance::Separate(
+                dit.prepare_context(&c.cond, image)?,
+                dit.prepare_context(u, image)?,
+            ),
+            None => Guidance::Off(dit.prepare_context(&c.cond, image)?),
+        })
+    }
+
+    /// The guided velocity at timestep `t` for the model input `input`.
+    fn velocity(
+        &self,
+        dit: &WanTransformer3DModel,
+        input: &Tensor,
+        t: f64,
+        scale: f64,
+    ) -> Result<Tensor, Error> {
+        let dev = dit.device();
+        let t32 = t as f32;
+        Ok(match self {
+            Guidance::Batched(both) => {
+                let input2 = Tensor::cat(&[input, input], 0);
+                let ts = Tensor::from_slice(&[t32, t32]).to_device(dev);
+                let out = dit.forward_prepared(&input2, &ts, both)?;
+                let (v_c, v_u) = (out.get(0).unsqueeze(0), out.get(1).unsqueeze(0));
+                &v_u + (v_c - &v_u) * scale
+            }
+            Guidance::Separate(c, u) => {
+                let ts = Tensor::from_slice(&[t32]).to_device(dev);
+                let v_c = dit.forward_prepared(input, &ts, c)?;
+                let v_u = dit.forward_prepared(input, &ts, u)?;
+                &v_u + (v_c - &v_u) * scale
+            }
+            Guidance::Off(c) => {
+                dit.forward_prepared(input, &Tensor::from_slice(&[t32]).to_device(dev), c)?
+            }
+        })
+    }
+}
+
+fn scheduler(settings: &DenoiseSettings) -> Result<Box<dyn Scheduler>, Error> {
+    Ok(match &settings.scheduler {
+        SchedulerChoice::UniPc(c) => Box::new(UniPcScheduler::new(c, settings.steps)?),
+        SchedulerChoice::Euler(c) => Box::new(FlowMatchEulerScheduler::new(c, settings.steps)?),
+    })
+}
+
 /// Runs the sampling loop and returns the final latents.
 ///
 /// `progress` is called after every step; `cancelled` is polled before every step and stops the
@@ -109,115 +226,28 @@ pub fn denoise(
     cancelled: impl Fn() -> bool,
 ) -> Result<Phase2, Error> {
     let _guard = tch::no_grad_guard();
-    let cfg = dit.config();
-    let dev = dit.device();
     let geometry = phase1.geometry;
     geometry.validate().map_err(|m| Error::input(Component::Denoise, m))?;
-    let latent_shape = geometry.latent_shape();
     if settings.guidance_scale.is_nan() {
         return Err(Error::input(Component::Denoise, "guidance_scale is NaN"));
     }
     let guided = settings.guidance_scale > 1.0;
-
-    let cond = pad_text(&phase1.prompt_embeds, cfg.text_dim, "prompt_embeds")?;
-    let context = if guided {
-        let neg = phase1.negative_prompt_embeds.as_ref().ok_or_else(|| {
-            Error::input(Component::Denoise, "guidance_scale > 1 needs negative_prompt_embeds")
-        })?;
-        Some(pad_text(neg, cfg.text_dim, "negative_prompt_embeds")?)
-    } else {
-        None
-    };
-
-    let image = match (cfg.is_i2v(), &phase1.image_embeds) {
-        (true, Some(img)) => Some(img.to_device(dev)),
-        (true, None) => {
-            return Err(Error::input(Component::Denoise, "this I2V model needs image_embeds"));
-        }
-        (false, Some(_)) => {
-            return Err(Error::input(Component::Denoise, "this T2V model takes no image_embeds"));
-        }
-        (false, None) => None,
-    };
-    let y = match &phase1.condition {
-        Some(y) => {
-            let want = [
-                1,
-                cfg.in_channels - latent_shape[1],
-                latent_shape[2],
-                latent_shape[3],
-                latent_shape[4],
-            ];
-            if y.size() != want {
-                return Err(Error::input(
-                    Component::Denoise,
-                    format!("condition must be {want:?}, got {:?}", y.size()),
-                ));
-            }
-            Some(y.to_device(dev).to_kind(Kind::Float))
-        }
-        None if cfg.in_channels != latent_shape[1] => {
-            return Err(Error::input(
-                Component::Denoise,
-                format!(
-                    "this model takes {} input channels and needs a condition tensor",
-                    cfg.in_channels
-                ),
-            ));
-        }
-        None => None,
-    };
-
-    let mut scheduler: Box<dyn Scheduler> = match &settings.scheduler {
-        SchedulerChoice::UniPc(c) => Box::new(UniPcScheduler::new(c, settings.steps)?),
-        SchedulerChoice::Euler(c) => Box::new(FlowMatchEulerScheduler::new(c, settings.steps)?),
-    };
+    let conditioning = Conditioning::check(dit, phase1, guided, geometry.latent_shape())?;
+    let mut scheduler = scheduler(settings)?;
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
+    let guidance = Guidance::prepare(dit, &conditioning, settings.batch_cfg)?;
 
-    // The conditioning is the same at every step: project it once.
-    let cond = cond.to_device(dev);
-    let uncond = context.map(|c| c.to_device(dev));
-    let prepared = match &uncond {
-        Some(u) if settings.batch_cfg => {
-            let image2 = image.as_ref().map(|i| Tensor::cat(&[i, i], 0));
-            Guidance::Batched(dit.prepare_context(&Tensor::cat(&[&cond, u], 0), image2.as_ref())?)
-        }
-        Some(u) => Guidance::Separate(
-            dit.prepare_context(&cond, image.as_ref())?,
-            dit.prepare_context(u, image.as_ref())?,
-        ),
-        None => Guidance::Off(dit.prepare_context(&cond, image.as_ref())?),
-    };
-
-    let mut latents = initial_noise(&geometry, settings.seed, dev);
+    let mut latents = initial_noise(&geometry, settings.seed, dit.device());
     for (i, &t) in timesteps.iter().enumerate() {
         if cancelled() {
             return Err(Error::Cancelled { completed: i, total });
         }
-        let input = match &y {
+        let input = match &conditioning.y {
             Some(y) => Tensor::cat(&[&latents, y], 1),
             None => latents.shallow_clone(),
         };
-        let t32 = t as f32;
-        let v = match &prepared {
-            Guidance::Batched(both) => {
-                let input2 = Tensor::cat(&[&input, &input], 0);
-                let ts = Tensor::from_slice(&[t32, t32]).to_device(dev);
-                let out = dit.forward_prepared(&input2, &ts, both)?;
-                let (v_c, v_u) = (out.get(0).unsqueeze(0), out.get(1).unsqueeze(0));
-                &v_u + (v_c - &v_u) * settings.guidance_scale
-            }
-            Guidance::Separate(c, u) => {
-                let ts = Tensor::from_slice(&[t32]).to_device(dev);
-                let v_c = dit.forward_prepared(&input, &ts, c)?;
-                let v_u = dit.forward_prepared(&input, &ts, u)?;
-                &v_u + (v_c - &v_u) * settings.guidance_scale
-            }
-            Guidance::Off(c) => {
-                dit.forward_prepared(&input, &Tensor::from_slice(&[t32]).to_device(dev), c)?
-            }
-        };
+        let v = guidance.velocity(dit, &input, t, settings.guidance_scale)?;
         latents = scheduler.step(&v, &latents)?.to_kind(Kind::Float);
         progress(Progress { step: i + 1, total, timestep: t });
     }
