@@ -672,7 +672,7 @@ fn underflow() -> Fail {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, Fail> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(Fail::Pickle("odd number of dict items".into()));
     }
     let mut it = items.into_iter();
