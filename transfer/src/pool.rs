@@ -1,11 +1,10 @@
 //! The receive pool: one shared region, carved into leases by a first-fit allocator.
 //!
 //! Every byte a peer sends lands in a lease, never in a fresh allocation. The region is sparse: a page
-//! costs memory from the moment a transfer writes it until its lease is released, when the pool gives
-//! it back to the kernel, so a process holds about as much pool memory as it holds received payloads.
-//! A full pool is backpressure:
-//! a reservation waits (bounded by the operation's deadline and the configured wait) for leases to be
-//! released, then fails with `Overloaded`. This is the crate's second `unsafe` corner: handing out
+//! costs memory from the moment a transfer writes it until the pool gives it back to the kernel after
+//! its lease is released, so a process holds about as much pool memory as it holds received payloads.
+//! A full pool is backpressure: a reservation waits (bounded by the operation's deadline and the
+//! configured wait) for leases to be released, then fails with `Overloaded`. This is the crate's second `unsafe` corner: handing out
 //! slices of the region for the ranges the allocator owns exclusively.
 #![allow(unsafe_code)]
 
@@ -52,6 +51,7 @@ struct State {
     free: BTreeMap<usize, usize>,
     /// Some free range may still hold memory.
     warm: bool,
+    /// Last reservation or release: warm pages are kept while the pool is this busy.
     last_activity: Instant,
 }
 
