@@ -57,7 +57,9 @@ pub struct TransferSection {
     pub secret: String,
     /// File holding the secret (wins over `secret` when set).
     pub secret_file: String,
-    /// Receive pool size in MiB (also the largest payload accepted).
+    /// Largest payload accepted (or payloads held at once), in MiB: the receive pool's size. The pool
+    /// costs memory only for payloads being received or held, plus released pages kept warm for a
+    /// second after the last transfer, not for this size.
     pub pool_mib: usize,
     /// `auto` (shm on the same host, else TCP), `shm` or `tcp`.
     pub transport: String,

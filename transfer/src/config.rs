@@ -49,8 +49,13 @@ pub struct EngineConfig {
     pub listen: SocketAddr,
     /// The deployment secret every peer must hold.
     pub secret: Secret,
-    /// Receive pool size; also the largest payload this engine accepts.
+    /// Receive pool size: the largest payload, or sum of payloads held at once, this engine accepts.
+    /// Memory is used only for what is being received or held (see `pool_keep_warm`), not for the size.
     pub pool_bytes: usize,
+    /// Released pool pages stay allocated until the pool has seen no reservation or release for this
+    /// long, so that back-to-back transfers reuse them instead of faulting in fresh pages; zero gives
+    /// them back as each payload is dropped.
+    pub pool_keep_warm: Duration,
     /// Transport policy for outgoing operations.
     pub transport: TransportChoice,
     /// Serve same-host peers over shared memory.
@@ -74,12 +79,14 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// Defaults: loopback listener on a free port, 256 MiB pool, automatic transport, 4 MiB chunks.
+    /// Defaults: loopback listener on a free port, pool of up to 256 MiB with pages kept warm for 1 s,
+    /// automatic transport, 4 MiB chunks.
     pub fn new(secret: Secret) -> Self {
         EngineConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             secret,
             pool_bytes: 256 << 20,
+            pool_keep_warm: Duration::from_secs(1),
             transport: TransportChoice::Auto,
             serve_shm: true,
             chunk_bytes: 4 << 20,

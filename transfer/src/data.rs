@@ -9,6 +9,7 @@
 #![allow(unsafe_code)]
 
 use std::sync::mpsc;
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -194,88 +195,13 @@ fn recv_chunks(
 ) -> Result<Vec<Option<[u8; 32]>>> {
     let mut rest: Vec<&mut [u8]> = lease.parts_mut();
     let mut filled = vec![0u64; metas.len()];
-    let hashed: u64 = metas.iter().filter(|m| m.sha256.is_some()).map(|m| m.byte_len).sum();
-    let new_hashers = || metas.iter().map(|m| m.sha256.map(|_| Sha256::new())).collect::<Vec<_>>();
-    // Small payloads hash inline: a thread hand-off costs more than it overlaps (and much more on a
-    // loaded host, where every wake-up waits for a time slice).
-    let mut inline = (hashed <= INLINE_HASH_MAX).then(new_hashers);
     std::thread::scope(|s| {
-        let (tx, rx) = mpsc::sync_channel::<(usize, &[u8])>(64);
-        let hasher = inline.is_none().then(|| {
-            let mut h = new_hashers();
-            s.spawn(move || {
-                for (i, bytes) in rx {
-                    if let Some(h) = h[i].as_mut() {
-                        h.update(bytes);
-                    }
-                }
-                h
-            })
-        });
-        loop {
-            let (tensor, offset, len, crc) =
-                match read_frame(ch.stream.as_mut(), ctx, "receiving data")? {
-                    Frame::Chunk { tensor, offset, len, crc } => {
-                        (tensor as usize, offset, len, crc)
-                    }
-                    Frame::DataDone => break,
-                    other => return Err(remote_error(ctx, other, "Chunk or DataDone")),
-                };
-            let Some(meta) = metas.get(tensor) else {
-                return Err(TransferError::OutOfBounds(format!(
-                    "chunk for tensor #{tensor} of {}",
-                    metas.len()
-                )));
-            };
-            if len == 0
-                || len > MAX_CHUNK
-                || offset != filled[tensor]
-                || offset + len as u64 > meta.byte_len
-            {
-                return Err(TransferError::OutOfBounds(format!(
-                    "chunk of tensor `{}` at offset {offset} with {len} bytes: expected offset {}, at most {} \
-                     bytes per chunk and {} bytes in the tensor",
-                    meta.name, filled[tensor], MAX_CHUNK, meta.byte_len
-                )));
-            }
-            if crc_required && crc.is_none() {
-                return Err(TransferError::protocol(
-                    &ctx.peer,
-                    "chunk without the CRC32 that was agreed",
-                ));
-            }
-            let (head, tail) = std::mem::take(&mut rest[tensor]).split_at_mut(len as usize);
-            rest[tensor] = tail;
-            let mut chunk_crc = crc32fast::Hasher::new();
-            // Hand the hasher small pieces as they land, so that it reads them from cache, not DRAM.
-            let piece_len =
-                if meta.sha256.is_some() || crc.is_some() { HASH_PIECE } else { head.len() };
-            for piece in head.chunks_mut(piece_len.max(1)) {
-                if !in_place {
-                    conn::read_exact(ch.stream.as_mut(), piece, ctx, "receiving data")?;
-                }
-                if crc.is_some() {
-                    chunk_crc.update(piece);
-                }
-                if let Some(h) = inline.as_mut() {
-                    if let Some(h) = h[tensor].as_mut() {
-                        h.update(&*piece);
-                    }
-                } else if meta.sha256.is_some() {
-                    tx.send((tensor, piece)).map_err(|_| {
-                        TransferError::protocol(&ctx.peer, "hashing thread stopped")
-                    })?;
-                }
-            }
-            if let Some(c) = crc
-                && chunk_crc.finalize() != c
-            {
-                return Err(TransferError::Integrity {
-                    tensor: meta.name.clone(),
-                    detail: format!("CRC32 mismatch in the chunk at offset {offset}"),
-                });
-            }
-            filled[tensor] += len as u64;
+        let mut hashing = Hashing::start(s, metas);
+        while let Some(c) = next_chunk(ch, metas, &filled, crc_required, ctx)? {
+            let (head, tail) = std::mem::take(&mut rest[c.tensor]).split_at_mut(c.len);
+            rest[c.tensor] = tail;
+            take_chunk(ch, head, &c, &metas[c.tensor], in_place, &mut hashing, ctx)?;
+            filled[c.tensor] += c.len as u64;
         }
         if let Some((m, got)) = metas.iter().zip(&filled).find(|(m, got)| **got != m.byte_len) {
             return Err(TransferError::OutOfBounds(format!(
@@ -283,11 +209,140 @@ fn recv_chunks(
                 m.name, m.byte_len
             )));
         }
-        drop(tx);
-        let hashers = match hasher {
-            Some(h) => h.join().expect("hashing thread panicked"),
-            None => inline.take().unwrap_or_default(),
-        };
-        Ok(hashers.into_iter().map(|h| h.map(|h| h.finalize().into())).collect())
+        Ok(hashing.finish().into_iter().map(|h| h.map(|h| h.finalize().into())).collect())
     })
+}
+
+/// A chunk header that passed its checks: its bytes may go into the lease.
+struct ChunkHeader {
+    tensor: usize,
+    offset: u64,
+    len: usize,
+    crc: Option<u32>,
+}
+
+/// Reads the next chunk header, `None` at `DataDone`, and checks it against the manifest and what has
+/// arrived so far before a byte of it is taken.
+fn next_chunk(
+    ch: &mut Channel,
+    metas: &[TensorMeta],
+    filled: &[u64],
+    crc_required: bool,
+    ctx: &Ctx,
+) -> Result<Option<ChunkHeader>> {
+    let (tensor, offset, len, crc) = match read_frame(ch.stream.as_mut(), ctx, "receiving data")? {
+        Frame::Chunk { tensor, offset, len, crc } => (tensor as usize, offset, len, crc),
+        Frame::DataDone => return Ok(None),
+        other => return Err(remote_error(ctx, other, "Chunk or DataDone")),
+    };
+    let Some(meta) = metas.get(tensor) else {
+        return Err(TransferError::OutOfBounds(format!(
+            "chunk for tensor #{tensor} of {}",
+            metas.len()
+        )));
+    };
+    if len == 0
+        || len > MAX_CHUNK
+        || offset != filled[tensor]
+        || offset + len as u64 > meta.byte_len
+    {
+        return Err(TransferError::OutOfBounds(format!(
+            "chunk of tensor `{}` at offset {offset} with {len} bytes: expected offset {}, at most {} \
+             bytes per chunk and {} bytes in the tensor",
+            meta.name, filled[tensor], MAX_CHUNK, meta.byte_len
+        )));
+    }
+    if crc_required && crc.is_none() {
+        return Err(TransferError::protocol(&ctx.peer, "chunk without the CRC32 that was agreed"));
+    }
+    Ok(Some(ChunkHeader { tensor, offset, len: len as usize, crc }))
+}
+
+/// Takes one chunk's bytes into `dest` (over TCP; over shm the writer already put them there), feeds
+/// them to the hashers and checks the chunk's CRC32.
+fn take_chunk<'scope, 'a: 'scope>(
+    ch: &mut Channel,
+    dest: &'a mut [u8],
+    c: &ChunkHeader,
+    meta: &TensorMeta,
+    in_place: bool,
+    hashing: &mut Hashing<'scope, 'a>,
+    ctx: &Ctx,
+) -> Result<()> {
+    let mut chunk_crc = crc32fast::Hasher::new();
+    // Hand the hasher small pieces as they land, so that it reads them from cache, not DRAM.
+    let piece_len = if meta.sha256.is_some() || c.crc.is_some() { HASH_PIECE } else { dest.len() };
+    for piece in dest.chunks_mut(piece_len.max(1)) {
+        if !in_place {
+            conn::read_exact(ch.stream.as_mut(), piece, ctx, "receiving data")?;
+        }
+        if c.crc.is_some() {
+            chunk_crc.update(piece);
+        }
+        if meta.sha256.is_some() {
+            hashing.feed(c.tensor, piece, ctx)?;
+        }
+    }
+    if let Some(want) = c.crc
+        && chunk_crc.finalize() != want
+    {
+        return Err(TransferError::Integrity {
+            tensor: meta.name.clone(),
+            detail: format!("CRC32 mismatch in the chunk at offset {}", c.offset),
+        });
+    }
+    Ok(())
+}
+
+/// The SHA-256 of every tensor that has a digest, computed as its bytes land.
+enum Hashing<'scope, 'a> {
+    /// Small payloads hash on the receiving thread: a thread hand-off costs more than it overlaps (and
+    /// much more on a loaded host, where every wake-up waits for a time slice).
+    Inline(Vec<Option<Sha256>>),
+    /// Larger ones on a thread of their own, overlapping the next reads or copies.
+    Thread(mpsc::SyncSender<(usize, &'a [u8])>, ScopedJoinHandle<'scope, Vec<Option<Sha256>>>),
+}
+
+impl<'scope, 'a: 'scope> Hashing<'scope, 'a> {
+    fn start<'env>(s: &'scope Scope<'scope, 'env>, metas: &[TensorMeta]) -> Self {
+        let mut hashers = metas.iter().map(|m| m.sha256.map(|_| Sha256::new())).collect::<Vec<_>>();
+        let hashed: u64 = metas.iter().filter(|m| m.sha256.is_some()).map(|m| m.byte_len).sum();
+        if hashed <= INLINE_HASH_MAX {
+            return Hashing::Inline(hashers);
+        }
+        let (tx, rx) = mpsc::sync_channel::<(usize, &[u8])>(64);
+        let thread = s.spawn(move || {
+            for (i, bytes) in rx {
+                if let Some(h) = hashers[i].as_mut() {
+                    h.update(bytes);
+                }
+            }
+            hashers
+        });
+        Hashing::Thread(tx, thread)
+    }
+
+    fn feed(&mut self, tensor: usize, bytes: &'a [u8], ctx: &Ctx) -> Result<()> {
+        match self {
+            Hashing::Inline(hashers) => {
+                if let Some(h) = hashers[tensor].as_mut() {
+                    h.update(bytes);
+                }
+                Ok(())
+            }
+            Hashing::Thread(tx, _) => tx
+                .send((tensor, bytes))
+                .map_err(|_| TransferError::protocol(&ctx.peer, "hashing thread stopped")),
+        }
+    }
+
+    fn finish(self) -> Vec<Option<Sha256>> {
+        match self {
+            Hashing::Inline(hashers) => hashers,
+            Hashing::Thread(tx, thread) => {
+                drop(tx);
+                thread.join().expect("hashing thread panicked")
+            }
+        }
+    }
 }

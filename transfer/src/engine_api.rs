@@ -59,11 +59,11 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Allocates and pre-faults the pool, binds the listeners and starts serving.
+    /// Creates the pool (no memory until payloads arrive), binds the listeners and starts serving.
     pub fn start(cfg: EngineConfig) -> Result<Engine> {
         let local = |what| move |source| TransferError::Local { what, source };
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let pool = Pool::new(&format!("x2v-pool-{id}"), cfg.pool_bytes)
+        let pool = Pool::new(&format!("x2v-pool-{id}"), cfg.pool_bytes, cfg.pool_keep_warm)
             .map_err(local("allocating the receive pool"))?;
         let listener = TcpListener::bind(cfg.listen).map_err(local("binding the TCP listener"))?;
         let addr = listener.local_addr().map_err(local("reading the listener address"))?;

@@ -1,8 +1,9 @@
 //! x2v-transfer: moves named tensors (Phase1 embeddings, Phase2 latents) between stage processes and
 //! hosts over shared memory, TCP and (behind the `rdma` feature) RDMA verbs.
 //!
-//! One [`Engine`] per process owns a pre-faulted receive [`pool::Pool`], listens on TCP (and on an
-//! abstract Unix socket for same-host peers), and moves [`Payload`]s addressed by job id:
+//! One [`Engine`] per process owns a receive [`pool::Pool`] (memory only for the payloads it holds),
+//! listens on TCP (and on an abstract Unix socket for same-host peers), and moves [`Payload`]s
+//! addressed by job id:
 //! - **push**: the sender writes into the receiver's pool; [`Engine::recv`] hands it to the consumer;
 //! - **pull**: the receiver asks for a job the sender [`Engine::publish`]ed and reads it into its pool.
 //!

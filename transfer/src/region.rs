@@ -1,5 +1,11 @@
-//! Shared memory regions: a memfd mapped once, pre-faulted, and shareable with a same-host peer by
-//! passing its descriptor over a Unix socket (`SCM_RIGHTS`).
+//! Shared memory regions: a sparse memfd mapped once, and shareable with a same-host peer by passing
+//! its descriptor over a Unix socket (`SCM_RIGHTS`).
+//!
+//! A region costs memory only for the pages someone wrote: creating or mapping one touches nothing,
+//! and [`Region::discard`] punches pages out of the memfd, which frees them for every process that
+//! maps it (an `madvise(MADV_DONTNEED)` would only drop this process's page-table entries of a shared
+//! mapping and leave the memory allocated). The file size never changes, so a peer's mapping stays
+//! valid: a discarded page reads as zeros and is allocated again when written.
 //!
 //! This is one of the crate's two `unsafe` corners (mapping memory and viewing it as slices). Range
 //! exclusivity is the caller's contract, enforced by the pool's allocator on the owning side and by
@@ -34,14 +40,11 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 impl Region {
-    /// A new memfd of `len` bytes with every page allocated and mapped now, so that later copies never
-    /// pay first-touch faults (which cost ~10x a copy).
+    /// A new memfd of `len` bytes, none of them allocated yet: pages are allocated when first written,
+    /// so an idle region costs address space only.
     pub fn create(name: &str, len: usize) -> io::Result<Region> {
         let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC)?;
         rustix::fs::ftruncate(&fd, len as u64)?;
-        if len > 0 {
-            rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, len as u64)?;
-        }
         Self::map(fd, len)
     }
 
@@ -55,13 +58,15 @@ impl Region {
         if len == 0 {
             return Ok(Region { ptr: NonNull::dangling(), len, fd });
         }
+        // No MAP_POPULATE: on a sparse memfd it would allocate every page of the region, in the owner
+        // and again through each peer's mapping of it.
         // SAFETY: a fresh shared mapping at a kernel-chosen address aliases no Rust object.
         let ptr = unsafe {
             rustix::mm::mmap(
                 std::ptr::null_mut(),
                 len,
                 ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::POPULATE,
+                MapFlags::SHARED,
                 &fd,
                 0,
             )?
@@ -81,6 +86,33 @@ impl Region {
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// Bytes of the memfd backed by memory now, whichever process wrote them.
+    pub fn resident_bytes(&self) -> io::Result<u64> {
+        Ok(rustix::fs::fstat(&self.fd)?.st_blocks as u64 * 512)
+    }
+
+    /// Frees the memory behind `len` bytes at `off` (whole pages inside the range; partial pages at its
+    /// ends keep their contents). The range reads as zeros afterwards, in every process that maps it.
+    ///
+    /// # Safety
+    /// No slice over an overlapping range may be alive in this process: its bytes would change under it.
+    pub unsafe fn discard(&self, off: usize, len: usize) -> io::Result<()> {
+        assert!(
+            off.checked_add(len).is_some_and(|end| end <= self.len),
+            "region range out of bounds"
+        );
+        if len == 0 {
+            return Ok(());
+        }
+        rustix::fs::fallocate(
+            &self.fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            off as u64,
+            len as u64,
+        )?;
+        Ok(())
     }
 
     /// Views `len` bytes at `off`. Panics when out of bounds (callers check first).
@@ -177,6 +209,52 @@ mod tests {
         unsafe { a.slice_mut(4096, 3).copy_from_slice(b"x2v") };
         // SAFETY: as above.
         assert_eq!(unsafe { b.slice(4096, 3) }, b"x2v");
+    }
+
+    /// Resident bytes of the mapping of `r` in this process, from `/proc/self/smaps`.
+    fn mapped_rss(r: &Region) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{:08x}-", r.ptr.as_ptr() as usize);
+        let entry = smaps.split_once(&format!("\n{head}")).expect("mapping listed").1;
+        let rss = entry.lines().find_map(|l| l.strip_prefix("Rss:")).expect("Rss line");
+        rss.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+    }
+
+    #[test]
+    fn a_new_region_allocates_nothing() {
+        let r = Region::create("x2v-test", 256 << 20).unwrap();
+        assert_eq!(r.resident_bytes().unwrap(), 0);
+        assert_eq!(mapped_rss(&r), 0);
+    }
+
+    #[test]
+    fn discarding_frees_the_pages_in_every_mapping() {
+        const LEN: usize = 8 << 20;
+        let a = Region::create("x2v-test", LEN).unwrap();
+        let (s1, s2) = UnixStream::pair().unwrap();
+        send_fd(&s1, a.fd()).unwrap();
+        let b = Region::from_fd(recv_fd(&s2).unwrap()).unwrap();
+        // SAFETY: test-local regions; no other views exist.
+        unsafe { b.slice_mut(0, LEN).fill(7) };
+        assert_eq!(a.resident_bytes().unwrap(), LEN as u64);
+        assert_eq!(mapped_rss(&b), LEN as u64);
+
+        // SAFETY: the views above are gone.
+        unsafe { a.discard(0, LEN).unwrap() };
+        assert_eq!(a.resident_bytes().unwrap(), 0);
+        assert_eq!(mapped_rss(&a), 0);
+        assert_eq!(mapped_rss(&b), 0);
+        assert_eq!(b.len(), LEN, "the peer's mapping keeps its size");
+        // SAFETY: as above.
+        assert!(unsafe { b.slice(0, 4096) }.iter().all(|&x| x == 0));
+
+        // The range is usable again, and shared again.
+        // SAFETY: as above.
+        unsafe { b.slice_mut(LEN - 3, 3).copy_from_slice(b"x2v") };
+        // SAFETY: as above.
+        assert_eq!(unsafe { a.slice(LEN - 3, 3) }, b"x2v");
+        // Only the two pages touched since (one read, one written) hold memory.
+        assert!(a.resident_bytes().unwrap() <= 2 * 4096);
     }
 
     #[test]

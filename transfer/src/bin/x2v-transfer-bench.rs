@@ -22,6 +22,12 @@ use x2v_transfer::{
     Dtype, Engine, EngineConfig, Opts, Payload, Secret, TransportChoice, TransportKind,
 };
 
+const USAGE: &str = "usage: x2v-transfer-bench [--sizes 1M,64M,1G] [--runs N (at least 3)]
+    [--python PATH] [--mooncake tools/bench_mooncake.py] [--no-mooncake]
+    [--only <substring of a row name>]
+
+Prints a table of best / median GB/s per path and size (x2v rows: one push, call to verified ack).";
+
 struct Args {
     sizes: Vec<usize>,
     runs: usize,
@@ -54,6 +60,10 @@ fn args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--no-mooncake" => a.mooncake = None,
             "--only" => a.only = Some(it.next().context("--only")?),
             "--sizes" => {
@@ -67,7 +77,7 @@ fn args() -> anyhow::Result<Args> {
             "--runs" => a.runs = it.next().context("--runs")?.parse()?,
             "--python" => a.python = it.next().context("--python")?,
             "--mooncake" => a.mooncake = Some(it.next().context("--mooncake")?),
-            other => bail!("unknown flag {other}; see the file header for usage"),
+            other => bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     if a.runs < 3 {
