@@ -8,5 +8,7 @@ pub mod cuda_driver;
 pub mod device;
 pub mod nn;
 pub mod schedulers;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wan;
 pub mod weights;
