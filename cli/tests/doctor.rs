@@ -1,10 +1,9 @@
 //! `x2v doctor` end to end: the real binary, a real `redis-server` on a free port.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::Value;
+use x2v_testkit::redis::RedisServer;
 
 fn doctor(args: &[&str]) -> (i32, Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_x2v"))
@@ -31,40 +30,6 @@ fn status_of<'a>(report: &'a Value, name: &str) -> &'a str {
         .unwrap()
 }
 
-struct Redis(Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> (Redis, u16) {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is installed (make setup)");
-    let redis = Redis(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start on port {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (redis, port)
-}
-
 #[test]
 fn healthy_host_passes_and_reports_libtorch() {
     let (code, report) = doctor(&[]);
@@ -79,8 +44,8 @@ fn healthy_host_passes_and_reports_libtorch() {
 
 #[test]
 fn configured_redis_must_answer() {
-    let (redis, port) = start_redis();
-    let url = format!("redis://127.0.0.1:{port}");
+    let redis = RedisServer::ephemeral();
+    let url = format!("redis://127.0.0.1:{}", redis.port());
     let (code, report) = doctor(&["--redis-url", &url]);
     assert_eq!((code, status_of(&report, "redis")), (0, "ok"), "{report:#}");
 

@@ -2,14 +2,12 @@
 //! `tools/fixtures/wan_pipeline.py`, compared with the frames diffusers' `WanPipeline` produced;
 //! plus the argument checks.
 
-#[path = "../../models/tests/common/mod.rs"]
-mod common;
-
 use std::process::{Command, Output};
 
 use tch::{Kind, Tensor};
-
-use common::{PipelineSettings as Settings, assert_frames_match, pipeline_settings};
+use x2v_models::testing::{
+    self as common, PipelineSettings as Settings, assert_frames_match, pipeline_settings,
+};
 
 fn x2v(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_x2v")).arg("generate").args(args).output().expect("x2v runs")

@@ -4,23 +4,19 @@
 //! single trace id: the gateway's request span, and the `stage` span of each stage service, which
 //! restores its parent from the `trace` field of the job record.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use serde_json::{Value, json};
+use x2v_testkit::config::{self, Deployment};
+use x2v_testkit::otlp::{SpanRecord, TraceReceiver, describe};
+use x2v_testkit::redis::RedisServer;
 
 /// The demo model's name, as the gateway serves it and the stages register it.
 const MODEL: &str = "x2v-demo";
@@ -37,8 +33,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 #[test]
 fn one_trace_spans_gateway_and_every_stage_of_a_job() {
     let tmp = tempfile::tempdir().unwrap();
-    let redis = Redis::start();
-    let collector = Collector::start();
+    let redis = RedisServer::ephemeral();
+    let collector = TraceReceiver::start();
 
     let model_dir = tmp.path().join("demo-model");
     let out = Command::new(env!("CARGO_BIN_EXE_x2v"))
@@ -53,11 +49,22 @@ fn one_trace_spans_gateway_and_every_stage_of_a_job() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let storage = tmp.path().join("outputs");
-    let (gateway_config, stage_config) =
-        write_configs(tmp.path(), &redis.url(), &storage, &model_dir);
+    let deployment = Deployment {
+        redis_url: redis.url(),
+        prefix: "x2v-trace-test".into(),
+        storage: tmp.path().join("outputs"),
+    };
+    let gateway_config = config::write(
+        tmp.path().join("gateway.json"),
+        &deployment.gateway(&[config::served_model(MODEL, &["t2v"], &["256x256"])]),
+    );
+    // One file for the three stages: each subcommand runs its own stage of the same rank 0.
+    let stage_config = config::write(
+        tmp.path().join("stage.json"),
+        &deployment.stage(0, MODEL, &model_dir, &["t2v"]),
+    );
     let env = [
-        ("X2V_TELEMETRY__OTLP_ENDPOINT", collector.endpoint.as_str()),
+        ("X2V_TELEMETRY__OTLP_ENDPOINT", collector.endpoint()),
         // The spans are INFO spans: a quieter filter inherited from the caller would drop them.
         ("RUST_LOG", "info"),
     ];
@@ -201,64 +208,6 @@ fn job_trace(spans: &[SpanRecord], video_id: &str) -> Result<String, String> {
     Ok(trace.to_owned())
 }
 
-/// The gateway and stage configs (JSON): one Redis and prefix, one output store, the demo model.
-fn write_configs(
-    dir: &Path,
-    redis_url: &str,
-    storage: &Path,
-    model_dir: &Path,
-) -> (std::path::PathBuf, std::path::PathBuf) {
-    let prefix = "x2v-trace-test";
-    let storage = json!({ "kind": "local", "path": storage });
-    let gateway = json!({
-        "queue": { "backend": "redis", "redis_url": redis_url, "prefix": prefix },
-        "storage": storage,
-        "http": { "poll_after_ms": 100 },
-        // The limits of `x2v up`'s demo model, with few frames and steps.
-        "models": [{
-            "name": MODEL,
-            "tasks": ["t2v"],
-            "sizes": ["256x256"],
-            "fps": 8,
-            "max_frames": 33,
-            "default_seconds": 1,
-            "default_steps": 2,
-            "max_steps": 8,
-            "default_guidance_scale": 5.0,
-            "default_shift": 3.0,
-            "max_n": 1,
-        }],
-        "telemetry": { "sample_ratio": 1.0 },
-    });
-    // One file for the three stages: each subcommand runs its own stage of the same rank 0.
-    let stage = json!({
-        "rank": 0,
-        "model": MODEL,
-        "model_dir": model_dir,
-        "tasks": ["t2v"],
-        "device": "cpu",
-        "queue": { "backend": "redis", "redis_url": redis_url, "prefix": prefix },
-        // TCP rather than shared memory: the payloads are tiny, and a container's /dev/shm may
-        // be too small for the receive pools.
-        "transfer": {
-            "listen": "127.0.0.1:0",
-            "secret": "x2v-trace-test-transfer-secret",
-            "transport": "tcp",
-            "pool_mib": 16,
-            "timeout_s": 30,
-        },
-        "storage": storage,
-        "worker": { "max_poll_ms": 50, "job_timeout_s": 120, "drain_timeout_s": 10 },
-        "grpc": { "listen": "127.0.0.1:0" },
-        "http": { "listen": "127.0.0.1:0" },
-        "telemetry": { "sample_ratio": 1.0 },
-    });
-    let (gateway_path, stage_path) = (dir.join("gateway.json"), dir.join("stage.json"));
-    std::fs::write(&gateway_path, serde_json::to_vec_pretty(&gateway).unwrap()).unwrap();
-    std::fs::write(&stage_path, serde_json::to_vec_pretty(&stage).unwrap()).unwrap();
-    (gateway_path, stage_path)
-}
-
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 temp path")
 }
@@ -299,58 +248,6 @@ fn http(
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:?}")))?;
     Ok((status, body.to_owned()))
-}
-
-/// A `redis-server` on a free port, without persistence; killed on drop.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Self {
-        // A free port can be taken between probing and binding: then try another.
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server is installed");
-            let mut redis = Redis { child, port };
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if redis.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if redis.ping() {
-                    return redis;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut reply = [0u8; 5];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut reply).is_ok() && reply == *b"+PONG"
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One `x2v` service process. Its stdout lines are handed to [`Service::wait_for_line`]; stdout
@@ -456,130 +353,4 @@ impl Drop for Service {
             }
         }
     }
-}
-
-/// An OTLP/gRPC trace receiver on `127.0.0.1`, on its own tokio runtime.
-struct Collector {
-    endpoint: String,
-    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-    // Serves the receiver until the test ends.
-    _runtime: tokio::runtime::Runtime,
-}
-
-/// The `TraceService` of the collector: keeps every export request.
-#[derive(Clone, Default)]
-struct TraceSink {
-    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for TraceSink {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.requests.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-impl Collector {
-    fn start() -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a tokio runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("binding the collector");
-        let addr = listener.local_addr().unwrap();
-        let receiver = TraceSink::default();
-        let server = tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-        runtime.spawn(server);
-        Collector {
-            endpoint: format!("http://{addr}"),
-            requests: receiver.requests,
-            _runtime: runtime,
-        }
-    }
-
-    /// Every span received so far.
-    fn spans(&self) -> Vec<SpanRecord> {
-        let requests = self.requests.lock().unwrap();
-        let mut spans = Vec::new();
-        for rs in requests.iter().flat_map(|r| &r.resource_spans) {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .map(|kv| text(kv.value.as_ref()))
-                .unwrap_or_default();
-            for span in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
-                spans.push(SpanRecord {
-                    service: service.clone(),
-                    name: span.name.clone(),
-                    trace_id: hex(&span.trace_id),
-                    span_id: hex(&span.span_id),
-                    parent_span_id: hex(&span.parent_span_id),
-                    attributes: attributes(&span.attributes),
-                });
-            }
-        }
-        spans
-    }
-}
-
-/// The parts of an exported span the assertions look at.
-#[derive(Debug)]
-struct SpanRecord {
-    service: String,
-    name: String,
-    trace_id: String,
-    span_id: String,
-    /// Empty for a root span.
-    parent_span_id: String,
-    attributes: BTreeMap<String, String>,
-}
-
-fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, String> {
-    kvs.iter().map(|kv| (kv.key.clone(), text(kv.value.as_ref()))).collect()
-}
-
-fn text(value: Option<&AnyValue>) -> String {
-    match value.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// One line per span, grouped by trace, for failure messages.
-fn describe(spans: &[SpanRecord]) -> String {
-    let mut sorted: Vec<&SpanRecord> = spans.iter().collect();
-    sorted.sort_by(|a, b| (&a.trace_id, &a.service).cmp(&(&b.trace_id, &b.service)));
-    let mut out = format!("{} spans\n", spans.len());
-    for s in sorted {
-        let shown: BTreeMap<&str, &str> = s
-            .attributes
-            .iter()
-            .filter(|(k, _)| !k.starts_with("code.") && !k.starts_with("thread."))
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        out.push_str(&format!(
-            "  trace={} span={} parent={:16} {:8} {:20} {shown:?}\n",
-            s.trace_id, s.span_id, s.parent_span_id, s.service, s.name
-        ));
-    }
-    out
 }

@@ -3,47 +3,20 @@
 //! (a string map) makes the exported span a child in the same trace.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use tonic::{Request, Response, Status};
 use x2v_core::propagation;
 use x2v_core::telemetry::{self, TelemetryConfig};
-
-#[derive(Clone, Default)]
-struct Receiver {
-    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        self.requests.lock().unwrap().push(request.into_inner());
-        Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
+use x2v_testkit::otlp::{TraceReceiver, hex};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_with_service_name_and_restored_parent() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let receiver = Receiver::default();
-    let server = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(receiver.clone()))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-    tokio::spawn(server);
+    let receiver = TraceReceiver::start();
 
-    let config =
-        TelemetryConfig { otlp_endpoint: Some(format!("http://{addr}")), ..Default::default() };
+    let config = TelemetryConfig {
+        otlp_endpoint: Some(receiver.endpoint().to_owned()),
+        ..Default::default()
+    };
     let guard = telemetry::init("x2v-test", &config).expect("telemetry starts");
     assert!(guard.exporting());
 
@@ -72,9 +45,7 @@ async fn spans_are_exported_with_service_name_and_restored_parent() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let spans = loop {
         let spans: Vec<_> = receiver
-            .requests
-            .lock()
-            .unwrap()
+            .requests()
             .iter()
             .flat_map(|r| r.resource_spans.iter())
             .flat_map(|rs| {
@@ -101,8 +72,4 @@ async fn spans_are_exported_with_service_name_and_restored_parent() {
     assert!(service.as_deref().unwrap_or_default().contains("x2v-test"), "{service:?}");
     assert_eq!(hex(&span.trace_id), "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(hex(&span.parent_span_id), "b7ad6b7169203331");
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

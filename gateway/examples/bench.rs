@@ -15,8 +15,8 @@ use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 use x2v_gateway::{AppState, GatewayConfig};
 use x2v_queue::storage::Storage;
-use x2v_queue::testing::RedisServer;
 use x2v_queue::{Queue, RedisQueue, Retention};
+use x2v_testkit::redis::RedisServer;
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 

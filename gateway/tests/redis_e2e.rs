@@ -10,9 +10,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 use x2v_gateway::GatewayConfig;
-use x2v_queue::testing::RedisServer;
 use x2v_queue::worker::{StageWorker, WorkerTimings};
 use x2v_queue::*;
+use x2v_testkit::redis::RedisServer;
 
 #[tokio::test]
 async fn run_serves_jobs_from_redis_to_a_worker_and_back() {

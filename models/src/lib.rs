@@ -13,6 +13,8 @@ pub mod device;
 pub mod error;
 pub mod nn;
 pub mod schedulers;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wan;
 pub mod weights;
 

@@ -20,8 +20,6 @@ pub mod redis_queue;
 mod redis_record;
 pub mod spec;
 pub mod storage;
-#[cfg(any(test, feature = "test-support"))]
-pub mod testing;
 pub mod worker;
 
 pub use error::QueueError;

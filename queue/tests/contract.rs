@@ -7,40 +7,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use x2v_core::JobId;
 use x2v_queue::queue::Maintenance;
-use x2v_queue::testing::RedisServer;
 use x2v_queue::*;
-
-fn spec(prompt: &str) -> JobSpec {
-    JobSpec {
-        model: "wan2.1-t2v-1.3b".into(),
-        task: Task::T2v,
-        prompt: prompt.into(),
-        negative_prompt: None,
-        size: "832x480".parse().unwrap(),
-        num_frames: 81,
-        fps: 16,
-        seconds: 5,
-        num_inference_steps: 4,
-        guidance_scale: 5.0,
-        shift: 5.0,
-        seed: u64::MAX - 7,
-        n: 1,
-        output_format: "mp4".into(),
-        output_compression: None,
-        inputs: vec![],
-        pins: Ranks::default(),
-        remixed_from: None,
-    }
-}
+use x2v_testkit::jobs;
+use x2v_testkit::redis::RedisServer;
 
 fn new_job(prompt: &str) -> NewJob {
-    NewJob {
-        id: JobId::new(),
-        spec: spec(prompt),
-        ranks: Ranks::default(),
-        trace: Default::default(),
-        idempotency: None,
-    }
+    jobs::new_job(JobSpec { num_inference_steps: 4, seed: u64::MAX - 7, ..jobs::t2v(prompt) })
 }
 
 fn worker(stage: Stage, rank: u32) -> WorkerInfo {
@@ -388,7 +360,7 @@ macro_rules! contract {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    let server = x2v_queue::testing::RedisServer::start();
+                    let server = x2v_testkit::redis::RedisServer::start();
                     let q = x2v_queue::RedisQueue::connect(&server.url(), "x2v", Default::default()).await.unwrap();
                     super::$name(std::sync::Arc::new(q)).await;
                 }

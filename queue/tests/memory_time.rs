@@ -3,38 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use x2v_core::JobId;
 use x2v_queue::worker::{StageWorker, WorkerTimings};
 use x2v_queue::*;
+use x2v_testkit::jobs;
 
 fn job() -> NewJob {
-    let spec = JobSpec {
-        model: "m".into(),
-        task: Task::T2i,
-        prompt: "p".into(),
-        negative_prompt: None,
-        size: "64x64".parse().unwrap(),
-        num_frames: 1,
-        fps: 0,
-        seconds: 0,
-        num_inference_steps: 2,
-        guidance_scale: 4.0,
-        shift: 3.0,
-        seed: 1,
-        n: 1,
-        output_format: "png".into(),
-        output_compression: None,
-        inputs: vec![],
-        pins: Ranks::default(),
-        remixed_from: None,
-    };
-    NewJob {
-        id: JobId::new(),
-        spec,
-        ranks: Ranks::default(),
-        trace: Default::default(),
-        idempotency: None,
-    }
+    jobs::new_job(jobs::t2i("p"))
 }
 
 fn info(rank: u32) -> WorkerInfo {

@@ -13,13 +13,13 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
-use x2v_core::JobId;
 use x2v_proto::admin::v1 as pb;
 use x2v_proto::admin::v1::admin_client::AdminClient;
-use x2v_queue::{JobSpec, MemoryQueue, NewJob, Queue, Ranks, RedisQueue, Retention, Stage, Task};
+use x2v_queue::{MemoryQueue, NewJob, Queue, RedisQueue, Retention, Stage, Task};
 use x2v_stage::ServiceState;
 use x2v_stage::admin::{self, AdminEndpoints};
 use x2v_stage::state::{InFlight, LoadedModel};
+use x2v_testkit::jobs;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -105,33 +105,7 @@ fn in_flight(job: &str, phase: &'static str, step: u32) -> InFlight {
 }
 
 fn new_job() -> NewJob {
-    let spec = JobSpec {
-        model: "wan2.1-t2v-1.3b".into(),
-        task: Task::T2v,
-        prompt: "a cat".into(),
-        negative_prompt: None,
-        size: "832x480".parse().unwrap(),
-        num_frames: 81,
-        fps: 16,
-        seconds: 5,
-        num_inference_steps: 50,
-        guidance_scale: 5.0,
-        shift: 5.0,
-        seed: 1,
-        n: 1,
-        output_format: "mp4".into(),
-        output_compression: None,
-        inputs: vec![],
-        pins: Ranks::default(),
-        remixed_from: None,
-    };
-    NewJob {
-        id: JobId::new(),
-        spec,
-        ranks: Ranks::default(),
-        trace: Default::default(),
-        idempotency: None,
-    }
+    jobs::new_job(jobs::t2v("a cat"))
 }
 
 #[tokio::test]
@@ -288,7 +262,7 @@ async fn http_metrics_and_probes() {
 
 #[tokio::test]
 async fn readyz_and_metrics_when_the_queue_is_down() {
-    let mut redis = x2v_queue::testing::RedisServer::start();
+    let mut redis = x2v_testkit::redis::RedisServer::start();
     let queue = RedisQueue::connect(&redis.url(), "x2v", Retention::default()).await.unwrap();
     let state = Arc::new(ServiceState::new(Stage::Encoder, 0, "m".into(), vec![Task::T2v]));
     let shutdown = CancellationToken::new();

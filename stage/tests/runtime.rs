@@ -16,6 +16,7 @@ use x2v_stage::exchange::{InProcess, Inputs};
 use x2v_stage::runner::{Artifact, Finished, RunCtx, StageError, StageRunner};
 use x2v_stage::runtime::{Limits, LoadedStage, StageDeps};
 use x2v_stage::state::ServiceState;
+use x2v_testkit::jobs;
 use x2v_transfer::{Dtype, Payload};
 
 struct Fake {
@@ -153,31 +154,14 @@ impl World {
     async fn submit(&self, prompt: &str) -> JobId {
         let spec = JobSpec {
             model: "m".into(),
-            task: Task::T2v,
-            prompt: prompt.into(),
-            negative_prompt: None,
             size: "64x64".parse().unwrap(),
             num_frames: 5,
-            fps: 16,
             seconds: 1,
             num_inference_steps: 4,
-            guidance_scale: 5.0,
             shift: 3.0,
-            seed: 1,
-            n: 1,
-            output_format: "mp4".into(),
-            output_compression: None,
-            inputs: vec![],
-            pins: Ranks::default(),
-            remixed_from: None,
+            ..jobs::t2v(prompt)
         };
-        let job = NewJob {
-            id: JobId::new(),
-            spec,
-            ranks: Ranks::default(),
-            trace: Default::default(),
-            idempotency: None,
-        };
+        let job = jobs::new_job(spec);
         self.queue.create(job).await.unwrap().record.id
     }
 

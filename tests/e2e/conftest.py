@@ -6,24 +6,17 @@ Run: make test (or ~/.cache/x2v/venv/bin/python -m pytest tests/e2e -q; builds `
 first; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
 """
 
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
-import time
 import urllib.request
-from collections import deque
 from pathlib import Path
 
 import pytest
-from x2v_testing import RedisServer
+from x2v_testing import Process, RedisServer, cargo_build, write_config
 
-ROOT = Path(__file__).resolve().parents[2]
-TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
 API_KEY = "sk-x2v-e2e"
 SECRET = "e2e-transfer-secret-0123456789"
 T2V, I2V = "demo-t2v", "demo-i2v"
@@ -33,57 +26,7 @@ LEASE_MS, HEARTBEAT_TTL_MS = 2000, 1500
 
 @pytest.fixture(scope="session")
 def x2v_bin() -> Path:
-    env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET), LIBTORCH_USE_PYTORCH="1")
-    subprocess.run(["cargo", "build", "-q", "-p", "x2v"], cwd=ROOT, env=env, check=True)
-    return TARGET / "debug" / "x2v"
-
-
-class Process:
-    """A child process whose output is kept (last lines) for failure messages."""
-
-    def __init__(self, name, argv, env, ready):
-        self.name = name
-        self.tail = deque(maxlen=60)
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.ready_line = None
-        deadline = time.monotonic() + 120
-        for line in self.proc.stdout:
-            self.tail.append(line.rstrip())
-            if ready(line):
-                self.ready_line = line.strip()
-                break
-            if time.monotonic() > deadline:
-                break
-        if self.ready_line is None:
-            self.proc.kill()
-            raise RuntimeError(f"{name} did not become ready:\n" + self.log())
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        for line in self.proc.stdout:
-            self.tail.append(line.rstrip())
-
-    def log(self) -> str:
-        return "\n".join(f"[{self.name}] {l}" for l in self.tail)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self):
-        if self.alive():
-            self.proc.kill()
-        self.proc.wait()
-
-    def terminate(self, timeout=30):
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+    return cargo_build("-p", "x2v", LIBTORCH_USE_PYTORCH="1") / "x2v"
 
 
 def model_entry(name, task):
@@ -110,9 +53,7 @@ class Stage(Process):
             "grpc": {"listen": "127.0.0.1:0"}, "http": {"listen": "127.0.0.1:0"},
             "telemetry": {"log_format": "text", "log_level": "warn"},
         }
-        path = Path(cluster.dir) / f"{model}-{kind}-{rank}.json"
-        path.write_text(json.dumps(config))
-        return path
+        return write_config(Path(cluster.dir) / f"{model}-{kind}-{rank}.json", config)
 
     def __init__(self, cluster, kind, model, model_dir, task, rank=0, transfer=None):
         self.kind, self.model, self.rank = kind, model, rank
@@ -172,8 +113,7 @@ class Cluster:
             "models": [model_entry(T2V, "t2v"), model_entry(I2V, "i2v")],
             "telemetry": {"log_format": "text", "log_level": "warn"},
         }
-        path = Path(self.dir) / "gateway.json"
-        path.write_text(json.dumps(config))
+        path = write_config(Path(self.dir) / "gateway.json", config)
         gw = Process("gateway", [str(self.bin), "gateway", "--config", str(path), "--listen", "127.0.0.1:0",
                                  "--print-addr"],
                      dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("listening on "))

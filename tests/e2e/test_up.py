@@ -8,9 +8,8 @@ import subprocess
 
 import openai
 
-from conftest import Process
 from test_pipeline import ffprobe
-from x2v_testing import free_port
+from x2v_testing import Process, free_port
 
 
 def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):

@@ -1,11 +1,36 @@
-"""Helpers shared by x2v's Python test suites (gateway/tests/py, tests/e2e): free ports, polling
-and a real `redis-server` on a free port."""
+"""Helpers shared by x2v's Python test suites (gateway/tests/py, tests/e2e): building the binaries,
+free ports, polling, service processes with a ready line, config files and a real `redis-server` on a
+free port."""
 
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections import deque
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
+
+
+def cargo_build(*args, **env) -> Path:
+    """`cargo build -q ARGS` in the workspace (into `TARGET`, with `env` added); returns the debug
+    output directory."""
+    subprocess.run(["cargo", "build", "-q", *args], cwd=ROOT,
+                   env=dict(os.environ, CARGO_TARGET_DIR=str(TARGET), **env), check=True)
+    return TARGET / "debug"
+
+
+def write_config(path, config: dict) -> Path:
+    """Writes a service config as JSON (the services read JSON configs as they read TOML)."""
+    path = Path(path)
+    path.write_text(json.dumps(config))
+    return path
 
 
 def free_port() -> int:
@@ -62,3 +87,54 @@ class RedisServer:
     def kill(self):
         self.proc.kill()
         self.proc.wait()
+
+
+class Process:
+    """A service child process, started and waited on until it prints its ready line (`ready(line)`
+    is true). Its output (stdout and stderr) is drained so it never blocks on a full pipe, and the
+    last lines are kept for failure messages."""
+
+    def __init__(self, name, argv, env, ready, timeout=120):
+        self.name = name
+        self.tail = deque(maxlen=60)
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.ready_line = None
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip())
+            if ready(line):
+                self.ready_line = line.strip()
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.ready_line is None:
+            self.proc.kill()
+            raise RuntimeError(f"{name} did not become ready:\n" + self.log())
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip())
+
+    def log(self) -> str:
+        return "\n".join(f"[{self.name}] {l}" for l in self.tail)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self):
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout=30):
+        """SIGTERM, then the exit status; killed and re-raised if it does not exit in `timeout`."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise

@@ -9,25 +9,17 @@ Run: ~/.cache/x2v/venv/bin/python -m pytest gateway/tests/py -q
 import os
 import subprocess
 import tempfile
-import threading
-from pathlib import Path
 
 import pytest
-from x2v_testing import RedisServer
+from x2v_testing import Process, RedisServer, cargo_build
 
-ROOT = Path(__file__).resolve().parents[3]
-TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
 API_KEY = "sk-x2v-test"
 
 
 @pytest.fixture(scope="session")
 def binaries():
-    env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET))
-    subprocess.run(
-        ["cargo", "build", "-q", "-p", "x2v-gateway", "-p", "x2v-queue", "--bins", "--example", "test_worker"],
-        cwd=ROOT, env=env, check=True,
-    )
-    return {"gateway": TARGET / "debug" / "x2v-gateway", "worker": TARGET / "debug" / "examples" / "test_worker"}
+    debug = cargo_build("-p", "x2v-gateway", "-p", "x2v-queue", "--bins", "--example", "test_worker")
+    return {"gateway": debug / "x2v-gateway", "worker": debug / "examples" / "test_worker"}
 
 
 class Gateway:
@@ -47,27 +39,16 @@ class Gateway:
             "RUST_LOG": "warn",
         })
         env.update(self.extra)
-        self.proc = subprocess.Popen(
-            [str(self.binary), "--listen", "127.0.0.1:0", "--print-addr"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
-        for line in self.proc.stdout:
-            if line.startswith("listening on "):
-                self.addr = line.split()[-1]
-                break
-        else:
-            raise RuntimeError("gateway exited before listening")
-        # Keep draining stdout so log lines never block the gateway on a full pipe.
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self.proc = Process("gateway", [str(self.binary), "--listen", "127.0.0.1:0", "--print-addr"], env,
+                            lambda line: line.startswith("listening on "))
+        self.addr = self.proc.ready_line.split()[-1]
         self.base_url = f"http://{self.addr}/v1"
 
     def stop(self):
-        self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.terminate(timeout=10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            pass  # terminate() has killed it
 
 
 class Worker:

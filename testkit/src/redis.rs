@@ -1,10 +1,13 @@
-//! Test support: a real `redis-server` on a free port, with AOF so a test can kill and restart it.
-//! Enabled by the `test-support` feature (and in this crate's own tests).
+//! A real `redis-server` on a free port of 127.0.0.1, its files in a temporary directory.
 
-use std::net::TcpListener;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// How long a started server may take to answer PING.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A `redis-server` child process; killed on drop.
 pub struct RedisServer {
@@ -15,9 +18,15 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts `redis-server` (must be on `PATH`) with AOF (`appendfsync always`) in a temp directory.
+    /// Starts `redis-server` (must be on `PATH`) with AOF (`appendfsync always`), so that a test
+    /// can [`kill`](Self::kill) and [`restart`](Self::restart) it without losing writes.
     pub fn start() -> Self {
         Self::start_with(&[])
+    }
+
+    /// A server without persistence, for tests that never restart it.
+    pub fn ephemeral() -> Self {
+        Self::start_with(&["--appendonly", "no"])
     }
 
     /// [`RedisServer::start`] with extra `redis-server` arguments (later ones win).
@@ -25,6 +34,7 @@ impl RedisServer {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut dir = tempfile::tempdir().expect("temp dir");
         let mut last = String::new();
+        // A free port can be taken between probing and binding: then try another.
         for _ in 0..10 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -49,38 +59,41 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<(), String> {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-            ])
-            .args(["--appendfsync", "always", "--dir"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
             .arg(self.dir.path())
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawn redis-server (is it installed and on PATH?): {e}"))?;
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            // No other port will help: fail at once, saying what to install.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                panic!("redis-server is not on PATH (`make setup` installs it): {e}")
+            }
+            Err(e) => return Err(format!("spawn redis-server: {e}")),
+        };
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 return Err(format!("redis-server exited with {status}"));
             }
-            if let Ok(client) = redis::Client::open(self.url())
-                && let Ok(mut conn) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
+            if self.ping() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err("redis-server did not answer PING within 30 s".into())
+        Err(format!("redis-server did not answer PING within {START_TIMEOUT:?}"))
+    }
+
+    /// Whether the server answers `PING` now.
+    pub fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 5];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut reply).is_ok() && reply == *b"+PONG"
     }
 
     pub fn url(&self) -> String {
@@ -117,5 +130,30 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_until_killed_and_keeps_its_port_on_restart() {
+        let mut redis = RedisServer::start();
+        assert!(redis.ping());
+        let port = redis.port();
+        redis.kill();
+        assert!(!redis.ping(), "a killed server still answers");
+        redis.restart();
+        assert_eq!(redis.port(), port);
+        assert!(redis.ping());
+    }
+
+    #[test]
+    fn drop_stops_the_server() {
+        let redis = RedisServer::ephemeral();
+        let port = redis.port();
+        drop(redis);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "port {port} still served");
     }
 }
