@@ -15,5 +15,5 @@ pub mod metrics;
 pub mod propagation;
 pub mod telemetry;
 
-pub use error::ErrorKind;
+pub use error::{ErrorKind, JobErrorCode};
 pub use id::JobId;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
+use x2v_core::JobErrorCode;
 use x2v_media::{Frames, ImageFormat, Mp4Options, SpriteOptions};
 use x2v_models::wan::pipeline::{Geometry, Phase2, WanDecoder};
 use x2v_queue::{JobRecord, Resource, Stage};
@@ -56,11 +57,11 @@ impl DecoderRunner {
 }
 
 fn internal(e: impl std::fmt::Display) -> StageError {
-    StageError::new("internal_error", e.to_string())
+    StageError::new(JobErrorCode::InternalError, e.to_string())
 }
 
 fn media(e: x2v_media::MediaError) -> StageError {
-    StageError::new("media_encoding_failed", e.to_string())
+    StageError::new(JobErrorCode::MediaEncodingFailed, e.to_string())
 }
 
 /// The media files of a decoded job.
@@ -90,7 +91,7 @@ pub fn encode_outputs(job: &JobRecord, d: &Decoded) -> Result<Vec<Artifact>, Sta
         Resource::Image => {
             let format: ImageFormat = spec.output_format.parse().map_err(|_| {
                 StageError::new(
-                    "invalid_request",
+                    JobErrorCode::InvalidRequest,
                     format!(
                         "output_format must be png, jpeg or webp; got `{}`",
                         spec.output_format
@@ -121,7 +122,7 @@ impl StageRunner for DecoderRunner {
     fn load(&self) -> Result<(WanDecoder, Vec<LoadedModel>), StageError> {
         let dtype = (self.kind != Kind::Float).then_some(self.kind);
         let dec = WanDecoder::load(&self.model_dir, self.device, dtype)
-            .map_err(|e| StageError::new("model_load_failed", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let loaded = LoadedModel {
             name: self.model.clone(),
             components: vec!["vae.decoder".into()],
@@ -147,14 +148,14 @@ impl StageRunner for DecoderRunner {
         };
         let inputs = inputs.ok_or_else(|| internal("no Phase2 inputs"))?;
         let phase2: Phase2 = Phase2::from_parts(geometry, inputs.tensors(), self.device)
-            .map_err(|e| StageError::new("invalid_payload", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::InvalidPayload, e.to_string()))?;
         drop(inputs);
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());
         }
         let frames: Tensor = dec
             .decode(&phase2)
-            .map_err(|e| StageError::from_kind(e.kind(), "invalid_request", e))?;
+            .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
         let size = frames.size();
         let data = Vec::<u8>::try_from(&frames.contiguous().view([-1])).map_err(internal)?;
         (ctx.progress)(1, 1);

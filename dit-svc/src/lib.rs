@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use tch::{Device, Kind};
+use x2v_core::JobErrorCode;
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
 use x2v_models::wan::pipeline::{
     DenoiseError, DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, load_transformer,
@@ -69,7 +70,7 @@ impl StageRunner for DitRunner {
 
     fn load(&self) -> Result<(WanTransformer3DModel, Vec<LoadedModel>), StageError> {
         let dit = load_transformer(&self.model_dir, self.device, self.kind)
-            .map_err(|e| StageError::new("model_load_failed", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let loaded = LoadedModel {
             name: self.model.clone(),
             components: vec!["transformer".into()],
@@ -93,9 +94,10 @@ impl StageRunner for DitRunner {
             height: i64::from(spec.size.height),
             width: i64::from(spec.size.width),
         };
-        let inputs = inputs.ok_or_else(|| StageError::new("internal_error", "no Phase1 inputs"))?;
+        let inputs = inputs
+            .ok_or_else(|| StageError::new(JobErrorCode::InternalError, "no Phase1 inputs"))?;
         let phase1 = Phase1::from_parts(geometry, inputs.tensors(), self.device)
-            .map_err(|e| StageError::new("invalid_payload", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::InvalidPayload, e.to_string()))?;
         drop(inputs);
         let shift = f64::from(spec.shift);
         let settings = DenoiseSettings {
@@ -122,14 +124,14 @@ impl StageRunner for DitRunner {
         )
         .map_err(|e| match e {
             DenoiseError::Cancelled { .. } => StageError::cancelled(),
-            e => StageError::from_kind(e.kind(), "invalid_request", e),
+            e => StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e),
         })?;
-        phase2.to_parts().map_err(|e| StageError::new("internal_error", e.to_string()))
+        phase2.to_parts().map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))
     }
 
     fn finish(&self, _: &JobRecord, parts: Self::Output) -> Result<Finished, StageError> {
-        let payload =
-            Payload::new(parts).map_err(|e| StageError::new("internal_error", e.to_string()))?;
+        let payload = Payload::new(parts)
+            .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
         Ok(Finished::Payload(payload))
     }
 }
