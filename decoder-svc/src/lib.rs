@@ -15,6 +15,7 @@ use x2v_media::{Frames, ImageFormat, Mp4Options, SpriteOptions};
 use x2v_models::wan::pipeline::{Geometry, Phase2, WanDecoder};
 use x2v_queue::{JobRecord, Resource, Stage};
 use x2v_stage::StageConfig;
+use x2v_stage::config::DtypeChoice;
 use x2v_stage::exchange::Inputs;
 use x2v_stage::runner::{Artifact, Finished, RunCtx, StageError, StageRunner};
 use x2v_stage::state::LoadedModel;
@@ -41,8 +42,8 @@ pub struct Decoded {
 impl DecoderRunner {
     /// Checks the config; loads nothing yet (loading happens on the device thread).
     pub fn new(config: &StageConfig) -> Result<Self, String> {
-        let device = x2v_models::device::parse_device(&config.device)?;
-        let kind = x2v_models::device::parse_dtype(&config.dtype, device)?;
+        let device = x2v_models::device::parse_device(&config.device.to_string())?;
+        let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
         if config.model_dir.is_empty() {
             return Err("model_dir must name the model directory this decoder loads".into());
         }
@@ -51,7 +52,7 @@ impl DecoderRunner {
             model_dir: config.model_dir.clone().into(),
             device,
             // The VAE decodes in fp32 unless bf16 is asked for explicitly.
-            kind: if config.dtype == "auto" { Kind::Float } else { kind },
+            kind: if config.dtype == DtypeChoice::Auto { Kind::Float } else { kind },
         })
     }
 }

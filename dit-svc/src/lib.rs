@@ -16,6 +16,7 @@ use x2v_models::wan::pipeline::{
 use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_queue::{JobRecord, Stage};
 use x2v_stage::StageConfig;
+use x2v_stage::config::Scheduler;
 use x2v_stage::exchange::Inputs;
 use x2v_stage::runner::{Finished, RunCtx, StageError, StageRunner};
 use x2v_stage::state::LoadedModel;
@@ -40,12 +41,11 @@ pub struct DitRunner {
 impl DitRunner {
     /// Checks the config; loads nothing yet (loading happens on the device thread).
     pub fn new(config: &StageConfig) -> Result<Self, String> {
-        let device = x2v_models::device::parse_device(&config.device)?;
-        let kind = x2v_models::device::parse_dtype(&config.dtype, device)?;
-        let sampler = match config.scheduler.as_str() {
-            "unipc" => Sampler::UniPc,
-            "euler" => Sampler::Euler,
-            other => return Err(format!("scheduler must be unipc or euler; got `{other}`")),
+        let device = x2v_models::device::parse_device(&config.device.to_string())?;
+        let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
+        let sampler = match config.scheduler {
+            Scheduler::Unipc => Sampler::UniPc,
+            Scheduler::Euler => Sampler::Euler,
         };
         if config.model_dir.is_empty() {
             return Err("model_dir must name the model directory this DiT loads".into());

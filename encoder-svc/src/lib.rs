@@ -32,8 +32,8 @@ pub struct EncoderRunner {
 impl EncoderRunner {
     /// Checks the config; loads nothing yet (loading happens on the device thread).
     pub fn new(config: &StageConfig, storage: Storage) -> Result<Self, String> {
-        let device = x2v_models::device::parse_device(&config.device)?;
-        let kind = x2v_models::device::parse_dtype(&config.dtype, device)?;
+        let device = x2v_models::device::parse_device(&config.device.to_string())?;
+        let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
         let task = if config.tasks.contains(&x2v_queue::Task::I2v) { Task::I2v } else { Task::T2v };
         if config.model_dir.is_empty() {
             return Err("model_dir must name the model directory this encoder loads".into());

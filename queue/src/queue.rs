@@ -148,6 +148,16 @@ pub struct Maintenance {
     pub dead_workers: usize,
 }
 
+/// Which [`Queue`] implementation a service uses (`queue.backend` in its config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueBackend {
+    /// [`crate::RedisQueue`]: shared by every process of a deployment.
+    Redis,
+    /// [`crate::MemoryQueue`]: one process only (`x2v up`, tests).
+    Memory,
+}
+
 /// The durable job queue. Every method is atomic with respect to the others.
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
