@@ -14,6 +14,7 @@ use x2v_gateway::config::ModelConfig;
 use x2v_queue::storage::Storage;
 use x2v_queue::{MemoryQueue, Queue, Retention, Task};
 use x2v_stage::StageConfig;
+use x2v_stage::config::DeviceChoice;
 use x2v_stage::exchange::InProcess;
 use x2v_stage::service::Shared;
 
@@ -40,9 +41,9 @@ pub struct Args {
     /// set by `x2v up` itself.
     #[arg(long, env = "X2V_CONFIG")]
     config: Option<PathBuf>,
-    /// `auto`, `cpu` or `cuda:N`.
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
-    device: String,
+    device: DeviceChoice,
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,8 +161,8 @@ async fn up(args: &Args) -> Result<()> {
         bail!("--model {name} needs --model-dir (the demo model is always served as {DEMO_MODEL})");
     }
 
-    gateway.queue.backend = "memory".into();
-    gateway.storage.kind = "local".into();
+    gateway.queue.backend = x2v_queue::QueueBackend::Memory;
+    gateway.storage.kind = x2v_queue::storage::StorageKind::Local;
     gateway.storage.path = args.data_dir.join("outputs").display().to_string();
     gateway.listen = args.listen.clone();
     let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(Retention {
@@ -181,7 +182,7 @@ async fn up(args: &Args) -> Result<()> {
         model: model.clone(),
         model_dir: model_dir.display().to_string(),
         tasks,
-        device: args.device.clone(),
+        device: args.device,
         grpc: Default::default(),
         http: Default::default(),
         ..StageConfig::default()

@@ -86,7 +86,16 @@ where
             }
         }
     }
-    let value = serde_json::from_value(tree).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    // The path names the offending field (`transfer.transport: unknown variant ...`).
+    let value = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::Invalid(if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        })
+    })?;
     Ok((value, warnings))
 }
 

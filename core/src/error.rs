@@ -137,6 +137,113 @@ impl std::fmt::Display for ErrorKind {
     }
 }
 
+/// Why a job failed, as recorded in its `error.code`. The names are a wire format: job records,
+/// the video status body and the OpenAI error envelope carry them verbatim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobErrorCode {
+    /// The request cannot be served as sent (e.g. an image-to-video job without an image).
+    InvalidRequest,
+    /// An uploaded image could not be decoded.
+    InvalidImage,
+    /// An uploaded input could not be read back from storage.
+    InputUnavailable,
+    /// The stage could not load its model.
+    ModelLoadFailed,
+    /// The previous stage's payload does not fit what this stage expects.
+    InvalidPayload,
+    /// The previous stage's payload is gone (expired, or its engine is unreachable).
+    PayloadUnavailable,
+    /// A payload arrived corrupted (digest mismatch).
+    TransferIntegrity,
+    /// Fetching a payload took longer than `transfer.timeout_s`.
+    TransferTimeout,
+    /// Fetching a payload failed for another reason.
+    TransferFailed,
+    /// Encoding frames into video or image files failed.
+    MediaEncodingFailed,
+    /// Writing outputs to storage failed.
+    StorageFailed,
+    /// The stage ran past `worker.job_timeout_s`.
+    DeadlineExceeded,
+    /// The job was cancelled.
+    Cancelled,
+    /// A bug or unexpected failure inside x2v.
+    InternalError,
+}
+
+impl JobErrorCode {
+    /// Every code, for exhaustive tests.
+    pub const ALL: [JobErrorCode; 14] = [
+        JobErrorCode::InvalidRequest,
+        JobErrorCode::InvalidImage,
+        JobErrorCode::InputUnavailable,
+        JobErrorCode::ModelLoadFailed,
+        JobErrorCode::InvalidPayload,
+        JobErrorCode::PayloadUnavailable,
+        JobErrorCode::TransferIntegrity,
+        JobErrorCode::TransferTimeout,
+        JobErrorCode::TransferFailed,
+        JobErrorCode::MediaEncodingFailed,
+        JobErrorCode::StorageFailed,
+        JobErrorCode::DeadlineExceeded,
+        JobErrorCode::Cancelled,
+        JobErrorCode::InternalError,
+    ];
+
+    /// The stored and rendered name (the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobErrorCode::InvalidRequest => "invalid_request",
+            JobErrorCode::InvalidImage => "invalid_image",
+            JobErrorCode::InputUnavailable => "input_unavailable",
+            JobErrorCode::ModelLoadFailed => "model_load_failed",
+            JobErrorCode::InvalidPayload => "invalid_payload",
+            JobErrorCode::PayloadUnavailable => "payload_unavailable",
+            JobErrorCode::TransferIntegrity => "transfer_integrity",
+            JobErrorCode::TransferTimeout => "transfer_timeout",
+            JobErrorCode::TransferFailed => "transfer_failed",
+            JobErrorCode::MediaEncodingFailed => "media_encoding_failed",
+            JobErrorCode::StorageFailed => "storage_failed",
+            JobErrorCode::DeadlineExceeded => "deadline_exceeded",
+            JobErrorCode::Cancelled => "cancelled",
+            JobErrorCode::InternalError => "internal_error",
+        }
+    }
+
+    /// The code with this name, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// Whose fault the failure is, which decides the HTTP status and OpenAI error `type`. Only the
+    /// client's input is `InvalidRequest`; a broken hand-over between stages is x2v's own failure.
+    pub fn kind(self) -> ErrorKind {
+        match self {
+            JobErrorCode::InvalidRequest | JobErrorCode::InvalidImage => ErrorKind::InvalidRequest,
+            JobErrorCode::InputUnavailable
+            | JobErrorCode::PayloadUnavailable
+            | JobErrorCode::TransferFailed
+            | JobErrorCode::StorageFailed => ErrorKind::Unavailable,
+            JobErrorCode::TransferTimeout | JobErrorCode::DeadlineExceeded => {
+                ErrorKind::DeadlineExceeded
+            }
+            JobErrorCode::Cancelled => ErrorKind::Cancelled,
+            JobErrorCode::ModelLoadFailed
+            | JobErrorCode::InvalidPayload
+            | JobErrorCode::TransferIntegrity
+            | JobErrorCode::MediaEncodingFailed
+            | JobErrorCode::InternalError => ErrorKind::Internal,
+        }
+    }
+}
+
+impl std::fmt::Display for JobErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +280,26 @@ mod tests {
             assert!(seen.insert(kind.as_str()));
             assert_eq!(serde_json::to_value(kind).unwrap(), serde_json::Value::from(kind.as_str()));
         }
+    }
+
+    #[test]
+    fn job_error_codes_are_unique_and_serde_matches() {
+        let mut seen = std::collections::HashSet::new();
+        for code in JobErrorCode::ALL {
+            assert!(seen.insert(code.as_str()));
+            assert_eq!(serde_json::to_value(code).unwrap(), serde_json::Value::from(code.as_str()));
+            assert_eq!(JobErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(JobErrorCode::parse("boom"), None);
+    }
+
+    #[test]
+    fn only_input_failures_are_the_clients_fault() {
+        for code in JobErrorCode::ALL {
+            let client = matches!(code, JobErrorCode::InvalidRequest | JobErrorCode::InvalidImage);
+            assert_eq!(code.kind() == ErrorKind::InvalidRequest, client, "{code}");
+        }
+        assert_eq!(JobErrorCode::InternalError.kind().http_status(), 500);
+        assert_eq!(JobErrorCode::InvalidImage.kind().http_status(), 400);
     }
 }

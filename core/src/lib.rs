@@ -5,6 +5,7 @@
 //! - [`config`]: layered configuration: defaults, then a TOML/JSON file, then `X2V_*` variables.
 //! - [`telemetry`]: tracing subscriber (text or JSON) with an optional OTLP exporter.
 //! - [`propagation`]: W3C trace-context inject/extract for HTTP headers, gRPC metadata and string maps.
+//! - [`secret`]: strings that configs hold but logs must not show.
 //! - [`metrics`]: a Prometheus registry with the service's constant labels and text encoding.
 #![forbid(unsafe_code)]
 
@@ -13,7 +14,9 @@ pub mod error;
 pub mod id;
 pub mod metrics;
 pub mod propagation;
+pub mod secret;
 pub mod telemetry;
 
-pub use error::ErrorKind;
+pub use error::{ErrorKind, JobErrorCode};
 pub use id::JobId;
+pub use secret::{Secret, SecretUrl};

@@ -10,10 +10,12 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
+use x2v_core::JobErrorCode;
 use x2v_media::{Frames, ImageFormat, Mp4Options, SpriteOptions};
 use x2v_models::wan::pipeline::{Geometry, Phase2, WanDecoder};
 use x2v_queue::{JobRecord, Resource, Stage};
 use x2v_stage::StageConfig;
+use x2v_stage::config::DtypeChoice;
 use x2v_stage::exchange::Inputs;
 use x2v_stage::runner::{Artifact, Finished, RunCtx, StageError, StageRunner};
 use x2v_stage::state::LoadedModel;
@@ -40,8 +42,8 @@ pub struct Decoded {
 impl DecoderRunner {
     /// Checks the config; loads nothing yet (loading happens on the device thread).
     pub fn new(config: &StageConfig) -> Result<Self, String> {
-        let device = x2v_models::device::parse_device(&config.device)?;
-        let kind = x2v_models::device::parse_dtype(&config.dtype, device)?;
+        let device = x2v_models::device::parse_device(&config.device.to_string())?;
+        let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
         if config.model_dir.is_empty() {
             return Err("model_dir must name the model directory this decoder loads".into());
         }
@@ -50,17 +52,17 @@ impl DecoderRunner {
             model_dir: config.model_dir.clone().into(),
             device,
             // The VAE decodes in fp32 unless bf16 is asked for explicitly.
-            kind: if config.dtype == "auto" { Kind::Float } else { kind },
+            kind: if config.dtype == DtypeChoice::Auto { Kind::Float } else { kind },
         })
     }
 }
 
 fn internal(e: impl std::fmt::Display) -> StageError {
-    StageError::new("internal_error", e.to_string())
+    StageError::new(JobErrorCode::InternalError, e.to_string())
 }
 
 fn media(e: x2v_media::MediaError) -> StageError {
-    StageError::new("media_encoding_failed", e.to_string())
+    StageError::new(JobErrorCode::MediaEncodingFailed, e.to_string())
 }
 
 /// The media files of a decoded job.
@@ -90,7 +92,7 @@ pub fn encode_outputs(job: &JobRecord, d: &Decoded) -> Result<Vec<Artifact>, Sta
         Resource::Image => {
             let format: ImageFormat = spec.output_format.parse().map_err(|_| {
                 StageError::new(
-                    "invalid_request",
+                    JobErrorCode::InvalidRequest,
                     format!(
                         "output_format must be png, jpeg or webp; got `{}`",
                         spec.output_format
@@ -120,7 +122,7 @@ impl StageRunner for DecoderRunner {
 
     fn load(&self) -> Result<(WanDecoder, Vec<LoadedModel>), StageError> {
         let dec = WanDecoder::load(&self.model_dir, self.device, self.kind)
-            .map_err(|e| StageError::new("model_load_failed", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let loaded = LoadedModel {
             name: self.model.clone(),
             components: vec!["vae.decoder".into()],
@@ -146,14 +148,14 @@ impl StageRunner for DecoderRunner {
         };
         let inputs = inputs.ok_or_else(|| internal("no Phase2 inputs"))?;
         let phase2: Phase2 = Phase2::from_parts(geometry, inputs.tensors(), self.device)
-            .map_err(|e| StageError::new("invalid_payload", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::InvalidPayload, e.to_string()))?;
         drop(inputs);
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());
         }
         let frames: Tensor = dec
             .decode(&phase2)
-            .map_err(|e| StageError::from_kind(e.kind(), "invalid_request", e))?;
+            .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
         let size = frames.size();
         let data = Vec::<u8>::try_from(&frames.contiguous().view([-1])).map_err(internal)?;
         (ctx.progress)(1, 1);

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use tch::{Device, Kind};
+use x2v_core::JobErrorCode;
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, load_transformer,
@@ -15,6 +16,7 @@ use x2v_models::wan::pipeline::{
 use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_queue::{JobRecord, Stage};
 use x2v_stage::StageConfig;
+use x2v_stage::config::Scheduler;
 use x2v_stage::exchange::Inputs;
 use x2v_stage::runner::{Finished, RunCtx, StageError, StageRunner};
 use x2v_stage::state::LoadedModel;
@@ -39,12 +41,11 @@ pub struct DitRunner {
 impl DitRunner {
     /// Checks the config; loads nothing yet (loading happens on the device thread).
     pub fn new(config: &StageConfig) -> Result<Self, String> {
-        let device = x2v_models::device::parse_device(&config.device)?;
-        let kind = x2v_models::device::parse_dtype(&config.dtype, device)?;
-        let sampler = match config.scheduler.as_str() {
-            "unipc" => Sampler::UniPc,
-            "euler" => Sampler::Euler,
-            other => return Err(format!("scheduler must be unipc or euler; got `{other}`")),
+        let device = x2v_models::device::parse_device(&config.device.to_string())?;
+        let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
+        let sampler = match config.scheduler {
+            Scheduler::Unipc => Sampler::UniPc,
+            Scheduler::Euler => Sampler::Euler,
         };
         if config.model_dir.is_empty() {
             return Err("model_dir must name the model directory this DiT loads".into());
@@ -69,7 +70,7 @@ impl StageRunner for DitRunner {
 
     fn load(&self) -> Result<(WanTransformer3DModel, Vec<LoadedModel>), StageError> {
         let dit = load_transformer(&self.model_dir, self.device, self.kind)
-            .map_err(|e| StageError::new("model_load_failed", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let loaded = LoadedModel {
             name: self.model.clone(),
             components: vec!["transformer".into()],
@@ -93,9 +94,10 @@ impl StageRunner for DitRunner {
             height: i64::from(spec.size.height),
             width: i64::from(spec.size.width),
         };
-        let inputs = inputs.ok_or_else(|| StageError::new("internal_error", "no Phase1 inputs"))?;
+        let inputs = inputs
+            .ok_or_else(|| StageError::new(JobErrorCode::InternalError, "no Phase1 inputs"))?;
         let phase1 = Phase1::from_parts(geometry, inputs.tensors(), self.device)
-            .map_err(|e| StageError::new("invalid_payload", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::InvalidPayload, e.to_string()))?;
         drop(inputs);
         let shift = f64::from(spec.shift);
         let settings = DenoiseSettings {
@@ -122,14 +124,14 @@ impl StageRunner for DitRunner {
         )
         .map_err(|e| match e {
             x2v_models::Error::Cancelled { .. } => StageError::cancelled(),
-            e => StageError::from_kind(e.kind(), "invalid_request", e),
+            e => StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e),
         })?;
-        phase2.to_parts().map_err(|e| StageError::new("internal_error", e.to_string()))
+        phase2.to_parts().map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))
     }
 
     fn finish(&self, _: &JobRecord, parts: Self::Output) -> Result<Finished, StageError> {
-        let payload =
-            Payload::new(parts).map_err(|e| StageError::new("internal_error", e.to_string()))?;
+        let payload = Payload::new(parts)
+            .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
         Ok(Finished::Payload(payload))
     }
 }

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use tch::{Device, Kind, Tensor};
+use x2v_core::JobErrorCode;
 use x2v_models::wan::pipeline::{Geometry, Phase1, Task, WanEncoder};
 use x2v_queue::storage::Storage;
 use x2v_queue::{JobRecord, Stage};
@@ -31,8 +32,8 @@ pub struct EncoderRunner {
 impl EncoderRunner {
     /// Checks the config; loads nothing yet (loading happens on the device thread).
     pub fn new(config: &StageConfig, storage: Storage) -> Result<Self, String> {
-        let device = x2v_models::device::parse_device(&config.device)?;
-        let kind = x2v_models::device::parse_dtype(&config.dtype, device)?;
+        let device = x2v_models::device::parse_device(&config.device.to_string())?;
+        let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
         let task = if config.tasks.contains(&x2v_queue::Task::I2v) { Task::I2v } else { Task::T2v };
         if config.model_dir.is_empty() {
             return Err("model_dir must name the model directory this encoder loads".into());
@@ -53,17 +54,20 @@ impl EncoderRunner {
         let input =
             job.spec.inputs.iter().find(|i| i.role == "input_reference").ok_or_else(|| {
                 StageError::new(
-                    "invalid_request",
+                    JobErrorCode::InvalidRequest,
                     "image-to-video needs an `input_reference` image",
                 )
             })?;
         let bytes = self.rt.block_on(self.storage.get(&input.key)).map_err(|e| {
-            StageError::new("input_unavailable", format!("reading input {}: {e}", input.key))
+            StageError::new(
+                JobErrorCode::InputUnavailable,
+                format!("reading input {}: {e}", input.key),
+            )
         })?;
         let img = image::load_from_memory(&bytes)
             .map_err(|e| {
                 StageError::new(
-                    "invalid_image",
+                    JobErrorCode::InvalidImage,
                     format!("`input_reference` is not a readable image: {e}"),
                 )
             })?
@@ -92,7 +96,7 @@ impl StageRunner for EncoderRunner {
 
     fn load(&self) -> Result<(WanEncoder, Vec<LoadedModel>), StageError> {
         let enc = WanEncoder::load(&self.model_dir, self.task, self.device, self.kind)
-            .map_err(|e| StageError::new("model_load_failed", e.to_string()))?;
+            .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let mut components = vec!["tokenizer".to_string(), "text_encoder".to_string()];
         if self.task == Task::I2v {
             components.extend(["image_encoder".to_string(), "vae.encoder".to_string()]);
@@ -130,16 +134,17 @@ impl StageRunner for EncoderRunner {
                 geometry(job),
                 f64::from(spec.guidance_scale),
             )
-            .map_err(|e| StageError::from_kind(e.kind(), "invalid_request", e))?;
-        let parts =
-            phase1.to_parts().map_err(|e| StageError::new("internal_error", e.to_string()))?;
+            .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
+        let parts = phase1
+            .to_parts()
+            .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
         (ctx.progress)(1, 1);
         Ok(parts)
     }
 
     fn finish(&self, _: &JobRecord, parts: Self::Output) -> Result<Finished, StageError> {
-        let payload =
-            Payload::new(parts).map_err(|e| StageError::new("internal_error", e.to_string()))?;
+        let payload = Payload::new(parts)
+            .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
         Ok(Finished::Payload(payload))
     }
 }

@@ -98,7 +98,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(RedisQueue::connect(&redis.url(), "x2v", Retention::default()).await?);
     let dir = tempfile::tempdir()?;
     let mut config = GatewayConfig::default();
-    config.queue.redis_url = redis.url();
+    config.queue.redis_url = redis.url().into();
     let state = AppState::new(config, queue, Storage::local(dir.path())?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

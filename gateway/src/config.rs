@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 use x2v_core::telemetry::TelemetryConfig;
-use x2v_queue::Task;
+use x2v_core::{Secret, SecretUrl};
 use x2v_queue::storage::StorageConfig;
+use x2v_queue::{QueueBackend, Task};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -26,8 +27,9 @@ pub struct GatewayConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
     /// `redis` or `memory` (embedded single-process mode).
-    pub backend: String,
-    pub redis_url: String,
+    pub backend: QueueBackend,
+    /// May carry a password; logs show it redacted.
+    pub redis_url: SecretUrl,
     /// Key prefix in Redis.
     pub prefix: String,
     /// Seconds finished jobs (and their outputs' records) are kept.
@@ -42,7 +44,7 @@ pub struct QueueConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Accepted bearer keys; empty disables authentication.
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<Secret>,
     /// Sustained requests per second per key (0: unlimited).
     pub rate_limit_per_s: f64,
     /// Burst size per key.
@@ -105,7 +107,7 @@ impl Default for GatewayConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
-            backend: "redis".into(),
+            backend: QueueBackend::Redis,
             redis_url: "redis://127.0.0.1:6379/".into(),
             prefix: "x2v".into(),
             finished_ttl_s: 7 * 24 * 3600,
@@ -182,5 +184,47 @@ impl ModelConfig {
             default_shift: 3.0,
             max_n: 4,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<GatewayConfig, String> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        x2v_core::config::load_from::<GatewayConfig, _>(None, env)
+            .map(|(c, _)| c)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_bad_queue_backend_lists_the_allowed_ones() {
+        assert_eq!(
+            load(&[("X2V_QUEUE__BACKEND", "memory")]).unwrap().queue.backend,
+            QueueBackend::Memory
+        );
+        let err = load(&[("X2V_QUEUE__BACKEND", "kafka")]).unwrap_err();
+        for part in ["queue.backend:", "kafka", "redis", "memory"] {
+            assert!(err.contains(part), "`{part}` missing from {err}");
+        }
+        let err = load(&[("X2V_STORAGE__KIND", "gcs")]).unwrap_err();
+        for part in ["storage.kind:", "gcs", "local", "s3"] {
+            assert!(err.contains(part), "`{part}` missing from {err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_keys_and_passwords() {
+        let c = load(&[
+            ("X2V_AUTH__API_KEYS", r#"["sk-live-a","sk-live-b"]"#),
+            ("X2V_QUEUE__REDIS_URL", "redis://app:hunter2@redis:6379/0"),
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        for secret in ["sk-live-a", "sk-live-b", "hunter2"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("redis://app:[redacted]@redis:6379/0"), "{shown}");
     }
 }

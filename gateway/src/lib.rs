@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use x2v_queue::storage::Storage;
-use x2v_queue::{MemoryQueue, Queue, QueueError, RedisQueue, Retention};
+use x2v_queue::{MemoryQueue, Queue, QueueBackend, QueueError, RedisQueue, Retention};
 
 pub use config::GatewayConfig;
 pub use state::AppState;
@@ -64,12 +64,11 @@ pub async fn connect_queue(config: &GatewayConfig) -> Result<Arc<dyn Queue>, Gat
         idempotency_ttl: Duration::from_secs(q.idempotency_ttl_s),
         ..Retention::default()
     };
-    match q.backend.as_str() {
-        "redis" => Ok(Arc::new(RedisQueue::connect(&q.redis_url, &q.prefix, retention).await?)),
-        "memory" => Ok(Arc::new(MemoryQueue::new(retention))),
-        other => Err(GatewayError::Config(format!(
-            "queue.backend must be `redis` or `memory`; got `{other}`"
-        ))),
+    match q.backend {
+        QueueBackend::Redis => {
+            Ok(Arc::new(RedisQueue::connect(q.redis_url.expose(), &q.prefix, retention).await?))
+        }
+        QueueBackend::Memory => Ok(Arc::new(MemoryQueue::new(retention))),
     }
 }
 

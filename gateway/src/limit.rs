@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
+use x2v_core::Secret;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -41,11 +42,11 @@ impl RateLimiter {
 
 /// Index of the configured key equal to `given`, compared in constant time (digests, so lengths
 /// leak nothing, and every key is compared).
-pub fn match_key(keys: &[String], given: &str) -> Option<usize> {
+pub fn match_key(keys: &[Secret], given: &str) -> Option<usize> {
     let g = Sha256::digest(given.as_bytes());
     let mut found = None;
     for (i, k) in keys.iter().enumerate() {
-        if bool::from(Sha256::digest(k.as_bytes()).ct_eq(&g)) {
+        if bool::from(Sha256::digest(k.expose().as_bytes()).ct_eq(&g)) {
             found = Some(i);
         }
     }
@@ -68,7 +69,7 @@ mod tests {
 
     #[test]
     fn keys_match_exactly() {
-        let keys = vec!["sk-one".to_owned(), "sk-two".to_owned()];
+        let keys = vec![Secret::from("sk-one"), Secret::from("sk-two")];
         assert_eq!(match_key(&keys, "sk-two"), Some(1));
         assert_eq!(match_key(&keys, "sk-tw"), None);
         assert_eq!(match_key(&keys, ""), None);

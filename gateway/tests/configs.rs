@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use x2v_gateway::config::GatewayConfig;
+use x2v_queue::QueueBackend;
+use x2v_queue::storage::StorageKind;
 
 fn configs_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("gateway/ has a parent").join("configs")
@@ -56,10 +58,10 @@ fn stage_files() -> Vec<(PathBuf, Value)> {
 #[test]
 fn gateway_config_parses() {
     let config = gateway();
-    assert_eq!(config.queue.backend, "redis");
+    assert_eq!(config.queue.backend, QueueBackend::Redis);
     assert!(!config.queue.redis_url.is_empty());
     assert!(!config.queue.prefix.is_empty());
-    assert_eq!(config.storage.kind, "local");
+    assert_eq!(config.storage.kind, StorageKind::Local);
     let names: BTreeSet<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names.len(), config.models.len(), "a model is listed twice");
     for want in ["wan2.1-t2v-1.3b", "wan2.1-i2v-14b-480p"] {
@@ -109,7 +111,8 @@ fn the_env_overrides_configs_in_the_documented_way() {
     )
     .unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(config.queue.redis_url, "redis://10.0.0.7:6379/0");
-    assert_eq!(config.auth.api_keys, vec!["sk-a".to_owned(), "sk-b".to_owned()]);
+    assert_eq!(config.queue.redis_url.expose(), "redis://10.0.0.7:6379/0");
+    let keys: Vec<&str> = config.auth.api_keys.iter().map(|k| k.expose()).collect();
+    assert_eq!(keys, ["sk-a", "sk-b"]);
     assert_eq!(config.telemetry.otlp_endpoint.as_deref(), Some("http://otel-collector:4317"));
 }

@@ -7,6 +7,8 @@ use axum::http::Request;
 use base64::Engine;
 use common::*;
 use serde_json::json;
+use x2v_core::JobErrorCode;
+use x2v_queue::JobError;
 
 #[tokio::test]
 async fn generation_answers_b64_json_and_url() {
@@ -71,11 +73,9 @@ async fn streaming_generation_sends_completed_events() {
     assert!(text.contains("\"type\":\"image_generation.completed\""), "{text}");
 }
 
-#[tokio::test]
-async fn failed_generation_is_an_error_in_both_modes() {
-    let h = harness(config());
+/// Fails every job at the encoder with `error`.
+fn fail_every_job(h: &Harness, error: JobError) {
     let q = h.state.queue.clone();
-    // Fail every job at the encoder.
     tokio::spawn(async move {
         let w = x2v_queue::WorkerInfo {
             stage: x2v_queue::Stage::Encoder,
@@ -87,17 +87,44 @@ async fn failed_generation_is_an_error_in_both_modes() {
         };
         loop {
             if let Some(l) = q.claim(&w, std::time::Duration::from_secs(30)).await.unwrap() {
-                q.fail(&l.handle(), "boom", "the encoder exploded").await.unwrap();
+                q.fail(&l.handle(), &error).await.unwrap();
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     });
+}
+
+#[tokio::test]
+async fn failed_generation_is_an_error_in_both_modes() {
+    let h = harness(config());
+    fail_every_job(&h, JobError::new(JobErrorCode::InternalError, "the encoder exploded"));
     let (s, v, _) = h.json(post_json("/v1/images/generations", json!({"prompt": "x"}))).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (500, Some("boom")), "{v}");
+    assert_eq!((s, v["error"]["code"].as_str()), (500, Some("internal_error")), "{v}");
+    assert_eq!(v["error"]["type"], "server_error", "{v}");
     let (_, body) =
         h.send(post_json("/v1/images/generations", json!({"prompt": "x", "stream": true}))).await;
     let text = String::from_utf8(body.to_vec()).unwrap();
     assert!(text.contains("event: error") && text.contains("the encoder exploded"), "{text}");
+}
+
+#[tokio::test]
+async fn a_job_refused_for_its_input_answers_400() {
+    let h = harness(config());
+    fail_every_job(
+        &h,
+        JobError::new(JobErrorCode::InvalidImage, "`image` is not a readable image"),
+    );
+    let (s, v, _) = h.json(post_json("/v1/images/generations", json!({"prompt": "x"}))).await;
+    assert_eq!(
+        (s, v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+        (400, Some("invalid_request_error"), Some("invalid_image")),
+        "{v}"
+    );
+    assert!(v["error"]["message"].as_str().unwrap().contains("not a readable image"), "{v}");
+    let (_, body) =
+        h.send(post_json("/v1/images/generations", json!({"prompt": "x", "stream": true}))).await;
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    assert!(text.contains("event: error") && text.contains("invalid_request_error"), "{text}");
 }
 
 #[tokio::test]

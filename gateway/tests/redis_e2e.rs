@@ -19,7 +19,7 @@ async fn run_serves_jobs_from_redis_to_a_worker_and_back() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut config = GatewayConfig::default();
-    config.queue.redis_url = redis.url();
+    config.queue.redis_url = redis.url().into();
     config.storage.path = dir.path().display().to_string();
     config.auth.api_keys = vec!["sk-e2e".into()];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
+use x2v_core::JobErrorCode;
 use x2v_queue::storage::Storage;
 use x2v_queue::worker::{ClaimedJob, StageWorker, WorkerTimings};
 use x2v_queue::*;
@@ -34,7 +35,11 @@ async fn run_stage(job: ClaimedJob, stage: Stage, storage: &Storage) -> Result<(
         }
     }
     if stage == Stage::Dit && spec.prompt.contains("[fail]") {
-        return job.fail("test_failure", "the test worker was asked to fail this job").await;
+        let error = JobError::new(
+            JobErrorCode::InternalError,
+            "the test worker was asked to fail this job",
+        );
+        return job.fail(&error).await;
     }
     let mut outputs = vec![];
     if stage == Stage::Decoder {

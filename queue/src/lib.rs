@@ -26,7 +26,7 @@ pub use error::QueueError;
 pub use memory::{MemoryQueue, Retention};
 pub use queue::{
     Control, Created, Idempotency, Lease, LeaseRef, ListQuery, NewJob, Order, Page, Queue,
-    WorkerInfo,
+    QueueBackend, WorkerInfo,
 };
 pub use record::{JobError, JobEvent, JobRecord, JobStatus, OutputRef};
 pub use redis_queue::RedisQueue;

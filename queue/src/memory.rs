@@ -447,11 +447,11 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn fail(&self, lease: &LeaseRef, code: &str, message: &str) -> Result<(), QueueError> {
+    async fn fail(&self, lease: &LeaseRef, error: &JobError) -> Result<(), QueueError> {
         let now = Instant::now();
         let mut st = self.lock();
         let e = st.leased(lease)?;
-        e.rec.error = Some(JobError { code: code.to_owned(), message: message.to_owned() });
+        e.rec.error = Some(error.clone());
         st.finish(lease.id, JobStatus::Failed, self.retention.finished_ttl, now);
         Ok(())
     }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use x2v_core::JobId;
 
 use crate::error::QueueError;
-use crate::record::{JobEvent, JobRecord, OutputRef};
+use crate::record::{JobError, JobEvent, JobRecord, OutputRef};
 use crate::spec::{JobSpec, Ranks, Resource, Stage, Task};
 
 /// A job to admit.
@@ -148,6 +148,16 @@ pub struct Maintenance {
     pub dead_workers: usize,
 }
 
+/// Which [`Queue`] implementation a service uses (`queue.backend` in its config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueBackend {
+    /// [`crate::RedisQueue`]: shared by every process of a deployment.
+    Redis,
+    /// [`crate::MemoryQueue`]: one process only (`x2v up`, tests).
+    Memory,
+}
+
 /// The durable job queue. Every method is atomic with respect to the others.
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
@@ -190,8 +200,8 @@ pub trait Queue: Send + Sync + 'static {
     /// Finishes the stage: the job moves to the next stage's queue, or, after the last, to `completed`
     /// with `outputs`.
     async fn complete(&self, lease: &LeaseRef, outputs: Vec<OutputRef>) -> Result<(), QueueError>;
-    /// Fails the job for good with a code and a message.
-    async fn fail(&self, lease: &LeaseRef, code: &str, message: &str) -> Result<(), QueueError>;
+    /// Fails the job for good with `error` (kind, code and message).
+    async fn fail(&self, lease: &LeaseRef, error: &JobError) -> Result<(), QueueError>;
     /// Gives the job back to the queue at once (worker shutting down).
     async fn release(&self, lease: &LeaseRef) -> Result<(), QueueError>;
 

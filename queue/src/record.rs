@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use x2v_core::JobId;
+use x2v_core::{ErrorKind, JobErrorCode, JobId};
 
 use crate::spec::{JobSpec, Ranks, Resource, Stage};
 
@@ -44,9 +44,44 @@ impl JobStatus {
 
 /// Why a job failed, as reported by the stage that failed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredJobError")]
 pub struct JobError {
-    pub code: String,
+    /// Decides how the gateway renders the failure (HTTP status, OpenAI error `type`).
+    pub kind: ErrorKind,
+    pub code: JobErrorCode,
     pub message: String,
+}
+
+impl JobError {
+    /// A failure of the kind `code` implies.
+    pub fn new(code: JobErrorCode, message: impl Into<String>) -> Self {
+        JobError { kind: code.kind(), code, message: message.into() }
+    }
+
+    /// A failure read back from storage. Records written before `kind` was stored derive it from
+    /// the code; a code this build does not know is an internal error.
+    pub fn stored(code: &str, kind: Option<&str>, message: String) -> Self {
+        let code = JobErrorCode::parse(code).unwrap_or(JobErrorCode::InternalError);
+        let kind = kind
+            .and_then(|k| ErrorKind::ALL.into_iter().find(|known| known.as_str() == k))
+            .unwrap_or_else(|| code.kind());
+        JobError { kind, code, message }
+    }
+}
+
+/// The serialised form: `kind` is optional so that older records still parse.
+#[derive(Deserialize)]
+struct StoredJobError {
+    code: String,
+    #[serde(default)]
+    kind: Option<String>,
+    message: String,
+}
+
+impl From<StoredJobError> for JobError {
+    fn from(s: StoredJobError) -> Self {
+        JobError::stored(&s.code, s.kind.as_deref(), s.message)
+    }
 }
 
 /// One stored output of a finished job. Bytes live in output storage under `key`.
@@ -129,4 +164,35 @@ pub fn stage_progress(stage: Stage, step: u32, total: u32) -> u8 {
     let (lo, hi) = stage.progress_span();
     let frac = if total == 0 { 0.0 } else { f64::from(step.min(total)) / f64::from(total) };
     (f64::from(lo) + frac * f64::from(hi - lo)).floor() as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_errors_keep_the_code_string_and_add_the_kind() {
+        let e = JobError::new(JobErrorCode::InvalidImage, "not a PNG");
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"kind": "invalid_request", "code": "invalid_image", "message": "not a PNG"})
+        );
+        assert_eq!(serde_json::from_value::<JobError>(v).unwrap(), e);
+    }
+
+    #[test]
+    fn records_without_a_kind_derive_it_from_the_code() {
+        let old = serde_json::json!({"code": "invalid_request", "message": "m"});
+        let e: JobError = serde_json::from_value(old).unwrap();
+        assert_eq!((e.kind, e.code), (ErrorKind::InvalidRequest, JobErrorCode::InvalidRequest));
+        let unknown = serde_json::json!({"code": "out_of_memory", "message": "m"});
+        let e: JobError = serde_json::from_value(unknown).unwrap();
+        assert_eq!((e.kind, e.code), (ErrorKind::Internal, JobErrorCode::InternalError));
+        let stored = JobError::stored("storage_failed", Some("overloaded"), "m".into());
+        assert_eq!(
+            (stored.kind, stored.code),
+            (ErrorKind::Overloaded, JobErrorCode::StorageFailed)
+        );
+    }
 }

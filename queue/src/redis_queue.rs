@@ -24,7 +24,7 @@ use crate::error::QueueError;
 use crate::events::until_terminal;
 use crate::memory::Retention;
 use crate::queue::*;
-use crate::record::{JobEvent, JobRecord, OutputRef};
+use crate::record::{JobError, JobEvent, JobRecord, OutputRef};
 use crate::redis_record::{record_from_hash, values_to_map};
 use crate::spec::Stage;
 
@@ -331,12 +331,15 @@ impl Queue for RedisQueue {
         Self::held(self.lease_op(lease, "complete", &[outputs, ttl]).await?, lease)
     }
 
-    async fn fail(&self, lease: &LeaseRef, code: &str, message: &str) -> Result<(), QueueError> {
+    async fn fail(&self, lease: &LeaseRef, error: &JobError) -> Result<(), QueueError> {
         let ttl = ms(self.retention.finished_ttl).to_string();
-        Self::held(
-            self.lease_op(lease, "fail", &[code.to_owned(), message.to_owned(), ttl]).await?,
-            lease,
-        )
+        let args = [
+            error.code.as_str().to_owned(),
+            error.message.clone(),
+            ttl,
+            error.kind.as_str().to_owned(),
+        ];
+        Self::held(self.lease_op(lease, "fail", &args).await?, lease)
     }
 
     async fn release(&self, lease: &LeaseRef) -> Result<(), QueueError> {

@@ -44,7 +44,10 @@ pub fn record_from_hash(mut h: HashMap<String, String>) -> Result<JobRecord, Que
     };
     let trace: HashMap<String, String> = serde_json::from_str(&take("trace")).unwrap_or_default();
     let code = take("err_code");
-    let error = (!code.is_empty()).then(|| JobError { code, message: take("err_msg") });
+    let kind = take("err_kind");
+    let error = (!code.is_empty()).then(|| {
+        JobError::stored(&code, Some(kind.as_str()).filter(|k| !k.is_empty()), take("err_msg"))
+    });
     let finished = take("finished");
     Ok(JobRecord {
         id,

@@ -10,15 +10,26 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
+use x2v_core::Secret;
 
 use crate::error::QueueError;
+
+/// The kind of object store outputs go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// A local directory.
+    Local,
+    /// An S3-compatible store (needs the `s3` cargo feature).
+    S3,
+}
 
 /// Where outputs live.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// `local` or `s3`.
-    pub kind: String,
+    pub kind: StorageKind,
     /// Directory for `local` (created if missing).
     pub path: String,
     /// Bucket for `s3`.
@@ -29,7 +40,7 @@ pub struct StorageConfig {
     pub region: String,
     /// Credentials for `s3` (empty: taken from the `AWS_*` environment).
     pub access_key_id: String,
-    pub secret_access_key: String,
+    pub secret_access_key: Secret,
     /// Allow a plain-HTTP endpoint (local MinIO).
     pub allow_http: bool,
 }
@@ -37,13 +48,13 @@ pub struct StorageConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
-            kind: "local".into(),
+            kind: StorageKind::Local,
             path: "./x2v-data/outputs".into(),
             bucket: String::new(),
             endpoint: String::new(),
             region: "us-east-1".into(),
             access_key_id: String::new(),
-            secret_access_key: String::new(),
+            secret_access_key: Secret::default(),
             allow_http: false,
         }
     }
@@ -64,12 +75,9 @@ fn err(e: object_store::Error) -> QueueError {
 
 impl Storage {
     pub fn from_config(config: &StorageConfig) -> Result<Self, QueueError> {
-        match config.kind.as_str() {
-            "local" => Self::local(&config.path),
-            "s3" => Self::s3(config),
-            other => Err(QueueError::Invalid(format!(
-                "storage.kind must be `local` or `s3`, got `{other}`"
-            ))),
+        match config.kind {
+            StorageKind::Local => Self::local(&config.path),
+            StorageKind::S3 => Self::s3(config),
         }
     }
 
@@ -92,7 +100,9 @@ impl Storage {
             b = b.with_endpoint(&c.endpoint);
         }
         if !c.access_key_id.is_empty() {
-            b = b.with_access_key_id(&c.access_key_id).with_secret_access_key(&c.secret_access_key);
+            b = b
+                .with_access_key_id(&c.access_key_id)
+                .with_secret_access_key(c.secret_access_key.expose());
         }
         Ok(Storage { store: Arc::new(b.build().map_err(err)?) })
     }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::QueueError;
 use crate::queue::{Control, Lease, LeaseRef, Queue, WorkerInfo};
-use crate::record::{JobRecord, OutputRef};
+use crate::record::{JobError, JobRecord, OutputRef};
 
 /// Lease and heartbeat periods.
 #[derive(Debug, Clone)]
@@ -170,9 +170,9 @@ impl ClaimedJob {
         self.queue.complete(&self.lease.handle(), outputs).await
     }
 
-    /// Fails the job with a machine-readable code and a message for the client.
-    pub async fn fail(self, code: &str, message: &str) -> Result<(), QueueError> {
-        self.queue.fail(&self.lease.handle(), code, message).await
+    /// Fails the job with a typed code (and its kind) and a message for the client.
+    pub async fn fail(self, error: &JobError) -> Result<(), QueueError> {
+        self.queue.fail(&self.lease.handle(), error).await
     }
 
     /// Gives the job back to its queue (shutting down mid-job).

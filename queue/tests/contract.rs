@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use x2v_core::JobId;
+use x2v_core::{ErrorKind, JobErrorCode, JobId};
 use x2v_queue::queue::Maintenance;
 use x2v_queue::*;
 use x2v_testkit::jobs;
@@ -213,16 +213,16 @@ async fn failure_is_terminal_with_code_and_message(q: Arc<dyn Queue>) {
     let job = new_job("doomed");
     q.create(job.clone()).await.unwrap();
     let lease = q.claim(&worker(Stage::Encoder, 0), LEASE).await.unwrap().unwrap();
-    q.fail(&lease.handle(), "out_of_memory", "CUDA out of memory at step 3").await.unwrap();
+    // A kind other than the code's own, so that a backend deriving it from the code would fail.
+    let error = JobError {
+        kind: ErrorKind::Overloaded,
+        code: JobErrorCode::InternalError,
+        message: "CUDA out of memory at step 3".into(),
+    };
+    q.fail(&lease.handle(), &error).await.unwrap();
     let rec = q.get(job.id).await.unwrap();
     assert_eq!(rec.status, JobStatus::Failed);
-    assert_eq!(
-        rec.error,
-        Some(JobError {
-            code: "out_of_memory".into(),
-            message: "CUDA out of memory at step 3".into()
-        })
-    );
+    assert_eq!(rec.error, Some(error));
     assert!(matches!(q.complete(&lease.handle(), vec![]).await, Err(QueueError::LeaseLost(_))));
 }
 

@@ -2,10 +2,11 @@
 //! struct loaded by `x2v_core::config::load` (defaults, then a TOML/JSON file from `configs/`, then
 //! `X2V_<SECTION>__<FIELD>` variables).
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use x2v_core::telemetry::TelemetryConfig;
-use x2v_queue::Task;
+use x2v_core::{Secret, SecretUrl};
 use x2v_queue::storage::StorageConfig;
+use x2v_queue::{QueueBackend, Task};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -18,15 +19,15 @@ pub struct StageConfig {
     pub model_dir: String,
     /// Tasks this worker runs (`t2v`, `i2v`, `t2i`).
     pub tasks: Vec<Task>,
-    /// `auto` (CUDA when present), `cpu`, or `cuda:N`.
-    pub device: String,
+    /// `auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.
+    pub device: DeviceChoice,
     /// `auto` (bf16 on CUDA, fp32 on CPU), `f32` or `bf16`.
-    pub dtype: String,
+    pub dtype: DtypeChoice,
     /// Jobs this worker holds at once (they share the one device thread; more than 1 overlaps
     /// transfers and media encoding with compute).
     pub capacity: u32,
     /// Sampler for the DiT stage: `unipc` (the Wan default) or `euler` (step-distilled models).
-    pub scheduler: String,
+    pub scheduler: Scheduler,
     pub queue: QueueSection,
     pub transfer: TransferSection,
     pub storage: StorageConfig,
@@ -36,12 +37,111 @@ pub struct StageConfig {
     pub telemetry: TelemetryConfig,
 }
 
+/// The device a stage runs its model on. Spelled `auto`, `cpu`, `cuda` or `cuda:N` (serde has no
+/// derive for `cuda:N`, hence the hand-written impls).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when libtorch sees one, else the CPU.
+    Auto,
+    Cpu,
+    /// `cuda` is device 0.
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    const EXPECTED: &str = "auto, cpu, cuda or cuda:N";
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("expected {}; got `{s}`", Self::EXPECTED)),
+        }
+    }
+}
+
+impl Serialize for DeviceChoice {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The compute dtype; the aliases are the spellings `x2v_models::device::parse_dtype` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DtypeChoice {
+    /// bf16 on CUDA, fp32 on the CPU.
+    Auto,
+    #[serde(alias = "fp32", alias = "float32")]
+    F32,
+    #[serde(alias = "bfloat16")]
+    Bf16,
+}
+
+impl DtypeChoice {
+    /// The canonical spelling (what `parse_dtype` takes).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DtypeChoice::Auto => "auto",
+            DtypeChoice::F32 => "f32",
+            DtypeChoice::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The DiT's sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    /// UniPC multistep, the Wan default.
+    Unipc,
+    /// Flow-matching Euler, for step-distilled models.
+    Euler,
+}
+
+/// How payloads reach the next stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportChoice {
+    /// Shared memory on the same host, else TCP.
+    Auto,
+    Shm,
+    Tcp,
+    Rdma,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSection {
     /// `redis` (multi-process) or `memory` (only inside `x2v up`).
-    pub backend: String,
-    pub redis_url: String,
+    pub backend: QueueBackend,
+    /// May carry a password; logs show it redacted.
+    pub redis_url: SecretUrl,
     /// Key prefix in Redis (the gateway's `queue.prefix`).
     pub prefix: String,
 }
@@ -54,15 +154,15 @@ pub struct TransferSection {
     /// Address other stages reach this engine at (empty: the bound address).
     pub advertise: String,
     /// The deployment secret shared by every stage (or `secret_file`).
-    pub secret: String,
+    pub secret: Secret,
     /// File holding the secret (wins over `secret` when set).
     pub secret_file: String,
     /// Largest payload accepted (or payloads held at once), in MiB: the receive pool's size. The pool
     /// costs memory only for payloads being received or held, plus released pages kept warm for a
     /// second after the last transfer, not for this size.
     pub pool_mib: usize,
-    /// `auto` (shm on the same host, else TCP), `shm` or `tcp`.
-    pub transport: String,
+    /// `auto` (shm on the same host, else TCP), `shm`, `tcp` or `rdma`.
+    pub transport: TransportChoice,
     /// Seconds a published payload stays available to the next stage (redeliveries pull again).
     pub retain_s: u64,
     /// Seconds one fetch of a payload may take (connect, bytes, verification).
@@ -100,10 +200,10 @@ impl Default for StageConfig {
             model: "wan2.1-t2v-1.3b".into(),
             model_dir: String::new(),
             tasks: vec![Task::T2v],
-            device: "auto".into(),
-            dtype: "auto".into(),
+            device: DeviceChoice::Auto,
+            dtype: DtypeChoice::Auto,
             capacity: 1,
-            scheduler: "unipc".into(),
+            scheduler: Scheduler::Unipc,
             queue: QueueSection::default(),
             transfer: TransferSection::default(),
             storage: StorageConfig::default(),
@@ -118,7 +218,7 @@ impl Default for StageConfig {
 impl Default for QueueSection {
     fn default() -> Self {
         QueueSection {
-            backend: "redis".into(),
+            backend: QueueBackend::Redis,
             redis_url: "redis://127.0.0.1:6379/".into(),
             prefix: "x2v".into(),
         }
@@ -130,10 +230,10 @@ impl Default for TransferSection {
         TransferSection {
             listen: "127.0.0.1:0".into(),
             advertise: String::new(),
-            secret: String::new(),
+            secret: Secret::default(),
             secret_file: String::new(),
             pool_mib: 256,
-            transport: "auto".into(),
+            transport: TransportChoice::Auto,
             retain_s: 600,
             timeout_s: 60,
             chunk_crc: false,
@@ -150,5 +250,85 @@ impl Default for WorkerSection {
             job_timeout_s: 3600,
             drain_timeout_s: 60,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<StageConfig, String> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        x2v_core::config::load_from::<StageConfig, _>(None, env)
+            .map(|(c, _)| c)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn closed_choices_parse_from_their_spellings() {
+        let c = load(&[
+            ("X2V_DEVICE", "cuda"),
+            ("X2V_DTYPE", "bfloat16"),
+            ("X2V_SCHEDULER", "euler"),
+            ("X2V_TRANSFER__TRANSPORT", "shm"),
+            ("X2V_QUEUE__BACKEND", "memory"),
+        ])
+        .unwrap();
+        assert_eq!(c.device, DeviceChoice::Cuda(0));
+        assert_eq!(c.dtype, DtypeChoice::Bf16);
+        assert_eq!(c.scheduler, Scheduler::Euler);
+        assert_eq!(c.transfer.transport, TransportChoice::Shm);
+        assert_eq!(c.queue.backend, QueueBackend::Memory);
+        for (text, device) in [("auto", DeviceChoice::Auto), ("cpu", DeviceChoice::Cpu)] {
+            assert_eq!(load(&[("X2V_DEVICE", text)]).unwrap().device, device);
+        }
+        assert_eq!(load(&[("X2V_DEVICE", "cuda:3")]).unwrap().device, DeviceChoice::Cuda(3));
+        for alias in ["f32", "fp32", "float32"] {
+            assert_eq!(load(&[("X2V_DTYPE", alias)]).unwrap().dtype, DtypeChoice::F32);
+        }
+        // Defaults serialise to the spellings the config files use.
+        let tree = serde_json::to_value(StageConfig::default()).unwrap();
+        assert_eq!(
+            (&tree["device"], &tree["dtype"], &tree["scheduler"]),
+            (&"auto".into(), &"auto".into(), &"unipc".into())
+        );
+        assert_eq!(tree["transfer"]["transport"], "auto");
+        assert_eq!(tree["queue"]["backend"], "redis");
+    }
+
+    #[test]
+    fn a_bad_choice_names_the_field_and_the_allowed_values() {
+        let cases = [
+            ("X2V_DEVICE", "gpu0", "device", &["auto", "cpu", "cuda:N"][..]),
+            ("X2V_DEVICE", "cuda:x", "device", &["cuda:N"]),
+            ("X2V_DTYPE", "fp16", "dtype", &["auto", "f32", "bf16"]),
+            ("X2V_SCHEDULER", "ddim", "scheduler", &["unipc", "euler"]),
+            ("X2V_TRANSFER__TRANSPORT", "udp", "transfer.transport", &["auto", "shm", "tcp"]),
+            ("X2V_QUEUE__BACKEND", "sqlite", "queue.backend", &["redis", "memory"]),
+        ];
+        for (var, value, field, allowed) in cases {
+            let err = load(&[(var, value)]).unwrap_err();
+            assert!(err.contains(&format!("{field}:")), "{var}: {err}");
+            assert!(err.contains(value), "{var}: {err}");
+            for a in allowed {
+                assert!(err.contains(a), "{var}: `{a}` missing from {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = load(&[
+            ("X2V_TRANSFER__SECRET", "s3cr3t-transfer"),
+            ("X2V_QUEUE__REDIS_URL", "redis://:hunter2@10.0.0.7:6379/0"),
+            ("X2V_STORAGE__SECRET_ACCESS_KEY", "aws-s3cr3t"),
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        for secret in ["s3cr3t-transfer", "hunter2", "aws-s3cr3t"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("10.0.0.7:6379"), "{shown}");
+        assert_eq!(c.transfer.secret.expose(), "s3cr3t-transfer");
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use x2v_core::JobId;
+use x2v_core::{JobErrorCode, JobId};
 use x2v_transfer::{Engine, Opts, Payload, Received, TensorMeta, TransferError};
 
 /// Locator scheme of an x2v-transfer engine.
@@ -70,17 +70,19 @@ pub enum ExchangeError {
 
 impl ExchangeError {
     /// The job error code a stage reports for this failure.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> JobErrorCode {
         match self {
-            ExchangeError::Transfer(TransferError::Integrity { .. }) => "transfer_integrity",
+            ExchangeError::Transfer(TransferError::Integrity { .. }) => {
+                JobErrorCode::TransferIntegrity
+            }
             ExchangeError::Transfer(e) if e.kind() == x2v_core::ErrorKind::DeadlineExceeded => {
-                "transfer_timeout"
+                JobErrorCode::TransferTimeout
             }
-            ExchangeError::NotFound(_) => "payload_unavailable",
+            ExchangeError::NotFound(_) => JobErrorCode::PayloadUnavailable,
             ExchangeError::Transfer(e) if e.kind() == x2v_core::ErrorKind::NotFound => {
-                "payload_unavailable"
+                JobErrorCode::PayloadUnavailable
             }
-            _ => "transfer_failed",
+            _ => JobErrorCode::TransferFailed,
         }
     }
 
@@ -277,6 +279,6 @@ mod tests {
         }
         producer.consumed(job, &loc);
         let err = consumer.fetch(job, &loc, Opts::timeout(Duration::from_secs(5))).await;
-        assert_eq!(err.err().map(|e| e.code()), Some("payload_unavailable"));
+        assert_eq!(err.err().map(|e| e.code().as_str()), Some("payload_unavailable"));
     }
 }

@@ -2,49 +2,63 @@
 //! one job on it, and turn the result into a payload for the next stage or stored files.
 
 use bytes::Bytes;
-use x2v_queue::{JobRecord, Stage};
+use x2v_core::{ErrorKind, JobErrorCode};
+use x2v_queue::{JobError, JobRecord, Stage};
 use x2v_transfer::Payload;
 
 use crate::exchange::Inputs;
 use crate::state::LoadedModel;
 
-/// Why a stage did not produce its output. `code` goes into the job's `error.code`.
+/// Why a stage did not produce its output; recorded as the job's `error`, whose `kind` decides how
+/// the gateway answers the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct StageError {
-    pub code: String,
+    pub kind: ErrorKind,
+    pub code: JobErrorCode,
     pub message: String,
 }
 
 impl StageError {
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
-        StageError { code: code.to_owned(), message: message.into() }
+    /// A failure of the kind `code` implies.
+    pub fn new(code: JobErrorCode, message: impl Into<String>) -> Self {
+        StageError { kind: code.kind(), code, message: message.into() }
+    }
+
+    /// An internal failure (`internal_error`).
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        StageError::new(JobErrorCode::InternalError, e.to_string())
     }
 
     /// The run stopped at a step boundary because the job was cancelled (or the worker drains).
     pub fn cancelled() -> Self {
-        StageError::new(CANCELLED, "stopped at a step boundary")
+        StageError::new(JobErrorCode::Cancelled, "stopped at a step boundary")
     }
 
     /// A model error: the client's fault (`code_for_input`) when `kind` says invalid request,
     /// else `internal_error`.
     pub fn from_kind(
-        kind: x2v_core::ErrorKind,
-        code_for_input: &str,
+        kind: ErrorKind,
+        code_for_input: JobErrorCode,
         e: impl std::fmt::Display,
     ) -> Self {
         match kind {
-            x2v_core::ErrorKind::InvalidRequest => StageError::new(code_for_input, e.to_string()),
-            _ => StageError::new("internal_error", e.to_string()),
+            ErrorKind::InvalidRequest => {
+                StageError { kind, code: code_for_input, message: e.to_string() }
+            }
+            _ => StageError::internal(e),
         }
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.code == CANCELLED
+        self.code == JobErrorCode::Cancelled
+    }
+
+    /// The record the queue stores for the failed job.
+    pub fn to_job_error(&self) -> JobError {
+        JobError { kind: self.kind, code: self.code, message: self.message.clone() }
     }
 }
-
-const CANCELLED: &str = "cancelled";
 
 /// Hooks the stage calls while it runs on the device thread.
 pub struct RunCtx<'a> {
@@ -99,4 +113,21 @@ pub trait StageRunner: Send + Sync + 'static {
 
     /// Serialises or encodes `out` on a blocking thread, off the device thread and the executor.
     fn finish(&self, job: &JobRecord, out: Self::Output) -> Result<Finished, StageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_errors_are_the_clients_fault_only_when_their_kind_says_so() {
+        let bad =
+            StageError::from_kind(ErrorKind::InvalidRequest, JobErrorCode::InvalidRequest, "x");
+        assert_eq!((bad.kind, bad.code), (ErrorKind::InvalidRequest, JobErrorCode::InvalidRequest));
+        let oom = StageError::from_kind(ErrorKind::Overloaded, JobErrorCode::InvalidRequest, "x");
+        assert_eq!((oom.kind, oom.code), (ErrorKind::Internal, JobErrorCode::InternalError));
+        let rec = StageError::new(JobErrorCode::InvalidImage, "not a PNG").to_job_error();
+        assert_eq!(rec, JobError::new(JobErrorCode::InvalidImage, "not a PNG"));
+        assert!(StageError::cancelled().is_cancelled());
+    }
 }

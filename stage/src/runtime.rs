@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use x2v_core::JobErrorCode;
 use x2v_queue::storage::Storage;
 use x2v_queue::worker::{ClaimedJob, StageWorker, WorkerTimings};
 use x2v_queue::{Control, JobRecord, OutputRef, Queue, QueueError, Stage, WorkerInfo};
@@ -76,7 +77,7 @@ pub enum RuntimeError {
 
 impl From<DeviceError> for StageError {
     fn from(e: DeviceError) -> Self {
-        StageError::new("internal_error", e.to_string())
+        StageError::internal(e)
     }
 }
 
@@ -197,7 +198,7 @@ async fn handle<R: StageRunner>(
             Err(_) => {
                 stop.cancel();
                 Outcome::Failed(StageError::new(
-                    "deadline_exceeded",
+                    JobErrorCode::DeadlineExceeded,
                     format!("the {stage} stage took longer than {:?}", deps.limits.job_timeout),
                 ))
             }
@@ -218,8 +219,8 @@ async fn handle<R: StageRunner>(
                 }
             },
             Outcome::Failed(e) => {
-                tracing::warn!(code = %e.code, message = %e.message, "stage failed");
-                match job.fail(&e.code, &e.message).await {
+                tracing::warn!(kind = %e.kind, code = %e.code, message = %e.message, "stage failed");
+                match job.fail(&e.to_job_error()).await {
                     Ok(()) => "failed",
                     Err(QueueError::Cancelled(_)) => "cancelled",
                     Err(err) => {
@@ -282,7 +283,7 @@ async fn process<R: StageRunner>(
         _ => {
             let Some(locator) = input_locator(record, stage) else {
                 return Outcome::Failed(StageError::new(
-                    "payload_unavailable",
+                    JobErrorCode::PayloadUnavailable,
                     format!("the job has no {stage} input recorded by the previous stage"),
                 ));
             };
@@ -365,7 +366,7 @@ async fn process<R: StageRunner>(
         match task.instrument(tracing::info_span!("finish")).await {
             Ok(Ok(f)) => f,
             Ok(Err(e)) => return Outcome::Failed(e),
-            Err(e) => return Outcome::Failed(StageError::new("internal_error", e.to_string())),
+            Err(e) => return Outcome::Failed(StageError::internal(e)),
         }
     };
     state.metrics.latency.with_label_values(&["finish"]).observe(t.elapsed().as_secs_f64());
@@ -410,7 +411,7 @@ async fn process<R: StageRunner>(
                     }),
                     Err(e) => {
                         return Outcome::Failed(StageError::new(
-                            "storage_failed",
+                            JobErrorCode::StorageFailed,
                             format!("storing {key}: {e}"),
                         ));
                     }

@@ -11,11 +11,11 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 use x2v_queue::storage::Storage;
 use x2v_queue::worker::WorkerTimings;
-use x2v_queue::{Queue, RedisQueue, Retention, WorkerInfo};
+use x2v_queue::{Queue, QueueBackend, RedisQueue, Retention, WorkerInfo};
 use x2v_transfer::{Engine, EngineConfig, Secret, TransportChoice, TransportKind};
 
 use crate::admin::{self, AdminEndpoints};
-use crate::config::StageConfig;
+use crate::config::{self, StageConfig};
 use crate::exchange::{Exchange, Network};
 use crate::runner::StageRunner;
 use crate::runtime::{Limits, LoadedStage, StageDeps};
@@ -47,7 +47,7 @@ pub fn transfer_secret(config: &StageConfig) -> anyhow::Result<Secret> {
             .trim_ascii()
             .to_vec()
     } else if !t.secret.is_empty() {
-        t.secret.clone().into_bytes()
+        t.secret.expose().as_bytes().to_vec()
     } else {
         bail!(
             "transfer.secret (or transfer.secret_file) must be set: every stage of a deployment \
@@ -64,12 +64,11 @@ pub fn start_engine(config: &StageConfig) -> anyhow::Result<Network> {
         .listen
         .parse()
         .with_context(|| format!("transfer.listen `{}` is not host:port", t.listen))?;
-    let transport = match t.transport.as_str() {
-        "auto" => TransportChoice::Auto,
-        "shm" => TransportChoice::Force(TransportKind::Shm),
-        "tcp" => TransportChoice::Force(TransportKind::Tcp),
-        "rdma" => TransportChoice::Force(TransportKind::Rdma),
-        other => bail!("transfer.transport must be auto, shm, tcp or rdma; got `{other}`"),
+    let transport = match t.transport {
+        config::TransportChoice::Auto => TransportChoice::Auto,
+        config::TransportChoice::Shm => TransportChoice::Force(TransportKind::Shm),
+        config::TransportChoice::Tcp => TransportChoice::Force(TransportKind::Tcp),
+        config::TransportChoice::Rdma => TransportChoice::Force(TransportKind::Rdma),
     };
     let mut cfg = EngineConfig::new(transfer_secret(config)?);
     cfg.listen = listen;
@@ -127,19 +126,19 @@ pub async fn run<R: StageRunner>(
     let (shared, transfer) = match shared {
         Some(s) => (s, String::new()),
         None => {
-            let queue: Arc<dyn Queue> = match config.queue.backend.as_str() {
-                "redis" => Arc::new(
+            let queue: Arc<dyn Queue> = match config.queue.backend {
+                QueueBackend::Redis => Arc::new(
                     RedisQueue::connect(
-                        &config.queue.redis_url,
+                        config.queue.redis_url.expose(),
                         &config.queue.prefix,
                         Retention::default(),
                     )
                     .await
                     .with_context(|| format!("queue.redis_url {}", config.queue.redis_url))?,
                 ),
-                other => bail!(
+                QueueBackend::Memory => bail!(
                     "queue.backend must be `redis` for a stand-alone stage (`memory` only works \
-                     inside `x2v up`); got `{other}`"
+                     inside `x2v up`); got `memory`"
                 ),
             };
             let network = start_engine(&config)?;

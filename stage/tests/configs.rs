@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use x2v_queue::QueueBackend;
 use x2v_queue::storage::StorageConfig;
 use x2v_stage::StageConfig;
 
@@ -114,16 +115,17 @@ fn every_stage_config_parses_and_unknown_keys_are_errors() {
             assert!(f.config.model_dir.starts_with("/models/"), "{p}: model_dir under /models");
             assert!(!f.config.tasks.is_empty(), "{p}: no tasks");
             assert!(f.config.capacity >= 1, "{p}: capacity 0");
-            assert_eq!(f.config.queue.backend, "redis", "{p}: stage services use Redis");
+            assert_eq!(
+                f.config.queue.backend,
+                QueueBackend::Redis,
+                "{p}: stage services use Redis"
+            );
+            let device = f.config.device.to_string();
             assert!(
-                f.config.device == "auto"
-                    || f.config.device == "cpu"
-                    || f.config
-                        .device
-                        .strip_prefix("cuda:")
-                        .is_some_and(|n| n.parse::<u32>().is_ok()),
-                "{p}: device `{}`",
-                f.config.device
+                device == "auto"
+                    || device == "cpu"
+                    || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok()),
+                "{p}: device `{device}`",
             );
         }
     }
@@ -170,7 +172,7 @@ fn ranks_are_unique_per_stage_across_topologies() {
         assert_eq!(tasks.len(), 1, "{name}: stages disagree on tasks: {tasks:?}");
         // DiT ranks of one topology run on distinct GPUs.
         let dits: Vec<&StageFile> = files.iter().filter(|f| f.stage == "dit").collect();
-        let devices: BTreeSet<&str> = dits.iter().map(|f| f.config.device.as_str()).collect();
+        let devices: BTreeSet<String> = dits.iter().map(|f| f.config.device.to_string()).collect();
         assert_eq!(devices.len(), dits.len(), "{name}: two DiT ranks share a device");
     }
     assert!(all.len() >= 2, "both topologies are checked");
@@ -229,7 +231,8 @@ fn stages_share_the_gateways_queue_storage_and_secret() {
             let p = f.path.display();
             assert_eq!(c.queue.prefix, prefix, "{p}: queue.prefix differs from the gateway's");
             assert_eq!(
-                c.queue.redis_url, redis_url,
+                c.queue.redis_url.expose(),
+                redis_url,
                 "{p}: queue.redis_url differs from the gateway's"
             );
             assert_eq!(c.storage, storage, "{p}: storage differs from the gateway's");
@@ -254,10 +257,10 @@ fn compose_overrides_apply() {
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
     let (c, warnings) = x2v_core::config::load_from::<StageConfig, _>(Some(&path), env).unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
-    assert_eq!(c.device, "cuda:0");
+    assert_eq!(c.device.to_string(), "cuda:0");
     assert_eq!(c.rank, 3);
     assert_eq!(c.transfer.advertise, "10.0.0.5:9222");
-    assert_eq!(c.queue.redis_url, "redis://10.0.0.7:6379/0");
+    assert_eq!(c.queue.redis_url.expose(), "redis://10.0.0.7:6379/0");
     assert_eq!(c.telemetry.otlp_endpoint.as_deref(), Some("http://otel-collector:4317"));
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use x2v_core::JobId;
+use x2v_core::{ErrorKind, JobErrorCode, JobId};
 use x2v_queue::storage::Storage;
 use x2v_queue::worker::WorkerTimings;
 use x2v_queue::*;
@@ -47,7 +47,10 @@ impl StageRunner for Fake {
         ctx: &mut RunCtx<'_>,
     ) -> Result<Vec<u8>, StageError> {
         if job.spec.prompt.contains("[bad]") && self.stage == Stage::Dit {
-            return Err(StageError::new("bad_input", "the stand-in DiT refuses [bad] prompts"));
+            return Err(StageError::new(
+                JobErrorCode::InvalidRequest,
+                "the stand-in DiT refuses [bad] prompts",
+            ));
         }
         let mut data = match inputs {
             None => job.spec.prompt.clone().into_bytes(),
@@ -78,7 +81,7 @@ impl StageRunner for Fake {
         }
         let n = out.len() as u64;
         let p = Payload::new(vec![("x".into(), Dtype::U8, vec![n], Bytes::from(out))])
-            .map_err(|e| StageError::new("internal_error", e.to_string()))?;
+            .map_err(StageError::internal)?;
         Ok(Finished::Payload(p))
     }
 }
@@ -254,6 +257,6 @@ async fn a_stage_error_fails_the_job_with_its_code() {
     let rec = w.wait(id, |r| r.status.is_terminal()).await;
     assert_eq!(rec.status, JobStatus::Failed);
     let err = rec.error.unwrap();
-    assert_eq!(err.code, "bad_input");
+    assert_eq!((err.kind, err.code), (ErrorKind::InvalidRequest, JobErrorCode::InvalidRequest));
     assert!(err.message.contains("refuses"), "{}", err.message);
 }

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use x2v_core::{ErrorKind, JobId};
+use x2v_core::{ErrorKind, JobErrorCode, JobId};
 use x2v_queue::{JobRecord, JobStatus};
 
 use crate::error::ApiError;
@@ -107,17 +107,19 @@ async fn wait(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
     }
 }
 
+/// The error a finished but unsuccessful job answers with: its recorded kind decides the status
+/// and `type` (a job refused for its input is a 400, like a request refused at the edge).
 fn failure(rec: &JobRecord) -> Option<ApiError> {
     match rec.status {
         JobStatus::Completed => None,
         _ => {
-            let (code, message) =
-                rec.error.as_ref().map_or(("cancelled", "The job was cancelled."), |e| {
-                    (e.code.as_str(), e.message.as_str())
-                });
+            let (kind, code, message) = rec.error.as_ref().map_or(
+                (ErrorKind::Internal, JobErrorCode::Cancelled, "The job was cancelled."),
+                |e| (e.kind, e.code, e.message.as_str()),
+            );
             Some(
-                ApiError::new(ErrorKind::Internal, format!("Image generation failed: {message}"))
-                    .code(code),
+                ApiError::new(kind, format!("Image generation failed: {message}"))
+                    .code(code.as_str()),
             )
         }
     }

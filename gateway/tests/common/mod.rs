@@ -34,7 +34,7 @@ impl Drop for Harness {
 
 pub fn config() -> GatewayConfig {
     let mut c = GatewayConfig::default();
-    c.queue.backend = "memory".into();
+    c.queue.backend = x2v_queue::QueueBackend::Memory;
     c.http.poll_after_ms = 50;
     c
 }

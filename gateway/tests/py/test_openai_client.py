@@ -97,7 +97,7 @@ def test_idempotency_key_never_creates_a_second_job(client):
 def test_failed_job_is_returned_by_poll_not_raised(client):
     video = client.videos.create_and_poll(prompt="[fail] please")
     assert video.status == "failed"
-    assert video.error.code == "test_failure"
+    assert video.error.code == "internal_error"
 
 
 def test_images_generate_b64_json(client):

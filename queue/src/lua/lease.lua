@@ -40,7 +40,8 @@ elseif op == 'complete' then
     finish(id, 'completed', tonumber(ARGV[8]))
   end
 elseif op == 'fail' then
-  redis.call('HSET', k, 'err_code', ARGV[7], 'err_msg', ARGV[8])
+  -- 7 code, 8 message, 9 finished ttl, 10 kind (appended last to keep older callers' order)
+  redis.call('HSET', k, 'err_code', ARGV[7], 'err_msg', ARGV[8], 'err_kind', ARGV[10])
   finish(id, 'failed', tonumber(ARGV[9]))
 elseif op == 'release' then
   redis.call('ZREM', P .. ':leases:' .. stage, id)
