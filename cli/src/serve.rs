@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use tokio_util::sync::CancellationToken;
 use x2v_gateway::GatewayConfig;
-use x2v_queue::storage::Storage;
 use x2v_stage::StageConfig;
 use x2v_stage::service::Endpoints;
 
@@ -136,8 +135,7 @@ async fn run_stage(which: Which, name: &str, args: &StageArgs) -> Result<()> {
     };
     let result = match which {
         Which::Encoder => {
-            let storage = Storage::from_config(&config.storage).context("storage")?;
-            let runner = x2v_encoder::EncoderRunner::new(&config, storage).map_err(bad)?;
+            let runner = x2v_encoder::EncoderRunner::new(&config).map_err(bad)?;
             x2v_stage::service::run(config, runner, None, shutdown, on_ready).await
         }
         Which::Dit => {

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use x2v_gateway::GatewayConfig;
 use x2v_gateway::config::ModelConfig;
 use x2v_queue::storage::Storage;
@@ -16,6 +18,7 @@ use x2v_queue::{MemoryQueue, Queue, Retention, Task};
 use x2v_stage::StageConfig;
 use x2v_stage::config::DeviceChoice;
 use x2v_stage::exchange::InProcess;
+use x2v_stage::runner::StageRunner;
 use x2v_stage::service::Shared;
 
 /// Name the demo model is served under.
@@ -117,6 +120,13 @@ fn demo_model_config() -> ModelConfig {
     }
 }
 
+/// The model `x2v up` serves.
+struct Served {
+    dir: PathBuf,
+    name: String,
+    tasks: Vec<Task>,
+}
+
 async fn up(args: &Args) -> Result<()> {
     let (mut gateway, warnings): (GatewayConfig, _) =
         x2v_core::config::load(args.config.as_deref())?;
@@ -127,98 +137,16 @@ async fn up(args: &Args) -> Result<()> {
     x2v_models::device::load_cuda().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
-
-    let (model_dir, model, tasks) = match &args.model_dir {
-        None => {
-            let dir = args.data_dir.join("demo-model");
-            if !dir.join("model_index.json").exists() {
-                eprintln!("x2v up: writing the demo model to {}", dir.display());
-                x2v_models::wan::demo::write_demo_model(
-                    &dir,
-                    &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false },
-                )
-                .context("writing the demo model")?;
-            }
-            gateway.models = vec![demo_model_config()];
-            (dir, DEMO_MODEL.to_string(), vec![Task::T2v, Task::T2i])
-        }
-        Some(dir) => {
-            let i2v = is_i2v(dir).with_context(|| format!("--model-dir {}", dir.display()))?;
-            let name = args
-                .model
-                .clone()
-                .unwrap_or_else(|| if i2v { "wan2.1-i2v".into() } else { "wan2.1-t2v".into() });
-            let base =
-                if i2v { ModelConfig::wan21_i2v_14b_480p() } else { ModelConfig::wan21_t2v_1_3b() };
-            let tasks = if i2v { vec![Task::I2v] } else { vec![Task::T2v, Task::T2i] };
-            gateway.models = vec![ModelConfig { name: name.clone(), tasks: tasks.clone(), ..base }];
-            (dir.clone(), name, tasks)
-        }
-    };
-    if let Some(name) = &args.model
-        && args.model_dir.is_none()
-    {
-        bail!("--model {name} needs --model-dir (the demo model is always served as {DEMO_MODEL})");
-    }
-
-    gateway.queue.backend = x2v_queue::QueueBackend::Memory;
-    gateway.storage.kind = x2v_queue::storage::StorageKind::Local;
-    gateway.storage.path = args.data_dir.join("outputs").display().to_string();
-    gateway.listen = args.listen.clone();
-    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(Retention {
-        finished_ttl: Duration::from_secs(gateway.queue.finished_ttl_s),
-        idempotency_ttl: Duration::from_secs(gateway.queue.idempotency_ttl_s),
-        ..Retention::default()
-    }));
-    let storage = Storage::from_config(&gateway.storage).context("storage")?;
+    let served = choose_model(args, &mut gateway)?;
+    let (queue, storage) = embed(args, &mut gateway)?;
     let shared = Shared {
         queue: queue.clone(),
         exchange: Arc::new(InProcess::new(Duration::from_secs(600))),
         storage: storage.clone(),
     };
 
-    let stage_config = StageConfig {
-        rank: 0,
-        model: model.clone(),
-        model_dir: model_dir.display().to_string(),
-        tasks,
-        device: args.device,
-        grpc: Default::default(),
-        http: Default::default(),
-        ..StageConfig::default()
-    };
     let shutdown = crate::serve::shutdown_on_signals();
-    let mut stages = tokio::task::JoinSet::new();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-    macro_rules! start {
-        ($name:literal, $runner:expr) => {{
-            let runner = $runner.map_err(|e| anyhow::anyhow!("{}: {e}", $name))?;
-            let (config, shared, stop, tx) =
-                (stage_config.clone(), shared.clone(), shutdown.clone(), ready_tx.clone());
-            stages.spawn(async move {
-                let on_ready = move |_: &x2v_stage::service::Endpoints| {
-                    let _ = tx.send($name);
-                };
-                x2v_stage::service::run(config, runner, Some(shared), stop, on_ready)
-                    .await
-                    .with_context(|| format!("{} stage", $name))
-            });
-        }};
-    }
-    start!("encoder", x2v_encoder::EncoderRunner::new(&stage_config, storage.clone()));
-    start!("dit", x2v_dit::DitRunner::new(&stage_config));
-    start!("decoder", x2v_decoder::DecoderRunner::new(&stage_config));
-    drop(ready_tx);
-    let mut ready = 0;
-    while ready < 3 {
-        tokio::select! {
-            Some(_) = ready_rx.recv() => ready += 1,
-            Some(r) = stages.join_next() => {
-                r.context("a stage task panicked")??;
-                bail!("a stage stopped while starting");
-            }
-        }
-    }
+    let mut stages = start_stages(stage_config(args, &served), shared, &shutdown).await?;
 
     let listener = tokio::net::TcpListener::bind(&gateway.listen)
         .await
@@ -230,7 +158,10 @@ async fn up(args: &Args) -> Result<()> {
              videos are noise. Pass --model-dir DIR to serve real Wan2.1 weights."
         );
     }
-    println!("x2v up: serving `{model}` at http://{addr}/v1 (OpenAI base_url); Ctrl-C stops");
+    println!(
+        "x2v up: serving `{}` at http://{addr}/v1 (OpenAI base_url); Ctrl-C stops",
+        served.name
+    );
     let state = x2v_gateway::AppState::new(gateway, queue, storage);
     let served = x2v_gateway::serve(state, listener, shutdown.clone()).await;
     shutdown.cancel();
@@ -241,4 +172,124 @@ async fn up(args: &Args) -> Result<()> {
     }
     telemetry.shutdown();
     Ok(served?)
+}
+
+/// The model to serve (`--model-dir`, or the demo model, written on first use); sets the
+/// gateway's served models to match.
+fn choose_model(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
+    if let Some(name) = &args.model
+        && args.model_dir.is_none()
+    {
+        bail!("--model {name} needs --model-dir (the demo model is always served as {DEMO_MODEL})");
+    }
+    let Some(dir) = &args.model_dir else {
+        let dir = args.data_dir.join("demo-model");
+        if !dir.join("model_index.json").exists() {
+            eprintln!("x2v up: writing the demo model to {}", dir.display());
+            x2v_models::wan::demo::write_demo_model(
+                &dir,
+                &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false },
+            )
+            .context("writing the demo model")?;
+        }
+        gateway.models = vec![demo_model_config()];
+        return Ok(Served { dir, name: DEMO_MODEL.into(), tasks: vec![Task::T2v, Task::T2i] });
+    };
+    let i2v = is_i2v(dir).with_context(|| format!("--model-dir {}", dir.display()))?;
+    let name = args
+        .model
+        .clone()
+        .unwrap_or_else(|| if i2v { "wan2.1-i2v".into() } else { "wan2.1-t2v".into() });
+    let base = if i2v { ModelConfig::wan21_i2v_14b_480p() } else { ModelConfig::wan21_t2v_1_3b() };
+    let tasks = if i2v { vec![Task::I2v] } else { vec![Task::T2v, Task::T2i] };
+    gateway.models = vec![ModelConfig { name: name.clone(), tasks: tasks.clone(), ..base }];
+    Ok(Served { dir: dir.clone(), name, tasks })
+}
+
+/// The embedded queue and the local output storage, set in the gateway's config as well.
+fn embed(args: &Args, gateway: &mut GatewayConfig) -> Result<(Arc<dyn Queue>, Storage)> {
+    gateway.queue.backend = x2v_queue::QueueBackend::Memory;
+    gateway.storage.kind = x2v_queue::storage::StorageKind::Local;
+    gateway.storage.path = args.data_dir.join("outputs").display().to_string();
+    gateway.listen = args.listen.clone();
+    let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::new(Retention {
+        finished_ttl: Duration::from_secs(gateway.queue.finished_ttl_s),
+        idempotency_ttl: Duration::from_secs(gateway.queue.idempotency_ttl_s),
+        ..Retention::default()
+    }));
+    let storage = Storage::from_config(&gateway.storage).context("storage")?;
+    Ok((queue, storage))
+}
+
+/// One config for all three stages: rank 0 of the served model, no admin listeners.
+fn stage_config(args: &Args, served: &Served) -> StageConfig {
+    StageConfig {
+        rank: 0,
+        model: served.name.clone(),
+        model_dir: served.dir.display().to_string(),
+        tasks: served.tasks.clone(),
+        device: args.device,
+        grpc: Default::default(),
+        http: Default::default(),
+        ..StageConfig::default()
+    }
+}
+
+type Stages = JoinSet<Result<()>>;
+
+/// Starts the encoder, DiT and decoder stages and waits until all three serve.
+async fn start_stages(
+    config: StageConfig,
+    shared: Shared,
+    shutdown: &CancellationToken,
+) -> Result<Stages> {
+    let mut stages = JoinSet::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let start = Start { config: &config, shared: &shared, shutdown, ready: &ready_tx };
+    start.spawn(&mut stages, "encoder", x2v_encoder::EncoderRunner::new(&config))?;
+    start.spawn(&mut stages, "dit", x2v_dit::DitRunner::new(&config))?;
+    start.spawn(&mut stages, "decoder", x2v_decoder::DecoderRunner::new(&config))?;
+    drop(ready_tx);
+    let mut ready = 0;
+    while ready < 3 {
+        tokio::select! {
+            Some(_) = ready_rx.recv() => ready += 1,
+            Some(r) = stages.join_next() => {
+                r.context("a stage task panicked")??;
+                bail!("a stage stopped while starting");
+            }
+        }
+    }
+    Ok(stages)
+}
+
+/// What every stage of `x2v up` starts with.
+struct Start<'a> {
+    config: &'a StageConfig,
+    shared: &'a Shared,
+    shutdown: &'a CancellationToken,
+    ready: &'a tokio::sync::mpsc::UnboundedSender<&'static str>,
+}
+
+impl Start<'_> {
+    /// Runs stage `name` with `runner` as a task of `stages`; it sends `name` once it serves.
+    fn spawn<R: StageRunner>(
+        &self,
+        stages: &mut Stages,
+        name: &'static str,
+        runner: Result<R, String>,
+    ) -> Result<()> {
+        let runner = runner.map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let (config, shared, stop, tx) =
+            (self.config.clone(), self.shared.clone(), self.shutdown.clone(), self.ready.clone());
+        stages.spawn(async move {
+            let on_ready = move |_: &x2v_stage::service::Endpoints| {
+                let _ = tx.send(name);
+            };
+            x2v_stage::service::run(config, runner, Some(shared), stop, on_ready)
+                .await
+                .with_context(|| format!("{name} stage"))
+        });
+        Ok(())
+    }
 }

@@ -4,9 +4,9 @@
 use bytes::Bytes;
 use x2v_core::{ErrorKind, JobErrorCode};
 use x2v_queue::{JobError, JobRecord, Stage};
-use x2v_transfer::Payload;
+use x2v_transfer::{Payload, TensorPart};
 
-use crate::exchange::Inputs;
+use crate::job::JobInputs;
 use crate::state::LoadedModel;
 
 /// Why a stage did not produce its output; recorded as the job's `error`, whose `kind` decides how
@@ -62,8 +62,8 @@ impl StageError {
 
 /// Hooks the stage calls while it runs on the device thread.
 pub struct RunCtx<'a> {
-    /// Reports step `step` of `total` (blocks for one queue round trip so that a cancellation is
-    /// seen before the next step starts).
+    /// Reports step `step` of `total`. Never waits for the queue: the newest step is reported
+    /// from async code, which trips [`RunCtx::cancelled`] when the queue says the job is cancelled.
     pub progress: &'a mut dyn FnMut(u32, u32),
     /// True once the job is cancelled or the worker must give it back; check between steps.
     pub cancelled: &'a dyn Fn() -> bool,
@@ -81,12 +81,33 @@ pub struct Artifact {
     pub bytes: Bytes,
 }
 
+impl Artifact {
+    /// The first (`index` 0) file of `variant`.
+    pub fn new(variant: &str, extension: &str, content_type: &str, bytes: Vec<u8>) -> Self {
+        Artifact {
+            variant: variant.into(),
+            index: 0,
+            extension: extension.into(),
+            content_type: content_type.into(),
+            bytes: Bytes::from(bytes),
+        }
+    }
+}
+
 /// A finished stage's result.
 pub enum Finished {
     /// Named tensors for the next stage.
     Payload(Payload),
     /// Files to store; the job completes once they are stored.
     Artifacts(Vec<Artifact>),
+}
+
+impl Finished {
+    /// A payload of `parts` for the next stage, hashed here (call off the device thread, as
+    /// [`StageRunner::finish`] is).
+    pub fn payload(parts: Vec<TensorPart>) -> Result<Self, StageError> {
+        Payload::from_parts(parts).map(Finished::Payload).map_err(StageError::internal)
+    }
 }
 
 /// One stage's model work.
@@ -101,13 +122,19 @@ pub trait StageRunner: Send + Sync + 'static {
     /// Loads the model (called once, on the device thread) and describes what was loaded.
     fn load(&self) -> Result<(Self::Model, Vec<LoadedModel>), StageError>;
 
-    /// Runs one job on the device thread. `inputs` is the previous stage's payload (none for the
-    /// encoder stage).
+    /// The roles of the job's uploads (`spec.inputs`) that `run` reads; the runtime fetches them
+    /// from storage while receiving, so that the device thread never waits on storage.
+    fn upload_roles(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Runs one job on the device thread. `inputs` holds the previous stage's payload (none for
+    /// the encoder stage) and the uploads of [`StageRunner::upload_roles`].
     fn run(
         &self,
         model: &mut Self::Model,
         job: &JobRecord,
-        inputs: Option<Inputs>,
+        inputs: JobInputs,
         ctx: &mut RunCtx<'_>,
     ) -> Result<Self::Output, StageError>;
 

@@ -11,14 +11,14 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 use x2v_queue::storage::Storage;
 use x2v_queue::worker::WorkerTimings;
-use x2v_queue::{Queue, QueueBackend, RedisQueue, Retention, WorkerInfo};
+use x2v_queue::{Queue, QueueBackend, RedisQueue, Retention, Stage, WorkerInfo};
 use x2v_transfer::{Engine, EngineConfig, Secret, TransportChoice, TransportKind};
 
 use crate::admin::{self, AdminEndpoints};
 use crate::config::{self, StageConfig};
 use crate::exchange::{Exchange, Network};
 use crate::runner::StageRunner;
-use crate::runtime::{Limits, LoadedStage, StageDeps};
+use crate::runtime::{Limits, LoadedStage, RuntimeError, StageDeps};
 use crate::state::ServiceState;
 
 /// What the stages of one process share in the embedded mode.
@@ -125,44 +125,10 @@ pub async fn run<R: StageRunner>(
         Arc::new(ServiceState::new(stage, config.rank, config.model.clone(), config.tasks.clone()));
     let (shared, transfer) = match shared {
         Some(s) => (s, String::new()),
-        None => {
-            let queue: Arc<dyn Queue> = match config.queue.backend {
-                QueueBackend::Redis => Arc::new(
-                    RedisQueue::connect(
-                        config.queue.redis_url.expose(),
-                        &config.queue.prefix,
-                        Retention::default(),
-                    )
-                    .await
-                    .with_context(|| format!("queue.redis_url {}", config.queue.redis_url))?,
-                ),
-                QueueBackend::Memory => bail!(
-                    "queue.backend must be `redis` for a stand-alone stage (`memory` only works \
-                     inside `x2v up`); got `memory`"
-                ),
-            };
-            let network = start_engine(&config)?;
-            let locator = network.locator();
-            let storage = Storage::from_config(&config.storage).context("storage")?;
-            (Shared { queue, exchange: Arc::new(network), storage }, locator)
-        }
+        None => connect(&config).await?,
     };
     state.set_transfer_endpoint(transfer.clone());
-    // Ranks name workers per stage across every model on this queue: two models' workers on one
-    // rank would share its queue and load count. Refuse before loading any weights. (A live worker
-    // of the same model on this rank is this worker restarted within its heartbeat TTL.)
-    let live = shared.queue.workers().await.context("listing live workers")?;
-    if let Some(w) = live.iter().find(|w| {
-        w.stage == stage && w.rank == config.rank && w.models != std::slice::from_ref(&config.model)
-    }) {
-        bail!(
-            "{stage} rank {} is already live for model(s) {:?}: ranks are unique per stage across \
-             all models on one queue (prefix `{}`); give this worker another `rank`",
-            config.rank,
-            w.models,
-            config.queue.prefix
-        );
-    }
+    refuse_taken_rank(&config, stage, shared.queue.as_ref()).await?;
 
     let admin_stop = CancellationToken::new();
     let (admin, admin_task) = admin::serve(
@@ -182,9 +148,72 @@ pub async fn run<R: StageRunner>(
 
     tracing::info!(%stage, rank = config.rank, model = %config.model, "loading the model");
     let loaded = LoadedStage::load(runner, &state).await?;
-    let endpoints = Endpoints { admin, transfer };
+    let served = serve(loaded, &config, shared, &state, || {
+        on_ready(&Endpoints { admin, transfer });
+    })
+    .await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    Ok(served?)
+}
+
+/// A stand-alone stage's queue (Redis), transfer engine and storage; with the transfer locator
+/// other stages reach it at.
+async fn connect(config: &StageConfig) -> anyhow::Result<(Shared, String)> {
+    let queue: Arc<dyn Queue> = match config.queue.backend {
+        QueueBackend::Redis => Arc::new(
+            RedisQueue::connect(
+                config.queue.redis_url.expose(),
+                &config.queue.prefix,
+                Retention::default(),
+            )
+            .await
+            .with_context(|| format!("queue.redis_url {}", config.queue.redis_url))?,
+        ),
+        QueueBackend::Memory => bail!(
+            "queue.backend must be `redis` for a stand-alone stage (`memory` only works inside \
+             `x2v up`); got `memory`"
+        ),
+    };
+    let network = start_engine(config)?;
+    let locator = network.locator();
+    let storage = Storage::from_config(&config.storage).context("storage")?;
+    Ok((Shared { queue, exchange: Arc::new(network), storage }, locator))
+}
+
+/// Ranks name workers per stage across every model on this queue: two models' workers on one
+/// rank would share its queue and load count. Refuses before any weights are loaded. (A live
+/// worker of the same model on this rank is this worker restarted within its heartbeat TTL.)
+async fn refuse_taken_rank(
+    config: &StageConfig,
+    stage: Stage,
+    queue: &dyn Queue,
+) -> anyhow::Result<()> {
+    let live = queue.workers().await.context("listing live workers")?;
+    if let Some(w) = live.iter().find(|w| {
+        w.stage == stage && w.rank == config.rank && w.models != std::slice::from_ref(&config.model)
+    }) {
+        bail!(
+            "{stage} rank {} is already live for model(s) {:?}: ranks are unique per stage across \
+             all models on one queue (prefix `{}`); give this worker another `rank`",
+            config.rank,
+            w.models,
+            config.queue.prefix
+        );
+    }
+    Ok(())
+}
+
+/// Registers the rank and serves jobs until drained; `on_ready` runs once the rank is registered.
+async fn serve<R: StageRunner>(
+    loaded: LoadedStage<R>,
+    config: &StageConfig,
+    shared: Shared,
+    state: &Arc<ServiceState>,
+    on_ready: impl FnOnce(),
+) -> Result<(), RuntimeError> {
     let info = WorkerInfo {
-        stage,
+        stage: state.stage,
         rank: config.rank,
         models: vec![config.model.clone()],
         tasks: config.tasks.clone(),
@@ -195,19 +224,16 @@ pub async fn run<R: StageRunner>(
         exchange: shared.exchange,
         storage: shared.storage,
         state: state.clone(),
-        limits: limits(&config),
+        limits: limits(config),
     };
     // `serve` registers the rank and then marks the state ready; announce the endpoints only then.
     let serve = loaded.serve(deps, info);
     tokio::pin!(serve);
-    let served = tokio::select! {
+    tokio::select! {
         served = &mut serve => served,
         () = state.registered() => {
-            on_ready(&endpoints);
+            on_ready();
             serve.await
         }
-    };
-    admin_stop.cancel();
-    let _ = admin_task.await;
-    Ok(served?)
+    }
 }

@@ -35,6 +35,25 @@ pub struct LoadedModel {
     pub parameter_bytes: u64,
 }
 
+impl LoadedModel {
+    /// `components` of model `name`, loaded on `device` in `dtype` (as their `Debug` forms print).
+    pub fn new(
+        name: &str,
+        components: &[&str],
+        device: &impl std::fmt::Debug,
+        dtype: &impl std::fmt::Debug,
+        parameter_bytes: u64,
+    ) -> Self {
+        LoadedModel {
+            name: name.to_owned(),
+            components: components.iter().map(|c| c.to_string()).collect(),
+            device: format!("{device:?}"),
+            dtype: format!("{dtype:?}"),
+            parameter_bytes,
+        }
+    }
+}
+
 /// The metric families every stage service exports.
 #[derive(Clone)]
 pub struct StageMetrics {

@@ -1,23 +1,29 @@
 //! The stage runtime end to end on the in-memory queue and the in-process exchange, with stand-in
 //! runners (no models): three stages hand a job on and store its file; cancellation stops the DiT
 //! within one step; a drain gives an unfinished job back to the queue for another worker; a stage
-//! error fails the job with its code.
+//! error fails the job with its code; a slow queue never holds up the device thread.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::BoxStream;
+use tokio::sync::watch;
 use x2v_core::{ErrorKind, JobErrorCode, JobId};
+use x2v_queue::queue::Maintenance;
 use x2v_queue::storage::Storage;
 use x2v_queue::worker::WorkerTimings;
 use x2v_queue::*;
-use x2v_stage::exchange::{InProcess, Inputs};
+use x2v_stage::exchange::InProcess;
+use x2v_stage::job::JobInputs;
 use x2v_stage::runner::{Artifact, Finished, RunCtx, StageError, StageRunner};
 use x2v_stage::runtime::{Limits, LoadedStage, StageDeps};
 use x2v_stage::state::ServiceState;
 use x2v_testkit::jobs;
-use x2v_transfer::{Dtype, Payload};
+use x2v_transfer::{Dtype, TensorPart};
 
 struct Fake {
     stage: Stage,
@@ -43,7 +49,7 @@ impl StageRunner for Fake {
         &self,
         _: &mut (),
         job: &JobRecord,
-        inputs: Option<Inputs>,
+        inputs: JobInputs,
         ctx: &mut RunCtx<'_>,
     ) -> Result<Vec<u8>, StageError> {
         if job.spec.prompt.contains("[bad]") && self.stage == Stage::Dit {
@@ -52,7 +58,7 @@ impl StageRunner for Fake {
                 "the stand-in DiT refuses [bad] prompts",
             ));
         }
-        let mut data = match inputs {
+        let mut data = match inputs.payload {
             None => job.spec.prompt.clone().into_bytes(),
             Some(i) => i.tensors()[0].1.to_vec(),
         };
@@ -79,10 +85,13 @@ impl StageRunner for Fake {
                 bytes: Bytes::from(out),
             }]));
         }
-        let n = out.len() as u64;
-        let p = Payload::new(vec![("x".into(), Dtype::U8, vec![n], Bytes::from(out))])
-            .map_err(StageError::internal)?;
-        Ok(Finished::Payload(p))
+        let shape = vec![out.len() as u64];
+        Finished::payload(vec![TensorPart {
+            name: "x".into(),
+            dtype: Dtype::U8,
+            shape,
+            bytes: Bytes::from(out),
+        }])
     }
 }
 
@@ -122,12 +131,25 @@ impl World {
         step_ms: u64,
         drain: Duration,
     ) -> (Arc<ServiceState>, Arc<AtomicU32>, tokio::task::JoinHandle<()>) {
+        self.start_on(self.queue.clone(), stage, rank, steps, step_ms, drain).await
+    }
+
+    /// [`World::start`] with the stage talking to `queue` (a wrapper of the world's queue).
+    async fn start_on(
+        &self,
+        queue: Arc<dyn Queue>,
+        stage: Stage,
+        rank: u32,
+        steps: u32,
+        step_ms: u64,
+        drain: Duration,
+    ) -> (Arc<ServiceState>, Arc<AtomicU32>, tokio::task::JoinHandle<()>) {
         let state = Arc::new(ServiceState::new(stage, rank, "m".into(), vec![Task::T2v]));
         let done = Arc::new(AtomicU32::new(0));
         let fake = Fake { stage, step_ms, steps, done: done.clone() };
         let loaded = LoadedStage::load(fake, &state).await.unwrap();
         let deps = StageDeps {
-            queue: self.queue.clone(),
+            queue,
             exchange: self.exchange.clone(),
             storage: self.storage.clone(),
             state: state.clone(),
@@ -259,4 +281,124 @@ async fn a_stage_error_fails_the_job_with_its_code() {
     let err = rec.error.unwrap();
     assert_eq!((err.kind, err.code), (ErrorKind::InvalidRequest, JobErrorCode::InvalidRequest));
     assert!(err.message.contains("refuses"), "{}", err.message);
+}
+
+/// The world's queue, with every progress report held until the gate opens.
+struct GatedProgress {
+    inner: Arc<dyn Queue>,
+    open: watch::Receiver<bool>,
+    /// Progress reports that reached this queue.
+    reports: AtomicU32,
+    /// The step of the newest report.
+    last_step: AtomicU32,
+}
+
+#[async_trait]
+impl Queue for GatedProgress {
+    async fn create(&self, job: NewJob) -> Result<Created, QueueError> {
+        self.inner.create(job).await
+    }
+    async fn get(&self, id: JobId) -> Result<JobRecord, QueueError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, query: ListQuery) -> Result<Page, QueueError> {
+        self.inner.list(query).await
+    }
+    async fn delete(&self, id: JobId) -> Result<JobRecord, QueueError> {
+        self.inner.delete(id).await
+    }
+    async fn subscribe(&self, id: JobId) -> Result<BoxStream<'static, JobEvent>, QueueError> {
+        self.inner.subscribe(id).await
+    }
+    async fn heartbeat(&self, worker: &WorkerInfo, ttl: Duration) -> Result<(), QueueError> {
+        self.inner.heartbeat(worker, ttl).await
+    }
+    async fn deregister(&self, worker: &WorkerInfo) -> Result<(), QueueError> {
+        self.inner.deregister(worker).await
+    }
+    async fn workers(&self) -> Result<Vec<WorkerInfo>, QueueError> {
+        self.inner.workers().await
+    }
+    async fn load(&self, stage: Stage) -> Result<HashMap<u32, u64>, QueueError> {
+        self.inner.load(stage).await
+    }
+    async fn depth(&self, stage: Stage) -> Result<u64, QueueError> {
+        self.inner.depth(stage).await
+    }
+    async fn claim(
+        &self,
+        worker: &WorkerInfo,
+        lease: Duration,
+    ) -> Result<Option<Lease>, QueueError> {
+        self.inner.claim(worker, lease).await
+    }
+    async fn extend(&self, lease: &LeaseRef, ttl: Duration) -> Result<Control, QueueError> {
+        self.inner.extend(lease, ttl).await
+    }
+    async fn progress(
+        &self,
+        lease: &LeaseRef,
+        step: u32,
+        total: u32,
+    ) -> Result<Control, QueueError> {
+        self.reports.fetch_add(1, Ordering::SeqCst);
+        let _ = self.open.clone().wait_for(|open| *open).await;
+        self.last_step.store(step, Ordering::SeqCst);
+        self.inner.progress(lease, step, total).await
+    }
+    async fn complete(&self, lease: &LeaseRef, outputs: Vec<OutputRef>) -> Result<(), QueueError> {
+        self.inner.complete(lease, outputs).await
+    }
+    async fn fail(&self, lease: &LeaseRef, error: &JobError) -> Result<(), QueueError> {
+        self.inner.fail(lease, error).await
+    }
+    async fn release(&self, lease: &LeaseRef) -> Result<(), QueueError> {
+        self.inner.release(lease).await
+    }
+    async fn maintain(&self) -> Result<Maintenance, QueueError> {
+        self.inner.maintain().await
+    }
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_queue_never_holds_up_the_device_thread() {
+    let w = World::new();
+    let d = Duration::from_secs(5);
+    let (gate, open) = watch::channel(false);
+    let gated = Arc::new(GatedProgress {
+        inner: w.queue.clone(),
+        open,
+        reports: AtomicU32::new(0),
+        last_step: AtomicU32::new(0),
+    });
+    let (_enc, _, _t1) = w.start(Stage::Encoder, 0, 1, 1, d).await;
+    let (dit, done, _t2) = w.start_on(gated.clone(), Stage::Dit, 0, 6, 1, d).await;
+    let (_dec, _, _t3) = w.start(Stage::Decoder, 0, 1, 1, d).await;
+    let id = w.submit("gated").await;
+
+    // Every step runs while the first report waits at the gate: a device thread that waited for
+    // the queue would stay at step 1 until the deadline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ran = || {
+        done.load(Ordering::SeqCst) == 6
+            && dit.snapshot().in_flight.first().map(|j| j.step) == Some(6)
+            && gated.reports.load(Ordering::SeqCst) >= 1
+    };
+    while !ran() {
+        assert!(Instant::now() < deadline, "the device thread waited for the gated queue");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Steps 2..6 finished behind the waiting report without queueing reports of their own.
+    assert_eq!(gated.reports.load(Ordering::SeqCst), 1);
+    assert_eq!(w.queue.get(id).await.unwrap().step, 0, "no report got through the closed gate");
+
+    gate.send_replace(true);
+    let rec = w.wait(id, |r| r.status.is_terminal()).await;
+    assert_eq!(rec.status, JobStatus::Completed, "{rec:?}");
+    // The newest step is reported before the stage completes; skipped steps are never sent.
+    assert_eq!(gated.last_step.load(Ordering::SeqCst), 6);
+    assert!(gated.reports.load(Ordering::SeqCst) <= 2);
 }

@@ -31,5 +31,5 @@ pub use auth::Secret;
 pub use config::{EngineConfig, Opts, TransportChoice, TransportKind};
 pub use engine::Engine;
 pub use error::{Result, TransferError};
-pub use manifest::{Dtype, OutTensor, Payload, TensorMeta};
+pub use manifest::{Dtype, OutTensor, Payload, TensorMeta, TensorPart};
 pub use received::{Receipt, Received};

@@ -143,6 +143,15 @@ pub struct OutTensor {
     pub data: Bytes,
 }
 
+/// One tensor to put in a [`Payload`]: its name, dtype, shape and bytes (row-major, little-endian).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorPart {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub bytes: Bytes,
+}
+
 /// What a sender pushes or publishes: named tensors with digests computed once, up front.
 #[derive(Debug, Clone)]
 pub struct Payload {
@@ -154,6 +163,11 @@ impl Payload {
     /// blocking context, or use [`Payload::build`]).
     pub fn new(tensors: Vec<(String, Dtype, Vec<u64>, Bytes)>) -> Result<Self> {
         Self::assemble(tensors, true)
+    }
+
+    /// [`Payload::new`] on named parts.
+    pub fn from_parts(parts: Vec<TensorPart>) -> Result<Self> {
+        Self::new(parts.into_iter().map(|p| (p.name, p.dtype, p.shape, p.bytes)).collect())
     }
 
     /// Builds a payload without digests; receivers that require SHA-256 will refuse it.
@@ -237,6 +251,21 @@ mod tests {
             Payload::new(vec![("t".into(), Dtype::F32, vec![3], Bytes::from_static(b"abc"))])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn named_parts_build_the_same_payload() {
+        let part = TensorPart {
+            name: "t".into(),
+            dtype: Dtype::U8,
+            shape: vec![3],
+            bytes: Bytes::from_static(b"abc"),
+        };
+        let p = Payload::from_parts(vec![part.clone()]).unwrap();
+        assert_eq!(p.manifest()[0].name, "t");
+        assert_eq!(p.manifest()[0].sha256.unwrap()[..4], [0xba, 0x78, 0x16, 0xbf]);
+        let wrong = TensorPart { dtype: Dtype::F32, ..part };
+        assert!(Payload::from_parts(vec![wrong]).is_err());
     }
 
     #[test]

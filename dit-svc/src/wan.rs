@@ -1,0 +1,111 @@
+//! The Wan2.1 DiT stage: rebuilds Phase1 from the encoder's payload, draws the initial noise as
+//! diffusers' Wan pipelines do (CPU generator seeded with the job seed), denoises with UniPC or
+//! flow-match Euler, and sends the final latents as Phase2.
+
+use std::path::PathBuf;
+
+use tch::{Device, Kind};
+use x2v_core::JobErrorCode;
+use x2v_handoff::Handoff;
+use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
+use x2v_models::wan::pipeline::{
+    DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, load_transformer,
+};
+use x2v_models::wan::transformer::WanTransformer3DModel;
+use x2v_queue::JobRecord;
+use x2v_stage::StageConfig;
+use x2v_stage::config::Scheduler;
+use x2v_stage::job::{JobGeometry, JobInputs};
+use x2v_stage::runner::{RunCtx, StageError};
+use x2v_stage::state::LoadedModel;
+use x2v_transfer::TensorPart;
+
+/// Which sampler the worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sampler {
+    UniPc,
+    Euler,
+}
+
+/// The Wan DiT stage of one served model.
+pub struct Dit {
+    model: String,
+    model_dir: PathBuf,
+    device: Device,
+    kind: Kind,
+    sampler: Sampler,
+}
+
+impl Dit {
+    pub fn new(config: &StageConfig, model_dir: PathBuf) -> Result<Self, String> {
+        let device = x2v_models::device::parse_device(&config.device.to_string())?;
+        let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
+        let sampler = match config.scheduler {
+            Scheduler::Unipc => Sampler::UniPc,
+            Scheduler::Euler => Sampler::Euler,
+        };
+        Ok(Dit { model: config.model.clone(), model_dir, device, kind, sampler })
+    }
+
+    pub fn load(&self) -> Result<(WanTransformer3DModel, Vec<LoadedModel>), StageError> {
+        let dit = load_transformer(&self.model_dir, self.device, self.kind)
+            .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
+        let loaded = LoadedModel::new(
+            &self.model,
+            &["transformer"],
+            &self.device,
+            &self.kind,
+            dit.parameter_bytes(),
+        );
+        Ok((dit, vec![loaded]))
+    }
+
+    pub fn run(
+        &self,
+        dit: &mut WanTransformer3DModel,
+        job: &JobRecord,
+        mut inputs: JobInputs,
+        ctx: &mut RunCtx<'_>,
+    ) -> Result<Vec<TensorPart>, StageError> {
+        let JobGeometry { frames, height, width } = JobGeometry::of(job);
+        let geometry = Geometry { frames, height, width };
+        let payload = inputs.take_payload("Phase1")?;
+        let phase1 = Phase1::from_parts(geometry, payload.tensors(), self.device)
+            .map_err(|e| StageError::new(JobErrorCode::InvalidPayload, e.to_string()))?;
+        drop(payload);
+        let settings = self.settings(job);
+        let progress = &mut *ctx.progress;
+        let cancelled = ctx.cancelled;
+        let phase2 = denoise(
+            dit,
+            &phase1,
+            &settings,
+            |p| progress(p.step as u32, p.total as u32),
+            cancelled,
+        )
+        .map_err(|e| match e {
+            x2v_models::Error::Cancelled { .. } => StageError::cancelled(),
+            e => StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e),
+        })?;
+        phase2.to_parts().map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))
+    }
+
+    /// The sampling settings `job` asks for.
+    fn settings(&self, job: &JobRecord) -> DenoiseSettings {
+        let spec = &job.spec;
+        let shift = f64::from(spec.shift);
+        DenoiseSettings {
+            steps: spec.num_inference_steps as usize,
+            guidance_scale: f64::from(spec.guidance_scale),
+            seed: spec.seed,
+            scheduler: match self.sampler {
+                Sampler::UniPc => SchedulerChoice::UniPc(UniPcConfig::wan(shift)),
+                Sampler::Euler => SchedulerChoice::Euler(FlowMatchEulerConfig {
+                    shift,
+                    num_train_timesteps: 1000,
+                }),
+            },
+            batch_cfg: true,
+        }
+    }
+}
