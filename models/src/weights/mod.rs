@@ -101,34 +101,63 @@ impl Entry {
         }
     }
 
-    /// Copies the values into `dst` (same shape; the dtype and device may differ).
+    /// Copies the values into `dst` (same shape; the dtype and device may differ). A mapped
+    /// tensor is copied in windows of whole rows, each window's file pages released as soon as it
+    /// is copied, so even the largest tensor holds at most [`COPY_WINDOW`] of file pages.
     fn copy_into(&self, dst: &mut Tensor) -> Result<(), tch::TchError> {
-        match &self.source {
-            Source::Memory(t) => dst.f_copy_(t),
-            Source::Mapped { .. } if self.byte_len() == 0 => Ok(()),
-            Source::Mapped { map, start } => {
-                let bytes = &map.bytes()[*start..start + self.byte_len()];
-                if (bytes.as_ptr() as usize) % self.kind.elt_size_in_bytes() != 0 {
-                    // Misaligned for its element type: go through an aligned copy.
-                    let t = Tensor::f_from_data_size(bytes, &self.shape, self.kind)?;
-                    return dst.f_copy_(&t);
-                }
-                // SAFETY: `bytes` holds exactly `shape`·`kind` aligned values and stays mapped
-                // while the view lives; the view is read once by `copy_` and dropped before
-                // returning, so it never outlives the mapping.
-                let view = unsafe {
-                    Tensor::f_from_blob(
-                        bytes.as_ptr(),
-                        &self.shape,
-                        &[],
-                        self.kind,
-                        tch::Device::Cpu,
-                    )?
-                };
-                dst.f_copy_(&view)
-            }
+        let (map, start) = match &self.source {
+            Source::Memory(t) => return dst.f_copy_(t),
+            Source::Mapped { map, start } => (map, *start),
+        };
+        let len = self.byte_len();
+        let rows = self.shape.first().copied().unwrap_or(1).max(1) as usize;
+        if len == 0 {
+            return Ok(());
         }
+        let row_bytes = len / rows;
+        let rows_per_window = (COPY_WINDOW / row_bytes.max(1)).max(1);
+        let mut row = 0;
+        while row < rows {
+            let n = rows_per_window.min(rows - row);
+            let from = start + row * row_bytes;
+            let bytes = &map.bytes()[from..from + n * row_bytes];
+            let mut shape = self.shape.clone();
+            if let Some(first) = shape.first_mut() {
+                *first = n as i64;
+            }
+            let mut part = if self.shape.is_empty() {
+                dst.shallow_clone()
+            } else {
+                dst.narrow(0, row as i64, n as i64)
+            };
+            copy_bytes(bytes, &shape, self.kind, &mut part)?;
+            map.release_before(from + n * row_bytes);
+            row += n;
+        }
+        Ok(())
     }
+}
+
+/// File pages one copy holds at most before they are released.
+const COPY_WINDOW: usize = 16 << 20;
+
+/// Copies `bytes` (row-major `shape` of `kind`) into `dst`.
+fn copy_bytes(
+    bytes: &[u8],
+    shape: &[i64],
+    kind: Kind,
+    dst: &mut Tensor,
+) -> Result<(), tch::TchError> {
+    if (bytes.as_ptr() as usize) % kind.elt_size_in_bytes() != 0 {
+        // Misaligned for its element type: go through an aligned copy.
+        let t = Tensor::f_from_data_size(bytes, shape, kind)?;
+        return dst.f_copy_(&t);
+    }
+    // SAFETY: `bytes` holds exactly `shape`·`kind` aligned values and stays mapped while the view
+    // lives; the view is read once by `copy_` and dropped before returning, so it never outlives
+    // the mapping.
+    let view = unsafe { Tensor::f_from_blob(bytes.as_ptr(), shape, &[], kind, tch::Device::Cpu)? };
+    dst.f_copy_(&view)
 }
 
 /// A set of named checkpoint tensors, indexed but not read.
@@ -375,9 +404,6 @@ pub fn load_into(vs: &nn::VarStore, ckpt: &Checkpoint, opts: &LoadOptions) -> Re
             path: PathBuf::from(&ckpt.desc),
             message: format!("copying `{name}`: {e}"),
         })?;
-        if let Source::Mapped { map, start } = &entry.source {
-            map.release_before(start + entry.byte_len());
-        }
         bytes += entry.byte_len() as u64;
     }
     tracing::debug!(
@@ -616,6 +642,28 @@ mod tests {
             assert_eq!(p.kind(), Kind::BFloat16);
             assert_eq!(p.mean(Kind::Float).double_value(&[]), i as f64);
         }
+    }
+
+    #[test]
+    fn tensors_larger_than_the_copy_window_load_exactly() {
+        // 40 MiB + one row: three windows, the last one partial; and a 0-dim tensor.
+        let rows = (COPY_WINDOW * 5 / 2 / 4096) as i64 + 1;
+        let big = Tensor::arange(rows, (Kind::Float, tch::Device::Cpu))
+            .unsqueeze(1)
+            .expand([rows, 1024], false)
+            .contiguous();
+        let scalar = Tensor::from(7.5f32);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("big.safetensors");
+        Tensor::write_safetensors(&[("big", &big), ("s", &scalar)], &file).unwrap();
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let b = crate::nn::Builder::new(&vs, Kind::Float, &[]);
+        let p = b.param("big", &[rows, 1024]);
+        let s = b.param("s", &[]);
+        load_into(&vs, &Checkpoint::open(&file).unwrap(), &LoadOptions::strict()).unwrap();
+        assert!(p.equal(&big));
+        assert_eq!(s.double_value(&[]), 7.5);
+        assert!(resident_bytes_of(&file) <= 8192);
     }
 
     #[test]
