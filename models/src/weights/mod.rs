@@ -148,7 +148,7 @@ fn copy_bytes(
     kind: Kind,
     dst: &mut Tensor,
 ) -> Result<(), tch::TchError> {
-    if (bytes.as_ptr() as usize) % kind.elt_size_in_bytes() != 0 {
+    if !(bytes.as_ptr() as usize).is_multiple_of(kind.elt_size_in_bytes()) {
         // Misaligned for its element type: go through an aligned copy.
         let t = Tensor::f_from_data_size(bytes, shape, kind)?;
         return dst.f_copy_(&t);
