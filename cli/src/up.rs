@@ -134,7 +134,7 @@ async fn up(args: &Args) -> Result<()> {
     for w in warnings {
         tracing::warn!("{}", w.0);
     }
-    x2v_models::device::load_cuda().map_err(anyhow::Error::msg)?;
+    x2v_models::device::load_cuda_for(args.device.wants_cuda()).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
     let served = choose_model(args, &mut gateway)?;

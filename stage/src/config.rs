@@ -50,6 +50,15 @@ pub enum DeviceChoice {
 
 impl DeviceChoice {
     const EXPECTED: &str = "auto, cpu, cuda or cuda:N";
+
+    /// Whether this choice runs on CUDA: `None` for `auto`, which depends on the host.
+    pub fn wants_cuda(self) -> Option<bool> {
+        match self {
+            DeviceChoice::Auto => None,
+            DeviceChoice::Cpu => Some(false),
+            DeviceChoice::Cuda(_) => Some(true),
+        }
+    }
 }
 
 impl std::fmt::Display for DeviceChoice {
