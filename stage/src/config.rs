@@ -292,6 +292,8 @@ mod tests {
             assert_eq!(load(&[("X2V_DEVICE", text)]).unwrap().device, device);
         }
         assert_eq!(load(&[("X2V_DEVICE", "cuda:3")]).unwrap().device, DeviceChoice::Cuda(3));
+        let cuda = |text| load(&[("X2V_DEVICE", text)]).unwrap().device.wants_cuda();
+        assert_eq!((cuda("cpu"), cuda("auto"), cuda("cuda:1")), (Some(false), None, Some(true)));
         for alias in ["f32", "fp32", "float32"] {
             assert_eq!(load(&[("X2V_DTYPE", alias)]).unwrap().dtype, DtypeChoice::F32);
         }
