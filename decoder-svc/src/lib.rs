@@ -115,9 +115,12 @@ impl StageRunner for DecoderRunner {
         inputs: JobInputs,
         ctx: &mut RunCtx<'_>,
     ) -> Result<Decoded, StageError> {
-        match (self, model) {
+        let out = match (self, model) {
             (DecoderRunner::Wan(r), DecoderModel::Wan(m)) => r.run(m, job, inputs, ctx),
-        }
+        };
+        // The job's activations go back to the kernel, not into the allocator's free lists.
+        x2v_models::weights::release_free_heap();
+        out
     }
 
     fn finish(&self, job: &JobRecord, d: Decoded) -> Result<Finished, StageError> {

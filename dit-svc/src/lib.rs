@@ -57,9 +57,12 @@ impl StageRunner for DitRunner {
         inputs: JobInputs,
         ctx: &mut RunCtx<'_>,
     ) -> Result<Vec<TensorPart>, StageError> {
-        match (self, model) {
+        let out = match (self, model) {
             (DitRunner::Wan(r), DitModel::Wan(m)) => r.run(m, job, inputs, ctx),
-        }
+        };
+        // The job's activations go back to the kernel, not into the allocator's free lists.
+        x2v_models::weights::release_free_heap();
+        out
     }
 
     fn finish(&self, _: &JobRecord, parts: Vec<TensorPart>) -> Result<Finished, StageError> {
