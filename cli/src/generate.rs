@@ -175,6 +175,7 @@ fn write_mp4(path: &Path, t: &Tensor, fps: u32) -> Result<()> {
 }
 
 fn generate(a: &Args, job: Job) -> Result<()> {
+    x2v_models::weights::map_large_allocations();
     let device = Device::cuda_if_available();
     // CPU runs fp32; on CUDA the encoders and the DiT run in bf16, the VAE decoder in fp32.
     let kind = match device {

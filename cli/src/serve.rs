@@ -119,6 +119,7 @@ async fn run_stage(which: Which, name: &str, args: &StageArgs) -> Result<()> {
     for w in warnings {
         tracing::warn!("{}", w.0);
     }
+    x2v_models::weights::map_large_allocations();
     x2v_models::device::load_cuda_for(config.device.wants_cuda()).map_err(anyhow::Error::msg)?;
     let shutdown = shutdown_on_signals();
     let print = args.print_addr;

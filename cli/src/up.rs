@@ -134,6 +134,7 @@ async fn up(args: &Args) -> Result<()> {
     for w in warnings {
         tracing::warn!("{}", w.0);
     }
+    x2v_models::weights::map_large_allocations();
     x2v_models::device::load_cuda_for(args.device.wants_cuda()).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;

@@ -437,6 +437,18 @@ pub fn release_free_heap() {
     }
 }
 
+/// Serves allocations of 1 MiB and more (weights, activations) straight from the kernel and
+/// returns them on free, instead of glibc's default of raising that threshold to the largest
+/// block freed so far (up to 32 MiB), after which freed activations stay in the heap and a
+/// stage's RSS keeps the high-water mark of every job. Call once at start-up, before loading.
+pub fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; it has no preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Logs a loaded component: what, from where, dtype, device, parameters, bytes and time; then
 /// gives the memory freed while loading back to the kernel.
 pub fn log_loaded(
