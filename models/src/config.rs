@@ -38,9 +38,7 @@ pub fn read_config<T: ModelConfig>(dir: &Path, preset: impl FnOnce() -> T) -> Re
     if file.is_file() {
         return read_config_file(&file);
     }
-    let cfg = preset();
-    cfg.validate().map_err(|m| Error::config(T::COMPONENT, None, m))?;
-    Ok(cfg)
+    checked(preset())
 }
 
 /// Validates a config given in code (a preset or a caller's override).

@@ -12,7 +12,6 @@ use x2v_core::ErrorKind;
 pub enum Component {
     Transformer,
     TextEncoder,
-    Tokenizer,
     ImageEncoder,
     ImageProcessor,
     Vae,
@@ -23,8 +22,6 @@ pub enum Component {
     Denoise,
     /// The decoder stage pipeline.
     Decode,
-    Checkpoint,
-    DemoModel,
 }
 
 impl Component {
@@ -32,7 +29,6 @@ impl Component {
         match self {
             Component::Transformer => "DiT",
             Component::TextEncoder => "text encoder",
-            Component::Tokenizer => "tokenizer",
             Component::ImageEncoder => "image encoder",
             Component::ImageProcessor => "image processor",
             Component::Vae => "VAE",
@@ -40,8 +36,6 @@ impl Component {
             Component::Encode => "encode",
             Component::Denoise => "denoise",
             Component::Decode => "decode",
-            Component::Checkpoint => "checkpoint",
-            Component::DemoModel => "demo model",
         }
     }
 }
@@ -101,12 +95,6 @@ pub enum Error {
     Write { path: PathBuf, message: String },
     #[error("cannot build the demo {what}: {message}")]
     DemoBuild { what: &'static str, message: String },
-    #[error("{component}: {source}")]
-    Torch {
-        component: Component,
-        #[source]
-        source: tch::TchError,
-    },
 }
 
 fn at(path: &Option<PathBuf>) -> String {
@@ -138,8 +126,7 @@ impl Error {
             | Error::NotLoaded(..)
             | Error::SchedulerFinished(_)
             | Error::Write { .. }
-            | Error::DemoBuild { .. }
-            | Error::Torch { .. } => ErrorKind::Internal,
+            | Error::DemoBuild { .. } => ErrorKind::Internal,
         }
     }
 
@@ -152,14 +139,7 @@ impl Error {
     pub fn config(component: Component, path: Option<&Path>, message: impl Into<String>) -> Self {
         Error::Config { component, path: path.map(Path::to_owned), message: message.into() }
     }
-
-    /// Wraps a libtorch error raised while `component` ran.
-    pub fn torch(component: Component) -> impl FnOnce(tch::TchError) -> Self {
-        move |source| Error::Torch { component, source }
-    }
 }
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {

@@ -18,4 +18,4 @@ pub mod testing;
 pub mod wan;
 pub mod weights;
 
-pub use error::{Component, Error, Result};
+pub use error::{Component, Error};

@@ -89,18 +89,6 @@ impl Entry {
             .collect()
     }
 
-    /// The values as a CPU tensor of their own (a copy for mapped values).
-    pub fn tensor(&self) -> Result<Tensor, Error> {
-        match &self.source {
-            Source::Memory(t) => Ok(t.shallow_clone()),
-            Source::Mapped { map, start } => {
-                let bytes = &map.bytes()[*start..start + self.byte_len()];
-                Tensor::f_from_data_size(bytes, &self.shape, self.kind)
-                    .map_err(Error::torch(Component::Checkpoint))
-            }
-        }
-    }
-
     /// Copies the values into `dst` (same shape; the dtype and device may differ). A mapped
     /// tensor is copied in windows of whole rows, each window's file pages released as soon as it
     /// is copied, so even the largest tensor holds at most [`COPY_WINDOW`] of file pages.
@@ -261,10 +249,6 @@ impl Checkpoint {
 
     pub fn contains(&self, key: &str) -> bool {
         self.entries.contains_key(key)
-    }
-
-    pub fn entry(&self, key: &str) -> Option<&Entry> {
-        self.entries.get(key)
     }
 
     pub fn len(&self) -> usize {
