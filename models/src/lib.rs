@@ -4,7 +4,7 @@
 //! - [`weights`]: memory-mapped checkpoints copied straight into parameters made by [`nn::Builder`].
 //! - [`config`]: component configs from `config.json` or a preset.
 //! - [`nn`]: the shared layers; [`schedulers`]: the flow-matching samplers.
-//! - [`wan`]: the Wan2.1 components and stage pipelines.
+//! - [`wan`]: the Wan2.1 components and stage pipelines; [`qwen_image`]: Qwen-Image.
 //! - [`device`]: libtorch runtime facts (CUDA really linked, devices visible) for `x2v doctor`.
 
 pub mod config;
@@ -12,6 +12,7 @@ pub mod cuda_driver;
 pub mod device;
 pub mod error;
 pub mod nn;
+pub mod qwen_image;
 pub mod schedulers;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,0 +1,1 @@
+//! Qwen-Image pipeline (being written).

@@ -1,0 +1,1 @@
+//! Qwen-Image text_encoder (being written).

@@ -1,0 +1,1 @@
+//! Qwen-Image transformer (being written).

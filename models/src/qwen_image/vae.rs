@@ -1,0 +1,1 @@
+//! Qwen-Image vae (being written).
