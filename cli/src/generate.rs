@@ -1,6 +1,7 @@
-//! `x2v generate`: one Wan2.1 video in this process — encoder, DiT and decoder stages in turn —
-//! written as an H.264 MP4 (the decoder service's encoder, so the bytes match a served job's) or
-//! losslessly as `uint8 [F, H, W, 3]` to a `.npy` file.
+//! `x2v generate`: one Wan2.1 video (`--task t2v|i2v`) or one Qwen-Image image
+//! (`--task t2i|edit`, [`crate::generate_image`]) in this process — encoder, DiT and decoder
+//! stages in turn. A video is written as an H.264 MP4 (the decoder service's encoder, so the
+//! bytes match a served job's) or losslessly as `uint8 [F, H, W, 3]` to a `.npy` file.
 //!
 //! Every argument is validated before any model is loaded; errors name the value at fault.
 
@@ -19,54 +20,77 @@ use x2v_models::wan::pipeline::{
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Wan2.1 model directory (diffusers or original layout).
+    /// Model directory: Wan2.1 (diffusers or original layout) for t2v/i2v, Qwen-Image
+    /// (diffusers layout) for t2i/edit.
     #[arg(long)]
-    model_dir: PathBuf,
-    /// `t2v` (text to video) or `i2v` (first frame + text to video).
+    pub(crate) model_dir: PathBuf,
+    /// `t2v` (text to video), `i2v` (first frame + text to video), `t2i` (text to image) or
+    /// `edit` (input images + text to image).
     #[arg(long, default_value = "t2v", value_parser = parse_task)]
-    task: Task,
+    pub(crate) task: CliTask,
     /// The prompt.
     #[arg(long)]
-    prompt: String,
-    /// Negative prompt (used when guidance > 1).
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    /// First frame for i2v (png, jpeg or webp).
+    pub(crate) prompt: String,
+    /// Negative prompt, used when guidance > 1 (default: `""` for Wan, `" "` for Qwen-Image).
     #[arg(long)]
-    image: Option<PathBuf>,
-    /// Video size `WxH`, both multiples of 16.
-    #[arg(long, default_value = "832x480")]
-    size: String,
-    /// Frames, `4k+1`.
+    pub(crate) negative_prompt: Option<String>,
+    /// Input image (png, jpeg or webp): the first frame for i2v; for edit, repeat it for
+    /// several images (Qwen-Image-Edit-2509 and later).
+    #[arg(long)]
+    pub(crate) image: Vec<PathBuf>,
+    /// Output size `WxH`, both multiples of 16 (default: 832x480 video, 1024x1024 t2i, the
+    /// ~1 MP size at the last input image's aspect for edit).
+    #[arg(long)]
+    pub(crate) size: Option<String>,
+    /// Frames, `4k+1` (video).
     #[arg(long, default_value_t = 81)]
     frames: i64,
     /// Denoising steps.
     #[arg(long, default_value_t = 50)]
-    steps: usize,
-    /// Classifier-free guidance scale (off at ≤ 1).
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
+    pub(crate) steps: usize,
+    /// Guidance scale, off at ≤ 1: classifier-free guidance for Wan (default 5), true CFG
+    /// with norm rescale for Qwen-Image (default 4).
+    #[arg(long)]
+    pub(crate) guidance: Option<f64>,
     /// Flow shift of the UniPC sampler; default: the model's `scheduler/scheduler_config.json`,
     /// else 3.0 up to 480p and 5.0 above.
     #[arg(long)]
     shift: Option<f64>,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Frames per second of an `.mp4` output.
     #[arg(long, default_value_t = 16)]
     fps: u32,
-    /// Output file: `.mp4` (H.264) or `.npy` (`uint8 [F, H, W, 3]`, lossless).
+    /// Output file: a video as `.mp4` (H.264) or `.npy` (`uint8 [F, H, W, 3]`, lossless); an
+    /// image as `.png` or `.npy` (`uint8 [H, W, 3]`).
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
-fn parse_task(s: &str) -> Result<Task, String> {
-    s.parse()
+/// What `x2v generate` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CliTask {
+    /// A Wan2.1 video.
+    Video(Task),
+    /// Qwen-Image text to image.
+    TextToImage,
+    /// Qwen-Image edit (one or more input images).
+    Edit,
+}
+
+fn parse_task(s: &str) -> Result<CliTask, String> {
+    match s {
+        "t2v" => Ok(CliTask::Video(Task::T2v)),
+        "i2v" => Ok(CliTask::Video(Task::I2v)),
+        "t2i" => Ok(CliTask::TextToImage),
+        "edit" => Ok(CliTask::Edit),
+        other => Err(format!("unknown task `{other}` (expected t2v, i2v, t2i or edit)")),
+    }
 }
 
 /// `WxH` → (width, height).
-fn parse_size(s: &str) -> Result<(i64, i64)> {
+pub(crate) fn parse_size(s: &str) -> Result<(i64, i64)> {
     let bad = || anyhow::anyhow!("--size must be WxH (e.g. 832x480), got `{s}`");
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
     Ok((w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?))
@@ -74,16 +98,19 @@ fn parse_size(s: &str) -> Result<(i64, i64)> {
 
 /// Everything checked, nothing loaded yet.
 struct Job {
+    task: Task,
     geometry: Geometry,
     shift: f64,
+    guidance: f64,
     image: Option<Tensor>,
 }
 
-fn validate(a: &Args) -> Result<Job> {
-    let (width, height) = parse_size(&a.size)?;
+fn validate(a: &Args, task: Task) -> Result<Job> {
+    let size = a.size.as_deref().unwrap_or("832x480");
+    let (width, height) = parse_size(size)?;
     for (name, v) in [("width", width), ("height", height)] {
         if v < 16 || v % 16 != 0 {
-            bail!("--size {}: {name} {v} is not a positive multiple of 16", a.size);
+            bail!("--size {size}: {name} {v} is not a positive multiple of 16");
         }
     }
     if a.frames < 1 || (a.frames - 1) % 4 != 0 {
@@ -94,8 +121,9 @@ fn validate(a: &Args) -> Result<Job> {
     if a.steps == 0 {
         bail!("--steps must be at least 1, got 0");
     }
-    if !a.guidance.is_finite() {
-        bail!("--guidance must be a finite number, got {}", a.guidance);
+    let guidance = a.guidance.unwrap_or(5.0);
+    if !guidance.is_finite() {
+        bail!("--guidance must be a finite number, got {guidance}");
     }
     let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or_default();
     if !ext.eq_ignore_ascii_case("npy") && !ext.eq_ignore_ascii_case("mp4") {
@@ -104,13 +132,14 @@ fn validate(a: &Args) -> Result<Job> {
     if a.fps == 0 || a.fps > x2v_media::MAX_FPS {
         bail!("--fps must be from 1 to {}, got {}", x2v_media::MAX_FPS, a.fps);
     }
-    let image = match (a.task, &a.image) {
-        (Task::I2v, None) => bail!("--task i2v needs --image FILE (the first frame)"),
-        (Task::T2v, Some(p)) => {
-            bail!("--image {} is only used with --task i2v", p.display())
+    let image = match (task, a.image.as_slice()) {
+        (Task::I2v, []) => bail!("--task i2v needs --image FILE (the first frame)"),
+        (Task::T2v, [p, ..]) => {
+            bail!("--image {} is only used with --task i2v and --task edit", p.display())
         }
-        (Task::I2v, Some(p)) => Some(read_image(p)?),
-        (Task::T2v, None) => None,
+        (Task::I2v, [p]) => Some(read_image(p)?),
+        (Task::I2v, _) => bail!("--task i2v takes one --image, got {}", a.image.len()),
+        (Task::T2v, []) => None,
     };
     let dir = ModelDir::open(&a.model_dir).with_context(|| "--model-dir".to_string())?;
     let shift = match a.shift {
@@ -122,7 +151,7 @@ fn validate(a: &Args) -> Result<Job> {
             5.0
         }),
     };
-    Ok(Job { geometry, shift, image })
+    Ok(Job { task, geometry, shift, guidance, image })
 }
 
 /// `flow_shift` of a diffusers `scheduler/scheduler_config.json`, if any.
@@ -133,11 +162,16 @@ fn configured_shift(root: &Path) -> Option<f64> {
 
 /// An image file as RGB `uint8 [H, W, 3]`.
 fn read_image(path: &Path) -> Result<Tensor> {
-    let img = image::open(path)
-        .with_context(|| format!("--image {}: cannot read the image", path.display()))?
-        .to_rgb8();
+    let img = read_rgb(path)?;
     let (w, h) = img.dimensions();
     Ok(Tensor::from_slice(img.as_raw()).view([i64::from(h), i64::from(w), 3]))
+}
+
+/// An image file decoded to RGB; errors name the `--image` value.
+pub(crate) fn read_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::open(path)
+        .with_context(|| format!("--image {}: cannot read the image", path.display()))?
+        .to_rgb8())
 }
 
 /// Writes a `uint8` tensor as a NumPy `.npy` file (format 1.0, C order).
@@ -176,37 +210,29 @@ fn write_mp4(path: &Path, t: &Tensor, fps: u32) -> Result<()> {
 
 fn generate(a: &Args, job: Job) -> Result<()> {
     x2v_models::weights::map_large_allocations();
-    let device = Device::cuda_if_available();
     // CPU runs fp32; on CUDA the encoders and the DiT run in bf16, the VAE decoder in fp32.
-    let kind = match device {
-        Device::Cpu => Kind::Float,
-        _ => Kind::BFloat16,
-    };
+    let (device, kind) = device_and_kind();
     eprintln!("x2v generate: {:?} on {device:?}", job.geometry);
     let phase1 = {
-        let encoder = WanEncoder::load(&a.model_dir, a.task, device, kind)?;
+        let encoder = WanEncoder::load(&a.model_dir, job.task, device, kind)?;
         encoder.encode(
             &a.prompt,
-            Some(&a.negative_prompt),
+            a.negative_prompt.as_deref(),
             job.image.as_ref(),
             job.geometry,
-            a.guidance,
+            job.guidance,
         )?
     };
     let phase2 = {
         let dit = load_transformer(&a.model_dir, device, kind)?;
         let settings = DenoiseSettings {
             steps: a.steps,
-            guidance_scale: a.guidance,
+            guidance_scale: job.guidance,
             seed: a.seed,
             scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(job.shift)),
             batch_cfg: true,
         };
-        let bar = ProgressBar::with_draw_target(Some(a.steps as u64), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("denoise {bar:30} {pos}/{len} steps [{elapsed}<{eta}]")
-                .expect("a valid template"),
-        );
+        let bar = progress_bar(a.steps);
         let out = denoise(&dit, &phase1, &settings, |_| bar.inc(1), || false);
         bar.finish();
         out?
@@ -222,8 +248,28 @@ fn generate(a: &Args, job: Job) -> Result<()> {
     Ok(())
 }
 
+/// The denoising progress bar on stderr.
+pub(crate) fn progress_bar(steps: usize) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("denoise {bar:30} {pos}/{len} steps [{elapsed}<{eta}]")
+            .expect("a valid template"),
+    );
+    bar
+}
+
+/// The device of a one-shot run and the weights' dtype there: fp32 on the CPU, bf16 on CUDA.
+pub(crate) fn device_and_kind() -> (Device, Kind) {
+    let device = Device::cuda_if_available();
+    (device, if device == Device::Cpu { Kind::Float } else { Kind::BFloat16 })
+}
+
 pub fn run(a: &Args) -> ExitCode {
-    let job = match validate(a) {
+    let task = match a.task {
+        CliTask::Video(task) => task,
+        CliTask::TextToImage | CliTask::Edit => return crate::generate_image::run(a),
+    };
+    let job = match validate(a, task) {
         Ok(job) => job,
         Err(e) => {
             eprintln!("x2v generate: {e:#}");

@@ -2,11 +2,12 @@
 //!
 //! - `x2v up`: the gateway and all three stages in one process (embedded queue, no Redis).
 //! - `x2v gateway`, `x2v encoder`, `x2v dit`, `x2v decoder`: one service per process, on Redis.
-//! - `x2v generate`: one video in this process, no server.
+//! - `x2v generate`: one video (Wan2.1) or image (Qwen-Image) in this process, no server.
 //! - `x2v doctor`: checks this host (libtorch, devices, Redis, ffmpeg).
 
 mod doctor;
 mod generate;
+mod generate_image;
 mod serve;
 mod up;
 

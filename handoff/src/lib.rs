@@ -7,9 +7,10 @@
 //! against each other. Errors name the tensor.
 //!
 //! The model code knows nothing of the transport; each family's stage payloads implement
-//! [`Handoff`] here ([`wan`]: Phase1 and Phase2).
+//! [`Handoff`] here ([`wan`], [`qwen_image`]: Phase1 and Phase2).
 #![forbid(unsafe_code)]
 
+pub mod qwen_image;
 pub mod wan;
 
 use bytes::Bytes;

@@ -1,0 +1,160 @@
+//! `x2v generate --task t2i|edit`: one Qwen-Image image in this process — encoder, DiT and
+//! decoder stages in turn — written as a PNG or losslessly as `uint8 [H, W, 3]` to a `.npy` file.
+//!
+//! Every argument is validated before any model is loaded; errors name the value at fault.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use tch::{Kind, Tensor};
+use x2v_models::qwen_image::pipeline::{
+    DenoiseSettings, ModelDir, QwenDecoder, QwenEncoder, Variant, denoise, load_transformer,
+};
+use x2v_models::qwen_image::resize::RgbImage;
+use x2v_models::schedulers::FlowMatchDynamicConfig;
+
+use crate::generate::{
+    Args, CliTask, device_and_kind, parse_size, progress_bar, read_rgb, write_npy,
+};
+
+/// Output as PNG or as NumPy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Png,
+    Npy,
+}
+
+/// Everything checked, nothing loaded yet.
+struct Job {
+    size: Option<(i64, i64)>,
+    guidance: f64,
+    images: Vec<RgbImage>,
+    scheduler: FlowMatchDynamicConfig,
+    format: Format,
+}
+
+fn validate(a: &Args) -> Result<Job> {
+    let dir = ModelDir::open(&a.model_dir).with_context(|| "--model-dir".to_string())?;
+    match (a.task, dir.variant()) {
+        (CliTask::TextToImage, Variant::TextToImage) | (CliTask::Edit, Variant::Edit | Variant::EditPlus) => {}
+        (_, v) => bail!(
+            "--model-dir {} holds a {} model, which does not do --task {}",
+            a.model_dir.display(),
+            v.class_name(),
+            if a.task == CliTask::Edit { "edit" } else { "t2i" }
+        ),
+    }
+    let size = match (&a.size, dir.variant()) {
+        (Some(s), _) => Some(parse_size(s)?),
+        (None, Variant::TextToImage) => Some((1024, 1024)),
+        (None, _) => None,
+    };
+    if let (Some((w, h)), Some(s)) = (size, &a.size) {
+        for (name, v) in [("width", w), ("height", h)] {
+            if !(16..=4096).contains(&v) {
+                bail!("--size {s}: {name} {v} is not from 16 to 4096");
+            }
+        }
+    }
+    if a.steps == 0 || a.steps > 1000 {
+        bail!("--steps must be from 1 to 1000, got {}", a.steps);
+    }
+    let guidance = a.guidance.unwrap_or(4.0);
+    if !guidance.is_finite() {
+        bail!("--guidance must be a finite number, got {guidance}");
+    }
+    let ext = a.out.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+    let format = match ext.as_str() {
+        "png" => Format::Png,
+        "npy" => Format::Npy,
+        _ => bail!("--out {}: an image is written as a .png or .npy file", a.out.display()),
+    };
+    let max = dir.variant().max_images();
+    match (dir.variant(), a.image.len()) {
+        (Variant::TextToImage, 0) => {}
+        (Variant::TextToImage, _) => {
+            bail!("--image {} is only used with --task edit", a.image[0].display())
+        }
+        (_, 0) => bail!("--task edit needs --image FILE (repeat it for several images)"),
+        (v, n) if n > max => bail!("{} takes at most {max} --image, got {n}", v.class_name()),
+        _ => {}
+    }
+    let images = a.image.iter().map(|p| rgb_image(p)).collect::<Result<Vec<_>>>()?;
+    let scheduler = FlowMatchDynamicConfig::from_dir(&dir.root().join("scheduler"))
+        .context("--model-dir: scheduler")?;
+    Ok(Job { size, guidance, images, scheduler, format })
+}
+
+/// An image file as an RGB buffer.
+fn rgb_image(path: &Path) -> Result<RgbImage> {
+    let img = read_rgb(path)?;
+    let (w, h) = img.dimensions();
+    RgbImage::new(w as usize, h as usize, img.into_raw())
+        .with_context(|| format!("--image {}", path.display()))
+}
+
+/// Writes `uint8 [H, W, 3]` as a PNG.
+fn write_png(path: &Path, t: &Tensor) -> Result<()> {
+    let size = t.size();
+    let data: Vec<u8> = Vec::try_from(&t.contiguous().view([-1]))?;
+    let img = image::RgbImage::from_raw(size[1] as u32, size[0] as u32, data)
+        .context("an RGB image buffer of the decoded size")?;
+    img.save(path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn generate(a: &Args, job: Job) -> Result<()> {
+    x2v_models::weights::map_large_allocations();
+    // CPU runs fp32; on CUDA every component runs in bf16, as the reference pipelines.
+    let (device, kind) = device_and_kind();
+    let phase1 = {
+        let encoder = QwenEncoder::load(&a.model_dir, device, kind)?;
+        encoder.encode(
+            &a.prompt,
+            a.negative_prompt.as_deref(),
+            &job.images,
+            job.size,
+            job.guidance,
+        )?
+    };
+    let g = phase1.geometry;
+    eprintln!("x2v generate: {}x{} image on {device:?}", g.width, g.height);
+    let phase2 = {
+        let dit = load_transformer(&a.model_dir, device, kind)?;
+        let settings = DenoiseSettings {
+            steps: a.steps,
+            true_cfg_scale: job.guidance,
+            seed: a.seed,
+            scheduler: job.scheduler.clone(),
+        };
+        let bar = progress_bar(a.steps);
+        let out = denoise(&dit, &phase1, &settings, |_| bar.inc(1), || false);
+        bar.finish();
+        out?
+    };
+    let image = QwenDecoder::load(&a.model_dir, device, kind)?.decode(&phase2)?;
+    debug_assert_eq!(image.kind(), Kind::Uint8);
+    match job.format {
+        Format::Png => write_png(&a.out, &image)?,
+        Format::Npy => write_npy(&a.out, &image)?,
+    }
+    eprintln!("x2v generate: wrote {:?} uint8 image to {}", image.size(), a.out.display());
+    Ok(())
+}
+
+pub fn run(a: &Args) -> ExitCode {
+    let job = match validate(a) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("x2v generate: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match generate(a, job) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("x2v generate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
