@@ -29,7 +29,8 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = common::fixture("qwen_inputs");
-    let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let meta =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
     let t = common::tensors(&dir.join("io.safetensors"));
     Fixture { dir, meta, t }
 }
@@ -120,7 +121,8 @@ fn grids(t: &Tensor) -> Vec<[i64; 3]> {
 fn image_processor_matches_transformers() {
     let fx = fixture();
     let cfg = processor_config(&fx.dir);
-    let images: Vec<RgbImage> = ["a", "b", "c"].iter().map(|k| to_image(&fx.t[&format!("images.{k}")])).collect();
+    let images: Vec<RgbImage> =
+        ["a", "b", "c"].iter().map(|k| to_image(&fx.t[&format!("images.{k}")])).collect();
     let got = process_images(&images, &cfg).unwrap();
     assert_eq!(got.grid_thw, grids(&fx.t["vl.image_grid_thw"]));
     close("pixel_values", &got.pixel_values, &fx.t["vl.pixel_values"]);
@@ -148,7 +150,8 @@ fn edit_condition_images_match_diffusers() {
         // Back to bytes: the VAE input is exactly 2 * (byte / 255) - 1.
         let vae = &inputs.vae_images[0];
         let bytes = ((vae.get(0) + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
-        let hwc = Vec::<u8>::try_from(bytes.permute([1, 2, 0]).contiguous().flatten(0, -1)).unwrap();
+        let hwc =
+            Vec::<u8>::try_from(bytes.permute([1, 2, 0]).contiguous().flatten(0, -1)).unwrap();
         assert_eq!(checksum(&hwc), as_i64(&case["vae_checksum"]), "VAE input {case}");
     }
     let small = vae_input(&to_image(&fx.t["images.a"]), 80, 48).unwrap();
@@ -170,8 +173,12 @@ fn prompt_tokens_and_embeds_match_the_pipelines() {
     let cfg = processor_config(&fx.dir);
     for (i, case) in fx.meta["cases"].as_array().unwrap().iter().enumerate() {
         let key = |k: &str| format!("case.{i}.{k}");
-        let prompts: Vec<String> =
-            case["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_owned()).collect();
+        let prompts: Vec<String> = case["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect();
         let images: Vec<RgbImage> = case["images"]
             .as_array()
             .unwrap()
@@ -190,10 +197,17 @@ fn prompt_tokens_and_embeds_match_the_pipelines() {
         };
         let batch = tok.encode(&prompts, template, &grid_thw, cfg.merge_size).unwrap();
         assert!(batch.input_ids.equal(&fx.t[&key("input_ids")]), "case {i} input_ids {case}");
-        assert!(batch.attention_mask.equal(&fx.t[&key("attention_mask")]), "case {i} attention_mask");
+        assert!(
+            batch.attention_mask.equal(&fx.t[&key("attention_mask")]),
+            "case {i} attention_mask"
+        );
         let max_len = as_i64(&case["max_sequence_length"]);
-        let (embeds, mask) =
-            prompt_embeds(&fx.t[&key("hidden")], &batch.attention_mask, template.drop_idx(), max_len);
+        let (embeds, mask) = prompt_embeds(
+            &fx.t[&key("hidden")],
+            &batch.attention_mask,
+            template.drop_idx(),
+            max_len,
+        );
         close(&format!("case {i} prompt_embeds"), &embeds, &fx.t[&key("prompt_embeds")]);
         match (mask, fx.t.get(&key("prompt_embeds_mask"))) {
             (None, None) => {}

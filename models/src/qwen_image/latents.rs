@@ -55,10 +55,11 @@ pub fn pack(latents: &Tensor) -> Result<Tensor, Error> {
             format!("latents to pack need an even, non-zero height and width, got {size:?}"),
         ));
     }
-    Ok(latents
-        .view([b, c, h / 2, 2, w / 2, 2])
-        .permute([0, 2, 4, 1, 3, 5])
-        .reshape([b, (h / 2) * (w / 2), c * 4]))
+    Ok(latents.view([b, c, h / 2, 2, w / 2, 2]).permute([0, 2, 4, 1, 3, 5]).reshape([
+        b,
+        (h / 2) * (w / 2),
+        c * 4,
+    ]))
 }
 
 /// `_unpack_latents(tokens, height, width, 8)`: `[B, (h/2)·(w/2), 4C]` → `[B, C, 1, h, w]` for an
@@ -81,10 +82,13 @@ pub fn unpack(tokens: &Tensor, height: i64, width: i64) -> Result<Tensor, Error>
             ),
         ));
     }
-    Ok(tokens
-        .view([b, h / 2, w / 2, c4 / 4, 2, 2])
-        .permute([0, 3, 1, 4, 2, 5])
-        .reshape([b, c4 / 4, 1, h, w]))
+    Ok(tokens.view([b, h / 2, w / 2, c4 / 4, 2, 2]).permute([0, 3, 1, 4, 2, 5]).reshape([
+        b,
+        c4 / 4,
+        1,
+        h,
+        w,
+    ]))
 }
 
 /// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic for

@@ -113,7 +113,10 @@ impl ModelConfig for ProcessorConfig {
             return Err("image_mean and image_std need 3 values (RGB)".into());
         }
         if Filter::from_pil(self.resample).is_none() {
-            return Err(format!("unsupported resample {} (x2v has bilinear, bicubic, Lanczos)", self.resample));
+            return Err(format!(
+                "unsupported resample {} (x2v has bilinear, bicubic, Lanczos)",
+                self.resample
+            ));
         }
         Ok(())
     }
@@ -126,13 +129,22 @@ fn input_err(message: String) -> Error {
 /// transformers' `smart_resize`: the `(height, width)` nearest to the image's, both multiples of
 /// `factor`, with the pixel count within `[min_pixels, max_pixels]`. Python's `round` (ties to
 /// even) is kept.
-pub fn smart_resize(height: i64, width: i64, factor: i64, min_pixels: i64, max_pixels: i64) -> Result<(i64, i64), Error> {
+pub fn smart_resize(
+    height: i64,
+    width: i64,
+    factor: i64,
+    min_pixels: i64,
+    max_pixels: i64,
+) -> Result<(i64, i64), Error> {
     if height < 1 || width < 1 || factor < 1 {
         return Err(input_err(format!("cannot resize a {width}x{height} image")));
     }
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     if h.max(w) / h.min(w) > 200.0 {
-        return Err(input_err(format!("absolute aspect ratio must be smaller than 200, got {}", h.max(w) / h.min(w))));
+        return Err(input_err(format!(
+            "absolute aspect ratio must be smaller than 200, got {}",
+            h.max(w) / h.min(w)
+        )));
     }
     let mut h_bar = (h / f).round_ties_even() as i64 * factor;
     let mut w_bar = (w / f).round_ties_even() as i64 * factor;
@@ -175,8 +187,15 @@ fn normalized_chw(image: &RgbImage, cfg: &ProcessorConfig) -> Vec<f32> {
 
 /// Appends one image's patches: rows in `(h / merge, w / merge, merge_h, merge_w)` order, each
 /// row `(channel, temporal copy, patch_y, patch_x)`.
-fn push_patches(out: &mut Vec<f32>, chw: &[f32], height: usize, width: usize, cfg: &ProcessorConfig) {
-    let (p, m, t) = (cfg.patch_size as usize, cfg.merge_size as usize, cfg.temporal_patch_size as usize);
+fn push_patches(
+    out: &mut Vec<f32>,
+    chw: &[f32],
+    height: usize,
+    width: usize,
+    cfg: &ProcessorConfig,
+) {
+    let (p, m, t) =
+        (cfg.patch_size as usize, cfg.merge_size as usize, cfg.temporal_patch_size as usize);
     let (gh, gw) = (height / p, width / p);
     let plane = height * width;
     for bh in 0..gh / m {
@@ -210,7 +229,13 @@ pub fn process_images(images: &[RgbImage], cfg: &ProcessorConfig) -> Result<VlIm
     let mut values = Vec::new();
     let mut grid_thw = Vec::with_capacity(images.len());
     for image in images {
-        let (h, w) = smart_resize(image.height as i64, image.width as i64, factor, cfg.min_pixels, cfg.max_pixels)?;
+        let (h, w) = smart_resize(
+            image.height as i64,
+            image.width as i64,
+            factor,
+            cfg.min_pixels,
+            cfg.max_pixels,
+        )?;
         let resized = resize(image, w as usize, h as usize, filter)?;
         let chw = normalized_chw(&resized, cfg);
         push_patches(&mut values, &chw, h as usize, w as usize, cfg);
@@ -263,7 +288,11 @@ pub fn edit_condition_sizes(variant: EditVariant, width: usize, height: usize) -
 /// The output `(width, height)` when the caller gives none: 1024² area at the aspect of the
 /// first (Edit) or last (EditPlus) input image, floored to a multiple of `multiple_of`
 /// (`vae_scale_factor * 2`, 16).
-pub fn default_output_size(variant: EditVariant, images: &[RgbImage], multiple_of: i64) -> Result<(i64, i64), Error> {
+pub fn default_output_size(
+    variant: EditVariant,
+    images: &[RgbImage],
+    multiple_of: i64,
+) -> Result<(i64, i64), Error> {
     let image = match variant {
         EditVariant::Edit => images.first(),
         EditVariant::EditPlus => images.last(),
@@ -301,7 +330,11 @@ pub struct EditInputs {
 /// Edit feeds the VAE the already-resized image; EditPlus resizes the original twice.
 pub fn edit_inputs(variant: EditVariant, images: &[RgbImage]) -> Result<EditInputs, Error> {
     if images.is_empty() || (variant == EditVariant::Edit && images.len() != 1) {
-        return Err(input_err(format!("{variant:?} takes {} image(s), got {}", if variant == EditVariant::Edit { "1" } else { "1 or more" }, images.len())));
+        return Err(input_err(format!(
+            "{variant:?} takes {} image(s), got {}",
+            if variant == EditVariant::Edit { "1" } else { "1 or more" },
+            images.len()
+        )));
     }
     let mut out = EditInputs { vl_images: Vec::new(), vae_images: Vec::new() };
     for image in images {

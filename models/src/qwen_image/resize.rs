@@ -162,7 +162,15 @@ fn clip8(acc: i32) -> u8 {
 
 /// Filters along one axis. `lines` lines of `in_len` pixels (stride `in_step` bytes between
 /// neighbouring pixels, `in_line` bytes between lines) become lines of `out_len` pixels.
-fn pass(src: &[u8], in_step: usize, in_line: usize, lines: usize, c: &Coeffs, out_step: usize, out_line: usize) -> Vec<u8> {
+fn pass(
+    src: &[u8],
+    in_step: usize,
+    in_line: usize,
+    lines: usize,
+    c: &Coeffs,
+    out_step: usize,
+    out_line: usize,
+) -> Vec<u8> {
     let out_len = c.start.len();
     let mut out = vec![0u8; lines * out_len * 3];
     let round = 1i32 << (PRECISION_BITS - 1);
@@ -186,7 +194,12 @@ fn pass(src: &[u8], in_step: usize, in_line: usize, lines: usize, c: &Coeffs, ou
 }
 
 /// `PIL.Image.resize((width, height), resample=filter)` of an RGB image.
-pub fn resize(image: &RgbImage, width: usize, height: usize, filter: Filter) -> Result<RgbImage, Error> {
+pub fn resize(
+    image: &RgbImage,
+    width: usize,
+    height: usize,
+    filter: Filter,
+) -> Result<RgbImage, Error> {
     if width == 0 || height == 0 {
         return Err(Error::Input {
             component: Component::ImageProcessor,

@@ -160,7 +160,11 @@ impl QwenTokenizer {
 
 /// The processor's placeholder expansion: the `k`-th `<|image_pad|>` of the batch becomes
 /// `t·h·w / merge²` copies for `image_grids[k]`.
-pub fn expand_image_pads(texts: &[String], image_grids: &[[i64; 3]], merge: i64) -> Result<Vec<String>, Error> {
+pub fn expand_image_pads(
+    texts: &[String],
+    image_grids: &[[i64; 3]],
+    merge: i64,
+) -> Result<Vec<String>, Error> {
     let found: usize = texts.iter().map(|t| t.matches(IMAGE_PAD).count()).sum();
     if found != image_grids.len() || merge < 1 {
         return Err(Error::Input {
@@ -211,7 +215,12 @@ fn pad_batch(ids: &[Vec<i64>], pad_id: i64) -> TokenBatch {
 /// `[B, L, D]`: each row keeps its unmasked tokens minus the first `drop_idx`, rows are
 /// right-padded with zeros to the longest, then cut to `max_len` tokens. The mask (`[B, S]`
 /// int64) is `None` when it is all ones, as the pipelines return it.
-pub fn prompt_embeds(hidden: &Tensor, attention_mask: &Tensor, drop_idx: i64, max_len: i64) -> (Tensor, Option<Tensor>) {
+pub fn prompt_embeds(
+    hidden: &Tensor,
+    attention_mask: &Tensor,
+    drop_idx: i64,
+    max_len: i64,
+) -> (Tensor, Option<Tensor>) {
     let (batch, dim) = (hidden.size()[0], hidden.size()[2]);
     let rows: Vec<Tensor> = (0..batch)
         .map(|b| {
@@ -225,7 +234,9 @@ pub fn prompt_embeds(hidden: &Tensor, attention_mask: &Tensor, drop_idx: i64, ma
     let opts = (hidden.kind(), hidden.device());
     let padded: Vec<Tensor> = rows
         .iter()
-        .map(|r| Tensor::cat(&[r.shallow_clone(), Tensor::zeros([seq - r.size()[0], dim], opts)], 0))
+        .map(|r| {
+            Tensor::cat(&[r.shallow_clone(), Tensor::zeros([seq - r.size()[0], dim], opts)], 0)
+        })
         .collect();
     let masks: Vec<Tensor> = rows
         .iter()
