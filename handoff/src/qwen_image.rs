@@ -10,7 +10,7 @@ use x2v_transfer::TensorMeta;
 use crate::{Collected, Handoff, PayloadError, TensorPart, tensor_to_part};
 
 /// The wire names of the input-image latents, `image_latents.0` …
-const IMAGE_NAMES: &[&str] = &Phase1::NAMES[4..];
+const IMAGE_NAMES: &[&str] = Phase1::NAMES.as_slice().split_at(4).1;
 
 impl Handoff for Phase1 {
     type Geometry = ImageGeometry;

@@ -31,7 +31,7 @@ impl QwenDecoder {
 
     /// Bytes held by the loaded parameters.
     pub fn parameter_bytes(&self) -> u64 {
-        weights::parameter_bytes(self.vae.var_store())
+        weights::parameter_bytes(self.vae.inner().var_store())
     }
 
     /// The image of `phase2` as `uint8 [H, W, 3]` (CPU, contiguous).

@@ -15,9 +15,9 @@ use tch::{Device, Kind, Tensor};
 use super::model_dir::ModelDir;
 use super::{ImageGeometry, LATENT_CHANNELS, Phase1, Phase2};
 use crate::error::{Component, Error};
-use crate::qwen_image::latents::{initial_noise, pack, true_cfg, unpack};
+use crate::qwen_image::latents::{initial_noise, pack, timestep_input, true_cfg, unpack};
 use crate::qwen_image::transformer::QwenImageTransformer;
-use crate::schedulers::{DynamicShiftConfig, FlowMatchEulerScheduler, Scheduler};
+use crate::schedulers::{FlowMatchDynamicConfig, FlowMatchEulerScheduler, Scheduler};
 use crate::wan::pipeline::Progress;
 
 /// Per-request sampling settings.
@@ -30,7 +30,7 @@ pub struct DenoiseSettings {
     /// Seed of the initial noise.
     pub seed: u64,
     /// The scheduler's dynamic-shift settings (`scheduler/scheduler_config.json`).
-    pub scheduler: DynamicShiftConfig,
+    pub scheduler: FlowMatchDynamicConfig,
 }
 
 /// Loads the DiT of a Qwen-Image model directory in `kind`.
@@ -72,8 +72,7 @@ impl Text {
                 format!("the mask of {what} must be [1, {}], got {:?}", s[1], m.size()),
             ));
         }
-        let device = dit.var_store().device();
-        let kind = dit.kind();
+        let (device, kind) = (dit.device(), dit.kind());
         Ok(Text {
             embeds: embeds.to_device(device).to_kind(kind),
             mask: mask.map(|m| m.to_device(device).to_kind(Kind::Int64)),
@@ -95,7 +94,7 @@ impl Images {
         geometry: ImageGeometry,
         latents: &[Tensor],
     ) -> Result<Self, Error> {
-        let device = dit.var_store().device();
+        let device = dit.device();
         let mut shapes = vec![geometry.token_grid()];
         let mut packed = Vec::with_capacity(latents.len());
         for (i, l) in latents.iter().enumerate() {
@@ -149,13 +148,15 @@ pub fn denoise(
         (_, false) => None,
     };
     let images = Images::check(dit, geometry, &phase1.image_latents)?;
-    let mut scheduler =
-        FlowMatchEulerScheduler::dynamic(&settings.scheduler, settings.steps, geometry.tokens())?;
+    let mut scheduler = FlowMatchEulerScheduler::dynamic(
+        &settings.scheduler,
+        settings.steps,
+        geometry.tokens() as usize,
+    )?;
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
-    let device = dit.var_store().device();
-    let kind = dit.kind();
-    let mut latents = pack(&initial_noise(settings.seed, geometry, kind, device))?;
+    let (device, kind) = (dit.device(), dit.kind());
+    let mut latents = initial_noise(settings.seed, geometry.height, geometry.width, kind, device)?;
     let noise_tokens = latents.size()[1];
     let forward = |input: &Tensor, t: &Tensor, text: &Text| -> Result<Tensor, Error> {
         let out = dit.forward(input, &text.embeds, text.mask.as_ref(), t, &images.shapes)?;
@@ -169,10 +170,10 @@ pub fn denoise(
             Some(img) => Tensor::cat(&[&latents, img], 1),
             None => latents.shallow_clone(),
         };
-        let timestep = Tensor::from_slice(&[t as f32]).to_device(device).to_kind(kind) / 1000.0;
+        let timestep = timestep_input(t, 1, kind, device);
         let v = forward(&input, &timestep, &cond)?;
         let v = match &uncond {
-            Some(u) => true_cfg(&v, &forward(&input, &timestep, u)?, settings.true_cfg_scale),
+            Some(u) => true_cfg(&v, &forward(&input, &timestep, u)?, settings.true_cfg_scale)?,
             None => v,
         };
         latents = scheduler.step(&v, &latents)?;

@@ -79,7 +79,7 @@ impl QwenEncoder {
 
     /// Bytes held by the loaded parameters.
     pub fn parameter_bytes(&self) -> u64 {
-        let vae = self.image.iter().map(|b| b.vae.var_store());
+        let vae = self.image.iter().map(|b| b.vae.inner().var_store());
         std::iter::once(self.text_encoder.var_store()).chain(vae).map(weights::parameter_bytes).sum()
     }
 
