@@ -37,7 +37,8 @@ struct Job {
 fn validate(a: &Args) -> Result<Job> {
     let dir = ModelDir::open(&a.model_dir).with_context(|| "--model-dir".to_string())?;
     match (a.task, dir.variant()) {
-        (CliTask::TextToImage, Variant::TextToImage) | (CliTask::Edit, Variant::Edit | Variant::EditPlus) => {}
+        (CliTask::TextToImage, Variant::TextToImage)
+        | (CliTask::Edit, Variant::Edit | Variant::EditPlus) => {}
         (_, v) => bail!(
             "--model-dir {} holds a {} model, which does not do --task {}",
             a.model_dir.display(),

@@ -144,3 +144,110 @@ fn mp4_output_is_h264_of_the_same_frames() {
     let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
     assert!(psnr > 25.0, "PSNR of the MP4 against the lossless frames: {psnr:.1} dB");
 }
+
+/// The Qwen-Image command line of fixture case `case` (`t2i`, `edit` or `edit_plus` of
+/// `tools/fixtures/qwen_pipeline.py`), writing `out`.
+fn qwen_args(case: &str, out: &str) -> (Vec<String>, serde_json::Value) {
+    let fx = common::fixture("qwen_pipeline");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join(format!("{case}.json"))).unwrap())
+            .unwrap();
+    let s = |k: &str| c[k].as_str().map(String::from).unwrap_or_else(|| c[k].to_string());
+    let mut args = vec![
+        ("--model-dir", fx.join(case).display().to_string()),
+        ("--task", if case == "t2i" { "t2i".into() } else { "edit".into() }),
+        ("--prompt", s("prompt")),
+        ("--negative-prompt", s("negative_prompt")),
+        ("--size", format!("{}x{}", s("width"), s("height"))),
+        ("--steps", s("steps")),
+        ("--guidance", s("true_cfg_scale")),
+        ("--seed", s("seed")),
+        ("--out", out.into()),
+    ];
+    match case {
+        "edit" => args.push(("--image", fx.join("edit_image.png").display().to_string())),
+        "edit_plus" => {
+            for i in 0..c["num_images"].as_u64().unwrap() {
+                args.push((
+                    "--image",
+                    fx.join(format!("edit_plus_image_{i}.png")).display().to_string(),
+                ));
+            }
+        }
+        _ => {}
+    }
+    (args.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect(), c)
+}
+
+fn qwen_npy_matches_reference(case: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("image.npy");
+    let (args, c) = qwen_args(case, out.to_str().unwrap());
+    let o = x2v(&args);
+    assert!(o.status.success(), "x2v generate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let got = Tensor::read_npy(&out).unwrap();
+    assert_eq!(got.kind(), Kind::Uint8);
+    assert_eq!(got.size(), [c["height"].as_i64().unwrap(), c["width"].as_i64().unwrap(), 3]);
+    let fx = common::fixture("qwen_pipeline");
+    let want = common::tensors(&fx.join(format!("{case}.safetensors")))["image_u8"].get(0);
+    assert_frames_match(&format!("x2v generate {case}"), &got, &want);
+}
+
+#[test]
+fn t2i_npy_matches_qwen_image_pipeline() {
+    qwen_npy_matches_reference("t2i");
+}
+
+/// Two input images (Qwen-Image-Edit-2509 layout), read from PNG files.
+#[test]
+fn edit_with_two_images_npy_matches_qwen_image_edit_plus_pipeline() {
+    qwen_npy_matches_reference("edit_plus");
+}
+
+#[test]
+fn t2i_png_holds_the_same_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (npy, png) = (tmp.path().join("i.npy"), tmp.path().join("i.png"));
+    let (args, _) = qwen_args("t2i", npy.to_str().unwrap());
+    assert!(x2v(&args).status.success());
+    let o = x2v(&with(args, "--out", png.to_str().unwrap()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let decoded = image::open(&png).unwrap().to_rgb8();
+    let want = Vec::<u8>::try_from(&Tensor::read_npy(&npy).unwrap().view([-1])).unwrap();
+    assert_eq!(decoded.into_raw(), want, "PNG is lossless");
+}
+
+#[test]
+fn bad_image_arguments_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("i.npy");
+    let (t2i, _) = qwen_args("t2i", out.to_str().unwrap());
+    let (edit, _) = qwen_args("edit", out.to_str().unwrap());
+    let fx = common::fixture("qwen_pipeline");
+    let edit_dir = fx.join("edit").display().to_string();
+    let cases: Vec<(Vec<String>, &[&str])> = vec![
+        (with(t2i.clone(), "--out", "i.gif"), &["i.gif", ".png or .npy"]),
+        (with(t2i.clone(), "--size", "8x64"), &["--size 8x64", "width 8"]),
+        (with(t2i.clone(), "--steps", "0"), &["--steps", "got 0"]),
+        (with(t2i.clone(), "--guidance", "NaN"), &["--guidance", "finite"]),
+        (with(t2i.clone(), "--image", "a.png"), &["--image a.png", "--task edit"]),
+        (with(t2i.clone(), "--task", "edit"), &["QwenImagePipeline", "--task edit"]),
+        (with(t2i.clone(), "--model-dir", "/nonexistent/qwen"), &["/nonexistent/qwen"]),
+        (with(edit.clone(), "--image", "/nonexistent/a.png"), &["--image /nonexistent/a.png"]),
+        (
+            [with(edit.clone(), "--model-dir", &edit_dir), vec!["--image".into(), "b.png".into()]]
+                .concat(),
+            &["QwenImageEditPipeline takes at most 1 --image, got 2"],
+        ),
+    ];
+    for (case, needles) in cases {
+        let o = x2v(&case);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{case:?} succeeded");
+        assert_eq!(o.status.code(), Some(2), "{case:?}: bad arguments exit 2:\n{err}");
+        for n in needles {
+            assert!(err.contains(n), "{case:?}: stderr lacks {n:?}:\n{err}");
+        }
+    }
+    assert!(!out.exists(), "no output is written for bad arguments");
+}

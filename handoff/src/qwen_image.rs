@@ -152,7 +152,10 @@ mod tests {
     #[test]
     fn phase2_is_exactly_latents() {
         let g = ImageGeometry { height: 32, width: 32 };
-        let p2 = Phase2 { geometry: g, latents: Tensor::randn(g.latent_shape(), (Kind::Float, Device::Cpu)) };
+        let p2 = Phase2 {
+            geometry: g,
+            latents: Tensor::randn(g.latent_shape(), (Kind::Float, Device::Cpu)),
+        };
         let parts = p2.to_parts().unwrap();
         let m = meta(&parts[0]);
         let back = Phase2::from_parts(g, [(&m, &parts[0].bytes[..])], Device::Cpu).unwrap();

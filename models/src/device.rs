@@ -193,3 +193,17 @@ mod tests {
         assert_eq!(s, 14.0);
     }
 }
+
+/// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic so
+/// that concurrent jobs (of any model family) cannot interleave. Nothing else in x2v's inference
+/// paths draws from it.
+static CPU_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `draw` on libtorch's CPU generator seeded with `seed` (as
+/// `torch.Generator("cpu").manual_seed(seed)`), holding the process-wide generator lock.
+pub fn with_cpu_seed<T>(seed: u64, draw: impl FnOnce() -> T) -> T {
+    let _lock = CPU_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // torch seeds with the u64 bit pattern; tch takes an i64.
+    tch::manual_seed(seed as i64);
+    draw()
+}

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use x2v_models::qwen_image::latents::{pack, unpack};
 use x2v_models::qwen_image::pipeline::{
-    DenoiseSettings, ImageGeometry, Phase1, Phase2, QwenDecoder, QwenEncoder, Variant, denoise,
-    load_transformer,
+    DenoiseSettings, ImageGeometry, ModelDir, Phase1, Phase2, QwenDecoder, QwenEncoder, Variant,
+    denoise, load_transformer,
 };
 use x2v_models::qwen_image::resize::RgbImage;
 use x2v_models::schedulers::FlowMatchDynamicConfig;
@@ -34,12 +34,10 @@ struct Case {
 
 struct Fixture {
     dir: PathBuf,
-    /// Holds the per-variant model directories alive.
-    _tmp: tempfile::TempDir,
 }
 
 fn fixture() -> Fixture {
-    Fixture { dir: common::fixture("qwen_pipeline"), _tmp: tempfile::tempdir().unwrap() }
+    Fixture { dir: common::fixture("qwen_pipeline") }
 }
 
 impl Fixture {
@@ -49,21 +47,15 @@ impl Fixture {
         (case, common::tensors(&self.dir.join(format!("{name}.safetensors"))))
     }
 
-    /// The fixture's model published as `variant`: its components, and a `model_index.json`
-    /// naming that pipeline.
+    /// The fixture's model as published for `variant` (its own `model_index.json`).
     fn model_dir(&self, variant: Variant) -> PathBuf {
-        let root = self._tmp.path().join(variant.class_name());
-        if root.exists() {
-            return root;
-        }
-        std::fs::create_dir_all(&root).unwrap();
-        let model = self.dir.join("model");
-        for part in ["transformer", "text_encoder", "tokenizer", "processor", "vae", "scheduler"] {
-            std::os::unix::fs::symlink(model.join(part), root.join(part)).unwrap();
-        }
-        let index = format!("{{\"_class_name\": \"{}\"}}", variant.class_name());
-        std::fs::write(root.join("model_index.json"), index).unwrap();
-        root
+        let dir = self.dir.join(match variant {
+            Variant::TextToImage => "t2i",
+            Variant::Edit => "edit",
+            Variant::EditPlus => "edit_plus",
+        });
+        assert_eq!(ModelDir::open(&dir).unwrap().variant(), variant);
+        dir
     }
 
     fn images(&self, name: &str, n: usize) -> Vec<RgbImage> {
@@ -123,7 +115,11 @@ fn encoder_matches(name: &str) {
     assert!(p1.prompt_mask.is_none(), "batch 1: the mask is all ones and not sent");
     assert_eq!(p1.image_latents.len(), case.num_images);
     for (i, z) in p1.image_latents.iter().enumerate() {
-        close(&format!("{name} image_latents.{i}"), &pack(z).unwrap(), &io[&format!("image_latents_{i}")]);
+        close(
+            &format!("{name} image_latents.{i}"),
+            &pack(z).unwrap(),
+            &io[&format!("image_latents_{i}")],
+        );
     }
 }
 

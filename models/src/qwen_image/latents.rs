@@ -5,8 +5,6 @@
 //! Shapes: VAE latents `[B, 16, 1, h, w]` with `h = 2·(H // 16)`, `w = 2·(W // 16)` for a
 //! `H×W` image ↔ tokens `[B, (h/2)·(w/2), 64]`, channel index `c·4 + dy·2 + dx`.
 
-use std::sync::Mutex;
-
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Component, Error};
@@ -91,10 +89,6 @@ pub fn unpack(tokens: &Tensor, height: i64, width: i64) -> Result<Tensor, Error>
     ]))
 }
 
-/// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic for
-/// the Qwen-Image noise.
-static CPU_RNG: Mutex<()> = Mutex::new(());
-
 /// The pipeline's initial noise for one `height×width` image, packed `[1, seq, 64]` on `device`:
 /// `randn((1, 1, 16, h, w), dtype=kind)` from `torch.Generator("cpu").manual_seed(seed)`, as
 /// `prepare_latents` draws it (in the prompt dtype: bf16 noise is drawn in bf16, which is not
@@ -108,10 +102,9 @@ pub fn initial_noise(
 ) -> Result<Tensor, Error> {
     let (h, w) = latent_size(height, width)?;
     let noise = {
-        let _lock = CPU_RNG.lock().unwrap_or_else(|e| e.into_inner());
-        // torch seeds with the u64 bit pattern; tch takes an i64.
-        tch::manual_seed(seed as i64);
-        Tensor::randn([1, 1, LATENT_CHANNELS, h, w], (kind, Device::Cpu))
+        crate::device::with_cpu_seed(seed, || {
+            Tensor::randn([1, 1, LATENT_CHANNELS, h, w], (kind, Device::Cpu))
+        })
     };
     // [1, 1, 16, h, w] has the memory layout of [1, 16, 1, h, w].
     Ok(pack(&noise.view([1, LATENT_CHANNELS, 1, h, w]))?.to_device(device))

@@ -99,8 +99,7 @@ impl Images {
         let mut packed = Vec::with_capacity(latents.len());
         for (i, l) in latents.iter().enumerate() {
             let s = l.size();
-            if s.len() != 5 || s[..3] != [1, LATENT_CHANNELS, 1] || s[3] % 2 != 0 || s[4] % 2 != 0
-            {
+            if s.len() != 5 || s[..3] != [1, LATENT_CHANNELS, 1] || s[3] % 2 != 0 || s[4] % 2 != 0 {
                 return Err(Error::input(
                     Component::Denoise,
                     format!("image_latents.{i} must be [1, 16, 1, h, w] with even h, w, got {s:?}"),
@@ -133,12 +132,9 @@ pub fn denoise(
     }
     let cond = Text::check(dit, &phase1.prompt_embeds, phase1.prompt_mask.as_ref(), "prompt")?;
     let uncond = match (&phase1.negative_prompt_embeds, settings.true_cfg_scale > 1.0) {
-        (Some(e), true) => Some(Text::check(
-            dit,
-            e,
-            phase1.negative_prompt_mask.as_ref(),
-            "negative prompt",
-        )?),
+        (Some(e), true) => {
+            Some(Text::check(dit, e, phase1.negative_prompt_mask.as_ref(), "negative prompt")?)
+        }
         (None, true) => {
             return Err(Error::input(
                 Component::Denoise,

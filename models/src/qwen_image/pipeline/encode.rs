@@ -26,7 +26,9 @@ use crate::qwen_image::processor::{
 };
 use crate::qwen_image::resize::RgbImage;
 use crate::qwen_image::text_encoder::QwenVlTextEncoder;
-use crate::qwen_image::tokenizer::{MAX_SEQUENCE_LENGTH, PromptTemplate, QwenTokenizer, prompt_embeds};
+use crate::qwen_image::tokenizer::{
+    MAX_SEQUENCE_LENGTH, PromptTemplate, QwenTokenizer, prompt_embeds,
+};
 use crate::qwen_image::vae::QwenImageVae;
 use crate::wan::vae::VaeParts;
 use crate::weights;
@@ -80,7 +82,10 @@ impl QwenEncoder {
     /// Bytes held by the loaded parameters.
     pub fn parameter_bytes(&self) -> u64 {
         let vae = self.image.iter().map(|b| b.vae.inner().var_store());
-        std::iter::once(self.text_encoder.var_store()).chain(vae).map(weights::parameter_bytes).sum()
+        std::iter::once(self.text_encoder.var_store())
+            .chain(vae)
+            .map(weights::parameter_bytes)
+            .sum()
     }
 
     /// The output size of a job: `size` floored to multiples of 16 when given, else (edits) the
@@ -119,10 +124,9 @@ impl QwenEncoder {
         let msg = match self.variant {
             Variant::TextToImage if n > 0 => "a text-to-image model takes no input image".into(),
             Variant::Edit | Variant::EditPlus if n == 0 => "an edit needs an input image".into(),
-            _ if n > max => format!(
-                "{} takes at most {max} input image(s), got {n}",
-                self.variant.class_name()
-            ),
+            _ if n > max => {
+                format!("{} takes at most {max} input image(s), got {n}", self.variant.class_name())
+            }
             _ => return Ok(()),
         };
         Err(Error::input(Component::Encode, msg))

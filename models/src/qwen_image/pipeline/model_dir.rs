@@ -73,7 +73,8 @@ impl ModelDir {
         }
         let bad = |m: String| Error::config(Component::Encode, Some(&index), m);
         let text = std::fs::read_to_string(&index).map_err(|e| bad(e.to_string()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let class = json.get("_class_name").and_then(|v| v.as_str()).unwrap_or_default();
         let variant = Variant::from_class_name(class).ok_or_else(|| {
             bad(format!(

@@ -5,8 +5,6 @@
 //! job seed, as the reference draws it with `torch.Generator("cpu").manual_seed(seed)`.
 //! Guidance: `v = v_u + g·(v_c − v_u)` in the model dtype, cond and uncond run as one batch of 2.
 
-use std::sync::Mutex;
-
 use tch::{Device, Kind, Tensor};
 
 use super::{Geometry, Phase1, Phase2, TEXT_LEN};
@@ -72,17 +70,13 @@ enum Guidance {
     Off(PreparedContext),
 }
 
-/// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic so
-/// concurrent jobs cannot interleave. Nothing else in x2v's inference paths draws from it.
-static CPU_RNG: Mutex<()> = Mutex::new(());
-
 /// The reference pipeline's initial latents: `randn(shape)` fp32 from a CPU generator seeded with
 /// `seed` (identical to `torch.Generator("cpu").manual_seed(seed)`), moved to `device`.
 pub fn initial_noise(geometry: &Geometry, seed: u64, device: Device) -> Tensor {
-    let _lock = CPU_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    // torch seeds with the u64 bit pattern; tch takes an i64.
-    tch::manual_seed(seed as i64);
-    Tensor::randn(geometry.latent_shape(), (Kind::Float, Device::Cpu)).to_device(device)
+    crate::device::with_cpu_seed(seed, || {
+        Tensor::randn(geometry.latent_shape(), (Kind::Float, Device::Cpu))
+    })
+    .to_device(device)
 }
 
 fn pad_text(t: &Tensor, text_dim: i64, what: &str) -> Result<Tensor, Error> {
