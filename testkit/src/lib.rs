@@ -17,10 +17,14 @@ pub mod redis;
 
 use std::path::{Path, PathBuf};
 
-/// The workspace root (this crate sits directly in it).
+/// The workspace root of the checkout under test. Every x2v crate sits directly in it, so it is
+/// the parent of the package directory cargo names when it runs a test (`CARGO_MANIFEST_DIR` at
+/// run time); this crate's own compile-time directory is the fallback. (Artifacts built from
+/// another checkout that shares the target directory may be reused, so the compile-time path
+/// can name a checkout that is gone.)
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("x2v-testkit sits in the workspace root")
-        .to_owned()
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    Path::new(&package).parent().expect("x2v crates sit in the workspace root").to_owned()
 }
