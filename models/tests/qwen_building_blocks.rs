@@ -133,9 +133,9 @@ fn pipeline_case(fx: &Path, name: &str) -> (PipelineCase, HashMap<String, Tensor
 #[test]
 fn building_blocks_reproduce_the_pipeline_runs() {
     let fx = common::fixture("qwen_pipeline");
-    let sched_cfg = FlowMatchDynamicConfig::from_dir(&fx.join("model/scheduler")).unwrap();
+    let sched_cfg = FlowMatchDynamicConfig::from_dir(&fx.join("edit_plus/scheduler")).unwrap();
     assert_eq!(sched_cfg, FlowMatchDynamicConfig::qwen_image());
-    let vae = load_vae(&fx.join("model/vae"));
+    let vae = load_vae(&fx.join("edit_plus/vae"));
     for name in ["t2i", "edit", "edit_plus"] {
         let (c, io) = pipeline_case(&fx, name);
         let noise =
