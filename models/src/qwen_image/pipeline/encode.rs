@@ -22,7 +22,7 @@ use super::{ImageGeometry, MAX_INPUT_IMAGES, Phase1};
 use crate::config::read_config_file;
 use crate::error::{Component, Error};
 use crate::qwen_image::processor::{
-    EditVariant, ProcessorConfig, default_output_size, edit_inputs, process_images,
+    EditVariant, ProcessorConfig, VlImages, default_output_size, edit_inputs, process_images,
 };
 use crate::qwen_image::resize::RgbImage;
 use crate::qwen_image::text_encoder::QwenVlTextEncoder;
@@ -51,6 +51,14 @@ pub struct QwenEncoder {
 
 /// One prompt's embeddings and mask.
 type Embedded = (Tensor, Option<Tensor>);
+
+/// What an edit's prompts are encoded with: the input images through the Qwen2-VL processor and
+/// the pipeline's template.
+struct EditPrompts {
+    vl: VlImages,
+    template: PromptTemplate,
+    merge: i64,
+}
 
 impl QwenEncoder {
     /// Loads the encoder-stage components of a Qwen-Image model directory in `kind`.
@@ -150,31 +158,13 @@ impl QwenEncoder {
         debug_assert!(images.len() <= MAX_INPUT_IMAGES);
         let geometry = self.geometry(size, images)?;
         let _guard = tch::no_grad_guard();
-        let (embed, image_latents): (Box<dyn Fn(&str) -> Result<Embedded, Error>>, Vec<Tensor>) =
-            match (&self.image, self.edit_variant()) {
-                (Some(branch), Some(variant)) => {
-                    let inputs = edit_inputs(variant, images)?;
-                    let vl = process_images(&inputs.vl_images, &branch.processor)?;
-                    let latents = inputs
-                        .vae_images
-                        .iter()
-                        .map(|x| branch.vae.encode_image(x))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let template = match variant {
-                        EditVariant::Edit => PromptTemplate::Edit,
-                        EditVariant::EditPlus => PromptTemplate::EditPlus { images: images.len() },
-                    };
-                    let merge = branch.processor.merge_size;
-                    let embed = move |text: &str| {
-                        self.embed(text, template, Some((&vl.pixel_values, &vl.grid_thw)), merge)
-                    };
-                    (Box::new(embed), latents)
-                }
-                _ => (
-                    Box::new(|text: &str| self.embed(text, PromptTemplate::TextToImage, None, 2)),
-                    Vec::new(),
-                ),
-            };
+        let (prompts, image_latents) = self.prepare_images(images)?;
+        let embed = |text: &str| match &prompts {
+            Some(p) => {
+                self.embed(text, p.template, Some((&p.vl.pixel_values, &p.vl.grid_thw)), p.merge)
+            }
+            None => self.embed(text, PromptTemplate::TextToImage, None, 2),
+        };
         let (prompt_embeds, prompt_mask) = embed(prompt)?;
         let (negative_prompt_embeds, negative_prompt_mask) = if true_cfg_scale > 1.0 {
             let (e, m) = embed(negative_prompt.unwrap_or(" "))?;
@@ -190,6 +180,29 @@ impl QwenEncoder {
             negative_prompt_mask,
             image_latents,
         })
+    }
+
+    /// Edits: the vision-language inputs every prompt is encoded with, and each input image's
+    /// normalised VAE latent. Text to image: neither.
+    fn prepare_images(
+        &self,
+        images: &[RgbImage],
+    ) -> Result<(Option<EditPrompts>, Vec<Tensor>), Error> {
+        let (Some(branch), Some(variant)) = (&self.image, self.edit_variant()) else {
+            return Ok((None, Vec::new()));
+        };
+        let inputs = edit_inputs(variant, images)?;
+        let vl = process_images(&inputs.vl_images, &branch.processor)?;
+        let latents = inputs
+            .vae_images
+            .iter()
+            .map(|x| branch.vae.encode_image(x))
+            .collect::<Result<Vec<_>, _>>()?;
+        let template = match variant {
+            EditVariant::Edit => PromptTemplate::Edit,
+            EditVariant::EditPlus => PromptTemplate::EditPlus { images: images.len() },
+        };
+        Ok((Some(EditPrompts { vl, template, merge: branch.processor.merge_size }), latents))
     }
 
     /// One prompt through the template, the tokenizer and the text encoder.
