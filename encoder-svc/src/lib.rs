@@ -25,10 +25,10 @@ pub enum EncoderRunner {
     QwenImage(qwen_image::Encoder),
 }
 
-/// The loaded encoders of one family.
+/// The loaded encoders of one family (boxed: the two differ much in size).
 pub enum EncoderModel {
-    Wan(WanEncoder),
-    QwenImage(QwenEncoder),
+    Wan(Box<WanEncoder>),
+    QwenImage(Box<QwenEncoder>),
 }
 
 impl EncoderRunner {
@@ -61,9 +61,11 @@ impl StageRunner for EncoderRunner {
 
     fn load(&self) -> Result<(EncoderModel, Vec<LoadedModel>), StageError> {
         match self {
-            EncoderRunner::Wan(r) => r.load().map(|(m, loaded)| (EncoderModel::Wan(m), loaded)),
+            EncoderRunner::Wan(r) => {
+                r.load().map(|(m, loaded)| (EncoderModel::Wan(Box::new(m)), loaded))
+            }
             EncoderRunner::QwenImage(r) => {
-                r.load().map(|(m, loaded)| (EncoderModel::QwenImage(m), loaded))
+                r.load().map(|(m, loaded)| (EncoderModel::QwenImage(Box::new(m)), loaded))
             }
         }
     }
