@@ -3,14 +3,16 @@
 //! downloads: an H.264 MP4 at the job's fps, a WebP thumbnail and a JPEG spritesheet for videos, or
 //! a PNG/JPEG/WebP image. The runtime stores the files before the job is marked completed.
 //!
-//! One runner per model family ([`wan`]); [`DecoderRunner`] picks it from the model directory.
+//! One runner per model family ([`wan`], [`qwen_image`]); [`DecoderRunner`] picks it from the model directory.
 //! Only the VAE decoder is loaded.
 #![forbid(unsafe_code)]
 
+pub mod qwen_image;
 pub mod wan;
 
 use x2v_core::JobErrorCode;
 use x2v_media::{Frames, ImageFormat, Mp4Options, SpriteOptions};
+use x2v_models::qwen_image::pipeline::QwenDecoder;
 use x2v_models::wan::pipeline::WanDecoder;
 use x2v_queue::{JobRecord, Resource, Stage};
 use x2v_stage::StageConfig;
@@ -25,11 +27,13 @@ const THUMBNAIL_SIDE: u32 = 512;
 /// The decoder stage of one served model, for its family.
 pub enum DecoderRunner {
     Wan(wan::Decoder),
+    QwenImage(qwen_image::Decoder),
 }
 
 /// The loaded VAE decoder of one family.
 pub enum DecoderModel {
     Wan(WanDecoder),
+    QwenImage(QwenDecoder),
 }
 
 /// Decoded frames, `uint8 [F, H, W, 3]`, on the CPU.
@@ -46,6 +50,9 @@ impl DecoderRunner {
     pub fn new(config: &StageConfig) -> Result<Self, String> {
         match ModelFamily::of(config, "decoder")? {
             (ModelFamily::Wan, dir) => Ok(DecoderRunner::Wan(wan::Decoder::new(config, dir)?)),
+            (ModelFamily::QwenImage, dir) => {
+                Ok(DecoderRunner::QwenImage(qwen_image::Decoder::new(config, dir)?))
+            }
         }
     }
 }
@@ -105,6 +112,9 @@ impl StageRunner for DecoderRunner {
     fn load(&self) -> Result<(DecoderModel, Vec<LoadedModel>), StageError> {
         match self {
             DecoderRunner::Wan(r) => r.load().map(|(m, loaded)| (DecoderModel::Wan(m), loaded)),
+            DecoderRunner::QwenImage(r) => {
+                r.load().map(|(m, loaded)| (DecoderModel::QwenImage(m), loaded))
+            }
         }
     }
 
@@ -117,6 +127,11 @@ impl StageRunner for DecoderRunner {
     ) -> Result<Decoded, StageError> {
         let out = match (self, model) {
             (DecoderRunner::Wan(r), DecoderModel::Wan(m)) => r.run(m, job, inputs, ctx),
+            (DecoderRunner::QwenImage(r), DecoderModel::QwenImage(m)) => r.run(m, job, inputs, ctx),
+            _ => Err(StageError::new(
+                JobErrorCode::InternalError,
+                "the loaded model is of another family than the runner",
+            )),
         };
         // The job's activations go back to the kernel, not into the allocator's free lists.
         x2v_models::weights::release_free_heap();

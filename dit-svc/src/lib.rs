@@ -2,11 +2,14 @@
 //! loop with a progress report and a cancellation check at every step, and sends the final
 //! latents. Only the transformer is loaded.
 //!
-//! One runner per model family ([`wan`]); [`DitRunner`] picks it from the model directory.
+//! One runner per model family ([`wan`], [`qwen_image`]); [`DitRunner`] picks it from the model directory.
 #![forbid(unsafe_code)]
 
+pub mod qwen_image;
 pub mod wan;
 
+use x2v_core::JobErrorCode;
+use x2v_models::qwen_image::transformer::QwenImageTransformer;
 use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_queue::{JobRecord, Stage};
 use x2v_stage::StageConfig;
@@ -19,11 +22,13 @@ use x2v_transfer::TensorPart;
 /// The DiT stage of one served model, for its family.
 pub enum DitRunner {
     Wan(wan::Dit),
+    QwenImage(qwen_image::Dit),
 }
 
 /// The loaded transformer of one family.
 pub enum DitModel {
     Wan(WanTransformer3DModel),
+    QwenImage(QwenImageTransformer),
 }
 
 impl DitRunner {
@@ -32,6 +37,9 @@ impl DitRunner {
     pub fn new(config: &StageConfig) -> Result<Self, String> {
         match ModelFamily::of(config, "DiT")? {
             (ModelFamily::Wan, dir) => Ok(DitRunner::Wan(wan::Dit::new(config, dir)?)),
+            (ModelFamily::QwenImage, dir) => {
+                Ok(DitRunner::QwenImage(qwen_image::Dit::new(config, dir)?))
+            }
         }
     }
 }
@@ -47,6 +55,7 @@ impl StageRunner for DitRunner {
     fn load(&self) -> Result<(DitModel, Vec<LoadedModel>), StageError> {
         match self {
             DitRunner::Wan(r) => r.load().map(|(m, loaded)| (DitModel::Wan(m), loaded)),
+            DitRunner::QwenImage(r) => r.load().map(|(m, loaded)| (DitModel::QwenImage(m), loaded)),
         }
     }
 
@@ -59,6 +68,11 @@ impl StageRunner for DitRunner {
     ) -> Result<Vec<TensorPart>, StageError> {
         let out = match (self, model) {
             (DitRunner::Wan(r), DitModel::Wan(m)) => r.run(m, job, inputs, ctx),
+            (DitRunner::QwenImage(r), DitModel::QwenImage(m)) => r.run(m, job, inputs, ctx),
+            _ => Err(StageError::new(
+                JobErrorCode::InternalError,
+                "the loaded model is of another family than the runner",
+            )),
         };
         // The job's activations go back to the kernel, not into the allocator's free lists.
         x2v_models::weights::release_free_heap();

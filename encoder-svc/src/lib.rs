@@ -1,12 +1,15 @@
 //! x2v-encoder: the encoder stage. Encodes a job's prompt (and, where the task has one, its
-//! uploaded image) into the payload the DiT stage denoises from, and sends it (exact sizes, the
+//! uploaded images) into the payload the DiT stage denoises from, and sends it (exact sizes, the
 //! model's dtype) to whichever DiT rank takes the job. Only the encoders are loaded.
 //!
-//! One runner per model family ([`wan`]); [`EncoderRunner`] picks it from the model directory.
+//! One runner per model family ([`wan`], [`qwen_image`]); [`EncoderRunner`] picks it from the model directory.
 #![forbid(unsafe_code)]
 
+pub mod qwen_image;
 pub mod wan;
 
+use x2v_core::JobErrorCode;
+use x2v_models::qwen_image::pipeline::QwenEncoder;
 use x2v_models::wan::pipeline::WanEncoder;
 use x2v_queue::{JobRecord, Stage};
 use x2v_stage::StageConfig;
@@ -19,11 +22,13 @@ use x2v_transfer::TensorPart;
 /// The encoder stage of one served model, for its family.
 pub enum EncoderRunner {
     Wan(wan::Encoder),
+    QwenImage(qwen_image::Encoder),
 }
 
-/// The loaded encoders of one family.
+/// The loaded encoders of one family (boxed: the two differ much in size).
 pub enum EncoderModel {
-    Wan(WanEncoder),
+    Wan(Box<WanEncoder>),
+    QwenImage(Box<QwenEncoder>),
 }
 
 impl EncoderRunner {
@@ -32,6 +37,9 @@ impl EncoderRunner {
     pub fn new(config: &StageConfig) -> Result<Self, String> {
         match ModelFamily::of(config, "encoder")? {
             (ModelFamily::Wan, dir) => Ok(EncoderRunner::Wan(wan::Encoder::new(config, dir)?)),
+            (ModelFamily::QwenImage, dir) => {
+                Ok(EncoderRunner::QwenImage(qwen_image::Encoder::new(config, dir)?))
+            }
         }
     }
 }
@@ -47,12 +55,18 @@ impl StageRunner for EncoderRunner {
     fn upload_roles(&self) -> &'static [&'static str] {
         match self {
             EncoderRunner::Wan(r) => r.upload_roles(),
+            EncoderRunner::QwenImage(r) => r.upload_roles(),
         }
     }
 
     fn load(&self) -> Result<(EncoderModel, Vec<LoadedModel>), StageError> {
         match self {
-            EncoderRunner::Wan(r) => r.load().map(|(m, loaded)| (EncoderModel::Wan(m), loaded)),
+            EncoderRunner::Wan(r) => {
+                r.load().map(|(m, loaded)| (EncoderModel::Wan(Box::new(m)), loaded))
+            }
+            EncoderRunner::QwenImage(r) => {
+                r.load().map(|(m, loaded)| (EncoderModel::QwenImage(Box::new(m)), loaded))
+            }
         }
     }
 
@@ -65,6 +79,13 @@ impl StageRunner for EncoderRunner {
     ) -> Result<Vec<TensorPart>, StageError> {
         let out = match (self, model) {
             (EncoderRunner::Wan(r), EncoderModel::Wan(m)) => r.run(m, job, &inputs, ctx),
+            (EncoderRunner::QwenImage(r), EncoderModel::QwenImage(m)) => {
+                r.run(m, job, &inputs, ctx)
+            }
+            _ => Err(StageError::new(
+                JobErrorCode::InternalError,
+                "the loaded model is of another family than the runner",
+            )),
         };
         // The job's activations go back to the kernel, not into the allocator's free lists.
         x2v_models::weights::release_free_heap();

@@ -1,5 +1,6 @@
 //! Which model family a stage serves, told by its model directory: a diffusers
-//! `model_index.json` names its pipeline class; the original Wan release has no index.
+//! `model_index.json` names its pipeline class (`Wan*Pipeline`, or one of the three Qwen-Image
+//! pipelines); the original Wan release has no index.
 //! Each stage service keeps one runner per family and picks it here.
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,14 @@ use crate::config::StageConfig;
 pub enum ModelFamily {
     /// Wan2.1 text- and image-to-video (diffusers `Wan*Pipeline`, or the original release).
     Wan,
+    /// Qwen-Image text to image and image editing (diffusers `QwenImagePipeline`,
+    /// `QwenImageEditPipeline`, `QwenImageEditPlusPipeline`).
+    QwenImage,
 }
+
+/// The diffusers pipeline classes of the Qwen-Image family.
+const QWEN_IMAGE_CLASSES: [&str; 3] =
+    ["QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline"];
 
 impl ModelFamily {
     /// The family and directory of `config.model_dir`; `what` names the stage in errors (`DiT`).
@@ -37,9 +45,11 @@ impl ModelFamily {
         match json.get("_class_name").and_then(|c| c.as_str()) {
             None => Ok(ModelFamily::Wan),
             Some(class) if class.starts_with("Wan") => Ok(ModelFamily::Wan),
+            Some(class) if QWEN_IMAGE_CLASSES.contains(&class) => Ok(ModelFamily::QwenImage),
             Some(class) => Err(format!(
-                "{}: pipeline `{class}` is not served by x2v (served: Wan*Pipeline)",
-                index.display()
+                "{}: pipeline `{class}` is not served by x2v (served: Wan*Pipeline, {})",
+                index.display(),
+                QWEN_IMAGE_CLASSES.join(", ")
             )),
         }
     }
@@ -56,9 +66,14 @@ mod tests {
         let index = dir.path().join("model_index.json");
         std::fs::write(&index, r#"{"_class_name": "WanImageToVideoPipeline"}"#).unwrap();
         assert_eq!(ModelFamily::detect(dir.path()), Ok(ModelFamily::Wan));
-        std::fs::write(&index, r#"{"_class_name": "QwenImagePipeline"}"#).unwrap();
+        for class in QWEN_IMAGE_CLASSES {
+            std::fs::write(&index, format!(r#"{{"_class_name": "{class}"}}"#)).unwrap();
+            assert_eq!(ModelFamily::detect(dir.path()), Ok(ModelFamily::QwenImage), "{class}");
+        }
+        std::fs::write(&index, r#"{"_class_name": "FluxPipeline"}"#).unwrap();
         let err = ModelFamily::detect(dir.path()).unwrap_err();
-        assert!(err.contains("`QwenImagePipeline` is not served"), "{err}");
+        assert!(err.contains("`FluxPipeline` is not served"), "{err}");
+        assert!(err.contains("Wan*Pipeline, QwenImagePipeline, QwenImageEditPipeline"), "{err}");
         std::fs::write(&index, "{").unwrap();
         assert!(ModelFamily::detect(dir.path()).unwrap_err().contains("parsing"));
     }

@@ -1,0 +1,224 @@
+"""Qwen-Image served through the disaggregated pipeline: gateway -> encoder -> DiT -> decoder, each a
+separate process, jobs in Redis, driven by the official openai client's images API.
+
+The models are the tiny Qwen-Image pipelines of `tools/fixtures/qwen_pipeline.py` (text to image and
+EditPlus); a served image must equal, pixel for pixel, what `x2v generate` writes for the same
+settings (the same stage code runs in one process there).
+"""
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from x2v_testing import ROOT, TARGET, Process, RedisServer, write_config
+
+from conftest import API_KEY, Stage
+
+T2I, EDIT = "qwen-e2e-t2i", "qwen-e2e-edit-plus"
+STEPS = 2
+# Not the pipelines' default (" "), so that the served image shows the field reached the encoder.
+NEGATIVE = "blurry, low quality"
+
+
+def image_entry(name, task):
+    return {
+        "name": name, "tasks": [task], "sizes": ["96x64", "64x64"], "fps": 0, "max_frames": 1,
+        "default_seconds": 0, "default_steps": STEPS, "max_steps": 50, "default_guidance_scale": 4.0,
+        "default_shift": 3.0, "max_n": 2,
+    }
+
+
+class ImageCluster:
+    """Redis, a gateway serving the two tiny Qwen-Image models, and their three stage services each
+    (ranks after nothing else: this cluster has its own Redis)."""
+
+    def __init__(self, x2v_bin, workdir, fixtures):
+        self.bin, self.dir, self.fixtures = x2v_bin, workdir, fixtures
+        self.prefix = "x2v-e2e-images"
+        self.storage = os.path.join(workdir, "outputs")
+        self.models = {T2I: fixtures / "t2i", EDIT: fixtures / "edit_plus"}
+        self.redis = RedisServer(workdir)
+        self.procs = [self._gateway()]
+        self.gateway = self.procs[0]
+        for rank, (model, task) in enumerate([(T2I, "t2i"), (EDIT, "edit")]):
+            for kind in ["encoder", "dit", "decoder"]:
+                self.procs.append(Stage(self, kind, model, self.models[model], task, rank))
+
+    def _gateway(self):
+        config = {
+            "queue": {"backend": "redis", "redis_url": self.redis.url, "prefix": self.prefix,
+                      "maintain_interval_ms": 200},
+            "storage": {"kind": "local", "path": self.storage},
+            "auth": {"api_keys": [API_KEY]},
+            "http": {"poll_after_ms": 50, "image_timeout_s": 120},
+            "models": [image_entry(T2I, "t2i"), image_entry(EDIT, "edit")],
+            "telemetry": {"log_format": "text", "log_level": "warn"},
+        }
+        path = write_config(Path(self.dir) / "gateway.json", config)
+        gw = Process("gateway", [str(self.bin), "gateway", "--config", str(path), "--listen", "127.0.0.1:0",
+                                 "--print-addr"],
+                     dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("listening on "))
+        gw.base_url = f"http://{gw.ready_line.split()[-1]}/v1"
+        return gw
+
+    def logs(self) -> str:
+        return "\n".join(p.log() for p in self.procs)
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+        self.redis.kill()
+
+
+def generator_sources(tools: Path, script: Path):
+    """The script and the sibling modules it imports, transitively (as x2v-testkit's `fixture`)."""
+    sources = [script]
+    for source in sources:
+        for line in source.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and (words[0] == "import" or (words[0] == "from" and "import" in words[2:3])):
+                sibling = tools / f"{words[1].rstrip(',')}.py"
+                if sibling.exists() and sibling not in sources:
+                    sources.append(sibling)
+    return sources
+
+
+def fixture_dir(name: str) -> Path:
+    """`tools/fixtures/<name>.py`'s output, cached where the Rust parity tests cache it
+    (`$CARGO_TARGET_DIR/x2v-fixtures/<name>-<FNV-1a of the generator sources>`), generated if absent."""
+    tools = ROOT / "tools/fixtures"
+    h = 0xCBF29CE484222325
+    for source in generator_sources(tools, tools / f"{name}.py"):
+        for b in source.read_bytes():
+            h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    base = Path(os.environ.get("X2V_FIXTURE_CACHE", TARGET / "x2v-fixtures"))
+    out = base / f"{name}-{h:016x}"
+    if (out / ".complete").exists():
+        return out
+    tmp = base / f".{name}-{h:016x}-e2e-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    subprocess.run([sys.executable, str(tools / f"{name}.py"), "--out", str(tmp)], check=True,
+                   capture_output=True, env=dict(os.environ, PYTHONHASHSEED="0"))
+    (tmp / ".complete").touch()
+    try:
+        tmp.rename(out)
+    except OSError:  # generated meanwhile by another run: either copy is valid
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen_fixtures():
+    """The tiny Qwen-Image pipelines (t2i/, edit_plus/), their settings and input images."""
+    return fixture_dir("qwen_pipeline")
+
+
+@pytest.fixture(scope="module")
+def images_cluster(x2v_bin, qwen_fixtures):
+    workdir = tempfile.mkdtemp(prefix="x2v-e2e-images-")
+    c = ImageCluster(x2v_bin, workdir, qwen_fixtures)
+    yield c
+    c.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def client(images_cluster):
+    import openai
+
+    return openai.OpenAI(base_url=images_cluster.gateway.base_url, api_key=API_KEY, max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def logs_on_failure(request, images_cluster):
+    """Prints the services' recent output when a test fails (this module's cluster, not the videos')."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(images_cluster.logs())
+
+
+def settings(fixtures, case):
+    s = json.loads((fixtures / f"{case}.json").read_text())
+    return s["prompt"], NEGATIVE, s["seed"], f"{s['width']}x{s['height']}"
+
+
+def x2v_generate(cluster, tmp_path, model, task, prompt, negative, size, seed, images=()):
+    """`x2v generate` of the same image in one process, as `uint8 [H, W, 3]`."""
+    out = tmp_path / f"{task}.npy"
+    argv = [str(cluster.bin), "generate", "--model-dir", str(cluster.models[model]), "--task", task,
+            "--prompt", prompt, "--negative-prompt", negative, "--size", size, "--steps", str(STEPS),
+            "--guidance", "4", "--seed", str(seed), "--out", str(out)]
+    for image in images:
+        argv += ["--image", str(image)]
+    subprocess.run(argv, check=True, capture_output=True)
+    return np.load(out)
+
+
+def pixels(b64_png) -> np.ndarray:
+    data = base64.b64decode(b64_png)
+    assert data.startswith(b"\x89PNG"), "the default output format is PNG"
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def sampling(negative, seed):
+    return {"negative_prompt": negative, "seed": seed, "num_inference_steps": STEPS, "guidance_scale": 4.0}
+
+
+def test_served_text_to_image_equals_x2v_generate(client, images_cluster, tmp_path):
+    prompt, negative, seed, size = settings(images_cluster.fixtures, "t2i")
+    assert size == "96x64"
+    served = client.images.generate(model=T2I, prompt=prompt, size=size, extra_body=sampling(negative, seed))
+    image = pixels(served.data[0].b64_json)
+    assert image.shape == (64, 96, 3)
+    local = x2v_generate(images_cluster, tmp_path, T2I, "t2i", prompt, negative, size, seed)
+    assert np.array_equal(image, local), f"max |diff| {np.abs(image.astype(int) - local).max()}"
+
+
+def test_served_edit_of_two_images_equals_x2v_generate(client, images_cluster, tmp_path):
+    prompt, negative, seed, size = settings(images_cluster.fixtures, "edit_plus")
+    inputs = [images_cluster.fixtures / f"edit_plus_image_{i}.png" for i in range(2)]
+    with open(inputs[0], "rb") as a, open(inputs[1], "rb") as b:
+        served = client.images.edit(model=EDIT, image=[a, b], prompt=prompt, size=size,
+                                    extra_body=sampling(negative, seed))
+    image = pixels(served.data[0].b64_json)
+    local = x2v_generate(images_cluster, tmp_path, EDIT, "edit", prompt, negative, size, seed, inputs)
+    assert np.array_equal(image, local), f"max |diff| {np.abs(image.astype(int) - local).max()}"
+    # The order of the uploads matters (image i is "Picture i+1" and image_latents.i).
+    with open(inputs[1], "rb") as b, open(inputs[0], "rb") as a:
+        swapped = client.images.edit(model=EDIT, image=[b, a], prompt=prompt, size=size,
+                                     extra_body=sampling(negative, seed))
+    assert not np.array_equal(pixels(swapped.data[0].b64_json), local)
+
+
+def test_an_unreadable_edit_image_is_refused_naming_image(client, images_cluster):
+    import openai
+
+    good = (images_cluster.fixtures / "edit_plus_image_0.png").read_bytes()
+    # A PNG signature passes the gateway's sniffing; the encoder cannot decode the rest.
+    broken = good[:40]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(model=EDIT, image=[("a.png", good, "image/png"), ("b.png", broken, "image/png")],
+                           prompt="x", size="64x64", extra_body={"num_inference_steps": STEPS})
+    error = e.value.body
+    assert error["code"] == "invalid_image", error
+    assert "`image` 2 is not a readable image" in error["message"], error
+
+
+def test_more_than_one_image_is_refused_for_now(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model=T2I, prompt="x", size="64x64", n=2)
+    assert "n > 1 is not served yet" in e.value.body["message"], e.value.body
