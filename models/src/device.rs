@@ -164,6 +164,20 @@ pub fn parse_dtype(s: &str, device: tch::Device) -> Result<tch::Kind, String> {
     }
 }
 
+/// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic so
+/// that concurrent jobs (of any model family) cannot interleave. Nothing else in x2v's inference
+/// paths draws from it.
+static CPU_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `draw` on libtorch's CPU generator seeded with `seed` (as
+/// `torch.Generator("cpu").manual_seed(seed)`), holding the process-wide generator lock.
+pub fn with_cpu_seed<T>(seed: u64, draw: impl FnOnce() -> T) -> T {
+    let _lock = CPU_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // torch seeds with the u64 bit pattern; tch takes an i64.
+    tch::manual_seed(seed as i64);
+    draw()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,18 +206,4 @@ mod tests {
         let s: f64 = (&t * &t).sum(tch::Kind::Float).double_value(&[]);
         assert_eq!(s, 14.0);
     }
-}
-
-/// libtorch's CPU generator is process-global in `tch`; this lock makes seed + draw atomic so
-/// that concurrent jobs (of any model family) cannot interleave. Nothing else in x2v's inference
-/// paths draws from it.
-static CPU_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Runs `draw` on libtorch's CPU generator seeded with `seed` (as
-/// `torch.Generator("cpu").manual_seed(seed)`), holding the process-wide generator lock.
-pub fn with_cpu_seed<T>(seed: u64, draw: impl FnOnce() -> T) -> T {
-    let _lock = CPU_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    // torch seeds with the u64 bit pattern; tch takes an i64.
-    tch::manual_seed(seed as i64);
-    draw()
 }
