@@ -265,22 +265,22 @@ pub(crate) fn device_and_kind() -> (Device, Kind) {
 }
 
 pub fn run(a: &Args) -> ExitCode {
-    let task = match a.task {
-        CliTask::Video(task) => task,
-        CliTask::TextToImage | CliTask::Edit => return crate::generate_image::run(a),
+    match a.task {
+        CliTask::Video(task) => finish(validate(a, task), |job| generate(a, job)),
+        CliTask::TextToImage | CliTask::Edit => crate::generate_image::run(a),
+    }
+}
+
+/// The exit status of one `x2v generate`: 2 for arguments that failed validation (nothing was
+/// loaded), 1 for a failed generation; either error is printed.
+pub(crate) fn finish<J>(validated: Result<J>, generate: impl FnOnce(J) -> Result<()>) -> ExitCode {
+    let report = |e: anyhow::Error, code: u8| {
+        eprintln!("x2v generate: {e:#}");
+        ExitCode::from(code)
     };
-    let job = match validate(a, task) {
-        Ok(job) => job,
-        Err(e) => {
-            eprintln!("x2v generate: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    match generate(a, job) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("x2v generate: {e:#}");
-            ExitCode::FAILURE
-        }
+    match validated.map(generate) {
+        Err(e) => report(e, 2),
+        Ok(Err(e)) => report(e, 1),
+        Ok(Ok(())) => ExitCode::SUCCESS,
     }
 }

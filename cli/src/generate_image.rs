@@ -15,7 +15,7 @@ use x2v_models::qwen_image::resize::RgbImage;
 use x2v_models::schedulers::FlowMatchDynamicConfig;
 
 use crate::generate::{
-    Args, CliTask, device_and_kind, parse_size, progress_bar, read_rgb, write_npy,
+    Args, CliTask, device_and_kind, finish, parse_size, progress_bar, read_rgb, write_npy,
 };
 
 /// Output as PNG or as NumPy.
@@ -144,18 +144,5 @@ fn generate(a: &Args, job: Job) -> Result<()> {
 }
 
 pub fn run(a: &Args) -> ExitCode {
-    let job = match validate(a) {
-        Ok(job) => job,
-        Err(e) => {
-            eprintln!("x2v generate: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    match generate(a, job) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("x2v generate: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    finish(validate(a), |job| generate(a, job))
 }
