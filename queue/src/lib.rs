@@ -28,6 +28,9 @@ pub use queue::{
     Control, Created, Idempotency, Lease, LeaseRef, ListQuery, NewJob, Order, Page, Queue,
     QueueBackend, WorkerInfo,
 };
-pub use record::{JobError, JobEvent, JobRecord, JobStatus, OutputRef};
+pub use record::{
+    JobError, JobEvent, JobRecord, JobStatus, MAX_PREVIEWS, OutputRef, PREVIEW_VARIANT,
+    preview_index, preview_of,
+};
 pub use redis_queue::RedisQueue;
 pub use spec::{InputRef, JobSpec, Ranks, Resource, Size, Stage, Task};

@@ -420,6 +420,21 @@ impl Queue for MemoryQueue {
         Ok(Control::Continue)
     }
 
+    async fn partial(&self, lease: &LeaseRef, output: OutputRef) -> Result<Control, QueueError> {
+        let mut st = self.lock();
+        let e = match st.leased(lease) {
+            Ok(e) => e,
+            Err(QueueError::Cancelled(_)) => return Ok(Control::Cancel),
+            Err(e) => return Err(e),
+        };
+        if e.rec.cancel_requested {
+            return Ok(Control::Cancel);
+        }
+        e.rec.outputs.push(output);
+        st.publish("partial", lease.id);
+        Ok(Control::Continue)
+    }
+
     async fn complete(&self, lease: &LeaseRef, outputs: Vec<OutputRef>) -> Result<(), QueueError> {
         let now = Instant::now();
         let mut st = self.lock();

@@ -197,6 +197,9 @@ pub trait Queue: Send + Sync + 'static {
         step: u32,
         total: u32,
     ) -> Result<Control, QueueError>;
+    /// Records a file the stage made while it runs (an image being denoised) in the job's
+    /// outputs, and announces it with a `partial` event; the stage keeps its lease.
+    async fn partial(&self, lease: &LeaseRef, output: OutputRef) -> Result<Control, QueueError>;
     /// Finishes the stage: the job moves to the next stage's queue, or, after the last, to `completed`
     /// with `outputs`.
     async fn complete(&self, lease: &LeaseRef, outputs: Vec<OutputRef>) -> Result<(), QueueError>;

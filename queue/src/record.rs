@@ -133,10 +133,26 @@ impl JobRecord {
     }
 }
 
+/// The output variant of previews: images recorded while they are being made.
+pub const PREVIEW_VARIANT: &str = "partial_image";
+/// Previews per image at most (the OpenAI API's `partial_images` is 0 to 3).
+pub const MAX_PREVIEWS: u32 = 3;
+
+/// The output index of preview `index` of image `image`: `image · MAX_PREVIEWS + index`.
+pub fn preview_index(image: u32, index: u32) -> u32 {
+    image * MAX_PREVIEWS + index
+}
+
+/// Which image and which of its previews the output index of a preview names.
+pub fn preview_of(output_index: u32) -> (u32, u32) {
+    (output_index / MAX_PREVIEWS, output_index % MAX_PREVIEWS)
+}
+
 /// A change to a job, published to subscribers (`GET /v1/videos/{id}/events`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobEvent {
-    /// `status` on a status or stage change, `progress` on a step report.
+    /// `status` on a status or stage change, `progress` on a step report, `partial` when a
+    /// stage recorded a file before finishing (an image being denoised).
     #[serde(rename = "type")]
     pub kind: String,
     pub status: JobStatus,

@@ -325,6 +325,11 @@ impl Queue for RedisQueue {
         )
     }
 
+    async fn partial(&self, lease: &LeaseRef, output: OutputRef) -> Result<Control, QueueError> {
+        let output = serde_json::to_string(&output).expect("an output serializes");
+        Self::control(self.lease_op(lease, "partial", &[output]).await?, lease)
+    }
+
     async fn complete(&self, lease: &LeaseRef, outputs: Vec<OutputRef>) -> Result<(), QueueError> {
         let outputs = serde_json::to_string(&outputs).expect("outputs serialize");
         let ttl = ms(self.retention.finished_ttl).to_string();

@@ -222,4 +222,8 @@ pub struct JobSpec {
     pub pins: Ranks,
     /// The video this one remixes.
     pub remixed_from: Option<String>,
+    /// Previews per image to record while the image is denoised (a streamed image request's
+    /// `partial_images`, 0 to 3).
+    #[serde(default)]
+    pub partial_images: u32,
 }

@@ -67,6 +67,18 @@ async fn job_flows_through_every_stage(q: Arc<dyn Queue>) {
         assert_eq!(q.get(job.id).await.unwrap().status, JobStatus::InProgress);
         for step in 1..=4 {
             assert_eq!(q.progress(&lease.handle(), step, 4).await.unwrap(), Control::Continue);
+            if stage == Stage::Dit && step == 2 {
+                let preview = OutputRef {
+                    variant: "partial_image".into(),
+                    index: 0,
+                    key: format!("{}/partial_image-0.png", job.id),
+                    content_type: "image/png".into(),
+                    size: 5,
+                };
+                assert_eq!(q.partial(&lease.handle(), preview).await.unwrap(), Control::Continue);
+                let rec = q.get(job.id).await.unwrap();
+                assert_eq!(rec.output("partial_image", 0).map(|o| o.size), Some(5));
+            }
         }
         let outputs = if stage == Stage::Decoder {
             vec![OutputRef {
@@ -89,7 +101,8 @@ async fn job_flows_through_every_stage(q: Arc<dyn Queue>) {
     }
     let done = q.get(job.id).await.unwrap();
     assert_eq!((done.status, done.progress, done.stage), (JobStatus::Completed, 100, None));
-    assert_eq!(done.outputs.len(), 1);
+    let variants: Vec<&str> = done.outputs.iter().map(|o| o.variant.as_str()).collect();
+    assert_eq!(variants, ["partial_image", "video"], "files recorded while running are kept");
     assert!(done.finished_at_ms.is_some());
     let mut seen = vec![];
     while let Some(ev) = tokio::time::timeout(Duration::from_secs(30), events.next()).await.unwrap()
@@ -103,6 +116,9 @@ async fn job_flows_through_every_stage(q: Arc<dyn Queue>) {
     let dit_steps =
         seen.iter().filter(|e| e.kind == "progress" && e.stage == Some(Stage::Dit)).count();
     assert_eq!(dit_steps, 4, "{seen:?}");
+    let partial = seen.iter().position(|e| e.kind == "partial").expect("a partial event");
+    assert_eq!(seen[partial].stage, Some(Stage::Dit));
+    assert_eq!(seen[partial - 1].step, 2, "announced in order with the steps: {seen:?}");
 }
 
 async fn idempotency_key_never_creates_a_second_job(q: Arc<dyn Queue>) {

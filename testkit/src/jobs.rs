@@ -29,6 +29,7 @@ pub fn t2v(prompt: &str) -> JobSpec {
         inputs: vec![],
         pins: Ranks::default(),
         remixed_from: None,
+        partial_images: 0,
     }
 }
 

@@ -18,6 +18,13 @@ elseif op == 'progress' then
   local p = math.max(tonumber(h[5]), math.floor(lo + frac * (hi - lo)))
   redis.call('HSET', k, 'step', step, 'total', total, 'progress', p)
   publish(id, 'progress')
+elseif op == 'partial' then
+  local outputs = cjson.decode(redis.call('HGET', k, 'outputs'))
+  local merged = {}
+  for _, o in ipairs(outputs) do table.insert(merged, o) end
+  table.insert(merged, cjson.decode(ARGV[7]))
+  redis.call('HSET', k, 'outputs', cjson.encode(merged))
+  publish(id, 'partial')
 elseif op == 'complete' then
   local added = cjson.decode(ARGV[7])
   if #added > 0 then
