@@ -28,6 +28,13 @@ pub struct StageConfig {
     pub capacity: u32,
     /// Sampler for the DiT stage: `unipc` (the Wan default) or `euler` (step-distilled models).
     pub scheduler: Scheduler,
+    /// Images of one request (`n`) the DiT stage runs per transformer forward: 0 runs all of
+    /// them as one batch, 1 runs them back to back (the images are the same either way).
+    pub image_batch: u32,
+    /// DiT stage of an image model: also hold the VAE decoder, to decode the previews a streamed
+    /// request asks for (`partial_images`) from the images being denoised. Off: such requests
+    /// get their final images only.
+    pub previews: bool,
     pub queue: QueueSection,
     pub transfer: TransferSection,
     pub storage: StorageConfig,
@@ -213,6 +220,8 @@ impl Default for StageConfig {
             dtype: DtypeChoice::Auto,
             capacity: 1,
             scheduler: Scheduler::Unipc,
+            image_batch: 0,
+            previews: true,
             queue: QueueSection::default(),
             transfer: TransferSection::default(),
             storage: StorageConfig::default(),

@@ -67,6 +67,30 @@ pub struct RunCtx<'a> {
     pub progress: &'a mut dyn FnMut(u32, u32),
     /// True once the job is cancelled or the worker must give it back; check between steps.
     pub cancelled: &'a dyn Fn() -> bool,
+    /// Hands over a look at an output being made (an image being denoised). Never waits: the
+    /// runtime encodes it with [`StageRunner::encode_preview`], stores it and records it in the
+    /// job from async code, in the order given, before the stage completes.
+    pub preview: &'a mut dyn FnMut(PreviewImage),
+}
+
+/// A preview of output image `image` (0-based), the `index`-th of that image, as RGB.
+#[derive(Debug, Clone)]
+pub struct PreviewImage {
+    pub image: u32,
+    pub index: u32,
+    /// `uint8 [height, width, 3]`.
+    pub rgb: Vec<u8>,
+    pub height: usize,
+    pub width: usize,
+}
+
+pub use x2v_queue::{MAX_PREVIEWS, PREVIEW_VARIANT, preview_of};
+
+impl PreviewImage {
+    /// The output index the preview is recorded under ([`x2v_queue::preview_index`]).
+    pub fn output_index(&self) -> u32 {
+        x2v_queue::preview_index(self.image, self.index)
+    }
 }
 
 /// A file a stage produced for the client (video, thumbnail, spritesheet, image).
@@ -140,6 +164,18 @@ pub trait StageRunner: Send + Sync + 'static {
 
     /// Serialises or encodes `out` on a blocking thread, off the device thread and the executor.
     fn finish(&self, job: &JobRecord, out: Self::Output) -> Result<Finished, StageError>;
+
+    /// Encodes a preview that `run` handed over (on a blocking thread) as the file the client
+    /// gets; the artifact's `variant` and `index` are set by the runtime. Runners that hand
+    /// over no previews keep this default, which refuses.
+    fn encode_preview(
+        &self,
+        job: &JobRecord,
+        preview: PreviewImage,
+    ) -> Result<Artifact, StageError> {
+        let _ = (job, preview);
+        Err(StageError::internal(format!("the {} stage makes no previews", self.stage())))
+    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,10 @@
 //! `drain_timeout`, gives the rest back to the queue at their next step boundary, deregisters and
 //! returns.
 //!
-//! The device thread never waits on async work: inputs are fetched before it is asked, and its
-//! progress goes through a watch channel (newest step wins) to a task that reports to the queue.
+//! The device thread never waits on async work: inputs are fetched before it is asked, its
+//! progress goes through a watch channel (newest step wins) to a task that reports to the queue,
+//! and the previews it hands over (images being denoised) go through a channel to a task that
+//! encodes, stores and records each in the job before the stage completes.
 //! Cancellation reaches the device thread as a token it checks before every step, tripped by that
 //! task, by the lease extension or by the job's own cancellation event, whichever comes first.
 
@@ -31,7 +33,9 @@ use x2v_transfer::{Opts, Payload};
 use crate::device::{DeviceError, DeviceThread};
 use crate::exchange::{Exchange, ExchangeError, Inputs};
 use crate::job::{JobInputs, Upload};
-use crate::runner::{Artifact, Finished, RunCtx, StageError, StageRunner};
+use crate::runner::{
+    Artifact, Finished, PREVIEW_VARIANT, PreviewImage, RunCtx, StageError, StageRunner,
+};
 use crate::state::{InFlight, ServiceState};
 
 /// Content type recorded for a payload locator.
@@ -456,6 +460,17 @@ impl<R: StageRunner> JobRun<'_, R> {
         let _watcher = AbortOnDropHandle::new(tokio::spawn(
             watch_cancellation(queue, self.lease.id, self.cancel.clone()).in_current_span(),
         ));
+        let (previews, to_store) = tokio::sync::mpsc::unbounded_channel();
+        let storer = tokio::spawn(
+            store_previews(
+                self.runner.clone(),
+                self.record.clone(),
+                self.deps.clone(),
+                self.lease.clone(),
+                to_store,
+            )
+            .in_current_span(),
+        );
         let (runner, record, state) =
             (self.runner.clone(), self.record.clone(), self.deps.state.clone());
         let (cancel, stop) = (self.cancel.clone(), self.stop.clone());
@@ -470,13 +485,19 @@ impl<R: StageRunner> JobRun<'_, R> {
                 steps.send_replace(Some((step, total)));
             };
             let cancelled = || cancel.is_cancelled() || stop.is_cancelled();
-            let mut ctx = RunCtx { progress: &mut progress, cancelled: &cancelled };
+            let mut preview = |p: PreviewImage| {
+                let _ = previews.send(p);
+            };
+            let mut ctx =
+                RunCtx { progress: &mut progress, cancelled: &cancelled, preview: &mut preview };
             runner.run(model, &record, inputs, &mut ctx)
         });
         let result = work.instrument(tracing::info_span!("run")).await;
-        // The closure took the sender with it: the reporter sends the step still pending, if
-        // any, and ends, so that the job's progress is recorded before it is completed.
+        // The closure took the senders with it: the reporter sends the step still pending, if
+        // any, and the previews still waiting are stored, so that both are recorded before the
+        // job is completed.
         let _ = reporter.await;
+        let _ = storer.await;
         match result {
             Ok(Ok(out)) => Ok(out),
             Ok(Err(e)) if e.is_cancelled() => Err(self.stopped().unwrap_or(Outcome::Cancelled)),
@@ -539,6 +560,53 @@ impl<R: StageRunner> JobRun<'_, R> {
             }
         }
         Ok(outputs)
+    }
+}
+
+/// Encodes, stores and records in the job every preview the device thread hands over, in order,
+/// until it drops the sender. A preview that cannot be stored is logged and skipped: it never
+/// fails the job.
+async fn store_previews<R: StageRunner>(
+    runner: Arc<R>,
+    record: JobRecord,
+    deps: StageDeps,
+    lease: LeaseRef,
+    mut previews: tokio::sync::mpsc::UnboundedReceiver<PreviewImage>,
+) {
+    while let Some(preview) = previews.recv().await {
+        let index = preview.output_index();
+        let (r, job) = (runner.clone(), record.clone());
+        let encoded = tokio::task::spawn_blocking(move || r.encode_preview(&job, preview)).await;
+        let file = match encoded {
+            Ok(Ok(file)) => file,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, index, "encoding a preview failed");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, index, "encoding a preview panicked");
+                continue;
+            }
+        };
+        let key = format!("{}/{PREVIEW_VARIANT}-{index}.{}", record.id, file.extension);
+        let size = match deps.storage.put(&key, file.bytes).await {
+            Ok(size) => size,
+            Err(e) => {
+                tracing::warn!(error = %e, key, "storing a preview failed");
+                continue;
+            }
+        };
+        let output = OutputRef {
+            variant: PREVIEW_VARIANT.into(),
+            index,
+            key,
+            content_type: file.content_type,
+            size,
+        };
+        match deps.queue.partial(&lease, output).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, index, "recording a preview failed"),
+        }
     }
 }
 

@@ -19,7 +19,9 @@ use x2v_queue::worker::WorkerTimings;
 use x2v_queue::*;
 use x2v_stage::exchange::InProcess;
 use x2v_stage::job::JobInputs;
-use x2v_stage::runner::{Artifact, Finished, RunCtx, StageError, StageRunner};
+use x2v_stage::runner::{
+    Artifact, Finished, PREVIEW_VARIANT, PreviewImage, RunCtx, StageError, StageRunner, preview_of,
+};
 use x2v_stage::runtime::{Limits, LoadedStage, StageDeps};
 use x2v_stage::state::ServiceState;
 use x2v_testkit::jobs;
@@ -70,9 +72,26 @@ impl StageRunner for Fake {
             std::thread::sleep(Duration::from_millis(self.step_ms));
             self.done.store(step, Ordering::SeqCst);
             (ctx.progress)(step, self.steps);
+            if job.spec.prompt.contains("[preview]") && self.stage == Stage::Dit && step <= 2 {
+                let rgb = vec![step as u8; 2 * 3 * 3];
+                (ctx.preview)(PreviewImage { image: 1, index: step - 1, rgb, height: 2, width: 3 });
+            }
         }
         data.push(b'0' + self.stage as u8);
         Ok(data)
+    }
+
+    fn encode_preview(&self, _: &JobRecord, p: PreviewImage) -> Result<Artifact, StageError> {
+        assert_eq!(p.rgb.len(), p.height * p.width * 3);
+        let mut bytes = format!("preview {} of image {}:", p.index, p.image).into_bytes();
+        bytes.extend(&p.rgb);
+        Ok(Artifact {
+            variant: String::new(),
+            index: 0,
+            extension: "bin".into(),
+            content_type: "application/octet-stream".into(),
+            bytes: Bytes::from(bytes),
+        })
     }
 
     fn finish(&self, _: &JobRecord, out: Vec<u8>) -> Result<Finished, StageError> {
@@ -229,6 +248,29 @@ async fn three_stages_hand_a_job_on_and_store_its_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previews_are_stored_and_recorded_before_the_stage_completes() {
+    let w = World::new();
+    let d = Duration::from_secs(5);
+    let (_enc, _, _t1) = w.start(Stage::Encoder, 0, 1, 1, d).await;
+    let (_dit, _, _t2) = w.start(Stage::Dit, 0, 4, 1, d).await;
+    let (_dec, _, _t3) = w.start(Stage::Decoder, 0, 1, 1, d).await;
+    let id = w.submit("[preview]").await;
+    let rec = w.wait(id, |r| r.status.is_terminal()).await;
+    assert_eq!(rec.status, JobStatus::Completed, "{rec:?}");
+    let variants: Vec<&str> = rec.outputs.iter().map(|o| o.variant.as_str()).collect();
+    assert_eq!(variants, ["phase1", PREVIEW_VARIANT, PREVIEW_VARIANT, "phase2", "video"]);
+    for index in 0..2u32 {
+        let out = rec.output(PREVIEW_VARIANT, 3 + index).expect("image 1's previews");
+        assert_eq!(preview_of(out.index), (1, index));
+        let bytes = w.storage.get(&out.key).await.unwrap();
+        let want = format!("preview {index} of image 1:");
+        assert!(bytes.starts_with(want.as_bytes()), "{:?}", String::from_utf8_lossy(&bytes));
+        assert_eq!(bytes.len(), want.len() + 18);
+        assert!(bytes[want.len()..].iter().all(|&b| b == index as u8 + 1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_stops_the_dit_within_one_step() {
     let w = World::new();
     let d = Duration::from_secs(5);
@@ -334,6 +376,9 @@ impl Queue for GatedProgress {
     }
     async fn extend(&self, lease: &LeaseRef, ttl: Duration) -> Result<Control, QueueError> {
         self.inner.extend(lease, ttl).await
+    }
+    async fn partial(&self, lease: &LeaseRef, output: OutputRef) -> Result<Control, QueueError> {
+        self.inner.partial(lease, output).await
     }
     async fn progress(
         &self,
