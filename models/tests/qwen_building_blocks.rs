@@ -49,7 +49,7 @@ fn initial_noise_matches_diffusers() {
             "bfloat16" => Kind::BFloat16,
             other => panic!("unknown dtype {other}"),
         };
-        let got = latents::initial_noise(c.seed, c.height, c.width, kind, Device::Cpu).unwrap();
+        let got = latents::initial_noise(c.seed, 1, c.height, c.width, kind, Device::Cpu).unwrap();
         let want = &io[&format!("noise_{i}")];
         assert_eq!(got.kind(), want.kind(), "noise {i} dtype");
         assert!(got.equal(want), "noise {i}: seed {} {}x{} {}", c.seed, c.height, c.width, c.dtype);
@@ -139,7 +139,7 @@ fn building_blocks_reproduce_the_pipeline_runs() {
     for name in ["t2i", "edit", "edit_plus"] {
         let (c, io) = pipeline_case(&fx, name);
         let noise =
-            latents::initial_noise(c.seed, c.height, c.width, Kind::Float, Device::Cpu).unwrap();
+            latents::initial_noise(c.seed, 1, c.height, c.width, Kind::Float, Device::Cpu).unwrap();
         assert!(noise.equal(&io["noise"]), "{name}: initial noise");
         let seq = latents::image_seq_len(c.height, c.width).unwrap();
         let mut sched = FlowMatchEulerScheduler::dynamic(&sched_cfg, c.steps, seq).unwrap();

@@ -1,17 +1,18 @@
 //! The Qwen-Image stage pipeline against diffusers' `QwenImagePipeline`, `QwenImageEditPipeline`
 //! and `QwenImageEditPlusPipeline` on the tiny model of `tools/fixtures/qwen_pipeline.py`: each
 //! stage on the reference's inputs, then the whole pipeline (encode → denoise → decode) from the
-//! prompt, the input images and the seed.
+//! prompt, the input images and the seed; several images per prompt, batched and back to back;
+//! the previews of images being denoised.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
-use x2v_models::qwen_image::latents::{pack, unpack};
+use x2v_models::qwen_image::latents::{pack, true_cfg, unpack};
 use x2v_models::qwen_image::pipeline::{
-    DenoiseSettings, ImageGeometry, ModelDir, Phase1, Phase2, QwenDecoder, QwenEncoder, Variant,
-    denoise, load_transformer,
+    DenoiseSettings, ImageGeometry, ModelDir, Phase1, Phase2, Preview, QwenDecoder, QwenEncoder,
+    Variant, denoise, denoise_with_previews, load_transformer, preview_steps,
 };
 use x2v_models::qwen_image::resize::RgbImage;
 use x2v_models::schedulers::FlowMatchDynamicConfig;
@@ -89,12 +90,12 @@ fn close(what: &str, got: &Tensor, want: &Tensor) {
 }
 
 fn settings(dir: &Path, case: &Case) -> DenoiseSettings {
-    DenoiseSettings {
-        steps: case.steps,
-        true_cfg_scale: case.true_cfg_scale,
-        seed: case.seed,
-        scheduler: FlowMatchDynamicConfig::from_dir(&dir.join("scheduler")).unwrap(),
-    }
+    DenoiseSettings::single(
+        case.steps,
+        case.true_cfg_scale,
+        case.seed,
+        FlowMatchDynamicConfig::from_dir(&dir.join("scheduler")).unwrap(),
+    )
 }
 
 /// The encoder stage: prompt embeddings (positive and negative) and every image's latents.
@@ -195,7 +196,7 @@ fn decoder_matches_diffusers() {
     let decoder = QwenDecoder::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let geometry = ImageGeometry { height: case.height, width: case.width };
     let latents = unpack(&io["final_latents"], case.height, case.width).unwrap();
-    let image = decoder.decode(&Phase2 { geometry, latents }).unwrap();
+    let image = decoder.decode(&Phase2 { geometry, latents }).unwrap().get(0);
     assert_eq!(image.size(), [case.height, case.width, 3]);
     common::assert_frames_match("t2i decode", &image, &io["image_u8"].get(0));
 }
@@ -219,7 +220,7 @@ fn whole_pipeline_matches(name: &str) {
     let dit = load_transformer(&dir, Device::Cpu, Kind::Float).unwrap();
     let p2 = denoise(&dit, &p1, &settings(&dir, &case), |_| {}, || false).unwrap();
     let image = QwenDecoder::load(&dir, Device::Cpu, Kind::Float).unwrap().decode(&p2).unwrap();
-    common::assert_frames_match(&format!("{name} pipeline"), &image, &io["image_u8"].get(0));
+    common::assert_frames_match(&format!("{name} pipeline"), &image.get(0), &io["image_u8"].get(0));
 }
 
 #[test]
@@ -278,4 +279,120 @@ fn bad_inputs_are_refused_with_clear_errors() {
     p1.image_latents = vec![Tensor::zeros([1, 16, 1, 3, 4], (Kind::Float, Device::Cpu))];
     let err = denoise(&dit, &p1, &settings(&t2i, &case), |_| {}, || false).unwrap_err();
     assert!(err.to_string().contains("image_latents.0"), "{err}");
+}
+
+/// The encoder and decoder of `name`'s case with `n` images per prompt: the stage pipeline with
+/// the DiT batching `max_batch` images per forward, previews on.
+fn images_per_prompt(name: &str, n: usize, max_batch: usize) -> (Tensor, Vec<Preview>, Tensor) {
+    let fx = fixture();
+    let (case, _) = fx.case(name);
+    let dir = fx.model_dir(variant_of(name));
+    let images = fx.images(name, case.num_images);
+    let p1 = QwenEncoder::load(&dir, Device::Cpu, Kind::Float)
+        .unwrap()
+        .encode(
+            &case.prompt,
+            Some(&case.negative_prompt),
+            &images,
+            Some((case.width, case.height)),
+            case.true_cfg_scale,
+        )
+        .unwrap();
+    let dit = load_transformer(&dir, Device::Cpu, Kind::Float).unwrap();
+    let s = DenoiseSettings { num_images: n, max_batch, previews: 1, ..settings(&dir, &case) };
+    let mut previews = vec![];
+    let mut steps = vec![];
+    let p2 = denoise_with_previews(
+        &dit,
+        &p1,
+        &s,
+        |p| steps.push((p.step, p.total)),
+        |p| previews.push(p),
+        || false,
+    )
+    .unwrap();
+    let batches = n.div_ceil(max_batch);
+    let want: Vec<(usize, usize)> =
+        (1..=batches * case.steps).map(|i| (i, batches * case.steps)).collect();
+    assert_eq!(steps, want, "progress counts the steps of every batch");
+    let images = QwenDecoder::load(&dir, Device::Cpu, Kind::Float).unwrap().decode(&p2).unwrap();
+    (images, previews, p2.latents)
+}
+
+#[track_caller]
+fn images_per_prompt_match(name: &str, n: usize, max_batch: usize) {
+    let fx = fixture();
+    let tag = format!("{name}_n{n}");
+    let (_, io) = fx.case(&tag);
+    let (images, previews, _) = images_per_prompt(name, n, max_batch);
+    assert_eq!(images.size()[0], n as i64);
+    let (case, _) = fx.case(name);
+    for i in 0..n as i64 {
+        let what = format!("{tag} image {i} (batches of {max_batch})");
+        common::assert_frames_match(&what, &images.get(i), &io["image_u8"].get(i));
+    }
+    // One preview per image, after the middle step, in image order.
+    let step = preview_steps(case.steps, 1)[0];
+    let seen: Vec<(usize, usize, usize)> =
+        previews.iter().map(|p| (p.image, p.index, p.step)).collect();
+    assert_eq!(seen, (0..n).map(|i| (i, 0, step)).collect::<Vec<_>>());
+}
+
+#[test]
+fn three_images_per_prompt_match_diffusers_batched_and_back_to_back() {
+    images_per_prompt_match("t2i", 3, 3);
+    images_per_prompt_match("t2i", 3, 1);
+    images_per_prompt_match("t2i", 3, 2);
+}
+
+#[test]
+fn two_edits_per_prompt_match_diffusers() {
+    images_per_prompt_match("edit_plus", 2, 2);
+}
+
+#[test]
+fn preview_steps_are_evenly_spaced_before_the_last() {
+    assert_eq!(preview_steps(50, 3), [13, 25, 38]);
+    assert_eq!(preview_steps(20, 1), [10]);
+    assert_eq!(preview_steps(4, 3), [1, 2, 3]);
+    assert_eq!(preview_steps(2, 3), [1]);
+    assert_eq!(preview_steps(1, 2), Vec::<usize>::new());
+    assert_eq!(preview_steps(10, 0), Vec::<usize>::new());
+}
+
+/// A preview is the x0 prediction of its step (`x_t − σ_t·v`, with v after true CFG): at step 1,
+/// diffusers' initial noise minus σ_0 times its CFG-combined step-0 prediction.
+#[test]
+fn previews_are_the_x0_prediction_of_their_step() {
+    let fx = fixture();
+    let (case, io) = fx.case("t2i");
+    let dir = fx.model_dir(Variant::TextToImage);
+    assert_eq!(preview_steps(case.steps, 3), [1, 2], "case t2i has 3 steps");
+    let dit = load_transformer(&dir, Device::Cpu, Kind::Float).unwrap();
+    let p1 = reference_phase1(&case, &io);
+    let s = DenoiseSettings { previews: 3, ..settings(&dir, &case) };
+    let mut previews = vec![];
+    denoise_with_previews(&dit, &p1, &s, |_| {}, |p| previews.push(p), || false).unwrap();
+    let seen: Vec<(usize, usize, usize)> =
+        previews.iter().map(|p| (p.image, p.index, p.step)).collect();
+    assert_eq!(seen, [(0, 0, 1), (0, 1, 2)]);
+    let sigma0 = io["sigmas"].double_value(&[0]);
+    let v = true_cfg(&io["noise_pred_0"], &io["neg_noise_pred_0"], case.true_cfg_scale).unwrap();
+    let x0 = unpack(&(&io["noise"] - v * sigma0), case.height, case.width).unwrap();
+    close("preview 0 (x0 at step 1)", &previews[0].latents, &x0);
+    // Decoded, a preview is an image of the output's size.
+    let decoder = QwenDecoder::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let geometry = ImageGeometry { height: case.height, width: case.width };
+    let image = decoder.decode(&Phase2 { geometry, latents: previews[1].latents.shallow_clone() });
+    assert_eq!(image.unwrap().size(), [1, case.height, case.width, 3]);
+    let err = denoise_with_previews(
+        &dit,
+        &p1,
+        &DenoiseSettings { previews: 4, ..s },
+        |_| {},
+        |_| {},
+        || false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("at most 3 previews"), "{err}");
 }

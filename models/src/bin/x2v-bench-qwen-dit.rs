@@ -4,6 +4,9 @@
 //! `cargo run --release -p x2v-models --bin x2v-bench-qwen-dit -- [--heads 12] [--layers 2]
 //! [--grid H W] [--text 256] [--runs 3] [--rounds 2] [--threads 2]`; needs `$X2V_PYTHON` with
 //! diffusers. The image is one `H×W` grid of packed tokens (default 32×32 = 1024 tokens).
+//!
+//! `--n N` adds a second table: one step's forward for `N` images of a request (`n` of the images
+//! API) as one batch against `N` forwards back to back, alternating, x2v only.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -22,11 +25,20 @@ struct Args {
     runs: i64,
     rounds: i64,
     threads: i64,
+    n: i64,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a =
-        Args { heads: 12, layers: 2, grid: [32, 32], text: 256, runs: 3, rounds: 2, threads: 2 };
+    let mut a = Args {
+        heads: 12,
+        layers: 2,
+        grid: [32, 32],
+        text: 256,
+        runs: 3,
+        rounds: 2,
+        threads: 2,
+        n: 0,
+    };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let value = |i: usize| -> Result<i64, String> {
         let v = argv.get(i).ok_or(format!("{} needs a value", argv[i - 1]))?;
@@ -41,6 +53,7 @@ fn parse() -> Result<Args, String> {
             "--runs" => &mut a.runs,
             "--rounds" => &mut a.rounds,
             "--threads" => &mut a.threads,
+            "--n" => &mut a.n,
             "--grid" => {
                 a.grid = [value(i + 1)?, value(i + 2)?];
                 i += 3;
@@ -145,5 +158,46 @@ fn main() -> Result<(), Box<dyn Error>> {
         "x2v / diffusers = {:.3}; output max |diff| {diff:.2e} (reference max |x| {scale:.2e})",
         x2v / reference
     );
+    if args.n > 1 {
+        batched_vs_back_to_back(&args, &model, x, c, t, &shapes)?;
+    }
+    Ok(())
+}
+
+/// One step for `args.n` images: a batch of `n` against `n` forwards of one, alternating.
+fn batched_vs_back_to_back(
+    args: &Args,
+    model: &QwenImageTransformer,
+    x: &Tensor,
+    c: &Tensor,
+    t: &Tensor,
+    shapes: &[(i64, i64, i64)],
+) -> Result<(), Box<dyn Error>> {
+    let n = args.n;
+    let (xb, cb) = (x.repeat([n, 1, 1]), c.repeat([n, 1, 1]));
+    let tb = t.reshape([-1]).narrow(0, 0, 1).expand([n], false).contiguous();
+    drop(model.forward(&xb, &cb, None, &tb, shapes)?); // warm-up at this batch size
+    let (mut batched, mut sequential) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds * args.runs {
+        let t0 = Instant::now();
+        drop(model.forward(&xb, &cb, None, &tb, shapes)?);
+        batched.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        for _ in 0..n {
+            drop(model.forward(x, c, None, t, shapes)?);
+        }
+        sequential.push(t0.elapsed().as_secs_f64());
+    }
+    let (b, s) = (median(&mut batched), median(&mut sequential));
+    println!();
+    println!(
+        "{n} images per step (one request, n = {n}), x2v, CPU fp32, median of {} alternating runs",
+        args.rounds * args.runs
+    );
+    println!("| mode | median s per step | min s | per image s |");
+    println!("|---|---|---|---|");
+    println!("| one batch of {n} | {b:.3} | {:.3} | {:.3} |", min(&batched), b / n as f64);
+    println!("| {n} back to back | {s:.3} | {:.3} | {:.3} |", min(&sequential), s / n as f64);
+    println!("batched / back to back = {:.3}", b / s);
     Ok(())
 }

@@ -89,25 +89,33 @@ pub fn unpack(tokens: &Tensor, height: i64, width: i64) -> Result<Tensor, Error>
     ]))
 }
 
-/// The pipeline's initial noise for one `height×width` image, packed `[1, seq, 64]` on `device`:
-/// `randn((1, 1, 16, h, w), dtype=kind)` from `torch.Generator("cpu").manual_seed(seed)`, as
-/// `prepare_latents` draws it (in the prompt dtype: bf16 noise is drawn in bf16, which is not
-/// fp32 noise rounded).
+/// The pipeline's initial noise for `count` images of `height×width`, packed `[count, seq, 64]`
+/// on `device`: `randn((count, 1, 16, h, w), dtype=kind)` from
+/// `torch.Generator("cpu").manual_seed(seed)`, as `prepare_latents` draws it for
+/// `num_images_per_prompt = count` (one draw for the whole batch, in the prompt dtype: bf16 noise
+/// is drawn in bf16, which is not fp32 noise rounded).
 pub fn initial_noise(
     seed: u64,
+    count: i64,
     height: i64,
     width: i64,
     kind: Kind,
     device: Device,
 ) -> Result<Tensor, Error> {
     let (h, w) = latent_size(height, width)?;
+    if count < 1 {
+        return Err(Error::input(
+            Component::Denoise,
+            format!("the number of images must be at least 1, got {count}"),
+        ));
+    }
     let noise = {
         crate::device::with_cpu_seed(seed, || {
-            Tensor::randn([1, 1, LATENT_CHANNELS, h, w], (kind, Device::Cpu))
+            Tensor::randn([count, 1, LATENT_CHANNELS, h, w], (kind, Device::Cpu))
         })
     };
-    // [1, 1, 16, h, w] has the memory layout of [1, 16, 1, h, w].
-    Ok(pack(&noise.view([1, LATENT_CHANNELS, 1, h, w]))?.to_device(device))
+    // [n, 1, 16, h, w] has the memory layout of [n, 16, 1, h, w].
+    Ok(pack(&noise.view([count, LATENT_CHANNELS, 1, h, w]))?.to_device(device))
 }
 
 /// The transformer's `timestep` input for scheduler timestep `t`: `t.expand(batch).to(kind) / 1000`

@@ -9,7 +9,8 @@
 //!   [`resize`]: PIL-exact resampling; [`tokenizer`]: the chat templates and special tokens.
 //! - [`latents`]: 2×2 latent packing, the initial noise, norm-rescaled true CFG.
 //! - [`vae`]: `AutoencoderKLQwenImage` (the Wan VAE code with Qwen's weights).
-//! - [`pipeline`]: the stage functions (encode, denoise, decode).
+//! - [`pipeline`]: the stage functions (encode, denoise with previews of the images being made,
+//!   decode).
 
 pub mod latents;
 pub mod pipeline;

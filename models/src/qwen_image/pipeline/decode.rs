@@ -2,7 +2,8 @@
 //! (`latents / (1/std) + mean`, `vae.decode`, frame 0) and post-process
 //! (`VaeImageProcessor.postprocess`).
 //!
-//! Boundary: [`Phase2`] latents `[1, 16, 1, H/8, W/8]` → `uint8 [H, W, 3]` on the CPU.
+//! Boundary: [`Phase2`] latents `[n, 16, 1, H/8, W/8]` → `uint8 [n, H, W, 3]` on the CPU, one
+//! image decoded at a time (the VAE's activations are held for one image only).
 
 use std::path::Path;
 
@@ -34,24 +35,29 @@ impl QwenDecoder {
         weights::parameter_bytes(self.vae.inner().var_store())
     }
 
-    /// The image of `phase2` as `uint8 [H, W, 3]` (CPU, contiguous).
+    /// The images of `phase2` as `uint8 [n, H, W, 3]` (CPU, contiguous).
     pub fn decode(&self, phase2: &Phase2) -> Result<Tensor, Error> {
         let g = phase2.geometry;
         g.validate().map_err(|m| Error::input(Component::Decode, m))?;
-        if phase2.latents.size() != g.latent_shape() {
+        let size = phase2.latents.size();
+        if size.len() != 5 || size[0] < 1 || size[1..] != g.latent_shape()[1..] {
             return Err(Error::input(
                 Component::Decode,
                 format!(
-                    "latents must be {:?} for {}×{}, got {:?}",
-                    g.latent_shape(),
+                    "latents must be [n, {:?}] for {}×{}, got {size:?}",
+                    &g.latent_shape()[1..],
                     g.width,
                     g.height,
-                    phase2.latents.size()
                 ),
             ));
         }
         let _guard = tch::no_grad_guard();
-        let image = self.vae.decode_image(&phase2.latents)?;
-        Ok(image.get(0).to_device(Device::Cpu).contiguous())
+        let images = (0..size[0])
+            .map(|i| {
+                let image = self.vae.decode_image(&phase2.latents.narrow(0, i, 1))?;
+                Ok(image.to_device(Device::Cpu))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Tensor::cat(&images, 0).contiguous())
     }
 }

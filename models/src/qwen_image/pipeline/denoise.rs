@@ -31,6 +31,63 @@ pub struct DenoiseSettings {
     pub seed: u64,
     /// The scheduler's dynamic-shift settings (`scheduler/scheduler_config.json`).
     pub scheduler: FlowMatchDynamicConfig,
+    /// Images of the prompt (`num_images_per_prompt`): their noise is one draw `[n, …]` from
+    /// `seed`, as diffusers draws it.
+    pub num_images: usize,
+    /// Images per transformer forward: `num_images` (or more) runs them as one batch, 1 runs
+    /// them back to back. The noise, and so the result, is the same either way.
+    pub max_batch: usize,
+    /// How many previews of each image to report ([`Preview`]), at evenly spaced steps.
+    pub previews: usize,
+}
+
+impl DenoiseSettings {
+    /// One image, no previews.
+    pub fn single(
+        steps: usize,
+        true_cfg_scale: f64,
+        seed: u64,
+        scheduler: FlowMatchDynamicConfig,
+    ) -> Self {
+        DenoiseSettings {
+            steps,
+            true_cfg_scale,
+            seed,
+            scheduler,
+            num_images: 1,
+            max_batch: 1,
+            previews: 0,
+        }
+    }
+}
+
+/// Most images one request may ask for.
+pub const MAX_IMAGES: usize = 10;
+/// Most previews per image.
+pub const MAX_PREVIEWS: usize = 3;
+
+/// The 1-based steps after which each of `previews` previews is taken: evenly spaced over the
+/// run, never the last step (the final image follows it), each step at most once.
+pub fn preview_steps(steps: usize, previews: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = (1..=previews)
+        .map(|k| (k * steps).div_ceil(previews + 1))
+        .filter(|&s| s >= 1 && s < steps)
+        .collect();
+    out.dedup();
+    out
+}
+
+/// A look at an image being denoised: the x0 prediction `x_t − σ_t·v` after a step, in the
+/// normalised latent space of [`Phase2`], `[1, 16, 1, h, w]` fp32.
+#[derive(Debug)]
+pub struct Preview {
+    /// Which of the request's images (0-based).
+    pub image: usize,
+    /// Which preview of that image (0-based, `partial_image_index`).
+    pub index: usize,
+    /// The step (1-based) it follows.
+    pub step: usize,
+    pub latents: Tensor,
 }
 
 /// Loads the DiT of a Qwen-Image model directory in `kind`.
@@ -78,6 +135,21 @@ impl Text {
             mask: mask.map(|m| m.to_device(device).to_kind(Kind::Int64)),
         })
     }
+
+    /// The conditioning of a batch of `b` images of the one prompt (`repeat`, as
+    /// `num_images_per_prompt` does).
+    fn repeat(&self, b: i64) -> Text {
+        if b == 1 {
+            return Text {
+                embeds: self.embeds.shallow_clone(),
+                mask: self.mask.as_ref().map(Tensor::shallow_clone),
+            };
+        }
+        Text {
+            embeds: self.embeds.repeat([b, 1, 1]),
+            mask: self.mask.as_ref().map(|m| m.repeat([b, 1])),
+        }
+    }
 }
 
 /// The packed input images and the RoPE grids of the whole image sequence.
@@ -113,15 +185,29 @@ impl Images {
     }
 }
 
-/// Runs the sampling loop and returns the final (unpacked) latents.
+/// Runs the sampling loop and returns the final (unpacked) latents `[n, 16, 1, h, w]`.
 ///
-/// `progress` is called after every step; `cancelled` is polled before every step and stops the
-/// loop with [`Error::Cancelled`].
+/// `progress` is called after every step (steps of all images count: back to back, `total` is
+/// the steps times the batches); `cancelled` is polled before every step and stops the loop with
+/// [`Error::Cancelled`].
 pub fn denoise(
     dit: &QwenImageTransformer,
     phase1: &Phase1,
     settings: &DenoiseSettings,
+    progress: impl FnMut(Progress),
+    cancelled: impl Fn() -> bool,
+) -> Result<Phase2, Error> {
+    denoise_with_previews(dit, phase1, settings, progress, |_| {}, cancelled)
+}
+
+/// [`denoise()`], calling `preview` with the x0 prediction of every image at
+/// [`preview_steps`] (`settings.previews` per image).
+pub fn denoise_with_previews(
+    dit: &QwenImageTransformer,
+    phase1: &Phase1,
+    settings: &DenoiseSettings,
     mut progress: impl FnMut(Progress),
+    mut preview: impl FnMut(Preview),
     cancelled: impl Fn() -> bool,
 ) -> Result<Phase2, Error> {
     let _guard = tch::no_grad_guard();
@@ -129,6 +215,19 @@ pub fn denoise(
     geometry.validate().map_err(|m| Error::input(Component::Denoise, m))?;
     if !settings.true_cfg_scale.is_finite() {
         return Err(Error::input(Component::Denoise, "true_cfg_scale must be finite"));
+    }
+    let n = settings.num_images;
+    if !(1..=MAX_IMAGES).contains(&n) {
+        return Err(Error::input(
+            Component::Denoise,
+            format!("the number of images must be from 1 to {MAX_IMAGES}, got {n}"),
+        ));
+    }
+    if settings.previews > MAX_PREVIEWS {
+        return Err(Error::input(
+            Component::Denoise,
+            format!("at most {MAX_PREVIEWS} previews per image, got {}", settings.previews),
+        ));
     }
     let cond = Text::check(dit, &phase1.prompt_embeds, phase1.prompt_mask.as_ref(), "prompt")?;
     let uncond = match (&phase1.negative_prompt_embeds, settings.true_cfg_scale > 1.0) {
@@ -144,36 +243,126 @@ pub fn denoise(
         (_, false) => None,
     };
     let images = Images::check(dit, geometry, &phase1.image_latents)?;
-    let mut scheduler = FlowMatchEulerScheduler::dynamic(
+    // Validates the step count before any noise is drawn.
+    FlowMatchEulerScheduler::dynamic(
         &settings.scheduler,
         settings.steps,
         geometry.tokens() as usize,
     )?;
-    let timesteps = scheduler.timesteps().to_vec();
-    let total = timesteps.len();
     let (device, kind) = (dit.device(), dit.kind());
-    let mut latents = initial_noise(settings.seed, geometry.height, geometry.width, kind, device)?;
-    let noise_tokens = latents.size()[1];
-    let forward = |input: &Tensor, t: &Tensor, text: &Text| -> Result<Tensor, Error> {
-        let out = dit.forward(input, &text.embeds, text.mask.as_ref(), t, &images.shapes)?;
-        Ok(out.narrow(1, 0, noise_tokens))
+    let noise =
+        initial_noise(settings.seed, n as i64, geometry.height, geometry.width, kind, device)?;
+    let batch = settings.max_batch.clamp(1, n);
+    let batches = n.div_ceil(batch);
+    let run = Run {
+        dit,
+        settings,
+        geometry,
+        cond: &cond,
+        uncond: uncond.as_ref(),
+        images: &images,
+        preview_at: preview_steps(settings.steps, settings.previews),
     };
-    for (i, &t) in timesteps.iter().enumerate() {
-        if cancelled() {
-            return Err(Error::Cancelled { completed: i, total });
+    let mut done = Vec::with_capacity(batches);
+    for (b, first) in (0..n).step_by(batch).enumerate() {
+        let size = batch.min(n - first);
+        let latents = noise.narrow(0, first as i64, size as i64);
+        let report = |step: usize, t: f64| Progress {
+            step: b * settings.steps + step,
+            total: batches * settings.steps,
+            timestep: t,
+        };
+        let out =
+            run.batch(latents, first, &mut |s, t| progress(report(s, t)), &mut preview, || {
+                cancelled()
+            });
+        match out {
+            Err(Error::Cancelled { completed, .. }) => {
+                return Err(Error::Cancelled {
+                    completed: b * settings.steps + completed,
+                    total: batches * settings.steps,
+                });
+            }
+            other => done.push(other?),
         }
-        let input = match &images.tokens {
-            Some(img) => Tensor::cat(&[&latents, img], 1),
-            None => latents.shallow_clone(),
-        };
-        let timestep = timestep_input(t, 1, kind, device);
-        let v = forward(&input, &timestep, &cond)?;
-        let v = match &uncond {
-            Some(u) => true_cfg(&v, &forward(&input, &timestep, u)?, settings.true_cfg_scale)?,
-            None => v,
-        };
-        latents = scheduler.step(&v, &latents)?;
-        progress(Progress { step: i + 1, total, timestep: t });
     }
+    let latents = Tensor::cat(&done, 0);
     Ok(Phase2 { geometry, latents: unpack(&latents, geometry.height, geometry.width)? })
+}
+
+/// What every batch of one request shares.
+struct Run<'a> {
+    dit: &'a QwenImageTransformer,
+    settings: &'a DenoiseSettings,
+    geometry: ImageGeometry,
+    cond: &'a Text,
+    uncond: Option<&'a Text>,
+    images: &'a Images,
+    preview_at: Vec<usize>,
+}
+
+impl Run<'_> {
+    /// Denoises `latents` `[b, seq, 64]` (images `first..first + b` of the request) through every
+    /// step; returns the packed final latents.
+    fn batch(
+        &self,
+        mut latents: Tensor,
+        first: usize,
+        progress: &mut dyn FnMut(usize, f64),
+        preview: &mut dyn FnMut(Preview),
+        cancelled: impl Fn() -> bool,
+    ) -> Result<Tensor, Error> {
+        let (dit, geometry) = (self.dit, self.geometry);
+        let mut scheduler = FlowMatchEulerScheduler::dynamic(
+            &self.settings.scheduler,
+            self.settings.steps,
+            geometry.tokens() as usize,
+        )?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        let (device, kind) = (dit.device(), dit.kind());
+        let b = latents.size()[0];
+        let noise_tokens = latents.size()[1];
+        let cond = self.cond.repeat(b);
+        let uncond = self.uncond.map(|u| u.repeat(b));
+        let image_tokens = self.images.tokens.as_ref().map(|t| t.repeat([b, 1, 1]));
+        let shapes = &self.images.shapes;
+        let forward = |input: &Tensor, t: &Tensor, text: &Text| -> Result<Tensor, Error> {
+            let out = dit.forward(input, &text.embeds, text.mask.as_ref(), t, shapes)?;
+            Ok(out.narrow(1, 0, noise_tokens))
+        };
+        for (i, &t) in timesteps.iter().enumerate() {
+            if cancelled() {
+                return Err(Error::Cancelled { completed: i, total });
+            }
+            let input = match &image_tokens {
+                Some(img) => Tensor::cat(&[&latents, img], 1),
+                None => latents.shallow_clone(),
+            };
+            let timestep = timestep_input(t, b, kind, device);
+            let v = forward(&input, &timestep, &cond)?;
+            let v = match &uncond {
+                Some(u) => {
+                    true_cfg(&v, &forward(&input, &timestep, u)?, self.settings.true_cfg_scale)?
+                }
+                None => v,
+            };
+            if let Some(index) = self.preview_at.iter().position(|&s| s == i + 1) {
+                let sigma = scheduler.sigmas()[i];
+                let x0 = latents.to_kind(Kind::Float) - v.to_kind(Kind::Float) * sigma;
+                let x0 = unpack(&x0, geometry.height, geometry.width)?;
+                for j in 0..b {
+                    preview(Preview {
+                        image: first + j as usize,
+                        index,
+                        step: i + 1,
+                        latents: x0.narrow(0, j, 1),
+                    });
+                }
+            }
+            latents = scheduler.step(&v, &latents)?;
+            progress(i + 1, t);
+        }
+        Ok(latents)
+    }
 }

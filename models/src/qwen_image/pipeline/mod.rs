@@ -5,7 +5,7 @@
 //! which pipeline it was published for ([`Variant`]).
 //!
 //! Reference: diffusers `QwenImagePipeline`, `QwenImageEditPipeline` and
-//! `QwenImageEditPlusPipeline` (one image per prompt, batch 1).
+//! `QwenImageEditPlusPipeline` (one prompt; `num_images_per_prompt` images of it).
 
 pub mod decode;
 pub mod denoise;
@@ -15,7 +15,10 @@ pub mod model_dir;
 use tch::Tensor;
 
 pub use decode::QwenDecoder;
-pub use denoise::{DenoiseSettings, denoise, load_transformer};
+pub use denoise::{
+    DenoiseSettings, MAX_IMAGES, MAX_PREVIEWS, Preview, denoise, denoise_with_previews,
+    load_transformer, preview_steps,
+};
 pub use encode::QwenEncoder;
 pub use model_dir::{ModelDir, Variant};
 
@@ -111,7 +114,8 @@ impl Phase1 {
 #[derive(Debug)]
 pub struct Phase2 {
     pub geometry: ImageGeometry,
-    /// Final latents `[1, 16, 1, H/8, W/8]` (unpacked, still normalised by the VAE statistics).
+    /// Final latents `[n, 16, 1, H/8, W/8]`, one per image (unpacked, still normalised by the
+    /// VAE statistics).
     pub latents: Tensor,
 }
 
