@@ -88,15 +88,23 @@ pub fn encode_outputs(job: &JobRecord, d: &Decoded) -> Result<Vec<Artifact>, Sta
                     ),
                 )
             })?;
-            let bytes = x2v_media::encode_image(
-                frames.frame(0),
-                d.width,
-                d.height,
-                format,
-                spec.output_compression,
-            )
-            .map_err(media)?;
-            Ok(vec![Artifact::new("image", format.extension(), format.content_type(), bytes)])
+            // One file per image of the request (frame i is image i).
+            (0..d.frames)
+                .map(|i| {
+                    let bytes = x2v_media::encode_image(
+                        frames.frame(i),
+                        d.width,
+                        d.height,
+                        format,
+                        spec.output_compression,
+                    )
+                    .map_err(media)?;
+                    let mut file =
+                        Artifact::new("image", format.extension(), format.content_type(), bytes);
+                    file.index = i as u32;
+                    Ok(file)
+                })
+                .collect()
         }
     }
 }

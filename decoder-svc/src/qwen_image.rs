@@ -1,5 +1,5 @@
 //! The Qwen-Image decoder stage: rebuilds Phase2 from the DiT's payload and decodes the latents
-//! with the Qwen-Image VAE decoder into one `uint8` image.
+//! with the Qwen-Image VAE decoder into the request's `n` `uint8` images, one at a time.
 
 use std::path::PathBuf;
 
@@ -61,13 +61,25 @@ impl Decoder {
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());
         }
-        let image: Tensor = dec
+        let n = phase2.latents.size()[0];
+        if n != i64::from(job.spec.n.max(1)) {
+            return Err(StageError::new(
+                JobErrorCode::InvalidPayload,
+                format!("Phase2 holds {n} images; the job asks for {}", job.spec.n),
+            ));
+        }
+        let images: Tensor = dec
             .decode(&phase2)
             .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
-        let size = image.size();
-        let data = Vec::<u8>::try_from(&image.contiguous().view([-1]))
+        let size = images.size();
+        let data = Vec::<u8>::try_from(&images.contiguous().view([-1]))
             .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
         (ctx.progress)(1, 1);
-        Ok(Decoded { data, frames: 1, height: size[0] as usize, width: size[1] as usize })
+        Ok(Decoded {
+            data,
+            frames: size[0] as usize,
+            height: size[1] as usize,
+            width: size[2] as usize,
+        })
     }
 }

@@ -9,13 +9,12 @@ pub mod qwen_image;
 pub mod wan;
 
 use x2v_core::JobErrorCode;
-use x2v_models::qwen_image::transformer::QwenImageTransformer;
 use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_queue::{JobRecord, Stage};
 use x2v_stage::StageConfig;
 use x2v_stage::family::ModelFamily;
 use x2v_stage::job::JobInputs;
-use x2v_stage::runner::{Finished, RunCtx, StageError, StageRunner};
+use x2v_stage::runner::{Artifact, Finished, PreviewImage, RunCtx, StageError, StageRunner};
 use x2v_stage::state::LoadedModel;
 use x2v_transfer::TensorPart;
 
@@ -28,7 +27,7 @@ pub enum DitRunner {
 /// The loaded transformer of one family.
 pub enum DitModel {
     Wan(WanTransformer3DModel),
-    QwenImage(QwenImageTransformer),
+    QwenImage(qwen_image::QwenDit),
 }
 
 impl DitRunner {
@@ -81,5 +80,9 @@ impl StageRunner for DitRunner {
 
     fn finish(&self, _: &JobRecord, parts: Vec<TensorPart>) -> Result<Finished, StageError> {
         Finished::payload(parts)
+    }
+
+    fn encode_preview(&self, job: &JobRecord, p: PreviewImage) -> Result<Artifact, StageError> {
+        qwen_image::Dit::encode_preview(job, p)
     }
 }

@@ -79,15 +79,6 @@ impl Encoder {
         let spec = &job.spec;
         check_task(self.variant, spec.task)
             .map_err(|m| StageError::new(JobErrorCode::InvalidRequest, m))?;
-        if spec.n > 1 {
-            return Err(StageError::new(
-                JobErrorCode::InvalidRequest,
-                format!(
-                    "n > 1 is not served yet for {}: ask for n = 1 (got {})",
-                    spec.model, spec.n
-                ),
-            ));
-        }
         let images = if self.variant.is_edit() { input_images(inputs)? } else { Vec::new() };
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());
