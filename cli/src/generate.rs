@@ -59,6 +59,10 @@ pub struct Args {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Images of the prompt (t2i/edit), drawn from the one seed as a served request's `n`;
+    /// with more than one, image `i` is written to `OUT-i.png` (or `.npy`).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) n: usize,
     /// Frames per second of an `.mp4` output.
     #[arg(long, default_value_t = 16)]
     fps: u32,

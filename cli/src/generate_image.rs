@@ -1,15 +1,16 @@
-//! `x2v generate --task t2i|edit`: one Qwen-Image image in this process — encoder, DiT and
+//! `x2v generate --task t2i|edit`: Qwen-Image images (`--n`, one by default) in this process — encoder, DiT and
 //! decoder stages in turn — written as a PNG or losslessly as `uint8 [H, W, 3]` to a `.npy` file.
 //!
 //! Every argument is validated before any model is loaded; errors name the value at fault.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use tch::{Kind, Tensor};
 use x2v_models::qwen_image::pipeline::{
-    DenoiseSettings, ModelDir, QwenDecoder, QwenEncoder, Variant, denoise, load_transformer,
+    DenoiseSettings, MAX_IMAGES, ModelDir, QwenDecoder, QwenEncoder, Variant, denoise,
+    load_transformer,
 };
 use x2v_models::qwen_image::resize::RgbImage;
 use x2v_models::schedulers::FlowMatchDynamicConfig;
@@ -60,6 +61,9 @@ fn validate(a: &Args) -> Result<Job> {
     }
     if a.steps == 0 || a.steps > 1000 {
         bail!("--steps must be from 1 to 1000, got {}", a.steps);
+    }
+    if !(1..=MAX_IMAGES).contains(&a.n) {
+        bail!("--n must be from 1 to {MAX_IMAGES}, got {}", a.n);
     }
     let guidance = a.guidance.unwrap_or(4.0);
     if !guidance.is_finite() {
@@ -123,24 +127,37 @@ fn generate(a: &Args, job: Job) -> Result<()> {
     let phase2 = {
         let dit = load_transformer(&a.model_dir, device, kind)?;
         let settings = DenoiseSettings {
-            steps: a.steps,
-            true_cfg_scale: job.guidance,
-            seed: a.seed,
-            scheduler: job.scheduler.clone(),
+            num_images: a.n,
+            max_batch: a.n,
+            ..DenoiseSettings::single(a.steps, job.guidance, a.seed, job.scheduler.clone())
         };
         let bar = progress_bar(a.steps);
         let out = denoise(&dit, &phase1, &settings, |_| bar.inc(1), || false);
         bar.finish();
         out?
     };
-    let image = QwenDecoder::load(&a.model_dir, device, kind)?.decode(&phase2)?;
-    debug_assert_eq!(image.kind(), Kind::Uint8);
-    match job.format {
-        Format::Png => write_png(&a.out, &image)?,
-        Format::Npy => write_npy(&a.out, &image)?,
+    let images = QwenDecoder::load(&a.model_dir, device, kind)?.decode(&phase2)?;
+    debug_assert_eq!(images.kind(), Kind::Uint8);
+    for i in 0..a.n {
+        let path = output_path(&a.out, i, a.n);
+        let image = images.get(i as i64);
+        match job.format {
+            Format::Png => write_png(&path, &image)?,
+            Format::Npy => write_npy(&path, &image)?,
+        }
+        eprintln!("x2v generate: wrote {:?} uint8 image to {}", image.size(), path.display());
     }
-    eprintln!("x2v generate: wrote {:?} uint8 image to {}", image.size(), a.out.display());
     Ok(())
+}
+
+/// Where image `i` of `n` goes: `out` itself for one image, else `STEM-i.EXT` beside it.
+fn output_path(out: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default();
+    let ext = out.extension().map(|e| e.to_string_lossy()).unwrap_or_default();
+    out.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 
 pub fn run(a: &Args) -> ExitCode {

@@ -117,6 +117,7 @@ fn demo_model_config() -> ModelConfig {
         default_guidance_scale: 5.0,
         default_shift: 3.0,
         max_n: 1,
+        max_input_images: 0,
     }
 }
 

@@ -83,6 +83,8 @@ pub struct ModelConfig {
     pub default_shift: f32,
     /// Most images per request.
     pub max_n: u32,
+    /// Most input images of an edit (`image` / `image[]`); the API allows 16.
+    pub max_input_images: u32,
 }
 
 impl Default for GatewayConfig {
@@ -149,6 +151,7 @@ impl ModelConfig {
             default_guidance_scale: 5.0,
             default_shift: 5.0,
             max_n: 1,
+            max_input_images: 0,
         }
     }
 
@@ -183,6 +186,7 @@ impl ModelConfig {
             default_guidance_scale: 4.0,
             default_shift: 3.0,
             max_n: 4,
+            max_input_images: 3,
         }
     }
 }

@@ -141,6 +141,7 @@ fn common(
         inputs: vec![],
         pins,
         remixed_from: None,
+        partial_images: 0,
     })
 }
 
@@ -239,6 +240,8 @@ pub fn image_request(
         stream: form.bool("stream")?.unwrap_or(false),
         partial_images: form.int("partial_images", 0, 3)?.unwrap_or(0) as u32,
     };
+    // Previews are made only for a client that streams; `partial_images` alone changes nothing.
+    spec.partial_images = if options.stream { options.partial_images } else { 0 };
     let mut inputs = vec![];
     if edit {
         let images: Vec<Upload> = form.uploads("image").cloned().collect();
@@ -249,10 +252,15 @@ pub fn image_request(
             )
             .code("missing_required_parameter"));
         }
-        if images.len() > 16 {
+        let max = model.max_input_images.min(16);
+        if images.len() > max as usize {
             return Err(ApiError::invalid(
                 "image",
-                format!("At most 16 images are allowed; got {}.", images.len()),
+                format!(
+                    "`{}` takes at most {max} input image(s) per edit; got {}.",
+                    model.name,
+                    images.len()
+                ),
             ));
         }
         for up in images {

@@ -1,5 +1,7 @@
 //! `/v1/images/generations` and `/v1/images/edits`: admit a job, wait for it, answer `b64_json` or
-//! `url` items, or stream SSE (`*.completed` per image; an `error` event on failure). Image jobs run
+//! `url` items, or stream SSE: `*.partial_image` for every preview the DiT stage recorded while
+//! denoising (`partial_images` per image, genuine looks at the image being made), then
+//! `*.completed` per image; an `error` event on failure. Image jobs run
 //! through the same queue as videos; `GET /v1/images/{id}/content` serves `url` answers.
 
 use std::collections::HashMap;
@@ -15,7 +17,7 @@ use base64::Engine;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use x2v_core::{ErrorKind, JobErrorCode, JobId};
-use x2v_queue::{JobRecord, JobStatus};
+use x2v_queue::{JobRecord, JobStatus, PREVIEW_VARIANT, preview_of};
 
 use crate::error::ApiError;
 use crate::request::Form;
@@ -168,31 +170,35 @@ fn async_stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
     tokio::spawn(async move {
         let result = async {
+            let mut partials = Partials::new(&state, &tx, prefix);
             let mut events = state.queue.subscribe(id).await?;
             while let Some(ev) = events.next().await {
                 if ev.status.is_terminal() {
                     break;
                 }
+                if ev.kind == "partial" {
+                    partials.send_new(&state.queue.get(id).await?).await?;
+                    continue;
+                }
                 // Progress as SSE comments: clients skip them, proxies see a live stream.
-                let _ = tx.send(Event::default().comment(format!("progress {}", ev.progress))).await;
+                let _ =
+                    tx.send(Event::default().comment(format!("progress {}", ev.progress))).await;
             }
             let done = state.queue.get(id).await?;
             if let Some(e) = failure(&done) {
                 return Err(e);
             }
+            // Previews recorded before this stream subscribed still come first.
+            partials.send_new(&done).await?;
+            let b64 = ImageOptions { response_format: "b64_json".into(), ..options.clone() };
             for i in 0..done.spec.n {
-                let mut data = item(&state, &done, i, &ImageOptions { response_format: "b64_json".into(), ..options.clone() }, &base).await?;
+                let mut data = item(&state, &done, i, &b64, &base).await?;
                 let kind = format!("{prefix}.completed");
-                let fields = json!({
-                    "type": kind, "created_at": done.created_at_ms / 1000, "size": done.spec.size.to_string(),
-                    "quality": "auto", "background": "auto", "output_format": done.spec.output_format,
-                    "image_index": i,
-                    "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
-                              "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}},
-                });
-                if let (Value::Object(d), Value::Object(f)) = (&mut data, fields) {
-                    d.extend(f);
-                }
+                let mut fields = event_fields(&kind, &done);
+                fields["image_index"] = json!(i);
+                fields["usage"] = json!({"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+                    "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}});
+                merge(&mut data, fields);
                 let _ = tx.send(Event::default().event(kind).data(data.to_string())).await;
             }
             Ok::<(), ApiError>(())
@@ -205,6 +211,57 @@ fn async_stream(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+}
+
+/// The fields every image event carries.
+fn event_fields(kind: &str, rec: &JobRecord) -> Value {
+    json!({
+        "type": kind, "created_at": rec.created_at_ms / 1000, "size": rec.spec.size.to_string(),
+        "quality": "auto", "background": "auto", "output_format": rec.spec.output_format,
+    })
+}
+
+fn merge(data: &mut Value, fields: Value) {
+    if let (Value::Object(d), Value::Object(f)) = (data, fields) {
+        d.extend(f);
+    }
+}
+
+/// The `*.partial_image` events of one stream: each preview the DiT recorded, once, in the order
+/// recorded (a job that moved to another DiT rank records its previews again; each is sent once).
+struct Partials<'a> {
+    state: &'a AppState,
+    tx: &'a tokio::sync::mpsc::Sender<Event>,
+    kind: String,
+    sent: std::collections::HashSet<u32>,
+}
+
+impl<'a> Partials<'a> {
+    fn new(state: &'a AppState, tx: &'a tokio::sync::mpsc::Sender<Event>, prefix: &str) -> Self {
+        let kind = format!("{prefix}.partial_image");
+        Partials { state, tx, kind, sent: Default::default() }
+    }
+
+    async fn send_new(&mut self, rec: &JobRecord) -> Result<(), ApiError> {
+        for out in rec.outputs.iter().filter(|o| o.variant == PREVIEW_VARIANT) {
+            if !self.sent.insert(out.index) {
+                continue;
+            }
+            let bytes = self.state.storage.get(&out.key).await?;
+            let (image, index) = preview_of(out.index);
+            let mut data =
+                json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(&bytes)});
+            let mut fields = event_fields(&self.kind, rec);
+            fields["partial_image_index"] = json!(index);
+            fields["image_index"] = json!(image);
+            merge(&mut data, fields);
+            let _ = self
+                .tx
+                .send(Event::default().event(self.kind.clone()).data(data.to_string()))
+                .await;
+        }
+        Ok(())
+    }
 }
 
 /// `GET /v1/images/{id}/content?index=N`: one finished image (the target of `url` answers).
