@@ -3,7 +3,8 @@ separate process, jobs in Redis, driven by the official openai client's images A
 
 The models are the tiny Qwen-Image pipelines of `tools/fixtures/qwen_pipeline.py` (text to image and
 EditPlus); a served image must equal, pixel for pixel, what `x2v generate` writes for the same
-settings (the same stage code runs in one process there).
+settings (the same stage code runs in one process there), for one image and for `n` = 2. Streaming
+sends genuine previews (`partial_images`) before the final images.
 """
 
 import base64
@@ -33,7 +34,7 @@ def image_entry(name, task):
     return {
         "name": name, "tasks": [task], "sizes": ["96x64", "64x64"], "fps": 0, "max_frames": 1,
         "default_seconds": 0, "default_steps": STEPS, "max_steps": 50, "default_guidance_scale": 4.0,
-        "default_shift": 3.0, "max_n": 2,
+        "default_shift": 3.0, "max_n": 2, "max_input_images": 2,
     }
 
 
@@ -154,16 +155,18 @@ def settings(fixtures, case):
     return s["prompt"], NEGATIVE, s["seed"], f"{s['width']}x{s['height']}"
 
 
-def x2v_generate(cluster, tmp_path, model, task, prompt, negative, size, seed, images=()):
-    """`x2v generate` of the same image in one process, as `uint8 [H, W, 3]`."""
+def x2v_generate(cluster, tmp_path, model, task, prompt, negative, size, seed, images=(), n=1):
+    """`x2v generate` of the same image(s) in one process, as `uint8 [H, W, 3]` (a list for n > 1)."""
     out = tmp_path / f"{task}.npy"
     argv = [str(cluster.bin), "generate", "--model-dir", str(cluster.models[model]), "--task", task,
             "--prompt", prompt, "--negative-prompt", negative, "--size", size, "--steps", str(STEPS),
-            "--guidance", "4", "--seed", str(seed), "--out", str(out)]
+            "--guidance", "4", "--seed", str(seed), "--n", str(n), "--out", str(out)]
     for image in images:
         argv += ["--image", str(image)]
     subprocess.run(argv, check=True, capture_output=True)
-    return np.load(out)
+    if n == 1:
+        return np.load(out)
+    return [np.load(tmp_path / f"{task}-{i}.npy") for i in range(n)]
 
 
 def pixels(b64_png) -> np.ndarray:
@@ -216,9 +219,88 @@ def test_an_unreadable_edit_image_is_refused_naming_image(client, images_cluster
     assert "`image` 2 is not a readable image" in error["message"], error
 
 
-def test_more_than_one_image_is_refused_for_now(client):
+def test_two_images_per_request_equal_x2v_generate(client, images_cluster, tmp_path):
+    prompt, negative, seed, size = settings(images_cluster.fixtures, "t2i")
+    served = client.images.generate(model=T2I, prompt=prompt, size=size, n=2,
+                                    extra_body=sampling(negative, seed))
+    images = [pixels(d.b64_json) for d in served.data]
+    assert len(images) == 2
+    local = x2v_generate(images_cluster, tmp_path, T2I, "t2i", prompt, negative, size, seed, n=2)
+    for i, (a, b) in enumerate(zip(images, local)):
+        assert np.array_equal(a, b), f"image {i}: max |diff| {np.abs(a.astype(int) - b).max()}"
+    assert not np.array_equal(images[0], images[1]), "two images of one seed are two draws"
+    # Image 0 of n = 2 is not the n = 1 image: the batch is one draw from the seed, as diffusers.
+    single = client.images.generate(model=T2I, prompt=prompt, size=size, extra_body=sampling(negative, seed))
+    assert pixels(single.data[0].b64_json).shape == images[0].shape
+    # `url` answers name each image.
+    urls = client.images.generate(model=T2I, prompt=prompt, size=size, n=2, response_format="url",
+                                  extra_body=sampling(negative, seed))
+    assert [d.url.rsplit("=", 1)[1] for d in urls.data] == ["0", "1"]
+
+
+def stream_events(stream):
+    events = list(stream)
+    kinds = [e.type for e in events]
+    return events, kinds
+
+
+def test_streaming_sends_genuine_partial_images(client, images_cluster):
+    prompt, negative, seed, size = settings(images_cluster.fixtures, "t2i")
+    body = dict(sampling(negative, seed), num_inference_steps=4)
+    stream = client.images.generate(model=T2I, prompt=prompt, size=size, n=2, stream=True, partial_images=2,
+                                    extra_body=body)
+    events, kinds = stream_events(stream)
+    assert kinds.count("image_generation.partial_image") == 4, kinds
+    assert kinds[-2:] == ["image_generation.completed"] * 2, kinds
+    partials = [e for e in events if e.type == "image_generation.partial_image"]
+    finals = [pixels(e.b64_json) for e in events if e.type == "image_generation.completed"]
+    raw = [json.loads(e.model_dump_json()) for e in partials]
+    assert sorted((r["image_index"], r["partial_image_index"]) for r in raw) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r, e in zip(raw, partials):
+        preview = pixels(e.b64_json)
+        final = finals[r["image_index"]]
+        assert preview.shape == final.shape
+        # A look at the image being made, not the final image sent early.
+        assert not np.array_equal(preview, final)
+    # Previews are of their own image: image 0's last preview is nearer image 0 than image 1.
+    last = {r["image_index"]: pixels(e.b64_json) for r, e in zip(raw, partials) if r["partial_image_index"] == 1}
+    d = lambda a, b: np.abs(a.astype(int) - b).mean()
+    assert d(last[0], finals[0]) < d(last[0], finals[1]), (d(last[0], finals[0]), d(last[0], finals[1]))
+    # The final images are those of the same request without streaming.
+    plain = client.images.generate(model=T2I, prompt=prompt, size=size, n=2, extra_body=body)
+    for a, b in zip(finals, plain.data):
+        assert np.array_equal(a, pixels(b.b64_json))
+
+
+def test_streamed_edit_sends_edit_partial_images(client, images_cluster):
+    prompt, negative, seed, size = settings(images_cluster.fixtures, "edit_plus")
+    inputs = [images_cluster.fixtures / f"edit_plus_image_{i}.png" for i in range(2)]
+    with open(inputs[0], "rb") as a, open(inputs[1], "rb") as b:
+        stream = client.images.edit(model=EDIT, image=[a, b], prompt=prompt, size=size, stream=True,
+                                    partial_images=1, extra_body=dict(sampling(negative, seed), num_inference_steps=3))
+        events, kinds = stream_events(stream)
+    assert kinds == ["image_edit.partial_image", "image_edit.completed"], kinds
+    assert events[0].partial_image_index == 0
+    assert pixels(events[0].b64_json).shape == pixels(events[1].b64_json).shape
+
+
+@pytest.mark.parametrize("case", ["too_many_images", "unsupported_size", "not_an_image", "n_above_max"])
+def test_bad_image_requests_are_refused_naming_the_parameter(client, images_cluster, case):
     import openai
 
+    png = (images_cluster.fixtures / "edit_plus_image_0.png").read_bytes()
     with pytest.raises(openai.BadRequestError) as e:
-        client.images.generate(model=T2I, prompt="x", size="64x64", n=2)
-    assert "n > 1 is not served yet" in e.value.body["message"], e.value.body
+        if case == "too_many_images":
+            client.images.edit(model=EDIT, image=[("a.png", png, "image/png")] * 3, prompt="x", size="64x64")
+        elif case == "unsupported_size":
+            client.images.generate(model=T2I, prompt="x", size="1024x1024")
+        elif case == "not_an_image":
+            client.images.edit(model=EDIT, image=[("a.png", b"just some text", "image/png")], prompt="x",
+                               size="64x64")
+        else:
+            client.images.generate(model=T2I, prompt="x", size="64x64", n=3)
+    error = e.value.body
+    param = {"too_many_images": "image", "unsupported_size": "size", "not_an_image": "image",
+             "n_above_max": "n"}[case]
+    assert error["param"] == param, error
+    assert e.value.status_code == 400
