@@ -79,6 +79,16 @@ impl Encoder {
         let spec = &job.spec;
         check_task(self.variant, spec.task)
             .map_err(|m| StageError::new(JobErrorCode::InvalidRequest, m))?;
+        if spec.inputs.iter().any(|i| i.role == "mask") {
+            return Err(StageError::new(
+                JobErrorCode::InvalidRequest,
+                format!(
+                    "`mask` is not supported by {}: Qwen-Image edits follow the prompt over the \
+                     whole image (inpainting is not served); send the edit without a mask",
+                    spec.model
+                ),
+            ));
+        }
         let images = if self.variant.is_edit() { input_images(inputs)? } else { Vec::new() };
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());

@@ -284,6 +284,16 @@ def test_streamed_edit_sends_edit_partial_images(client, images_cluster):
     assert pixels(events[0].b64_json).shape == pixels(events[1].b64_json).shape
 
 
+def test_a_mask_is_refused_rather_than_ignored(client, images_cluster):
+    import openai
+
+    png = (images_cluster.fixtures / "edit_plus_image_0.png").read_bytes()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(model=EDIT, image=[("a.png", png, "image/png")], mask=("m.png", png, "image/png"),
+                           prompt="x", size="64x64", extra_body={"num_inference_steps": STEPS})
+    assert "`mask` is not supported" in e.value.body["message"], e.value.body
+
+
 @pytest.mark.parametrize("case", ["too_many_images", "unsupported_size", "not_an_image", "n_above_max"])
 def test_bad_image_requests_are_refused_naming_the_parameter(client, images_cluster, case):
     import openai
