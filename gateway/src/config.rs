@@ -70,7 +70,9 @@ pub struct HttpConfig {
 pub struct ModelConfig {
     pub name: String,
     pub tasks: Vec<Task>,
-    /// Allowed output sizes, `WIDTHxHEIGHT`; the first is the default.
+    /// Allowed output sizes, `WIDTHxHEIGHT`; the first is the default. `auto` (for edits): an
+    /// edit that asks for no size gets about 1 MP at its last input image's aspect, as the
+    /// Qwen-Image edit pipelines choose it (the first `WIDTHxHEIGHT` stays the default otherwise).
     pub sizes: Vec<String>,
     /// Frames per second of generated video.
     pub fps: u32,

@@ -75,17 +75,53 @@ fn prompt(form: &Form, key: &str, required: bool) -> Result<Option<String>, ApiE
     }
 }
 
-fn size(form: &Form, model: &ModelConfig) -> Result<Size, ApiError> {
+/// The size a model entry lists as `auto`: an edit without a size (or with `auto`) gets about
+/// 1 MP at its last input image's aspect, as diffusers' Qwen-Image edit pipelines choose it.
+const AUTO_SIZE: &str = "auto";
+
+/// The output size: the request's, one of the model's `sizes`; absent or `auto`, the first of
+/// them, or for an edit (`last_image`) from a model listing `auto`, the size of the input.
+fn size(form: &Form, model: &ModelConfig, last_image: Option<&Upload>) -> Result<Size, ApiError> {
     let allowed = || format!("{} (model '{}')", model.sizes.join(", "), model.name);
-    let given = form.str("size")?.filter(|s| s != "auto");
-    let text = given.unwrap_or_else(|| model.sizes.first().cloned().unwrap_or_default());
-    if !model.sizes.contains(&text) {
+    let given = form.str("size")?.filter(|s| s != AUTO_SIZE);
+    if given.is_none()
+        && let Some(image) = last_image
+        && model.sizes.iter().any(|s| s == AUTO_SIZE)
+    {
+        return auto_edit_size(image);
+    }
+    let first = model.sizes.iter().find(|s| *s != AUTO_SIZE).cloned().unwrap_or_default();
+    let text = given.unwrap_or(first);
+    if !model.sizes.contains(&text) || text == AUTO_SIZE {
         return Err(ApiError::invalid(
             "size",
             format!("`size` must be one of {}; got \"{text}\".", allowed()),
         ));
     }
     text.parse().map_err(|e: String| ApiError::invalid("size", e))
+}
+
+/// About 1024² pixels at `image`'s aspect, each side a multiple of 32 (diffusers'
+/// `calculate_dimensions(1024 * 1024, width / height)`, Python's round half to even).
+fn auto_edit_size(image: &Upload) -> Result<Size, ApiError> {
+    let unreadable = |e: String| {
+        ApiError::invalid("image", format!("`image` has no readable size ({e}); send `size`."))
+    };
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(&image.bytes[..]))
+        .with_guessed_format()
+        .map_err(|e| unreadable(e.to_string()))?
+        .into_dimensions()
+        .map_err(|e| unreadable(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(unreadable(format!("{w}x{h}")));
+    }
+    let ratio = f64::from(w) / f64::from(h);
+    let width = (1024.0 * 1024.0 * ratio).sqrt();
+    let height = width / ratio;
+    let side = |v: f64| ((v / 32.0).round_ties_even() as u32 * 32).max(32);
+    format!("{}x{}", side(width), side(height))
+        .parse()
+        .map_err(|e: String| ApiError::invalid("size", e))
 }
 
 fn image(param: &str, up: Upload) -> Result<Upload, ApiError> {
@@ -166,7 +202,7 @@ pub fn video(form: &Form, models: &[ModelConfig]) -> Result<Validated, ApiError>
     }
     let task = if reference.is_empty() { Task::T2v } else { Task::I2v };
     let model = model_for(models, form.str("model")?.as_deref(), task)?;
-    let size = size(form, model)?;
+    let size = size(form, model, None)?;
     let fps = form.int("fps", 1, 120)?.map_or(model.fps, |f| f as u32).max(1);
     let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
     let frames = match (
@@ -219,29 +255,6 @@ pub fn image_request(
     let prompt = prompt(form, "prompt", true)?.unwrap_or_default();
     let task = if edit { Task::Edit } else { Task::T2i };
     let model = model_for(models, form.str("model")?.as_deref(), task)?;
-    let size = size(form, model)?;
-    let mut spec = common(form, model, task, size, prompt)?;
-    spec.n = form.int("n", 1, u64::from(model.max_n.max(1)))?.map_or(1, |n| n as u32);
-    spec.output_format =
-        form.choice("output_format", &["png", "jpeg", "webp"])?.unwrap_or_else(|| "png".into());
-    spec.output_compression = form.int("output_compression", 0, 100)?.map(|c| c as u8);
-    for (key, allowed) in [
-        ("quality", &["auto", "low", "medium", "high", "standard", "hd"][..]),
-        ("background", &["auto", "transparent", "opaque"][..]),
-        ("moderation", &["auto", "low"][..]),
-        ("input_fidelity", &["high", "low"][..]),
-    ] {
-        form.choice(key, allowed)?;
-    }
-    let options = ImageOptions {
-        response_format: form
-            .choice("response_format", &["b64_json", "url"])?
-            .unwrap_or_else(|| "b64_json".into()),
-        stream: form.bool("stream")?.unwrap_or(false),
-        partial_images: form.int("partial_images", 0, 3)?.unwrap_or(0) as u32,
-    };
-    // Previews are made only for a client that streams; `partial_images` alone changes nothing.
-    spec.partial_images = if options.stream { options.partial_images } else { 0 };
     let mut inputs = vec![];
     if edit {
         let images: Vec<Upload> = form.uploads("image").cloned().collect();
@@ -276,11 +289,37 @@ pub fn image_request(
             inputs.push(("mask".to_owned(), mask.clone()));
         }
     }
+    let last_image = inputs.iter().rev().find(|(role, _)| role == "image").map(|(_, up)| up);
+    let size = size(form, model, last_image)?;
+    let mut spec = common(form, model, task, size, prompt)?;
+    spec.n = form.int("n", 1, u64::from(model.max_n.max(1)))?.map_or(1, |n| n as u32);
+    spec.output_format =
+        form.choice("output_format", &["png", "jpeg", "webp"])?.unwrap_or_else(|| "png".into());
+    spec.output_compression = form.int("output_compression", 0, 100)?.map(|c| c as u8);
+    for (key, allowed) in [
+        ("quality", &["auto", "low", "medium", "high", "standard", "hd"][..]),
+        ("background", &["auto", "transparent", "opaque"][..]),
+        ("moderation", &["auto", "low"][..]),
+        ("input_fidelity", &["high", "low"][..]),
+    ] {
+        form.choice(key, allowed)?;
+    }
+    let options = ImageOptions {
+        response_format: form
+            .choice("response_format", &["b64_json", "url"])?
+            .unwrap_or_else(|| "b64_json".into()),
+        stream: form.bool("stream")?.unwrap_or(false),
+        partial_images: form.int("partial_images", 0, 3)?.unwrap_or(0) as u32,
+    };
+    // Previews are made only for a client that streams; `partial_images` alone changes nothing.
+    spec.partial_images = if options.stream { options.partial_images } else { 0 };
     Ok((Validated { spec, inputs, model: model.clone() }, options))
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
     use crate::config::GatewayConfig;
 
@@ -298,6 +337,40 @@ mod tests {
             ("832x480".into(), 81, 16, 5)
         );
         assert_eq!(v.spec.num_inference_steps, 50);
+    }
+
+    fn png(width: u32, height: u32) -> Upload {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(width, height).write_to(&mut bytes, image::ImageFormat::Png).unwrap();
+        let bytes = Bytes::from(bytes.into_inner());
+        Upload { field: "image".into(), media_type: crate::request::sniff(&bytes), bytes }
+    }
+
+    #[test]
+    fn an_edit_without_a_size_gets_about_one_megapixel_at_its_images_aspect() {
+        let model =
+            ModelConfig { sizes: vec!["auto".into(), "64x64".into()], ..ModelConfig::qwen_image() };
+        // diffusers' calculate_dimensions(1024 * 1024, 96 / 64) = (1248, 832).
+        let wide = png(96, 64);
+        for body in [r#"{"prompt": "x"}"#, r#"{"prompt": "x", "size": "auto"}"#] {
+            let got = size(&form(body), &model, Some(&wide)).unwrap();
+            assert_eq!(got.to_string(), "1248x832", "{body}");
+        }
+        assert_eq!(
+            size(&form(r#"{"prompt": "x"}"#), &model, Some(&png(50, 100))).unwrap().to_string(),
+            "736x1440"
+        );
+        // An explicit size still wins; text to image takes the first listed size.
+        assert_eq!(
+            size(&form(r#"{"size": "64x64"}"#), &model, Some(&wide)).unwrap().to_string(),
+            "64x64"
+        );
+        assert_eq!(size(&form("{}"), &model, None).unwrap().to_string(), "64x64");
+        // Without `auto` in the list, an edit gets the first size too.
+        let fixed = ModelConfig { sizes: vec!["64x64".into()], ..model.clone() };
+        assert_eq!(size(&form("{}"), &fixed, Some(&wide)).unwrap().to_string(), "64x64");
+        let err = size(&form(r#"{"size": "96x96"}"#), &model, Some(&wide)).unwrap_err();
+        assert!(err.to_string().contains("auto, 64x64"), "{err}");
     }
 
     #[test]

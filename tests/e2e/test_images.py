@@ -31,8 +31,10 @@ NEGATIVE = "blurry, low quality"
 
 
 def image_entry(name, task):
+    # An edit without a size gets ~1 MP at its last image's aspect (`auto`), as diffusers' edits.
+    sizes = ["96x64", "64x64"] + (["auto"] if task == "edit" else [])
     return {
-        "name": name, "tasks": [task], "sizes": ["96x64", "64x64"], "fps": 0, "max_frames": 1,
+        "name": name, "tasks": [task], "sizes": sizes, "fps": 0, "max_frames": 1,
         "default_seconds": 0, "default_steps": STEPS, "max_steps": 50, "default_guidance_scale": 4.0,
         "default_shift": 3.0, "max_n": 2, "max_input_images": 2,
     }
@@ -155,12 +157,15 @@ def settings(fixtures, case):
     return s["prompt"], NEGATIVE, s["seed"], f"{s['width']}x{s['height']}"
 
 
-def x2v_generate(cluster, tmp_path, model, task, prompt, negative, size, seed, images=(), n=1):
-    """`x2v generate` of the same image(s) in one process, as `uint8 [H, W, 3]` (a list for n > 1)."""
+def x2v_generate(cluster, tmp_path, model, task, prompt, negative, size, seed, images=(), n=1, steps=STEPS):
+    """`x2v generate` of the same image(s) in one process, as `uint8 [H, W, 3]` (a list for n > 1);
+    `size` None: the pipeline's own choice."""
     out = tmp_path / f"{task}.npy"
     argv = [str(cluster.bin), "generate", "--model-dir", str(cluster.models[model]), "--task", task,
-            "--prompt", prompt, "--negative-prompt", negative, "--size", size, "--steps", str(STEPS),
+            "--prompt", prompt, "--negative-prompt", negative, "--steps", str(steps),
             "--guidance", "4", "--seed", str(seed), "--n", str(n), "--out", str(out)]
+    if size is not None:
+        argv += ["--size", size]
     for image in images:
         argv += ["--image", str(image)]
     subprocess.run(argv, check=True, capture_output=True)
@@ -203,6 +208,18 @@ def test_served_edit_of_two_images_equals_x2v_generate(client, images_cluster, t
         swapped = client.images.edit(model=EDIT, image=[b, a], prompt=prompt, size=size,
                                      extra_body=sampling(negative, seed))
     assert not np.array_equal(pixels(swapped.data[0].b64_json), local)
+
+
+def test_an_edit_without_a_size_is_about_one_megapixel_at_the_last_images_aspect(client, images_cluster, tmp_path):
+    prompt, negative, _, _ = settings(images_cluster.fixtures, "edit_plus")
+    inputs = [images_cluster.fixtures / f"edit_plus_image_{i}.png" for i in range(2)]
+    body = sampling(negative, 3)
+    with open(inputs[0], "rb") as a, open(inputs[1], "rb") as b:
+        served = client.images.edit(model=EDIT, image=[a, b], prompt=prompt, extra_body=body)
+    image = pixels(served.data[0].b64_json)
+    assert served.size == "1312x800" and image.shape == (800, 1312, 3), (served.size, image.shape)
+    local = x2v_generate(images_cluster, tmp_path, EDIT, "edit", prompt, negative, None, 3, inputs)
+    assert np.array_equal(image, local), f"max |diff| {np.abs(image.astype(int) - local).max()}"
 
 
 def test_an_unreadable_edit_image_is_refused_naming_image(client, images_cluster):
