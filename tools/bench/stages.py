@@ -311,13 +311,18 @@ BAR = re.compile(r"denoise\s.*?(\d+)/(\d+) steps")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def generate_argv(a, binary, model_dir, i, out_dir) -> list:
+    """`x2v generate` of job `i`, with the same settings as the served job."""
+    cmd = [str(binary), "generate", "--model-dir", str(model_dir), "--prompt", PROMPTS[i % len(PROMPTS)],
+           "--negative-prompt", NEGATIVE, "--size", a.size, "--steps", str(a.steps), "--guidance", str(a.guidance),
+           "--seed", str(i)]
+    return cmd + ["--task", "t2v", "--frames", str(a.frames), "--shift", str(a.shift), "--fps", str(a.fps),
+                  "--out", str(out_dir / f"job{i}.mp4")]
+
+
 def run_generate(a, binary, model_dir, env, i, out_dir) -> dict:
     """One `x2v generate` run with stderr on a pseudo-terminal; wall time, phase split, peak RSS."""
-    out = out_dir / f"job{i}.mp4"
-    cmd = [str(binary), "generate", "--model-dir", str(model_dir), "--task", "t2v", "--prompt", PROMPTS[i % len(PROMPTS)],
-           "--negative-prompt", NEGATIVE, "--size", a.size, "--frames", str(a.frames), "--steps", str(a.steps),
-           "--guidance", str(a.guidance), "--shift", str(a.shift), "--seed", str(i), "--fps", str(a.fps),
-           "--out", str(out)]
+    cmd = generate_argv(a, binary, model_dir, i, out_dir)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
     t0 = time.monotonic()
@@ -452,28 +457,24 @@ def metric(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
-def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
-    import warnings
+class Cluster:
+    """redis-server and the x2v services of one disaggregated run, configs and logs under `base`.
+    `procs` maps every running process (redis-server, encoder, dit, decoder, gateway) to its pid."""
 
-    import openai
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)  # "Sora API" notices
-
-    base = a.work / "disagg" / tag
-    shutil.rmtree(base, ignore_errors=True)
-    (base / "outputs").mkdir(parents=True)
-    (base / "redis").mkdir()
-    procs = {}
-    services = []
-    redis = None
-    try:
+    def __init__(self, a, binary, env, base: Path, prefix: str):
+        self.a, self.binary, self.env, self.base = a, binary, env, base
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "outputs").mkdir(parents=True)
+        (base / "redis").mkdir()
+        self.services: dict = {}  # name -> Service
+        self.procs: dict = {}
+        self.starts: dict = {}  # stage -> how many times started
         port = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(base / "redis")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        CHILDREN.append(redis)
-        procs["redis-server"] = redis.pid
-        url = f"redis://127.0.0.1:{port}/0"
+        self.redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", str(base / "redis")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        CHILDREN.append(self.redis)
+        self.procs["redis-server"] = self.redis.pid
         for _ in range(200):
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -483,56 +484,138 @@ def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
             except OSError:
                 time.sleep(0.05)
         else:
+            self.close()
             raise RuntimeError("redis-server did not start")
+        self.queue = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "prefix": prefix}
+        self.storage = {"kind": "local", "path": str(base / "outputs")}
+        self.telemetry = {"log_format": "text", "log_level": "warn"}
+        self.client = None
 
-        queue = {"backend": "redis", "redis_url": url, "prefix": f"bench-{tag}"}
-        storage = {"kind": "local", "path": str(base / "outputs")}
-        telemetry = {"log_format": "text", "log_level": "warn"}
-        w, h = (int(x) for x in a.size.split("x"))
-        # The shipped topology's capacities: encoder 2, DiT 1, decoder 2 (configs/wan2.1-t2v-1.3b/).
-        for stage, capacity in [("encoder", 2), ("dit", 1), ("decoder", 2)]:
-            cfg = base / f"{stage}.toml"
-            write_toml(cfg, {"rank": 0, "model": MODEL_NAME, "model_dir": str(model_dir), "tasks": ["t2v"],
-                             "device": "cpu", "dtype": "auto", "capacity": capacity},
-                       {"queue": queue, "transfer": {"secret": SECRET, "pool_mib": a.pool_mib}, "storage": storage,
-                        "telemetry": telemetry})
-            services.append(Service(stage, [str(binary), stage, "--config", str(cfg), "--print-addr"], env,
-                                    base / f"{stage}.log", f"{stage} ready "))
-        log("disaggregated: starting the encoder, DiT and decoder services ...")
-        for s in services:
+    def start_stage(self, stage: str, model_dir: Path, tasks: list, capacity: int, **fields) -> "Service":
+        """Starts `x2v <stage>` (rank 0 of MODEL_NAME; `fields` are further top-level config fields);
+        `wait_ready` waits for it. A restarted stage gets a config and log of its own."""
+        self.starts[stage] = self.starts.get(stage, 0) + 1
+        label = stage if self.starts[stage] == 1 else f"{stage}-{self.starts[stage]}"
+        cfg = self.base / f"{label}.toml"
+        write_toml(cfg, {"rank": 0, "model": MODEL_NAME, "model_dir": str(model_dir), "tasks": tasks,
+                         "device": "cpu", "dtype": "auto", "capacity": capacity, **fields},
+                   {"queue": self.queue, "transfer": {"secret": SECRET, "pool_mib": self.a.pool_mib},
+                    "storage": self.storage, "telemetry": self.telemetry})
+        s = Service(stage, [str(self.binary), stage, "--config", str(cfg), "--print-addr"], self.env,
+                    self.base / f"{label}.log", f"{stage} ready ")
+        self.services[stage] = s
+        return s
+
+    def wait_ready(self, *names: str) -> None:
+        for name in names:
+            s = self.services[name]
             s.wait_ready()
-            procs[s.name] = s.pid
-        gw_cfg = base / "gateway.toml"
+            self.procs[name] = s.pid
+
+    def stop_service(self, name: str) -> None:
+        s = self.services.pop(name)
+        self.procs.pop(name, None)
+        stop(s.proc)
+        s.log.close()
+
+    def start_gateway(self, models: list, **http):
+        """The gateway serving `models` ([[models]] entries); returns an openai client of it."""
+        import warnings
+
+        import openai
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)  # "Sora API" notices
+        gw_cfg = self.base / "gateway.toml"
         write_toml(gw_cfg, {"listen": "127.0.0.1:0"},
-                   {"queue": dict(queue, maintain_interval_ms=500), "storage": storage,
-                    "http": {"poll_after_ms": 250}, "telemetry": telemetry},
-                   [{"name": MODEL_NAME, "tasks": ["t2v"], "sizes": [a.size], "fps": a.fps,
-                     "max_frames": max(a.frames, 33), "default_seconds": 1, "default_steps": a.steps,
-                     "max_steps": max(a.steps, 50), "default_guidance_scale": a.guidance,
-                     "default_shift": a.shift, "max_n": 1}])
-        gateway = Service("gateway", [str(binary), "gateway", "--config", str(gw_cfg), "--print-addr"], env,
-                          base / "gateway.log", "listening on ")
+                   {"queue": dict(self.queue, maintain_interval_ms=500), "storage": self.storage,
+                    "http": {"poll_after_ms": 250, **http}, "telemetry": self.telemetry}, models)
+        gateway = Service("gateway", [str(self.binary), "gateway", "--config", str(gw_cfg), "--print-addr"],
+                          self.env, self.base / "gateway.log", "listening on ")
+        self.services["gateway"] = gateway
         gateway.wait_ready(timeout=60)
-        procs["gateway"] = gateway.pid
-        services.append(gateway)
-        api = f"http://{gateway.http()}/v1"
-        client = openai.OpenAI(base_url=api, api_key="sk-x2v-bench", max_retries=2, timeout=120)
-        deadline = time.monotonic() + 60
-        while True:  # every stage registered with the gateway's Redis
-            ranks = {m.id: (m.model_extra or {}).get("x2v", {}).get("ranks", {}) for m in client.models.list().data}
+        self.procs["gateway"] = gateway.pid
+        self.api = f"http://{gateway.http()}/v1"
+        self.client = openai.OpenAI(base_url=self.api, api_key="sk-x2v-bench", max_retries=2,
+                                    timeout=120)
+        return self.client
+
+    def wait_registered(self, timeout=60.0) -> None:
+        """Until every stage has a live rank in the gateway's Redis."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ranks = {m.id: (m.model_extra or {}).get("x2v", {}).get("ranks", {}) for m in self.client.models.list().data}
             r = ranks.get(MODEL_NAME, {})
             if all(r.get(s) for s in ("encoder", "dit", "decoder")):
-                break
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the stages did not register: {ranks}")
             time.sleep(0.2)
-        ready = {name: dict(rss_parts(pid), hwm=proc_kib(pid, "VmHWM")) for name, pid in procs.items()}
-        load_s = {s.name: s.ready_s for s in services}
 
-        log(f"disaggregated: {a.jobs} jobs submitted at once through {api} ...")
-        sampler = RssSampler(procs, {"3 stages": ["encoder", "dit", "decoder"],
-                                     "3 stages + gateway": ["encoder", "dit", "decoder", "gateway"]})
-        sampler.start()
+    def ready_snapshot(self) -> dict:
+        """VmRSS split and VmHWM of every process, e.g. once all are ready."""
+        return {name: dict(rss_parts(pid), hwm=proc_kib(pid, "VmHWM")) for name, pid in self.procs.items()}
+
+    def stage_metrics(self, stage: str, total: int, timeout=15.0) -> dict:
+        """`stage`'s /metrics once it has recorded `total` jobs' `total` phase (that observation
+        lands just after the job is marked complete)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = scrape(self.services[stage].http())
+            if metric(m, "x2v_stage_seconds_count", phase="total") >= total or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for name in reversed(list(self.services)):
+            self.stop_service(name)
+        stop(self.redis)
+
+
+class Measure:
+    """Peak memory and CPU of a cluster's processes over some jobs: VmRSS/PSS sampled every 0.2 s from
+    `start()`, then `finish()` reads VmHWM, the RSS/PSS split and the CPU seconds used since `start()`."""
+
+    def __init__(self, procs: dict):
+        self.procs = dict(procs)
+        stages = [n for n in ("encoder", "dit", "decoder") if n in procs]
+        self.sampler = RssSampler(self.procs, {"3 stages": stages, "3 stages + gateway": stages + ["gateway"]})
+
+    def start(self) -> "Measure":
+        self.sampler.start()
+        self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.procs.items()}
+        self.t0 = time.monotonic()
+        return self
+
+    def stop_clock(self) -> None:
+        self.makespan = time.monotonic() - self.t0
+        self.cpu = {name: cpu_seconds(pid) - self.cpu0[name] for name, pid in self.procs.items()}
+
+    def finish(self) -> dict:
+        peak = {name: proc_kib(pid, "VmHWM") for name, pid in self.procs.items()}
+        after = {name: dict(rss_parts(pid), **pss_parts(pid)) for name, pid in self.procs.items()}
+        return {"peak": peak, "after": after, "sampled": self.sampler.finish(), "cpu": self.cpu,
+                "makespan": self.makespan}
+
+
+def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
+    cluster = Cluster(a, binary, env, a.work / "disagg" / tag, f"bench-{tag}")
+    try:
+        # The shipped topology's capacities: encoder 2, DiT 1, decoder 2 (configs/wan2.1-t2v-1.3b/).
+        for stage, capacity in [("encoder", 2), ("dit", 1), ("decoder", 2)]:
+            cluster.start_stage(stage, model_dir, ["t2v"], capacity)
+        log("disaggregated: starting the encoder, DiT and decoder services ...")
+        cluster.wait_ready("encoder", "dit", "decoder")
+        client = cluster.start_gateway(
+            [{"name": MODEL_NAME, "tasks": ["t2v"], "sizes": [a.size], "fps": a.fps,
+              "max_frames": max(a.frames, 33), "default_seconds": 1, "default_steps": a.steps,
+              "max_steps": max(a.steps, 50), "default_guidance_scale": a.guidance,
+              "default_shift": a.shift, "max_n": 1}])
+        cluster.wait_registered()
+        ready = cluster.ready_snapshot()
+        load_s = {name: s.ready_s for name, s in cluster.services.items()}
+
+        log(f"disaggregated: {a.jobs} jobs submitted at once through {cluster.api} ...")
+        measure = Measure(cluster.procs)
 
         def job(i):
             t = time.monotonic()
@@ -546,38 +629,19 @@ def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
                 raise RuntimeError(f"job {i} {v.id}: {v.status} {v.error}")
             return {"id": v.id, "latency": time.monotonic() - t}
 
-        cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
-        t0 = time.monotonic()
+        measure.start()
         with cf.ThreadPoolExecutor(a.jobs) as pool:
             jobs = list(pool.map(job, range(a.jobs)))
-        makespan = time.monotonic() - t0
-        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in procs.items()}
-        log(f"  done in {makespan:.1f} s")
+        measure.stop_clock()
+        log(f"  done in {measure.makespan:.1f} s")
         mp4 = client.videos.download_content(jobs[0]["id"]).content
         if mp4[4:8] != b"ftyp":
             raise RuntimeError("the first job's content is not an MP4")
-
-        stage_metrics = {}
-        for s in services[:3]:
-            deadline = time.monotonic() + 15
-            while True:  # the `total` observation lands just after the job is marked complete
-                m = scrape(s.http())
-                if metric(m, "x2v_stage_seconds_count", phase="total") >= a.jobs or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            stage_metrics[s.name] = m
-        peak = {name: proc_kib(pid, "VmHWM") for name, pid in procs.items()}
-        after = {name: dict(rss_parts(pid), **pss_parts(pid)) for name, pid in procs.items()}
-        sampled = sampler.finish()
-        return {"after": after, "cpu": cpu, "mode": "disaggregated (gateway + 1+1+1 stages)", "parallel": a.jobs, "makespan": makespan,
-                "jobs": jobs, "ready": ready, "peak": peak, "sampled": sampled, "metrics": stage_metrics,
-                "load_s": load_s}
+        stage_metrics = {s: cluster.stage_metrics(s, a.jobs) for s in ("encoder", "dit", "decoder")}
+        return dict(measure.finish(), mode="disaggregated (gateway + 1+1+1 stages)", parallel=a.jobs, jobs=jobs,
+                    ready=ready, metrics=stage_metrics, load_s=load_s)
     finally:
-        for s in reversed(services):
-            stop(s.proc)
-            s.log.close()
-        if redis is not None:
-            stop(redis)
+        cluster.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,16 +668,13 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def report(a, model_dir, results, load_before, load_after) -> None:
-    print(f"\nx2v stages benchmark: model {model_dir}")
-    print(f"settings: {a.size}, {a.frames} frames, {a.steps} steps, guidance {a.guidance}, shift {a.shift}, "
-          f"{a.jobs} jobs per run; CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={a.threads or 'unset'}; "
-          f"load average before {load_before}, after {load_after}")
+def model_table(model_dir: Path) -> None:
+    rows = [(c, f"{s / MIB:.0f}", f"{p / 1e6:.1f}" if p else "-") for c, s, p in component_sizes(model_dir)]
+    table("Model (random weights, fp32 safetensors)", ["component", "file MiB", "parameters (M)"], rows)
 
-    table("Model (random weights, fp32 safetensors)", ["component", "file MiB", "parameters (M)"],
-          [(c, f"{s / MIB:.0f}", f"{p / 1e6:.1f}" if p else "-") for c, s, p in component_sizes(model_dir)])
 
-    # (a) memory
+def memory_tables(results) -> None:
+    """(a): the services' RSS once ready, their peaks over the jobs, and x2v generate's peaks."""
     rows, shared = [], []
     for tag, r in results:
         if r["mode"].startswith("disaggregated"):
@@ -644,6 +705,51 @@ def report(a, model_dir, results, load_before, load_after) -> None:
           "them, so PSS adds up. After the jobs, and the largest PSS sampled during them",
           ["process", "RSS after = anon + file + shmem", "PSS after = anon + file + shmem", "sampled max PSS"],
           shared)
+
+
+def stage_seconds(rows: list, tag: str, r: dict) -> dict:
+    """Appends the x2v_stage_seconds rows of a disaggregated result; returns the mean per (stage, phase)."""
+    means = {}
+    for stage in ["encoder", "dit", "decoder"]:
+        m = r["metrics"][stage]
+        for phase in ["receive", "run", "finish", "send", "total"]:
+            n = metric(m, "x2v_stage_seconds_count", phase=phase)
+            s = metric(m, "x2v_stage_seconds_sum", phase=phase)
+            means[(stage, phase)] = s / n if n else float("nan")
+            rows.append((f"{stage} [{tag}]", phase, int(n), f"{s:.2f}", f"{s / n:.3f}" if n else "-"))
+        n = metric(m, "x2v_stage_step_seconds_count")
+        s = metric(m, "x2v_stage_step_seconds_sum")
+        if n:
+            rows.append((f"{stage} [{tag}]", "one step (x2v_stage_step_seconds)", int(n), f"{s:.2f}", f"{s / n:.3f}"))
+        rows.append((f"{stage} [{tag}]", "load (start to ready)", 1, f"{r['load_s'][stage]:.2f}", ""))
+    return means
+
+
+STAGE_SECONDS_TITLE = "(c) Stage services: x2v_stage_seconds{service, phase} from /metrics (mean = sum / count)"
+
+
+def generate_phases(results, before: str, after: str) -> None:
+    rows = []
+    for tag, r in results:
+        if r["mode"].startswith("disaggregated"):
+            continue
+        runs = r["runs"]
+        rows.append((f"{r['mode']} [{tag}]", len(runs), f"{mean(x['pre'] for x in runs):.2f}",
+                     f"{mean(x['denoise'] for x in runs):.2f}", f"{mean(x['post'] for x in runs):.2f}",
+                     f"{mean(x['wall'] for x in runs):.2f}"))
+    if not rows:
+        return
+    table(f"(c) x2v generate, mean seconds per run from its progress bar (before: {before}; after: {after})",
+          ["mode", "runs", "before denoising", "denoising", "after denoising", "total"], rows)
+
+
+def report(a, model_dir, results, load_before, load_after) -> None:
+    print(f"\nx2v stages benchmark: model {model_dir}")
+    print(f"settings: {a.size}, {a.frames} frames, {a.steps} steps, guidance {a.guidance}, shift {a.shift}, "
+          f"{a.jobs} jobs per run; CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={a.threads or 'unset'}; "
+          f"load average before {load_before}, after {load_after}")
+    model_table(model_dir)
+    memory_tables(results)
 
     # (b) throughput
     rows = []
@@ -691,19 +797,7 @@ def report(a, model_dir, results, load_before, load_after) -> None:
     for tag, r in results:
         if not r["mode"].startswith("disaggregated"):
             continue
-        means = {}
-        for stage in ["encoder", "dit", "decoder"]:
-            m = r["metrics"][stage]
-            for phase in ["receive", "run", "finish", "send", "total"]:
-                n = metric(m, "x2v_stage_seconds_count", phase=phase)
-                s = metric(m, "x2v_stage_seconds_sum", phase=phase)
-                means[(stage, phase)] = s / n if n else float("nan")
-                rows.append((f"{stage} [{tag}]", phase, int(n), f"{s:.2f}", f"{s / n:.3f}" if n else "-"))
-            n = metric(m, "x2v_stage_step_seconds_count")
-            s = metric(m, "x2v_stage_step_seconds_sum")
-            if n:
-                rows.append((f"{stage} [{tag}]", "one step (x2v_stage_step_seconds)", int(n), f"{s:.2f}", f"{s / n:.3f}"))
-            rows.append((f"{stage} [{tag}]", "load (start to ready)", 1, f"{r['load_s'][stage]:.2f}", ""))
+        means = stage_seconds(rows, tag, r)
         m = r["metrics"]
         device = {st: metric(m[st], "x2v_stage_step_seconds_sum") / max(1.0, metric(m[st], "x2v_stage_seconds_count", phase="run"))
                   for st in ["encoder", "dit", "decoder"]}
@@ -716,20 +810,8 @@ def report(a, model_dir, results, load_before, load_after) -> None:
             t_dit50 = t_dit + (50 - a.steps) * step
             sizing.append((f"disaggregated, {label} [{tag}]", f"{t_enc:.3f}", f"{t_dit:.3f}", f"{t_dec:.3f}",
                            f"{t_dit / t_enc:.1f}", f"{t_dec / t_dit:.2f}", f"{t_dit50 / t_enc:.0f}"))
-    table("(c) Stage services: x2v_stage_seconds{service, phase} from /metrics (mean = sum / count)",
-          ["service", "phase", "count", "sum s", "mean s"], rows)
-
-    rows = []
-    for tag, r in results:
-        if r["mode"].startswith("disaggregated"):
-            continue
-        runs = r["runs"]
-        rows.append((f"{r['mode']} [{tag}]", len(runs), f"{mean(x['pre'] for x in runs):.2f}",
-                     f"{mean(x['denoise'] for x in runs):.2f}", f"{mean(x['post'] for x in runs):.2f}",
-                     f"{mean(x['wall'] for x in runs):.2f}"))
-    table("(c) x2v generate, mean seconds per run from its progress bar (before: start-up, UMT5 load + encode, "
-          "DiT load; after: VAE load + decode, MP4, write)",
-          ["mode", "runs", "before denoising", "denoising", "after denoising", "total"], rows)
+    table(STAGE_SECONDS_TITLE, ["service", "phase", "count", "sum s", "mean s"], rows)
+    generate_phases(results, "start-up, UMT5 load + encode, DiT load", "VAE load + decode, MP4, write")
     for tag, r in results:
         if r["mode"].startswith("disaggregated") or r["parallel"] != 1:
             continue
