@@ -75,12 +75,12 @@ text-to-image model through the images API (`client.images.generate`):
       streamed requests): once ready, after the same one-image requests, after streamed requests.
   (c) n = 4 images per request, end to end, with the DiT stage's `image_batch` = 0 (the 4 images in
       one batch per transformer forward) and 1 (back to back): a fresh DiT for each setting, `--rounds`
-      (default 1) rounds in alternating order, `--batch-requests` (default 1) requests per start.
+      (default 2) rounds in alternating order, `--batch-requests` (default 1) requests per start.
   (d) time to the first partial image: `stream=True, partial_images=K` for K in `--partial-images`
       (default 1,2,3), n = 1: seconds to the first and last `image_generation.partial_image` event and
       to `image_generation.completed`, and the same request without streaming.
-  Defaults: 256x256, 4 steps, guidance 4 (true CFG), 2 jobs, x2v generate 1 at a time. About 8 minutes
-  on two CPU cores shared with other work (load average 4 to 6):
+  Defaults: 256x256, 4 steps, guidance 4 (true CFG), 2 jobs, x2v generate 1 at a time. 4 to 10
+  minutes on two CPU cores, depending on the other load on the host:
 
   export CARGO_TARGET_DIR=~/.cache/x2v/target
   ~/.cache/x2v/venv/bin/python tools/bench/stages.py --family qwen-image
@@ -1174,7 +1174,7 @@ def main() -> None:
     p.add_argument("--parallel", help="monolithic concurrency levels, comma-separated ('' skips; default: "
                                       "1,2 Wan, 1 Qwen-Image)")
     p.add_argument("--rounds", type=int, help="Wan: repeat the interleaved sequence (the order flips each round; "
-                                              "default 2). Qwen-Image: rounds of the n = 4 comparison (default 1)")
+                                              "default 2). Qwen-Image: rounds of the n = 4 comparison (default 2)")
     p.add_argument("--size", help="default: 128x128 Wan, 256x256 Qwen-Image")
     p.add_argument("--frames", type=int, default=5)
     p.add_argument("--steps", type=int, default=4)
@@ -1198,7 +1198,7 @@ def main() -> None:
         return
 
     qwen = a.family == "qwen-image"
-    for name, wan, qwen_image in [("jobs", 8, 2), ("parallel", "1,2", "1"), ("rounds", 2, 1),
+    for name, wan, qwen_image in [("jobs", 8, 2), ("parallel", "1,2", "1"), ("rounds", 2, 2),
                                   ("size", "128x128", "256x256"), ("guidance", 5.0, 4.0)]:
         if getattr(a, name) is None:
             setattr(a, name, qwen_image if qwen else wan)
