@@ -1,5 +1,6 @@
 """Disaggregated stage services against the monolithic `x2v generate`, on the CPU: memory, throughput
-and per-stage time. A benchmark that prints tables; it asserts nothing.
+and per-stage time, for Wan2.1 text to video (default) or Qwen-Image text to image
+(`--family qwen-image`, below). A benchmark that prints tables; it asserts nothing.
 
 What it measures, for the same checkpoint, prompts, seeds and settings on both sides:
 
@@ -56,9 +57,37 @@ host falls on both. With the mid-size model that is 10 to 15 minutes on two CPU 
 with 9 frames: 6 to 10). The tables list every round, then the throughput summed over the rounds.
 Timings on a shared host are noisy: the load average is printed before and after, and CPU seconds
 per job are less sensitive to it than wall time. Configs, logs and outputs stay under --work.
+
+Qwen-Image (`--family qwen-image`): the same processes, /proc sampling, Redis and gateway, serving a
+text-to-image model through the images API (`client.images.generate`):
+
+  model  a mid-size random Qwen-Image T2I model in the diffusers layout (`QwenImagePipeline.
+         save_pretrained`), with the tokenizer and scheduler of tools/fixtures/qwen_pipeline.py and its
+         text encoder's configuration (special-token ids, M-RoPE) at mid size: an MMDiT of width 1536
+         (12 heads x 128, joint_attention_dim 1024) and 2 layers (179 M parameters, 684 MiB fp32); a
+         Qwen2.5-VL text decoder of hidden 1024, 8 query / 2 key-value heads, FFN 5504, 6 layers and a
+         32768-row (tied) embedding, with a tiny vision tower that T2I does not run but x2v loads (151 M,
+         577 MiB); the VAE at Qwen-Image's shape (`AutoencoderKLQwenImage` defaults, base width 96: 127 M,
+         484 MiB). Written in ~25 s, cached under --work by its shape (--dit-layers, --text-layers, ...).
+  (a) peak RSS as above: `--jobs` (default 2) one-image requests at once, against `x2v generate --task
+      t2i` runs (1 at a time); then the DiT stage's memory with `previews = false` in its config against
+      the default `previews = true` (the DiT then also holds the VAE decoder, to decode the previews of
+      streamed requests): once ready, after the same one-image requests, after streamed requests.
+  (c) n = 4 images per request, end to end, with the DiT stage's `image_batch` = 0 (the 4 images in
+      one batch per transformer forward) and 1 (back to back): a fresh DiT for each setting, `--rounds`
+      (default 2) rounds in alternating order, `--batch-requests` (default 1) requests per start.
+  (d) time to the first partial image: `stream=True, partial_images=K` for K in `--partial-images`
+      (default 1,2,3), n = 1: seconds to the first and last `image_generation.partial_image` event and
+      to `image_generation.completed`, and the same request without streaming.
+  Defaults: 256x256, 4 steps, guidance 4 (true CFG), 2 jobs, x2v generate 1 at a time. 4 to 10
+  minutes on two CPU cores, depending on the other load on the host:
+
+  export CARGO_TARGET_DIR=~/.cache/x2v/target
+  ~/.cache/x2v/venv/bin/python tools/bench/stages.py --family qwen-image
 """
 
 import argparse
+import base64
 import concurrent.futures as cf
 import errno
 import fcntl
@@ -150,18 +179,88 @@ def write_mid_model(out: Path, spec: dict) -> None:
     (out / "bench_model.json").write_text(json.dumps({"spec": spec, "parameters": counts}, indent=2) + "\n")
 
 
+def qwen_model_spec(a) -> dict:
+    return {
+        "family": "qwen-image",
+        "dit": dict(heads=a.dit_heads, head_dim=a.dit_head_dim, layers=a.dit_layers, axes_dims_rope=[16, 56, 56]),
+        "text": dict(hidden=a.text_dim, heads=a.qwen_text_heads, kv_heads=a.qwen_text_kv_heads, ff=a.qwen_text_ff,
+                     layers=a.text_layers, vocab=a.qwen_text_vocab, vision_depth=2, vision_dim=64),
+        "vae": dict(base_dim=a.vae_dim, num_res_blocks=2),
+        "seed": 0,
+    }
+
+
+def write_qwen_model(out: Path, spec: dict) -> None:
+    """Writes a random Qwen-Image T2I model of `spec`'s shape with `QwenImagePipeline.save_pretrained`:
+    the tokenizer and scheduler of tools/fixtures/qwen_pipeline.py, a Qwen2.5-VL text encoder configured
+    as that fixture's (special-token ids, M-RoPE) at `spec`'s size with a tiny vision tower (T2I does not
+    run it, but x2v loads it), the published VAE shape and an MMDiT of `spec`'s width and depth."""
+    sys.path.insert(0, str(FIXTURES))
+    import torch
+    from common import seed_everything
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from qwen_pipeline import DIT, SCHEDULER
+    from qwen_tokenizer import build_tokenizer, save
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    seed_everything(spec["seed"])
+    torch.use_deterministic_algorithms(False)
+    d, t, v = spec["dit"], spec["text"], spec["vae"]
+    tokenizer = build_tokenizer()
+    assert len(tokenizer) <= t["vocab"], "the embedding must cover the tokenizer"
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = t["hidden"] // t["heads"]
+    unit = head_dim // 16  # Qwen2.5-VL's M-RoPE split of head_dim / 2: [16, 24, 24] at head_dim 128
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=t["vocab"], hidden_size=t["hidden"], intermediate_size=t["ff"],
+            num_hidden_layers=t["layers"], num_attention_heads=t["heads"], num_key_value_heads=t["kv_heads"],
+            rms_norm_eps=1e-6,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0,
+                                 mrope_section=[2 * unit, 3 * unit, 3 * unit]),
+            bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=t["vision_depth"], hidden_size=t["vision_dim"], num_heads=2, intermediate_size=2 * t["vision_dim"],
+            out_hidden_size=t["hidden"], patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
+            window_size=112, fullatt_block_indexes=[t["vision_depth"] - 1],
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,  # as the smaller Qwen2.5-VL releases; x2v skips lm_head either way
+    )
+    config._attn_implementation = "sdpa"
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    transformer = QwenImageTransformer2DModel(**dict(
+        DIT, num_layers=d["layers"], attention_head_dim=d["head_dim"], num_attention_heads=d["heads"],
+        joint_attention_dim=t["hidden"], axes_dims_rope=tuple(d["axes_dims_rope"]))).eval()
+    vae = AutoencoderKLQwenImage(base_dim=v["base_dim"], num_res_blocks=v["num_res_blocks"]).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(out, safe_serialization=True)
+    save(out)  # tokenizer/ with the slow-tokenizer files, as the fixture writes it
+    shutil.rmtree(out / "processor")  # the text-to-image layout has none
+    counts = {name: sum(p.numel() for p in m.parameters())
+              for name, m in [("text_encoder", text_encoder), ("transformer", transformer), ("vae", vae)]}
+    counts["text_encoder (vision tower)"] = sum(p.numel() for p in text_encoder.model.visual.parameters())
+    (out / "bench_model.json").write_text(json.dumps({"spec": spec, "parameters": counts}, indent=2) + "\n")
+
+
 def prepare_model(a, binary: Path, env: dict) -> Path:
     if a.model_dir:
         return Path(a.model_dir).resolve()
     if a.model == "demo":
+        if a.family != "wan":
+            sys.exit("--model demo is a Wan2.1 model; use --model mid or --model-dir with --family qwen-image")
         out = a.work / "model-demo"
         if not (out / "model_index.json").exists():
             subprocess.run([str(binary), "demo-model", "--out", str(out)], env=env, check=True,
                            stdout=subprocess.DEVNULL)
         return out
-    spec = model_spec(a)
+    spec = qwen_model_spec(a) if a.family == "qwen-image" else model_spec(a)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
-    out = a.work / f"model-mid-{key}"
+    out = a.work / (f"model-qwen-mid-{key}" if a.family == "qwen-image" else f"model-mid-{key}")
     if (out / "bench_model.json").exists() and (out / "model_index.json").exists():
         return out
     if out.exists():
@@ -311,13 +410,21 @@ BAR = re.compile(r"denoise\s.*?(\d+)/(\d+) steps")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def generate_argv(a, binary, model_dir, i, out_dir) -> list:
+    """`x2v generate` of job `i`: a video (Wan) or an image (Qwen-Image) of the same settings as the
+    served job."""
+    cmd = [str(binary), "generate", "--model-dir", str(model_dir), "--prompt", PROMPTS[i % len(PROMPTS)],
+           "--negative-prompt", NEGATIVE, "--size", a.size, "--steps", str(a.steps), "--guidance", str(a.guidance),
+           "--seed", str(i)]
+    if a.family == "qwen-image":
+        return cmd + ["--task", "t2i", "--n", "1", "--out", str(out_dir / f"job{i}.png")]
+    return cmd + ["--task", "t2v", "--frames", str(a.frames), "--shift", str(a.shift), "--fps", str(a.fps),
+                  "--out", str(out_dir / f"job{i}.mp4")]
+
+
 def run_generate(a, binary, model_dir, env, i, out_dir) -> dict:
     """One `x2v generate` run with stderr on a pseudo-terminal; wall time, phase split, peak RSS."""
-    out = out_dir / f"job{i}.mp4"
-    cmd = [str(binary), "generate", "--model-dir", str(model_dir), "--task", "t2v", "--prompt", PROMPTS[i % len(PROMPTS)],
-           "--negative-prompt", NEGATIVE, "--size", a.size, "--frames", str(a.frames), "--steps", str(a.steps),
-           "--guidance", str(a.guidance), "--shift", str(a.shift), "--seed", str(i), "--fps", str(a.fps),
-           "--out", str(out)]
+    cmd = generate_argv(a, binary, model_dir, i, out_dir)
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
     t0 = time.monotonic()
@@ -452,28 +559,24 @@ def metric(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
-def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
-    import warnings
+class Cluster:
+    """redis-server and the x2v services of one disaggregated run, configs and logs under `base`.
+    `procs` maps every running process (redis-server, encoder, dit, decoder, gateway) to its pid."""
 
-    import openai
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)  # "Sora API" notices
-
-    base = a.work / "disagg" / tag
-    shutil.rmtree(base, ignore_errors=True)
-    (base / "outputs").mkdir(parents=True)
-    (base / "redis").mkdir()
-    procs = {}
-    services = []
-    redis = None
-    try:
+    def __init__(self, a, binary, env, base: Path, prefix: str):
+        self.a, self.binary, self.env, self.base = a, binary, env, base
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "outputs").mkdir(parents=True)
+        (base / "redis").mkdir()
+        self.services: dict = {}  # name -> Service
+        self.procs: dict = {}
+        self.starts: dict = {}  # stage -> how many times started
         port = free_port()
-        redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(base / "redis")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        CHILDREN.append(redis)
-        procs["redis-server"] = redis.pid
-        url = f"redis://127.0.0.1:{port}/0"
+        self.redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", str(base / "redis")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        CHILDREN.append(self.redis)
+        self.procs["redis-server"] = self.redis.pid
         for _ in range(200):
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
@@ -483,56 +586,138 @@ def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
             except OSError:
                 time.sleep(0.05)
         else:
+            self.close()
             raise RuntimeError("redis-server did not start")
+        self.queue = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0", "prefix": prefix}
+        self.storage = {"kind": "local", "path": str(base / "outputs")}
+        self.telemetry = {"log_format": "text", "log_level": "warn"}
+        self.client = None
 
-        queue = {"backend": "redis", "redis_url": url, "prefix": f"bench-{tag}"}
-        storage = {"kind": "local", "path": str(base / "outputs")}
-        telemetry = {"log_format": "text", "log_level": "warn"}
-        w, h = (int(x) for x in a.size.split("x"))
-        # The shipped topology's capacities: encoder 2, DiT 1, decoder 2 (configs/wan2.1-t2v-1.3b/).
-        for stage, capacity in [("encoder", 2), ("dit", 1), ("decoder", 2)]:
-            cfg = base / f"{stage}.toml"
-            write_toml(cfg, {"rank": 0, "model": MODEL_NAME, "model_dir": str(model_dir), "tasks": ["t2v"],
-                             "device": "cpu", "dtype": "auto", "capacity": capacity},
-                       {"queue": queue, "transfer": {"secret": SECRET, "pool_mib": a.pool_mib}, "storage": storage,
-                        "telemetry": telemetry})
-            services.append(Service(stage, [str(binary), stage, "--config", str(cfg), "--print-addr"], env,
-                                    base / f"{stage}.log", f"{stage} ready "))
-        log("disaggregated: starting the encoder, DiT and decoder services ...")
-        for s in services:
+    def start_stage(self, stage: str, model_dir: Path, tasks: list, capacity: int, **fields) -> "Service":
+        """Starts `x2v <stage>` (rank 0 of MODEL_NAME; `fields` are further top-level config fields);
+        `wait_ready` waits for it. A restarted stage gets a config and log of its own."""
+        self.starts[stage] = self.starts.get(stage, 0) + 1
+        label = stage if self.starts[stage] == 1 else f"{stage}-{self.starts[stage]}"
+        cfg = self.base / f"{label}.toml"
+        write_toml(cfg, {"rank": 0, "model": MODEL_NAME, "model_dir": str(model_dir), "tasks": tasks,
+                         "device": "cpu", "dtype": "auto", "capacity": capacity, **fields},
+                   {"queue": self.queue, "transfer": {"secret": SECRET, "pool_mib": self.a.pool_mib},
+                    "storage": self.storage, "telemetry": self.telemetry})
+        s = Service(stage, [str(self.binary), stage, "--config", str(cfg), "--print-addr"], self.env,
+                    self.base / f"{label}.log", f"{stage} ready ")
+        self.services[stage] = s
+        return s
+
+    def wait_ready(self, *names: str) -> None:
+        for name in names:
+            s = self.services[name]
             s.wait_ready()
-            procs[s.name] = s.pid
-        gw_cfg = base / "gateway.toml"
+            self.procs[name] = s.pid
+
+    def stop_service(self, name: str) -> None:
+        s = self.services.pop(name)
+        self.procs.pop(name, None)
+        stop(s.proc)
+        s.log.close()
+
+    def start_gateway(self, models: list, **http):
+        """The gateway serving `models` ([[models]] entries); returns an openai client of it."""
+        import warnings
+
+        import openai
+
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=__name__)  # "Sora API" notices
+        gw_cfg = self.base / "gateway.toml"
         write_toml(gw_cfg, {"listen": "127.0.0.1:0"},
-                   {"queue": dict(queue, maintain_interval_ms=500), "storage": storage,
-                    "http": {"poll_after_ms": 250}, "telemetry": telemetry},
-                   [{"name": MODEL_NAME, "tasks": ["t2v"], "sizes": [a.size], "fps": a.fps,
-                     "max_frames": max(a.frames, 33), "default_seconds": 1, "default_steps": a.steps,
-                     "max_steps": max(a.steps, 50), "default_guidance_scale": a.guidance,
-                     "default_shift": a.shift, "max_n": 1}])
-        gateway = Service("gateway", [str(binary), "gateway", "--config", str(gw_cfg), "--print-addr"], env,
-                          base / "gateway.log", "listening on ")
+                   {"queue": dict(self.queue, maintain_interval_ms=500), "storage": self.storage,
+                    "http": {"poll_after_ms": 250, **http}, "telemetry": self.telemetry}, models)
+        gateway = Service("gateway", [str(self.binary), "gateway", "--config", str(gw_cfg), "--print-addr"],
+                          self.env, self.base / "gateway.log", "listening on ")
+        self.services["gateway"] = gateway
         gateway.wait_ready(timeout=60)
-        procs["gateway"] = gateway.pid
-        services.append(gateway)
-        api = f"http://{gateway.http()}/v1"
-        client = openai.OpenAI(base_url=api, api_key="sk-x2v-bench", max_retries=2, timeout=120)
-        deadline = time.monotonic() + 60
-        while True:  # every stage registered with the gateway's Redis
-            ranks = {m.id: (m.model_extra or {}).get("x2v", {}).get("ranks", {}) for m in client.models.list().data}
+        self.procs["gateway"] = gateway.pid
+        self.api = f"http://{gateway.http()}/v1"
+        self.client = openai.OpenAI(base_url=self.api, api_key="sk-x2v-bench", max_retries=2,
+                                    timeout=self.a.request_timeout)
+        return self.client
+
+    def wait_registered(self, timeout=60.0) -> None:
+        """Until every stage has a live rank in the gateway's Redis."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ranks = {m.id: (m.model_extra or {}).get("x2v", {}).get("ranks", {}) for m in self.client.models.list().data}
             r = ranks.get(MODEL_NAME, {})
             if all(r.get(s) for s in ("encoder", "dit", "decoder")):
-                break
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the stages did not register: {ranks}")
             time.sleep(0.2)
-        ready = {name: dict(rss_parts(pid), hwm=proc_kib(pid, "VmHWM")) for name, pid in procs.items()}
-        load_s = {s.name: s.ready_s for s in services}
 
-        log(f"disaggregated: {a.jobs} jobs submitted at once through {api} ...")
-        sampler = RssSampler(procs, {"3 stages": ["encoder", "dit", "decoder"],
-                                     "3 stages + gateway": ["encoder", "dit", "decoder", "gateway"]})
-        sampler.start()
+    def ready_snapshot(self) -> dict:
+        """VmRSS split and VmHWM of every process, e.g. once all are ready."""
+        return {name: dict(rss_parts(pid), hwm=proc_kib(pid, "VmHWM")) for name, pid in self.procs.items()}
+
+    def stage_metrics(self, stage: str, total: int, timeout=15.0) -> dict:
+        """`stage`'s /metrics once it has recorded `total` jobs' `total` phase (that observation
+        lands just after the job is marked complete)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = scrape(self.services[stage].http())
+            if metric(m, "x2v_stage_seconds_count", phase="total") >= total or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for name in reversed(list(self.services)):
+            self.stop_service(name)
+        stop(self.redis)
+
+
+class Measure:
+    """Peak memory and CPU of a cluster's processes over some jobs: VmRSS/PSS sampled every 0.2 s from
+    `start()`, then `finish()` reads VmHWM, the RSS/PSS split and the CPU seconds used since `start()`."""
+
+    def __init__(self, procs: dict):
+        self.procs = dict(procs)
+        stages = [n for n in ("encoder", "dit", "decoder") if n in procs]
+        self.sampler = RssSampler(self.procs, {"3 stages": stages, "3 stages + gateway": stages + ["gateway"]})
+
+    def start(self) -> "Measure":
+        self.sampler.start()
+        self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.procs.items()}
+        self.t0 = time.monotonic()
+        return self
+
+    def stop_clock(self) -> None:
+        self.makespan = time.monotonic() - self.t0
+        self.cpu = {name: cpu_seconds(pid) - self.cpu0[name] for name, pid in self.procs.items()}
+
+    def finish(self) -> dict:
+        peak = {name: proc_kib(pid, "VmHWM") for name, pid in self.procs.items()}
+        after = {name: dict(rss_parts(pid), **pss_parts(pid)) for name, pid in self.procs.items()}
+        return {"peak": peak, "after": after, "sampled": self.sampler.finish(), "cpu": self.cpu,
+                "makespan": self.makespan}
+
+
+def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
+    cluster = Cluster(a, binary, env, a.work / "disagg" / tag, f"bench-{tag}")
+    try:
+        # The shipped topology's capacities: encoder 2, DiT 1, decoder 2 (configs/wan2.1-t2v-1.3b/).
+        for stage, capacity in [("encoder", 2), ("dit", 1), ("decoder", 2)]:
+            cluster.start_stage(stage, model_dir, ["t2v"], capacity)
+        log("disaggregated: starting the encoder, DiT and decoder services ...")
+        cluster.wait_ready("encoder", "dit", "decoder")
+        client = cluster.start_gateway(
+            [{"name": MODEL_NAME, "tasks": ["t2v"], "sizes": [a.size], "fps": a.fps,
+              "max_frames": max(a.frames, 33), "default_seconds": 1, "default_steps": a.steps,
+              "max_steps": max(a.steps, 50), "default_guidance_scale": a.guidance,
+              "default_shift": a.shift, "max_n": 1}])
+        cluster.wait_registered()
+        ready = cluster.ready_snapshot()
+        load_s = {name: s.ready_s for name, s in cluster.services.items()}
+
+        log(f"disaggregated: {a.jobs} jobs submitted at once through {cluster.api} ...")
+        measure = Measure(cluster.procs)
 
         def job(i):
             t = time.monotonic()
@@ -546,38 +731,156 @@ def disaggregated(a, binary, model_dir, env, tag: str) -> dict:
                 raise RuntimeError(f"job {i} {v.id}: {v.status} {v.error}")
             return {"id": v.id, "latency": time.monotonic() - t}
 
-        cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
-        t0 = time.monotonic()
+        measure.start()
         with cf.ThreadPoolExecutor(a.jobs) as pool:
             jobs = list(pool.map(job, range(a.jobs)))
-        makespan = time.monotonic() - t0
-        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in procs.items()}
-        log(f"  done in {makespan:.1f} s")
+        measure.stop_clock()
+        log(f"  done in {measure.makespan:.1f} s")
         mp4 = client.videos.download_content(jobs[0]["id"]).content
         if mp4[4:8] != b"ftyp":
             raise RuntimeError("the first job's content is not an MP4")
-
-        stage_metrics = {}
-        for s in services[:3]:
-            deadline = time.monotonic() + 15
-            while True:  # the `total` observation lands just after the job is marked complete
-                m = scrape(s.http())
-                if metric(m, "x2v_stage_seconds_count", phase="total") >= a.jobs or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            stage_metrics[s.name] = m
-        peak = {name: proc_kib(pid, "VmHWM") for name, pid in procs.items()}
-        after = {name: dict(rss_parts(pid), **pss_parts(pid)) for name, pid in procs.items()}
-        sampled = sampler.finish()
-        return {"after": after, "cpu": cpu, "mode": "disaggregated (gateway + 1+1+1 stages)", "parallel": a.jobs, "makespan": makespan,
-                "jobs": jobs, "ready": ready, "peak": peak, "sampled": sampled, "metrics": stage_metrics,
-                "load_s": load_s}
+        stage_metrics = {s: cluster.stage_metrics(s, a.jobs) for s in ("encoder", "dit", "decoder")}
+        return dict(measure.finish(), mode="disaggregated (gateway + 1+1+1 stages)", parallel=a.jobs, jobs=jobs,
+                    ready=ready, metrics=stage_metrics, load_s=load_s)
     finally:
-        for s in reversed(services):
-            stop(s.proc)
-            s.log.close()
-        if redis is not None:
-            stop(redis)
+        cluster.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Disaggregated Qwen-Image: the same cluster serving text to image through the images API
+
+
+def image_body(a, seed: int) -> dict:
+    return {"negative_prompt": NEGATIVE, "seed": seed, "num_inference_steps": a.steps, "guidance_scale": a.guidance}
+
+
+def image_request(client, a, i: int, n: int = 1) -> float:
+    """`client.images.generate` of job `i` with `n` images; seconds to the answer."""
+    t = time.monotonic()
+    r = client.images.generate(model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], size=a.size, n=n,
+                               extra_body=image_body(a, i))
+    took = time.monotonic() - t
+    if len(r.data) != n or not base64.b64decode(r.data[0].b64_json).startswith(b"\x89PNG"):
+        raise RuntimeError(f"image job {i}: {len(r.data)} images, not {n} PNGs")
+    return took
+
+
+def streamed_request(client, a, i: int, partial_images: int) -> dict:
+    """A streamed request (n = 1): seconds from the request to the first and the last
+    `image_generation.partial_image` event and to `image_generation.completed`."""
+    t0 = time.monotonic()
+    stream = client.images.generate(model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], size=a.size, n=1,
+                                    stream=True, partial_images=partial_images, extra_body=image_body(a, i))
+    first = last = done = None
+    partials = 0
+    for e in stream:
+        now = time.monotonic() - t0
+        if e.type == "image_generation.partial_image":
+            partials += 1
+            first = now if first is None else first
+            last = now
+        elif e.type == "image_generation.completed":
+            done = now
+    if done is None:
+        raise RuntimeError(f"streamed job {i} (partial_images={partial_images}) did not complete")
+    return {"partials": partials, "first": first, "last": last, "completed": done}
+
+
+def image_jobs(cluster, a) -> dict:
+    """`a.jobs` requests of one image each, submitted at once, measured as the video jobs are."""
+    client = cluster.client
+    measure = Measure(cluster.procs)
+
+    def job(i):
+        return {"latency": image_request(client, a, i)}
+
+    measure.start()
+    with cf.ThreadPoolExecutor(a.jobs) as pool:
+        jobs = list(pool.map(job, range(a.jobs)))
+    measure.stop_clock()
+    log(f"  done in {measure.makespan:.1f} s")
+    metrics = {s: cluster.stage_metrics(s, a.jobs) for s in ("encoder", "dit", "decoder")}
+    return dict(measure.finish(), jobs=jobs, metrics=metrics)
+
+
+def restart_dit(cluster, model_dir, **fields) -> None:
+    cluster.stop_service("dit")
+    cluster.start_stage("dit", model_dir, ["t2i"], 1, **fields)
+    cluster.wait_ready("dit")
+    cluster.wait_registered()
+
+
+def qwen_disaggregated(a, binary, model_dir, env) -> dict:
+    """Qwen-Image served by gateway + encoder + DiT + decoder: (a) peak RSS over `a.jobs` one-image
+    requests, the DiT with previews on and off; (c) n = 4 with `image_batch` 0 and 1; (d) the time to
+    the first partial image of streamed requests."""
+    cluster = Cluster(a, binary, env, a.work / "disagg" / "qwen-image", "bench-qwen")
+    out = {}
+    try:
+        # The capacities of configs/qwen-image/: encoder 2, DiT 1, decoder 2; the DiT's defaults
+        # (image_batch 0, previews on) spelled out.
+        cluster.start_stage("encoder", model_dir, ["t2i"], 2)
+        cluster.start_stage("dit", model_dir, ["t2i"], 1, image_batch=0, previews=True)
+        cluster.start_stage("decoder", model_dir, ["t2i"], 2)
+        log("disaggregated: starting the encoder, DiT and decoder services ...")
+        cluster.wait_ready("encoder", "dit", "decoder")
+        cluster.start_gateway(
+            [{"name": MODEL_NAME, "tasks": ["t2i"], "sizes": [a.size], "fps": 0, "max_frames": 1,
+              "default_seconds": 0, "default_steps": a.steps, "max_steps": max(a.steps, 50),
+              "default_guidance_scale": a.guidance, "default_shift": 3.0, "max_n": 4, "max_input_images": 0}],
+            image_timeout_s=int(a.request_timeout))
+        cluster.wait_registered()
+        ready = cluster.ready_snapshot()
+        load_s = {name: s.ready_s for name, s in cluster.services.items()}
+
+        # (a) memory, previews on (the default)
+        log(f"disaggregated: {a.jobs} one-image requests at once through {cluster.api} ...")
+        r = image_jobs(cluster, a)
+        out["memory"] = dict(r, mode="disaggregated (gateway + 1+1+1 stages)", parallel=a.jobs, ready=ready,
+                             load_s=load_s)
+        previews = [{"previews": True, "ready": ready["dit"], "jobs": r["peak"]["dit"]}]
+
+        # (d) time to the first partial image, on the same DiT
+        plan = [0] + a.partial_images
+        stream = []
+        for rnd in range(1, a.stream_rounds + 1):
+            for k in (plan if rnd % 2 else plan[::-1]):
+                log(f"streaming: partial_images={k}" if k else "not streaming (reference)")
+                if k:
+                    stream.append(dict(streamed_request(cluster.client, a, 100 + rnd, k), k=k, round=rnd))
+                else:
+                    stream.append({"k": 0, "round": rnd, "completed": image_request(cluster.client, a, 100 + rnd)})
+        out["stream"] = stream
+        previews[0]["streamed"] = proc_kib(cluster.procs["dit"], "VmHWM")
+
+        # (a) the DiT without previews: the same one-image requests, then a streamed one (final image only)
+        log("DiT with previews = false ...")
+        restart_dit(cluster, model_dir, image_batch=0, previews=False)
+        ready_off = cluster.ready_snapshot()["dit"]
+        r_off = image_jobs(cluster, a)
+        k = max(a.partial_images, default=1)
+        off = streamed_request(cluster.client, a, 101, k)
+        previews.append({"previews": False, "ready": ready_off, "jobs": r_off["peak"]["dit"],
+                         "streamed": proc_kib(cluster.procs["dit"], "VmHWM"), "partials": off["partials"], "k": k})
+        out["previews"] = previews
+
+        # (c) n = 4: all images in one batch per forward, or back to back; a fresh DiT for each
+        batch = []
+        for rnd in range(1, a.rounds + 1):
+            for image_batch in ([0, 1] if rnd % 2 else [1, 0]):
+                log(f"n = 4, image_batch = {image_batch} (round {rnd}) ...")
+                restart_dit(cluster, model_dir, image_batch=image_batch, previews=True)
+                secs = [image_request(cluster.client, a, 200 + j, n=4) for j in range(a.batch_requests)]
+                m = cluster.stage_metrics("dit", a.batch_requests)
+                run_s = metric(m, "x2v_stage_seconds_sum", phase="run") / max(1.0, metric(m, "x2v_stage_seconds_count", phase="run"))
+                batch.append({"image_batch": image_batch, "round": rnd, "seconds": secs, "dit_run": run_s,
+                              "step": metric(m, "x2v_stage_step_seconds_sum") / max(1.0, metric(m, "x2v_stage_step_seconds_count")),
+                              "peak": proc_kib(cluster.procs["dit"], "VmHWM")})
+                log(f"  {', '.join(f'{x:.1f}' for x in secs)} s")
+        out["batch"] = batch
+        return out
+    finally:
+        cluster.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,16 +907,16 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def report(a, model_dir, results, load_before, load_after) -> None:
-    print(f"\nx2v stages benchmark: model {model_dir}")
-    print(f"settings: {a.size}, {a.frames} frames, {a.steps} steps, guidance {a.guidance}, shift {a.shift}, "
-          f"{a.jobs} jobs per run; CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={a.threads or 'unset'}; "
-          f"load average before {load_before}, after {load_after}")
+def model_table(model_dir: Path) -> None:
+    rows = [(c, f"{s / MIB:.0f}", f"{p / 1e6:.1f}" if p else "-") for c, s, p in component_sizes(model_dir)]
+    meta = model_dir / "bench_model.json"
+    extra = json.loads(meta.read_text()).get("parameters", {}) if meta.exists() else {}
+    rows += [(c, "", f"{p / 1e6:.1f}") for c, p in extra.items() if " " in c]  # parts of a component
+    table("Model (random weights, fp32 safetensors)", ["component", "file MiB", "parameters (M)"], rows)
 
-    table("Model (random weights, fp32 safetensors)", ["component", "file MiB", "parameters (M)"],
-          [(c, f"{s / MIB:.0f}", f"{p / 1e6:.1f}" if p else "-") for c, s, p in component_sizes(model_dir)])
 
-    # (a) memory
+def memory_tables(results) -> None:
+    """(a): the services' RSS once ready, their peaks over the jobs, and x2v generate's peaks."""
     rows, shared = [], []
     for tag, r in results:
         if r["mode"].startswith("disaggregated"):
@@ -644,6 +947,51 @@ def report(a, model_dir, results, load_before, load_after) -> None:
           "them, so PSS adds up. After the jobs, and the largest PSS sampled during them",
           ["process", "RSS after = anon + file + shmem", "PSS after = anon + file + shmem", "sampled max PSS"],
           shared)
+
+
+def stage_seconds(rows: list, tag: str, r: dict) -> dict:
+    """Appends the x2v_stage_seconds rows of a disaggregated result; returns the mean per (stage, phase)."""
+    means = {}
+    for stage in ["encoder", "dit", "decoder"]:
+        m = r["metrics"][stage]
+        for phase in ["receive", "run", "finish", "send", "total"]:
+            n = metric(m, "x2v_stage_seconds_count", phase=phase)
+            s = metric(m, "x2v_stage_seconds_sum", phase=phase)
+            means[(stage, phase)] = s / n if n else float("nan")
+            rows.append((f"{stage} [{tag}]", phase, int(n), f"{s:.2f}", f"{s / n:.3f}" if n else "-"))
+        n = metric(m, "x2v_stage_step_seconds_count")
+        s = metric(m, "x2v_stage_step_seconds_sum")
+        if n:
+            rows.append((f"{stage} [{tag}]", "one step (x2v_stage_step_seconds)", int(n), f"{s:.2f}", f"{s / n:.3f}"))
+        rows.append((f"{stage} [{tag}]", "load (start to ready)", 1, f"{r['load_s'][stage]:.2f}", ""))
+    return means
+
+
+STAGE_SECONDS_TITLE = "(c) Stage services: x2v_stage_seconds{service, phase} from /metrics (mean = sum / count)"
+
+
+def generate_phases(results, before: str, after: str) -> None:
+    rows = []
+    for tag, r in results:
+        if r["mode"].startswith("disaggregated"):
+            continue
+        runs = r["runs"]
+        rows.append((f"{r['mode']} [{tag}]", len(runs), f"{mean(x['pre'] for x in runs):.2f}",
+                     f"{mean(x['denoise'] for x in runs):.2f}", f"{mean(x['post'] for x in runs):.2f}",
+                     f"{mean(x['wall'] for x in runs):.2f}"))
+    if not rows:
+        return
+    table(f"(c) x2v generate, mean seconds per run from its progress bar (before: {before}; after: {after})",
+          ["mode", "runs", "before denoising", "denoising", "after denoising", "total"], rows)
+
+
+def report(a, model_dir, results, load_before, load_after) -> None:
+    print(f"\nx2v stages benchmark: model {model_dir}")
+    print(f"settings: {a.size}, {a.frames} frames, {a.steps} steps, guidance {a.guidance}, shift {a.shift}, "
+          f"{a.jobs} jobs per run; CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={a.threads or 'unset'}; "
+          f"load average before {load_before}, after {load_after}")
+    model_table(model_dir)
+    memory_tables(results)
 
     # (b) throughput
     rows = []
@@ -691,19 +1039,7 @@ def report(a, model_dir, results, load_before, load_after) -> None:
     for tag, r in results:
         if not r["mode"].startswith("disaggregated"):
             continue
-        means = {}
-        for stage in ["encoder", "dit", "decoder"]:
-            m = r["metrics"][stage]
-            for phase in ["receive", "run", "finish", "send", "total"]:
-                n = metric(m, "x2v_stage_seconds_count", phase=phase)
-                s = metric(m, "x2v_stage_seconds_sum", phase=phase)
-                means[(stage, phase)] = s / n if n else float("nan")
-                rows.append((f"{stage} [{tag}]", phase, int(n), f"{s:.2f}", f"{s / n:.3f}" if n else "-"))
-            n = metric(m, "x2v_stage_step_seconds_count")
-            s = metric(m, "x2v_stage_step_seconds_sum")
-            if n:
-                rows.append((f"{stage} [{tag}]", "one step (x2v_stage_step_seconds)", int(n), f"{s:.2f}", f"{s / n:.3f}"))
-            rows.append((f"{stage} [{tag}]", "load (start to ready)", 1, f"{r['load_s'][stage]:.2f}", ""))
+        means = stage_seconds(rows, tag, r)
         m = r["metrics"]
         device = {st: metric(m[st], "x2v_stage_step_seconds_sum") / max(1.0, metric(m[st], "x2v_stage_seconds_count", phase="run"))
                   for st in ["encoder", "dit", "decoder"]}
@@ -716,20 +1052,8 @@ def report(a, model_dir, results, load_before, load_after) -> None:
             t_dit50 = t_dit + (50 - a.steps) * step
             sizing.append((f"disaggregated, {label} [{tag}]", f"{t_enc:.3f}", f"{t_dit:.3f}", f"{t_dec:.3f}",
                            f"{t_dit / t_enc:.1f}", f"{t_dec / t_dit:.2f}", f"{t_dit50 / t_enc:.0f}"))
-    table("(c) Stage services: x2v_stage_seconds{service, phase} from /metrics (mean = sum / count)",
-          ["service", "phase", "count", "sum s", "mean s"], rows)
-
-    rows = []
-    for tag, r in results:
-        if r["mode"].startswith("disaggregated"):
-            continue
-        runs = r["runs"]
-        rows.append((f"{r['mode']} [{tag}]", len(runs), f"{mean(x['pre'] for x in runs):.2f}",
-                     f"{mean(x['denoise'] for x in runs):.2f}", f"{mean(x['post'] for x in runs):.2f}",
-                     f"{mean(x['wall'] for x in runs):.2f}"))
-    table("(c) x2v generate, mean seconds per run from its progress bar (before: start-up, UMT5 load + encode, "
-          "DiT load; after: VAE load + decode, MP4, write)",
-          ["mode", "runs", "before denoising", "denoising", "after denoising", "total"], rows)
+    table(STAGE_SECONDS_TITLE, ["service", "phase", "count", "sum s", "mean s"], rows)
+    generate_phases(results, "start-up, UMT5 load + encode, DiT load", "VAE load + decode, MP4, write")
     for tag, r in results:
         if r["mode"].startswith("disaggregated") or r["parallel"] != 1:
             continue
@@ -745,6 +1069,80 @@ def report(a, model_dir, results, load_before, load_after) -> None:
           sizing)
 
 
+def preview_steps(steps: int, k: int) -> list:
+    """The steps after which the DiT takes a stream's previews (x2v's `preview_steps`)."""
+    out = sorted({-(-j * steps // (k + 1)) for j in range(1, k + 1)} & set(range(1, steps)))
+    return out
+
+
+def report_qwen(a, model_dir, results, q, load_before, load_after) -> None:
+    print(f"\nx2v stages benchmark, Qwen-Image text to image: model {model_dir}")
+    print(f"settings: {a.size}, {a.steps} steps, guidance {a.guidance} (true CFG, negative prompt {NEGATIVE!r}), "
+          f"{a.jobs} one-image jobs per run; CPU, {os.cpu_count()} cores, OMP_NUM_THREADS={a.threads or 'unset'}; "
+          f"load average before {load_before}, after {load_after}")
+    model_table(model_dir)
+    memory_tables(results + [("t2i, n=1", q["memory"])])
+
+    rows = []
+    for p in q["previews"]:
+        what = "transformer + VAE decoder (default)" if p["previews"] else "transformer only"
+        if p["previews"]:
+            ks = sorted({x["k"] for x in q["stream"] if x["k"]})
+            streamed = f"partial_images {','.join(map(str, ks))}"
+        else:
+            streamed = f"partial_images {p['k']} ({p['partials']} partial images sent)"
+        rows.append((f"previews = {str(p['previews']).lower()}: {what}", mib(p["ready"]["VmRSS"]),
+                     mib(p["ready"]["hwm"]), mib(p["jobs"]), f"{mib(p['streamed'])} ({streamed})"))
+    on, off = q["previews"]
+    rows.append(("difference (true - false)", mib(on["ready"]["VmRSS"] - off["ready"]["VmRSS"]),
+                 mib(on["ready"]["hwm"] - off["ready"]["hwm"]), mib(on["jobs"] - off["jobs"]),
+                 mib(on["streamed"] - off["streamed"])))
+    table(f"(a) DiT stage, MiB, `previews` in its config (true: it also holds the VAE decoder, to decode the "
+          f"partial images of streamed requests): RSS and VmHWM once ready, VmHWM after the one-image jobs "
+          f"({a.jobs} at once), then after streamed requests; one DiT process each, the same encoder and decoder",
+          ["DiT config", "RSS ready", "HWM ready", "peak after the jobs", "peak after streamed requests"],
+          rows)
+
+    rows = []
+    stage_seconds(rows, "t2i, n=1", q["memory"])
+    table(STAGE_SECONDS_TITLE + f", over the {a.jobs} one-image jobs", ["service", "phase", "count", "sum s", "mean s"],
+          rows)
+    generate_phases(results, "start-up, Qwen2.5-VL load + encode, DiT load", "VAE load + decode, PNG, write")
+
+    rows = []
+    per = {0: [], 1: []}
+    for b in q["batch"]:
+        per[b["image_batch"]] += b["seconds"]
+        rows.append((f"image_batch = {b['image_batch']} ({'one batch of 4' if b['image_batch'] == 0 else 'back to back'})",
+                     b["round"], ", ".join(f"{x:.1f}" for x in b["seconds"]), f"{mean(b['seconds']) / 4:.2f}",
+                     f"{b['dit_run']:.1f}", f"{b['step']:.2f}", mib(b["peak"])))
+    table("(c) n = 4 images per request, end to end (client.images.generate(n=4)); the DiT stage restarted with "
+          "each `image_batch` (0: the 4 images in one batch per transformer forward, 1: one image at a time). "
+          "DiT run: its x2v_stage_seconds{phase=run} mean; step: x2v_stage_step_seconds mean (one step of one "
+          "batch: 4 steps per request batched, 16 back to back)",
+          ["DiT config", "round", "s per request", "s per image", "DiT run s", "DiT s/step", "DiT peak RSS MiB"],
+          rows)
+    m0, m1 = mean(per[0]), mean(per[1])
+    table("(c) n = 4 over all rounds: mean seconds per request; ratio = back to back / batched (> 1: batching is "
+          "faster)", ["requests", "image_batch = 0 (batched) s", "image_batch = 1 (back to back) s", "ratio"],
+          [(f"{len(per[0])} + {len(per[1])}", f"{m0:.1f}", f"{m1:.1f}", f"{m1 / m0:.2f}")])
+
+    rows = []
+    for x in q["stream"]:
+        if x["k"]:
+            rows.append((f"stream=True, partial_images={x['k']}", x["round"],
+                         ",".join(map(str, preview_steps(a.steps, x["k"]))), x["partials"],
+                         f"{x['first']:.2f}" if x["first"] is not None else "-",
+                         f"{x['last']:.2f}" if x["last"] is not None else "-", f"{x['completed']:.2f}"))
+        else:
+            rows.append(("not streamed (reference)", x["round"], "", "", "", "", f"{x['completed']:.2f}"))
+    table(f"(d) Time to the first partial image, n = 1, {a.steps} steps: seconds from the request to the first "
+          "and the last `image_generation.partial_image` event and to `image_generation.completed` (not "
+          "streamed: to the answer); previews after DiT steps as listed, each decoded in the DiT stage",
+          ["request", "round", "preview after step", "partial events", "first partial s", "last partial s",
+           "completed s"], rows)
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -753,8 +1151,11 @@ def main() -> None:
     p.add_argument("--x2v", type=Path, help="x2v binary (default: $CARGO_TARGET_DIR/release/x2v)")
     p.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "x2v-bench-stages",
                    help="scratch directory: cached models, configs, logs, outputs")
+    p.add_argument("--family", choices=["wan", "qwen-image"], default="wan",
+                   help="Wan2.1 text to video (default) or Qwen-Image text to image")
     p.add_argument("--model", choices=["mid", "demo"], default="mid")
-    p.add_argument("--model-dir", help="an existing Wan2.1 T2V model directory instead of a random one")
+    p.add_argument("--model-dir", help="an existing model directory of --family (Wan2.1 T2V, Qwen-Image T2I) "
+                                       "instead of a random one")
     p.add_argument("--dit-heads", type=int, default=12)
     p.add_argument("--dit-head-dim", type=int, default=128)
     p.add_argument("--dit-ffn", type=int, default=8960)
@@ -764,26 +1165,44 @@ def main() -> None:
     p.add_argument("--text-ff", type=int, default=2816)
     p.add_argument("--text-layers", type=int, default=6)
     p.add_argument("--text-vocab", type=int, default=32128)
+    p.add_argument("--qwen-text-heads", type=int, default=8, help="Qwen-Image: text encoder query heads")
+    p.add_argument("--qwen-text-kv-heads", type=int, default=2)
+    p.add_argument("--qwen-text-ff", type=int, default=5504)
+    p.add_argument("--qwen-text-vocab", type=int, default=32768)
     p.add_argument("--vae-dim", type=int, default=96)
-    p.add_argument("--jobs", type=int, default=8)
-    p.add_argument("--parallel", default="1,2", help="monolithic concurrency levels, comma-separated ('' skips)")
-    p.add_argument("--rounds", type=int, default=2, help="repeat the interleaved sequence (the order flips each round)")
-    p.add_argument("--size", default="128x128")
+    p.add_argument("--jobs", type=int, help="jobs per run (default: 8 Wan, 2 Qwen-Image)")
+    p.add_argument("--parallel", help="monolithic concurrency levels, comma-separated ('' skips; default: "
+                                      "1,2 Wan, 1 Qwen-Image)")
+    p.add_argument("--rounds", type=int, help="Wan: repeat the interleaved sequence (the order flips each round; "
+                                              "default 2). Qwen-Image: rounds of the n = 4 comparison (default 2)")
+    p.add_argument("--size", help="default: 128x128 Wan, 256x256 Qwen-Image")
     p.add_argument("--frames", type=int, default=5)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, help="default: 5 Wan, 4 Qwen-Image (true CFG)")
     p.add_argument("--shift", type=float, default=3.0)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--pool-mib", type=int, default=256,
                    help="transfer.pool_mib of every stage (the shipped configs' 256: pre-faulted shared memory)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every x2v process (default: libtorch's)")
+    p.add_argument("--partial-images", default="1,2,3", help="Qwen-Image: the streamed requests' partial_images")
+    p.add_argument("--stream-rounds", type=int, default=1, help="Qwen-Image: repeat the streamed requests")
+    p.add_argument("--batch-requests", type=int, default=1,
+                   help="Qwen-Image: n = 4 requests per DiT start and round (one after another)")
+    p.add_argument("--request-timeout", type=float, default=900.0, help="seconds one API request may take")
     p.add_argument("--write-model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.write_model:
-        write_mid_model(a.write_model, json.loads(a.spec))
+        spec = json.loads(a.spec)
+        (write_qwen_model if spec.get("family") == "qwen-image" else write_mid_model)(a.write_model, spec)
         return
 
+    qwen = a.family == "qwen-image"
+    for name, wan, qwen_image in [("jobs", 8, 2), ("parallel", "1,2", "1"), ("rounds", 2, 2),
+                                  ("size", "128x128", "256x256"), ("guidance", 5.0, 4.0)]:
+        if getattr(a, name) is None:
+            setattr(a, name, qwen_image if qwen else wan)
+    a.partial_images = [int(x) for x in a.partial_images.split(",") if x.strip()]
     target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
     binary = (a.x2v or target / "release" / "x2v").resolve()
     if not binary.exists():
@@ -799,6 +1218,12 @@ def main() -> None:
         levels = [int(x) for x in a.parallel.split(",") if x.strip()]
         load_before = loadavg()
         results = []
+        if qwen:
+            for k in levels:
+                results.append(("t2i, n=1", monolithic(a, binary, model_dir, env, k, f"qwen-p{k}")))
+            q = qwen_disaggregated(a, binary, model_dir, env)
+            report_qwen(a, model_dir, results, q, load_before, loadavg())
+            return
         for rnd in range(1, a.rounds + 1):
             plan = [("mono", levels[0])] if levels else []
             plan += [("disagg", None)] + [("mono", k) for k in levels[1:]]
