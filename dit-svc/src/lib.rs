@@ -24,7 +24,9 @@ pub enum DitRunner {
     QwenImage(qwen_image::Dit),
 }
 
-/// The loaded transformer of one family.
+/// The loaded transformer of one family. One value per process, kept on the device thread, so the
+/// size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum DitModel {
     Wan(WanTransformer3DModel),
     QwenImage(qwen_image::QwenDit),
