@@ -10,7 +10,9 @@
 //! - [`latents`]: 2×2 latent packing, the initial noise, norm-rescaled true CFG.
 //! - [`vae`]: `AutoencoderKLQwenImage` (the Wan VAE code with Qwen's weights).
 //! - [`pipeline`]: the stage functions (encode, denoise, decode).
+//! - [`demo`]: a tiny random-initialised model of both pipelines, written without Python.
 
+pub mod demo;
 pub mod latents;
 pub mod pipeline;
 pub mod processor;
