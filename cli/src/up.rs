@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use x2v_gateway::GatewayConfig;
 use x2v_gateway::config::ModelConfig;
+use x2v_models::qwen_image::demo::{EDIT_DIR, T2I_DIR};
 use x2v_queue::storage::Storage;
 use x2v_queue::{MemoryQueue, Queue, Retention, Task};
 use x2v_stage::StageConfig;
@@ -51,10 +52,14 @@ pub struct Args {
 
 #[derive(clap::Args, Debug)]
 pub struct DemoModelArgs {
-    /// Directory to write (created; an existing model there is overwritten).
+    /// Directory to write (created; an existing model there is overwritten). A Qwen-Image demo
+    /// model is written as two directories under it: `t2i/` and `edit/`.
     #[arg(long)]
     out: PathBuf,
-    /// An image-to-video model (CLIP image encoder, 36-channel DiT) instead of text-to-video.
+    /// `wan` (video, as `x2v-demo`) or `qwen-image` (images and edits, as `x2v-demo-image`).
+    #[arg(long, value_enum, default_value_t = Family::Wan)]
+    family: Family,
+    /// A Wan image-to-video model (CLIP image encoder, 36-channel DiT) instead of text-to-video.
     #[arg(long)]
     i2v: bool,
     /// Seed of every weight: the same seed writes the same model.
@@ -62,13 +67,39 @@ pub struct DemoModelArgs {
     seed: u64,
 }
 
-/// `x2v demo-model`: writes the demo model that `x2v up` serves.
+/// The model family of a demo model.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Wan,
+    QwenImage,
+}
+
+/// `x2v demo-model`: writes a demo model that `x2v up` serves.
 pub fn demo_model(args: &DemoModelArgs) -> ExitCode {
-    let options = x2v_models::wan::demo::DemoOptions { seed: args.seed, i2v: args.i2v };
-    match x2v_models::wan::demo::write_demo_model(&args.out, &options) {
-        Ok(()) => {
+    let written = match args.family {
+        Family::Wan => {
+            let options = x2v_models::wan::demo::DemoOptions { seed: args.seed, i2v: args.i2v };
             let task = if args.i2v { "i2v" } else { "t2v" };
-            println!("wrote the {task} demo model to {}", args.out.display());
+            x2v_models::wan::demo::write_demo_model(&args.out, &options)
+                .map(|()| format!("the {task} demo model"))
+        }
+        Family::QwenImage if args.i2v => {
+            eprintln!(
+                "x2v demo-model: --i2v is for --family wan; --family qwen-image writes a \
+                 text-to-image and an edit model"
+            );
+            return ExitCode::from(2);
+        }
+        Family::QwenImage => {
+            let options = x2v_models::qwen_image::demo::DemoOptions { seed: args.seed };
+            x2v_models::qwen_image::demo::write_demo_models(&args.out, &options).map(|()| {
+                format!("the Qwen-Image demo models ({T2I_DIR}/: text to image, {EDIT_DIR}/: edit)")
+            })
+        }
+    };
+    match written {
+        Ok(what) => {
+            println!("wrote {what} to {}", args.out.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
