@@ -38,8 +38,9 @@ enum Command {
     Generate(generate::Args),
     /// Check this host: libtorch, CPU/CUDA devices, cuDNN, Redis, ffmpeg, binary compatibility.
     Doctor(doctor::Args),
-    /// Write the tiny random-initialised demo model (diffusers layout) to a directory, e.g. to
-    /// try the multi-process services without real weights. Its videos are noise.
+    /// Write a tiny random-initialised demo model (diffusers layout) to a directory, e.g. to try
+    /// the multi-process services without real weights: Wan (video) or Qwen-Image (images and
+    /// edits). Its videos and images are noise.
     DemoModel(up::DemoModelArgs),
 }
 

@@ -1,7 +1,9 @@
 //! `x2v up`: the whole system in one process — the gateway and the encoder, DiT and decoder stages
 //! on the embedded job queue, with payloads handed over in process and outputs in a local
-//! directory. No Redis, no second process. With no `--model-dir` it writes and serves a tiny
-//! random-initialised demo model (its videos are noise) so that the API can be tried at once.
+//! directory. No Redis, no second process. With no `--model-dir` it writes and serves two tiny
+//! random-initialised demo models (their videos and images are noise) so that the API can be
+//! tried at once: `x2v-demo` (Wan2.1: videos, and images as one-frame videos) and
+//! `x2v-demo-image` (Qwen-Image: images and edits, one stage set per pipeline under one name).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,25 +15,33 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use x2v_gateway::GatewayConfig;
 use x2v_gateway::config::ModelConfig;
+use x2v_models::qwen_image::demo::{EDIT_DIR, T2I_DIR};
+use x2v_models::qwen_image::pipeline::{ModelDir as QwenModelDir, Variant};
 use x2v_queue::storage::Storage;
 use x2v_queue::{MemoryQueue, Queue, Retention, Task};
 use x2v_stage::StageConfig;
 use x2v_stage::config::DeviceChoice;
 use x2v_stage::exchange::InProcess;
+use x2v_stage::family::ModelFamily;
 use x2v_stage::runner::StageRunner;
 use x2v_stage::service::Shared;
 
-/// Name the demo model is served under.
+/// Name the video demo model is served under.
 pub const DEMO_MODEL: &str = "x2v-demo";
+/// Name the image demo model is served under (text to image and edits).
+pub const DEMO_IMAGE_MODEL: &str = "x2v-demo-image";
+/// Images per request the image demo model allows (as the gateway's `qwen-image` entry).
+const DEMO_IMAGE_MAX_N: u32 = 4;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Wan2.1 model directory to serve (diffusers or original layout). Without it, a tiny
-    /// random-initialised demo model is generated under the data directory and served.
+    /// Model directory to serve: Wan2.1 (diffusers or original layout) or Qwen-Image (diffusers
+    /// layout, text to image or edit). Without it, two tiny random-initialised demo models are
+    /// generated under the data directory and served.
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// Model name clients pass as `model` (default: `x2v-demo`, or `wan2.1-t2v` / `wan2.1-i2v`
-    /// from the transformer's config).
+    /// Model name clients pass as `model` (default: `wan2.1-t2v` / `wan2.1-i2v` from the Wan
+    /// transformer's config, `qwen-image` / `qwen-image-edit` from the Qwen-Image pipeline).
     #[arg(long)]
     model: Option<String>,
     /// Address the OpenAI-compatible API listens on.
@@ -51,10 +61,14 @@ pub struct Args {
 
 #[derive(clap::Args, Debug)]
 pub struct DemoModelArgs {
-    /// Directory to write (created; an existing model there is overwritten).
+    /// Directory to write (created; an existing model there is overwritten). A Qwen-Image demo
+    /// model is written as two directories under it: `t2i/` and `edit/`.
     #[arg(long)]
     out: PathBuf,
-    /// An image-to-video model (CLIP image encoder, 36-channel DiT) instead of text-to-video.
+    /// `wan` (video, as `x2v-demo`) or `qwen-image` (images and edits, as `x2v-demo-image`).
+    #[arg(long, value_enum, default_value_t = Family::Wan)]
+    family: Family,
+    /// A Wan image-to-video model (CLIP image encoder, 36-channel DiT) instead of text-to-video.
     #[arg(long)]
     i2v: bool,
     /// Seed of every weight: the same seed writes the same model.
@@ -62,13 +76,39 @@ pub struct DemoModelArgs {
     seed: u64,
 }
 
-/// `x2v demo-model`: writes the demo model that `x2v up` serves.
+/// The model family of a demo model.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Wan,
+    QwenImage,
+}
+
+/// `x2v demo-model`: writes a demo model that `x2v up` serves.
 pub fn demo_model(args: &DemoModelArgs) -> ExitCode {
-    let options = x2v_models::wan::demo::DemoOptions { seed: args.seed, i2v: args.i2v };
-    match x2v_models::wan::demo::write_demo_model(&args.out, &options) {
-        Ok(()) => {
+    let written = match args.family {
+        Family::Wan => {
+            let options = x2v_models::wan::demo::DemoOptions { seed: args.seed, i2v: args.i2v };
             let task = if args.i2v { "i2v" } else { "t2v" };
-            println!("wrote the {task} demo model to {}", args.out.display());
+            x2v_models::wan::demo::write_demo_model(&args.out, &options)
+                .map(|()| format!("the {task} demo model"))
+        }
+        Family::QwenImage if args.i2v => {
+            eprintln!(
+                "x2v demo-model: --i2v is for --family wan; --family qwen-image writes a \
+                 text-to-image and an edit model"
+            );
+            return ExitCode::from(2);
+        }
+        Family::QwenImage => {
+            let options = x2v_models::qwen_image::demo::DemoOptions { seed: args.seed };
+            x2v_models::qwen_image::demo::write_demo_models(&args.out, &options).map(|()| {
+                format!("the Qwen-Image demo models ({T2I_DIR}/: text to image, {EDIT_DIR}/: edit)")
+            })
+        }
+    };
+    match written {
+        Ok(what) => {
+            println!("wrote {what} to {}", args.out.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -103,7 +143,7 @@ fn is_i2v(model_dir: &Path) -> Result<bool> {
         || v.get("model_type").and_then(|t| t.as_str()) == Some("i2v"))
 }
 
-/// What the gateway allows for the demo model: small sizes, short clips, few steps.
+/// What the gateway allows for the video demo model: small sizes, short clips, few steps.
 fn demo_model_config() -> ModelConfig {
     ModelConfig {
         name: DEMO_MODEL.into(),
@@ -121,11 +161,32 @@ fn demo_model_config() -> ModelConfig {
     }
 }
 
-/// The model `x2v up` serves.
-struct Served {
+/// What the gateway allows for the image demo model: small sizes, few steps.
+fn demo_image_model_config() -> ModelConfig {
+    ModelConfig {
+        name: DEMO_IMAGE_MODEL.into(),
+        tasks: vec![Task::T2i, Task::Edit],
+        sizes: vec!["256x256".into(), "320x192".into(), "192x320".into()],
+        default_steps: 4,
+        max_steps: 50,
+        max_n: DEMO_IMAGE_MAX_N,
+        ..ModelConfig::qwen_image()
+    }
+}
+
+/// One set of encoder, DiT and decoder stages: a model directory served as `name` for `tasks`,
+/// on `rank` of each stage (ranks are per stage and distinct across the sets of one process).
+struct StageSet {
     dir: PathBuf,
     name: String,
     tasks: Vec<Task>,
+    rank: u32,
+}
+
+/// What `x2v up` serves: the stage sets and the served model names.
+struct Served {
+    sets: Vec<StageSet>,
+    names: Vec<String>,
 }
 
 async fn up(args: &Args) -> Result<()> {
@@ -139,7 +200,7 @@ async fn up(args: &Args) -> Result<()> {
     x2v_models::device::load_cuda_for(args.device.wants_cuda()).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
-    let served = choose_model(args, &mut gateway)?;
+    let served = choose_models(args, &mut gateway)?;
     let (queue, storage) = embed(args, &mut gateway)?;
     let shared = Shared {
         queue: queue.clone(),
@@ -148,7 +209,8 @@ async fn up(args: &Args) -> Result<()> {
     };
 
     let shutdown = crate::serve::shutdown_on_signals();
-    let mut stages = start_stages(stage_config(args, &served), shared, &shutdown).await?;
+    let configs: Vec<StageConfig> = served.sets.iter().map(|s| stage_config(args, s)).collect();
+    let mut stages = start_stages(&configs, shared, &shutdown).await?;
 
     let listener = tokio::net::TcpListener::bind(&gateway.listen)
         .await
@@ -156,13 +218,15 @@ async fn up(args: &Args) -> Result<()> {
     let addr = listener.local_addr()?;
     if args.model_dir.is_none() {
         eprintln!(
-            "x2v up: serving the demo model `{DEMO_MODEL}`: tiny and random-initialised, so its \
-             videos are noise. Pass --model-dir DIR to serve real Wan2.1 weights."
+            "x2v up: serving the demo models `{DEMO_MODEL}` (videos) and `{DEMO_IMAGE_MODEL}` \
+             (images and edits): tiny and random-initialised, so their videos and images are \
+             noise. Pass --model-dir DIR to serve real Wan2.1 or Qwen-Image weights."
         );
     }
+    let names: Vec<String> = served.names.iter().map(|n| format!("`{n}`")).collect();
     println!(
-        "x2v up: serving `{}` at http://{addr}/v1 (OpenAI base_url); Ctrl-C stops",
-        served.name
+        "x2v up: serving {} at http://{addr}/v1 (OpenAI base_url); Ctrl-C stops",
+        names.join(" and ")
     );
     let state = x2v_gateway::AppState::new(gateway, queue, storage);
     let served = x2v_gateway::serve(state, listener, shutdown.clone()).await;
@@ -176,36 +240,83 @@ async fn up(args: &Args) -> Result<()> {
     Ok(served?)
 }
 
-/// The model to serve (`--model-dir`, or the demo model, written on first use); sets the
+/// The models to serve (`--model-dir`, or the demo models, written on first use); sets the
 /// gateway's served models to match.
-fn choose_model(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
+fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
     if let Some(name) = &args.model
         && args.model_dir.is_none()
     {
-        bail!("--model {name} needs --model-dir (the demo model is always served as {DEMO_MODEL})");
+        bail!(
+            "--model {name} needs --model-dir (the demo models are always served as {DEMO_MODEL} \
+             and {DEMO_IMAGE_MODEL})"
+        );
     }
     let Some(dir) = &args.model_dir else {
-        let dir = args.data_dir.join("demo-model");
-        if !dir.join("model_index.json").exists() {
-            eprintln!("x2v up: writing the demo model to {}", dir.display());
-            x2v_models::wan::demo::write_demo_model(
-                &dir,
-                &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false },
-            )
-            .context("writing the demo model")?;
-        }
-        gateway.models = vec![demo_model_config()];
-        return Ok(Served { dir, name: DEMO_MODEL.into(), tasks: vec![Task::T2v, Task::T2i] });
+        return demo_models(args, gateway);
     };
-    let i2v = is_i2v(dir).with_context(|| format!("--model-dir {}", dir.display()))?;
-    let name = args
-        .model
-        .clone()
-        .unwrap_or_else(|| if i2v { "wan2.1-i2v".into() } else { "wan2.1-t2v".into() });
-    let base = if i2v { ModelConfig::wan21_i2v_14b_480p() } else { ModelConfig::wan21_t2v_1_3b() };
-    let tasks = if i2v { vec![Task::I2v] } else { vec![Task::T2v, Task::T2i] };
+    let family = ModelFamily::detect(dir)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("--model-dir {}", dir.display()))?;
+    let (name, tasks, base) = match family {
+        ModelFamily::Wan => {
+            if is_i2v(dir).with_context(|| format!("--model-dir {}", dir.display()))? {
+                ("wan2.1-i2v", vec![Task::I2v], ModelConfig::wan21_i2v_14b_480p())
+            } else {
+                ("wan2.1-t2v", vec![Task::T2v, Task::T2i], ModelConfig::wan21_t2v_1_3b())
+            }
+        }
+        ModelFamily::QwenImage => {
+            let variant = QwenModelDir::open(dir)
+                .with_context(|| format!("--model-dir {}", dir.display()))?
+                .variant();
+            match variant {
+                Variant::TextToImage => ("qwen-image", vec![Task::T2i], ModelConfig::qwen_image()),
+                Variant::Edit | Variant::EditPlus => {
+                    ("qwen-image-edit", vec![Task::Edit], ModelConfig::qwen_image())
+                }
+            }
+        }
+    };
+    let name = args.model.clone().unwrap_or_else(|| name.into());
     gateway.models = vec![ModelConfig { name: name.clone(), tasks: tasks.clone(), ..base }];
-    Ok(Served { dir: dir.clone(), name, tasks })
+    let set = StageSet { dir: dir.clone(), name: name.clone(), tasks, rank: 0 };
+    Ok(Served { sets: vec![set], names: vec![name] })
+}
+
+/// The demo models under the data directory, written on first use: the Wan model on rank 0, the
+/// Qwen-Image text-to-image and edit models (one name, a task each) on ranks 1 and 2.
+fn demo_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
+    let wan = args.data_dir.join("demo-model");
+    if !wan.join("model_index.json").exists() {
+        eprintln!("x2v up: writing the video demo model to {}", wan.display());
+        x2v_models::wan::demo::write_demo_model(
+            &wan,
+            &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false },
+        )
+        .context("writing the video demo model")?;
+    }
+    let image = args.data_dir.join("demo-image-model");
+    let (t2i, edit) = (image.join(T2I_DIR), image.join(EDIT_DIR));
+    if !(t2i.join("model_index.json").exists() && edit.join("model_index.json").exists()) {
+        eprintln!("x2v up: writing the image demo model to {}", image.display());
+        x2v_models::qwen_image::demo::write_demo_models(&image, &Default::default())
+            .context("writing the image demo model")?;
+    }
+    gateway.models = vec![demo_model_config(), demo_image_model_config()];
+    let set = |dir: PathBuf, name: &str, tasks: Vec<Task>, rank| StageSet {
+        dir,
+        name: name.into(),
+        tasks,
+        rank,
+    };
+    Ok(Served {
+        sets: vec![
+            set(wan, DEMO_MODEL, vec![Task::T2v, Task::T2i], 0),
+            set(t2i, DEMO_IMAGE_MODEL, vec![Task::T2i], 1),
+            set(edit, DEMO_IMAGE_MODEL, vec![Task::Edit], 2),
+        ],
+        names: vec![DEMO_MODEL.into(), DEMO_IMAGE_MODEL.into()],
+    })
 }
 
 /// The embedded queue and the local output storage, set in the gateway's config as well.
@@ -223,13 +334,13 @@ fn embed(args: &Args, gateway: &mut GatewayConfig) -> Result<(Arc<dyn Queue>, St
     Ok((queue, storage))
 }
 
-/// One config for all three stages: rank 0 of the served model, no admin listeners.
-fn stage_config(args: &Args, served: &Served) -> StageConfig {
+/// One config for the three stages of a set: its rank, model and tasks, no admin listeners.
+fn stage_config(args: &Args, set: &StageSet) -> StageConfig {
     StageConfig {
-        rank: 0,
-        model: served.name.clone(),
-        model_dir: served.dir.display().to_string(),
-        tasks: served.tasks.clone(),
+        rank: set.rank,
+        model: set.name.clone(),
+        model_dir: set.dir.display().to_string(),
+        tasks: set.tasks.clone(),
         device: args.device,
         grpc: Default::default(),
         http: Default::default(),
@@ -239,21 +350,23 @@ fn stage_config(args: &Args, served: &Served) -> StageConfig {
 
 type Stages = JoinSet<Result<()>>;
 
-/// Starts the encoder, DiT and decoder stages and waits until all three serve.
+/// Starts the encoder, DiT and decoder stages of every config and waits until all of them serve.
 async fn start_stages(
-    config: StageConfig,
+    configs: &[StageConfig],
     shared: Shared,
     shutdown: &CancellationToken,
 ) -> Result<Stages> {
     let mut stages = JoinSet::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
-    let start = Start { config: &config, shared: &shared, shutdown, ready: &ready_tx };
-    start.spawn(&mut stages, "encoder", x2v_encoder::EncoderRunner::new(&config))?;
-    start.spawn(&mut stages, "dit", x2v_dit::DitRunner::new(&config))?;
-    start.spawn(&mut stages, "decoder", x2v_decoder::DecoderRunner::new(&config))?;
+    for config in configs {
+        let start = Start { config, shared: &shared, shutdown, ready: &ready_tx };
+        start.spawn(&mut stages, "encoder", x2v_encoder::EncoderRunner::new(config))?;
+        start.spawn(&mut stages, "dit", x2v_dit::DitRunner::new(config))?;
+        start.spawn(&mut stages, "decoder", x2v_decoder::DecoderRunner::new(config))?;
+    }
     drop(ready_tx);
     let mut ready = 0;
-    while ready < 3 {
+    while ready < 3 * configs.len() {
         tokio::select! {
             Some(_) = ready_rx.recv() => ready += 1,
             Some(r) = stages.join_next() => {
@@ -281,7 +394,8 @@ impl Start<'_> {
         name: &'static str,
         runner: Result<R, String>,
     ) -> Result<()> {
-        let runner = runner.map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let what = format!("{name} stage of `{}` ({})", self.config.model, self.config.model_dir);
+        let runner = runner.map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         let (config, shared, stop, tx) =
             (self.config.clone(), self.shared.clone(), self.shutdown.clone(), self.ready.clone());
         stages.spawn(async move {
@@ -290,7 +404,7 @@ impl Start<'_> {
             };
             x2v_stage::service::run(config, runner, Some(shared), stop, on_ready)
                 .await
-                .with_context(|| format!("{name} stage"))
+                .context(what)
         });
         Ok(())
     }

@@ -80,9 +80,9 @@ fn fail_every_job(h: &Harness, error: JobError) {
         let w = x2v_queue::WorkerInfo {
             stage: x2v_queue::Stage::Encoder,
             rank: 0,
-            // The default config's image model (workers claim only jobs of their models).
+            // The default config's image model (workers claim only jobs of their models and tasks).
             models: vec!["qwen-image".into()],
-            tasks: vec![],
+            tasks: vec![x2v_queue::Task::T2i, x2v_queue::Task::Edit],
             capacity: 1,
         };
         loop {

@@ -4,11 +4,13 @@
 //! - [`weights`]: memory-mapped checkpoints copied straight into parameters made by [`nn::Builder`].
 //! - [`config`]: component configs from `config.json` or a preset.
 //! - [`nn`]: the shared layers; [`schedulers`]: the flow-matching samplers.
-//! - [`wan`]: the Wan2.1 components and stage pipelines; [`qwen_image`]: Qwen-Image.
+//! - [`wan`]: the Wan2.1 components and stage pipelines; [`qwen_image`]: Qwen-Image; each has a
+//!   `demo` module writing a tiny random-initialised model (shared parts in `demo`).
 //! - [`device`]: libtorch runtime facts (CUDA really linked, devices visible) for `x2v doctor`.
 
 pub mod config;
 pub mod cuda_driver;
+mod demo;
 pub mod device;
 pub mod error;
 pub mod nn;

@@ -3,7 +3,7 @@
 //! `testing` feature: only dev-dependencies enable it.
 
 pub use x2v_testkit::fixtures::{
-    MAX_LEVELS, MIN_MATCH, PipelineSettings, fixture, pipeline_settings,
+    MAX_LEVELS, MIN_MATCH, PipelineSettings, fixture, pipeline_settings, python,
 };
 
 use std::collections::HashMap;

@@ -338,8 +338,8 @@ impl Queue for MemoryQueue {
         let now = Instant::now();
         let mut st = self.lock();
         st.expire_leases(now);
-        // The oldest job of a model this worker serves, from its rank's queue, then the shared one
-        // (as the Redis backend): other models' jobs stay queued, stale entries are dropped.
+        // The oldest job of a model and task this worker serves, from its rank's queue, then the
+        // shared one (as the Redis backend): other jobs stay queued, stale entries are dropped.
         for key in [(worker.stage, Some(worker.rank)), (worker.stage, None)] {
             let Some(queue) = st.queues.get(&key) else { continue };
             let mut stale = Vec::new();
@@ -351,7 +351,7 @@ impl Queue for MemoryQueue {
                             && !e.rec.status.is_terminal()
                             && e.rec.stage == Some(worker.stage) =>
                     {
-                        if worker.models.contains(&e.rec.spec.model) {
+                        if worker.serves(&e.rec.spec) {
                             found = Some(i);
                             break;
                         }

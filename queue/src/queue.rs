@@ -95,6 +95,8 @@ pub struct WorkerInfo {
     pub rank: u32,
     /// Served model names.
     pub models: Vec<String>,
+    /// Tasks it runs: it claims only jobs of these (and of its models). One model may be served
+    /// by workers of different tasks (a text-to-image and an edit pipeline under one name).
     pub tasks: Vec<Task>,
     /// Jobs it runs at once.
     pub capacity: u32,
@@ -104,6 +106,11 @@ impl WorkerInfo {
     /// Registry key: one entry per (stage, rank).
     pub fn id(&self) -> String {
         format!("{}-{}", self.stage, self.rank)
+    }
+
+    /// Whether it runs jobs of `spec`: one of its models and one of its tasks.
+    pub fn serves(&self, spec: &JobSpec) -> bool {
+        self.models.contains(&spec.model) && self.tasks.contains(&spec.task)
     }
 }
 

@@ -294,7 +294,9 @@ impl Queue for RedisQueue {
         let token = JobId::new().to_string();
         let mut inv = self.invocation(&CLAIM);
         let models = serde_json::to_string(&worker.models).expect("model names serialize");
-        inv.arg(worker.stage.as_str()).arg(worker.rank).arg(ms(lease)).arg(&token).arg(models);
+        let tasks = serde_json::to_string(&worker.tasks).expect("tasks serialize");
+        inv.arg(worker.stage.as_str()).arg(worker.rank).arg(ms(lease)).arg(&token);
+        inv.arg(models).arg(tasks);
         let reply: Value = inv.invoke_async(&mut self.conn.clone()).await?;
         match reply {
             Value::Nil => Ok(None),

@@ -362,6 +362,26 @@ async fn workers_claim_only_jobs_of_their_models(q: Arc<dyn Queue>) {
     assert_eq!(l.job.id, others[0].id, "in order");
 }
 
+async fn workers_claim_only_jobs_of_their_tasks(q: Arc<dyn Queue>) {
+    // One model served by a text-to-image and an edit worker; the older job on the shared queue
+    // is the text-to-image one.
+    let t2i = jobs::new_job(jobs::t2i("draw"));
+    let edit = jobs::new_job(JobSpec { task: Task::Edit, ..jobs::t2i("edit") });
+    q.create(t2i.clone()).await.unwrap();
+    q.create(edit.clone()).await.unwrap();
+    let serving = |rank, task| WorkerInfo {
+        models: vec![t2i.spec.model.clone()],
+        tasks: vec![task],
+        ..worker(Stage::Encoder, rank)
+    };
+    let editor = serving(1, Task::Edit);
+    let l = q.claim(&editor, LEASE).await.unwrap().expect("the edit job");
+    assert_eq!(l.job.id, edit.id);
+    assert!(q.claim(&editor, LEASE).await.unwrap().is_none(), "never a job of another task");
+    let l = q.claim(&serving(0, Task::T2i), LEASE).await.unwrap().expect("the t2i job is queued");
+    assert_eq!(l.job.id, t2i.id);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -400,6 +420,7 @@ contract!(
     unassigned_jobs_go_to_any_worker_of_the_stage,
     a_deregistered_rank_hands_its_queued_jobs_on,
     workers_claim_only_jobs_of_their_models,
+    workers_claim_only_jobs_of_their_tasks,
 );
 
 #[tokio::test]

@@ -19,7 +19,8 @@ pub const MAX_LEVELS: i64 = 1;
 /// … in at least this fraction of the values.
 pub const MIN_MATCH: f64 = 0.999;
 
-fn python() -> PathBuf {
+/// The Python interpreter of the fixture generators.
+pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("X2V_PYTHON") {
         return p.into();
     }

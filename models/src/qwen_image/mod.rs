@@ -11,7 +11,9 @@
 //! - [`vae`]: `AutoencoderKLQwenImage` (the Wan VAE code with Qwen's weights).
 //! - [`pipeline`]: the stage functions (encode, denoise with previews of the images being made,
 //!   decode).
+//! - [`demo`]: a tiny random-initialised model of both pipelines, written without Python.
 
+pub mod demo;
 pub mod latents;
 pub mod pipeline;
 pub mod processor;

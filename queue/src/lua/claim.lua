@@ -1,11 +1,14 @@
--- ARGV: 3 stage, 4 rank, 5 lease ms, 6 token, 7 JSON array of the worker's models.
+-- ARGV: 3 stage, 4 rank, 5 lease ms, 6 token, 7 JSON array of the worker's models, 8 JSON array
+-- of its tasks.
 -- Returns the job hash, or nil when nothing is waiting for this worker.
--- Takes the oldest job of a model the worker serves, from its rank's queue, then the shared one;
--- jobs of other models stay where they are (ranks are per stage, and several models may share a
--- queue prefix). Entries of jobs that no longer wait for this stage are dropped on the way.
+-- Takes the oldest job of a model and task the worker serves, from its rank's queue, then the
+-- shared one; other jobs stay where they are (ranks are per stage, several models may share a
+-- queue prefix, and one model may be served by workers of different tasks). Entries of jobs that
+-- no longer wait for this stage are dropped on the way.
 local stage, rank = ARGV[3], ARGV[4]
-local served = {}
-for _, m in ipairs(cjson.decode(ARGV[7])) do served[m] = true end
+local models, tasks = {}, {}
+for _, m in ipairs(cjson.decode(ARGV[7])) do models[m] = true end
+for _, t in ipairs(cjson.decode(ARGV[8])) do tasks[t] = true end
 
 -- The first job in `q` this worker may take (removed from `q`), reading the list a page at a time.
 local function take(q)
@@ -19,9 +22,12 @@ local function take(q)
       if not ((h[1] == 'queued' or h[1] == 'in_progress') and h[2] == stage and h[3] ~= '1') then
         redis.call('LREM', q, 1, id)
         dropped = dropped + 1
-      elseif served[cjson.decode(h[4]).model] then
-        redis.call('LREM', q, 1, id)
-        return id
+      else
+        local spec = cjson.decode(h[4])
+        if models[spec.model] and tasks[spec.task] then
+          redis.call('LREM', q, 1, id)
+          return id
+        end
       end
     end
     start = start + #ids - dropped

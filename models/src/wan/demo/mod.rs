@@ -16,24 +16,23 @@
 //! `conv3d` at full resolution (diffusers is no faster on the same model).
 
 mod configs;
-mod init;
 mod vocab;
 
 use std::path::Path;
 
-use serde_json::{Value, json};
-use tch::{Device, Kind, Tensor, nn};
+use serde_json::json;
+use tch::{Device, Kind};
 
 use super::image_encoder::{ClipVisionConfig, ClipVisionModel};
 use super::text_encoder::{UMT5Config, UMT5EncoderModel};
 use super::transformer::WanTransformer3DModel;
 use super::vae::{AutoencoderKLWan, VaeConfig, VaeParts};
+use crate::demo::{build_err, create_dir, shapes_of, write_component, write_json};
 use crate::error::Error;
 use configs::{
     CLIP_DIM, CLIP_SIZE, DIFFUSERS_VERSION, TEXT_DIM, model_index, processor_config,
     scheduler_config, transformer_config,
 };
-use init::{Normal, init};
 use vocab::write_tokenizer;
 
 /// What to write.
@@ -59,54 +58,6 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<(), Error> {
     }
     // Last: its presence is what marks the directory as a diffusers model.
     write_json(&dir.join("model_index.json"), &model_index(opts.i2v))
-}
-
-fn create_dir(dir: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::Write { path: dir.to_owned(), message: e.to_string() })
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<(), Error> {
-    if let Some(parent) = path.parent() {
-        create_dir(parent)?;
-    }
-    let text = serde_json::to_string_pretty(value).expect("JSON values serialise") + "\n";
-    std::fs::write(path, text)
-        .map_err(|e| Error::Write { path: path.to_owned(), message: e.to_string() })
-}
-
-/// Writes `config.json` and `file_name` (the tensors of `shapes`, randomly initialised) into `dir`.
-fn write_component(
-    dir: &Path,
-    config: &Value,
-    file_name: &str,
-    shapes: &[(String, Vec<i64>)],
-    seed: u64,
-) -> Result<(), Error> {
-    write_json(&dir.join("config.json"), config)?;
-    let component = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let tensors: Vec<(String, Tensor)> = shapes
-        .iter()
-        .map(|(key, shape)| {
-            let mut rng = Normal::new(seed, &format!("{component}/{key}"));
-            (key.clone(), init(key, shape, &mut rng))
-        })
-        .collect();
-    let path = dir.join(file_name);
-    Tensor::write_safetensors(&tensors, &path)
-        .map_err(|e| Error::Write { path, message: e.to_string() })
-}
-
-/// The parameters (key, shape) a var store holds once a model is built on it, sorted by key.
-fn shapes_of(vs: &nn::VarStore) -> Vec<(String, Vec<i64>)> {
-    let mut shapes: Vec<(String, Vec<i64>)> =
-        vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
-    shapes.sort();
-    shapes
-}
-
-fn build_err(what: &'static str) -> impl Fn(String) -> Error {
-    move |message| Error::DemoBuild { what, message }
 }
 
 fn write_text_encoder(dir: &Path, vocab_size: i64, seed: u64) -> Result<(), Error> {

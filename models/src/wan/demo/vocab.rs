@@ -8,7 +8,7 @@ use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::{build_err, create_dir, write_json};
+use crate::demo::{build_err, create_dir, write_json};
 use crate::error::Error;
 
 /// A SentencePiece-like Unigram vocabulary: the specials, `▁`, characters, `▁`-prefixed

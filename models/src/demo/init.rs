@@ -1,13 +1,14 @@
-//! Seeded, portable initial values for the demo weights.
+//! Seeded, portable initial values for the demo weights of every family.
 
 use tch::Tensor;
 
 /// Initial values of parameter `key`: embeddings unit normal, norm scales `1 + 0.1·n`, biases
 /// `0.02·n`, modulation tables `0.1·n`, and every other weight `n / sqrt(fan_in)` so that
 /// activations keep their scale through the stack.
-pub(super) fn init(key: &str, shape: &[i64], rng: &mut Normal) -> Tensor {
+pub(crate) fn init(key: &str, shape: &[i64], rng: &mut Normal) -> Tensor {
     const EMBEDDINGS: &[&str] = &[
         "shared.weight",
+        "embed_tokens.weight",
         "relative_attention_bias.weight",
         "position_embedding.weight",
         "class_embedding",
@@ -30,13 +31,13 @@ pub(super) fn init(key: &str, shape: &[i64], rng: &mut Normal) -> Tensor {
 
 /// Standard normal draws from SplitMix64 through Box–Muller: portable and seeded per tensor, so
 /// a file's bytes depend on the seed and the key only.
-pub(super) struct Normal {
+pub(crate) struct Normal {
     state: u64,
     spare: Option<f64>,
 }
 
 impl Normal {
-    pub(super) fn new(seed: u64, key: &str) -> Self {
+    pub(crate) fn new(seed: u64, key: &str) -> Self {
         // FNV-1a of the key, mixed with the seed.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in key.bytes() {
@@ -58,7 +59,7 @@ impl Normal {
         ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
     }
 
-    pub(super) fn sample(&mut self) -> f64 {
+    pub(crate) fn sample(&mut self) -> f64 {
         if let Some(s) = self.spare.take() {
             return s;
         }
