@@ -54,16 +54,16 @@ fn generate(dir: &Path, images: &[RgbImage], case: &Case) -> Tensor {
         )
         .unwrap();
     let dit = load_transformer(dir, Device::Cpu, Kind::Float).unwrap();
-    let settings = DenoiseSettings {
-        steps: case.steps,
-        true_cfg_scale: case.true_cfg_scale,
-        seed: case.seed,
-        scheduler: FlowMatchDynamicConfig::from_dir(&dir.join("scheduler")).unwrap(),
-    };
+    let settings = DenoiseSettings::single(
+        case.steps,
+        case.true_cfg_scale,
+        case.seed,
+        FlowMatchDynamicConfig::from_dir(&dir.join("scheduler")).unwrap(),
+    );
     let phase2 = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
     let decoder = QwenDecoder::load(dir, Device::Cpu, Kind::Float).unwrap();
     assert!(encoder.parameter_bytes() > 0 && decoder.parameter_bytes() > 0);
-    let image = decoder.decode(&phase2).unwrap();
+    let image = decoder.decode(&phase2).unwrap().get(0);
     eprintln!("{}: {:.2} s", dir.display(), started.elapsed().as_secs_f64());
     image
 }
