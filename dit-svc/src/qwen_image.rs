@@ -26,7 +26,7 @@ use x2v_models::schedulers::FlowMatchDynamicConfig;
 use x2v_queue::JobRecord;
 use x2v_stage::StageConfig;
 use x2v_stage::job::{JobGeometry, JobInputs};
-use x2v_stage::runner::{Artifact, PreviewImage, RunCtx, StageError};
+use x2v_stage::runner::{Artifact, PREVIEW_VARIANT, PreviewImage, RunCtx, StageError};
 use x2v_stage::state::LoadedModel;
 use x2v_transfer::TensorPart;
 
@@ -168,7 +168,7 @@ impl Dit {
         let bytes =
             x2v_media::encode_image(&p.rgb, p.width, p.height, format, spec.output_compression)
                 .map_err(|e| StageError::new(JobErrorCode::MediaEncodingFailed, e.to_string()))?;
-        Ok(Artifact::new("partial_image", format.extension(), format.content_type(), bytes))
+        Ok(Artifact::new(PREVIEW_VARIANT, format.extension(), format.content_type(), bytes))
     }
 }
 
