@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 fn error_responses() -> Value {
     let e = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
-    json!({"400": e, "401": e, "404": e, "429": e})
+    json!({"400": e, "401": e, "404": e, "409": e, "429": e})
 }
 
 fn op(summary: &str, params: Value, body: Option<Value>, ok: Value) -> Value {

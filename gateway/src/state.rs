@@ -152,11 +152,14 @@ impl AppState {
                 content_type: up.media_type.unwrap_or("application/octet-stream").into(),
             });
         }
-        // The seed is random when not given, so it must not enter the fingerprint of a retry.
+        // A seed drawn at random (not given) differs between retries, so it stays out of the
+        // fingerprint; a seed the client chose is part of the request like any other field.
         let fingerprint = {
             let mut canonical = spec.clone();
             canonical.inputs.clear();
-            canonical.seed = 0;
+            if !v.seed_given {
+                canonical.seed = 0;
+            }
             let mut h = Sha256::new();
             h.update(serde_json::to_vec(&canonical).expect("spec serializes"));
             h.update(hasher.finalize());

@@ -15,6 +15,14 @@ pub struct Validated {
     pub spec: JobSpec,
     pub inputs: Vec<(String, Upload)>,
     pub model: ModelConfig,
+    /// Whether the client chose the seed (else `spec.seed` was drawn at random, and a retry of
+    /// the same request draws another: the idempotency fingerprint then leaves it out).
+    pub seed_given: bool,
+}
+
+/// Whether the request sets `seed` (a number, not null).
+fn seed_given(form: &Form) -> bool {
+    matches!(form.int("seed", 0, u64::MAX >> 11), Ok(Some(_)))
 }
 
 /// Picks the model: the named one if it serves `task`, else the first configured model that does.
@@ -235,7 +243,7 @@ pub fn video(form: &Form, models: &[ModelConfig]) -> Result<Validated, ApiError>
         .into_iter()
         .map(|u| Ok(("input_reference".to_owned(), image("input_reference", u)?)))
         .collect::<Result<_, ApiError>>()?;
-    Ok(Validated { spec, inputs, model: model.clone() })
+    Ok(Validated { spec, inputs, model: model.clone(), seed_given: seed_given(form) })
 }
 
 /// Image-specific answer options.
@@ -313,7 +321,7 @@ pub fn image_request(
     };
     // Previews are made only for a client that streams; `partial_images` alone changes nothing.
     spec.partial_images = if options.stream { options.partial_images } else { 0 };
-    Ok((Validated { spec, inputs, model: model.clone() }, options))
+    Ok((Validated { spec, inputs, model: model.clone(), seed_given: seed_given(form) }, options))
 }
 
 #[cfg(test)]

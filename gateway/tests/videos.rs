@@ -141,9 +141,37 @@ async fn idempotency_key_returns_the_same_job() {
         .body(Body::from(r#"{"prompt":"changed"}"#))
         .unwrap();
     let (s, v, _) = h.json(other).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("idempotency_key_reused")));
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("idempotency_key_reused")));
+    assert_eq!(v["error"]["type"], "invalid_request_error");
     let (_, list, _) = h.json(get("/v1/videos")).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
+}
+
+/// A retry without a seed matches (each attempt draws its own); a seed the client chose is part
+/// of the request: the same key with another explicit seed is a different request.
+#[tokio::test]
+async fn an_explicit_seed_is_part_of_an_idempotent_request() {
+    let h = harness(config());
+    let req = |key: &str, body: &'static str| {
+        Request::post("/v1/videos")
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (_, a, _) = h.json(req("k1", r#"{"prompt":"p","seed":7}"#)).await;
+    let (s, b, _) = h.json(req("k1", r#"{"prompt":"p","seed":7}"#)).await;
+    assert_eq!((s, &a["id"]), (200, &b["id"]), "{b}");
+    let (s, v, _) = h.json(req("k1", r#"{"prompt":"p","seed":8}"#)).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("idempotency_key_reused")), "{v}");
+    let (s, v, _) = h.json(req("k1", r#"{"prompt":"p"}"#)).await;
+    assert_eq!(s, 409, "a random seed is not the explicit 7: {v}");
+    // Without a seed, retries match each other whatever seed each attempt drew.
+    let (_, c, _) = h.json(req("k2", r#"{"prompt":"p"}"#)).await;
+    let (s, d, _) = h.json(req("k2", r#"{"prompt":"p","seed":null}"#)).await;
+    assert_eq!((s, &c["id"]), (200, &d["id"]), "{d}");
+    let (_, list, _) = h.json(get("/v1/videos")).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -32,9 +32,9 @@ impl QueueError {
             QueueError::NotFound(_) => ErrorKind::NotFound,
             QueueError::LeaseLost(_) => ErrorKind::Conflict,
             QueueError::Cancelled(_) => ErrorKind::Cancelled,
-            QueueError::IdempotencyMismatch(_) | QueueError::Invalid(_) => {
-                ErrorKind::InvalidRequest
-            }
+            // The key is taken by another request: a conflict with what the store holds.
+            QueueError::IdempotencyMismatch(_) => ErrorKind::Conflict,
+            QueueError::Invalid(_) => ErrorKind::InvalidRequest,
             QueueError::Redis(e)
                 if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() =>
             {

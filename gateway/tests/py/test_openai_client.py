@@ -92,6 +92,13 @@ def test_idempotency_key_never_creates_a_second_job(client):
     a = client.videos.create(prompt="once only", extra_headers=headers)
     b = client.videos.create(prompt="once only", extra_headers=headers)
     assert a.id == b.id
+    # A seed the client chose is part of the request: the same key with another seed conflicts.
+    seeded = {"Idempotency-Key": "e2e-key-2"}
+    c = client.videos.create(prompt="once only", extra_headers=seeded, extra_body={"seed": 1})
+    assert client.videos.create(prompt="once only", extra_headers=seeded, extra_body={"seed": 1}).id == c.id
+    with pytest.raises(openai.ConflictError) as e:
+        client.videos.create(prompt="once only", extra_headers=seeded, extra_body={"seed": 2})
+    assert e.value.body["code"] == "idempotency_key_reused", e.value.body
 
 
 def test_failed_job_is_returned_by_poll_not_raised(client):
