@@ -32,6 +32,15 @@ pub enum DitModel {
     QwenImage(qwen_image::QwenDit),
 }
 
+/// A sampling loop's error as the job's: cancellation stops the job, a bad input is the client's
+/// fault (`invalid_request`), anything else is internal.
+fn denoise_error(e: x2v_models::Error) -> StageError {
+    match e {
+        x2v_models::Error::Cancelled { .. } => StageError::cancelled(),
+        e => StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e),
+    }
+}
+
 impl DitRunner {
     /// Checks the config and tells the family; loads nothing yet (that happens on the device
     /// thread).

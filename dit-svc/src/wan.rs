@@ -83,10 +83,7 @@ impl Dit {
             |p| progress(p.step as u32, p.total as u32),
             cancelled,
         )
-        .map_err(|e| match e {
-            x2v_models::Error::Cancelled { .. } => StageError::cancelled(),
-            e => StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e),
-        })?;
+        .map_err(crate::denoise_error)?;
         phase2.to_parts().map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))
     }
 

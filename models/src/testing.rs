@@ -6,10 +6,31 @@ pub use x2v_testkit::fixtures::{
     MAX_LEVELS, MIN_MATCH, PipelineSettings, fixture, pipeline_settings, python,
 };
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use tch::{Kind, Tensor};
+
+/// Every file under `dir` by relative path, with its bytes (to compare written model
+/// directories).
+pub fn files_by_path(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                let bytes =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                out.insert(rel, bytes);
+            }
+        }
+    }
+    out
+}
 
 /// All tensors of a safetensors file, by name.
 pub fn tensors(path: &Path) -> HashMap<String, Tensor> {

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -113,31 +112,16 @@ fn both_variants_run_through_the_three_stages() {
     assert!(err.to_string().contains("needs an input image"), "{err}");
 }
 
-/// Every file under `dir` by relative path, with its bytes.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(dir).unwrap().display().to_string();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn one_seed_writes_identical_files() {
     let (a, b, c) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     write_demo_models(a.path(), &DemoOptions { seed: 11 }).unwrap();
     write_demo_models(b.path(), &DemoOptions { seed: 11 }).unwrap();
-    let (fa, fb) = (files(a.path()), files(b.path()));
+    let (fa, fb) = (
+        x2v_models::testing::files_by_path(a.path()),
+        x2v_models::testing::files_by_path(b.path()),
+    );
     let names: Vec<&str> = fa.keys().map(String::as_str).collect();
     let common = [
         "model_index.json",
@@ -163,7 +147,7 @@ fn one_seed_writes_identical_files() {
     assert_eq!(fa[&format!("t2i/{weights}")], fa[&format!("edit/{weights}")], "shared weights");
 
     write_demo_models(c.path(), &DemoOptions { seed: 12 }).unwrap();
-    let fc = files(c.path());
+    let fc = x2v_models::testing::files_by_path(c.path());
     let weights = format!("t2i/{weights}");
     assert_ne!(fa[&weights], fc[&weights], "another seed gives other weights");
     assert_eq!(fa["t2i/transformer/config.json"], fc["t2i/transformer/config.json"]);

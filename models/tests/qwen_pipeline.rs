@@ -201,22 +201,26 @@ fn decoder_matches_diffusers() {
     common::assert_frames_match("t2i decode", &image, &io["image_u8"].get(0));
 }
 
+/// The encoder stage on `name`'s prompt, negative prompt, input images and size.
+fn encode_case(fx: &Fixture, name: &str, case: &Case, dir: &Path) -> Phase1 {
+    QwenEncoder::load(dir, Device::Cpu, Kind::Float)
+        .unwrap()
+        .encode(
+            &case.prompt,
+            Some(&case.negative_prompt),
+            &fx.images(name, case.num_images),
+            Some((case.width, case.height)),
+            case.true_cfg_scale,
+        )
+        .unwrap()
+}
+
 /// Prompt, images and seed in; the image out, against diffusers' `output_type="np"` image.
 fn whole_pipeline_matches(name: &str) {
     let fx = fixture();
     let (case, io) = fx.case(name);
     let dir = fx.model_dir(variant_of(name));
-    let images = fx.images(name, case.num_images);
-    let p1 = QwenEncoder::load(&dir, Device::Cpu, Kind::Float)
-        .unwrap()
-        .encode(
-            &case.prompt,
-            Some(&case.negative_prompt),
-            &images,
-            Some((case.width, case.height)),
-            case.true_cfg_scale,
-        )
-        .unwrap();
+    let p1 = encode_case(&fx, name, &case, &dir);
     let dit = load_transformer(&dir, Device::Cpu, Kind::Float).unwrap();
     let p2 = denoise(&dit, &p1, &settings(&dir, &case), |_| {}, || false).unwrap();
     let image = QwenDecoder::load(&dir, Device::Cpu, Kind::Float).unwrap().decode(&p2).unwrap();
@@ -287,17 +291,7 @@ fn images_per_prompt(name: &str, n: usize, max_batch: usize) -> (Tensor, Vec<Pre
     let fx = fixture();
     let (case, _) = fx.case(name);
     let dir = fx.model_dir(variant_of(name));
-    let images = fx.images(name, case.num_images);
-    let p1 = QwenEncoder::load(&dir, Device::Cpu, Kind::Float)
-        .unwrap()
-        .encode(
-            &case.prompt,
-            Some(&case.negative_prompt),
-            &images,
-            Some((case.width, case.height)),
-            case.true_cfg_scale,
-        )
-        .unwrap();
+    let p1 = encode_case(&fx, name, &case, &dir);
     let dit = load_transformer(&dir, Device::Cpu, Kind::Float).unwrap();
     let s = DenoiseSettings { num_images: n, max_batch, previews: 1, ..settings(&dir, &case) };
     let mut previews = vec![];

@@ -2,7 +2,6 @@
 //! encode → denoise → decode run produces frames of the requested shape that are not constant,
 //! and one seed always writes the same bytes.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
@@ -75,24 +74,6 @@ fn i2v_demo_runs_through_the_three_stages() {
     assert_varied_frames(&generate(tmp.path(), Task::I2v, g, Some(&image)), g);
 }
 
-/// Every file under `dir` by relative path, with its bytes.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(dir).unwrap().display().to_string();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn one_seed_writes_identical_files() {
     let (a, b, c) =
@@ -100,7 +81,10 @@ fn one_seed_writes_identical_files() {
     let opts = DemoOptions { seed: 11, i2v: true };
     write_demo_model(a.path(), &opts).unwrap();
     write_demo_model(b.path(), &opts).unwrap();
-    let (fa, fb) = (files(a.path()), files(b.path()));
+    let (fa, fb) = (
+        x2v_models::testing::files_by_path(a.path()),
+        x2v_models::testing::files_by_path(b.path()),
+    );
     let names: Vec<&str> = fa.keys().map(String::as_str).collect();
     for want in [
         "model_index.json",
@@ -121,7 +105,7 @@ fn one_seed_writes_identical_files() {
     assert_eq!(fa, fb, "same seed, different files");
 
     write_demo_model(c.path(), &DemoOptions { seed: 12, ..opts }).unwrap();
-    let fc = files(c.path());
+    let fc = x2v_models::testing::files_by_path(c.path());
     let weights = "transformer/diffusion_pytorch_model.safetensors";
     assert_ne!(fa[weights], fc[weights], "another seed gives other weights");
     assert_eq!(fa["transformer/config.json"], fc["transformer/config.json"]);

@@ -145,6 +145,17 @@ impl State {
         }
     }
 
+    /// The entry of a held lease that reports (progress, a partial output), or `None` when its
+    /// job is cancelled and the worker should stop.
+    fn reporting(&mut self, lease: &LeaseRef) -> Result<Option<&mut Entry>, QueueError> {
+        match self.leased(lease) {
+            Ok(e) if e.rec.cancel_requested => Ok(None),
+            Ok(e) => Ok(Some(e)),
+            Err(QueueError::Cancelled(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn purge(&mut self, now: Instant) {
         let expired: Vec<JobId> = self
             .jobs
@@ -405,14 +416,7 @@ impl Queue for MemoryQueue {
         total: u32,
     ) -> Result<Control, QueueError> {
         let mut st = self.lock();
-        let e = match st.leased(lease) {
-            Ok(e) => e,
-            Err(QueueError::Cancelled(_)) => return Ok(Control::Cancel),
-            Err(e) => return Err(e),
-        };
-        if e.rec.cancel_requested {
-            return Ok(Control::Cancel);
-        }
+        let Some(e) = st.reporting(lease)? else { return Ok(Control::Cancel) };
         e.rec.step = step;
         e.rec.total_steps = total;
         e.rec.progress = e.rec.progress.max(stage_progress(lease.stage, step, total));
@@ -422,14 +426,7 @@ impl Queue for MemoryQueue {
 
     async fn partial(&self, lease: &LeaseRef, output: OutputRef) -> Result<Control, QueueError> {
         let mut st = self.lock();
-        let e = match st.leased(lease) {
-            Ok(e) => e,
-            Err(QueueError::Cancelled(_)) => return Ok(Control::Cancel),
-            Err(e) => return Err(e),
-        };
-        if e.rec.cancel_requested {
-            return Ok(Control::Cancel);
-        }
+        let Some(e) = st.reporting(lease)? else { return Ok(Control::Cancel) };
         e.rec.outputs.push(output);
         st.publish("partial", lease.id);
         Ok(Control::Continue)

@@ -28,7 +28,7 @@ fn default_train_steps() -> usize {
 }
 
 /// One sampling run of flow-matching Euler: its sigma/timestep grid and the step counter.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct FlowMatchEulerScheduler {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,

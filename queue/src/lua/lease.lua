@@ -2,6 +2,13 @@
 -- Replies: 'ok', 'cancel' (lease held but the job was cancelled), 'cancelled', 'lost'.
 local op, id, stage, token = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local k = jk(id)
+
+-- Appends the output records `added` to the job's outputs.
+local function append_outputs(added)
+  local merged = cjson.decode(redis.call('HGET', k, 'outputs'))
+  for _, o in ipairs(added) do table.insert(merged, o) end
+  redis.call('HSET', k, 'outputs', cjson.encode(merged))
+end
 local h = redis.call('HMGET', k, 'lease_token', 'stage', 'cancel', 'rank_' .. stage, 'progress')
 if not (h[1] == token and h[2] == stage) then
   if h[3] == '1' then return 'cancelled' end
@@ -19,21 +26,11 @@ elseif op == 'progress' then
   redis.call('HSET', k, 'step', step, 'total', total, 'progress', p)
   publish(id, 'progress')
 elseif op == 'partial' then
-  local outputs = cjson.decode(redis.call('HGET', k, 'outputs'))
-  local merged = {}
-  for _, o in ipairs(outputs) do table.insert(merged, o) end
-  table.insert(merged, cjson.decode(ARGV[7]))
-  redis.call('HSET', k, 'outputs', cjson.encode(merged))
+  append_outputs({cjson.decode(ARGV[7])})
   publish(id, 'partial')
 elseif op == 'complete' then
   local added = cjson.decode(ARGV[7])
-  if #added > 0 then
-    local outputs = cjson.decode(redis.call('HGET', k, 'outputs'))
-    local merged = {}
-    for _, o in ipairs(outputs) do table.insert(merged, o) end
-    for _, o in ipairs(added) do table.insert(merged, o) end
-    redis.call('HSET', k, 'outputs', cjson.encode(merged))
-  end
+  if #added > 0 then append_outputs(added) end
   redis.call('ZREM', P .. ':leases:' .. stage, id)
   local nxt = NEXT[stage]
   if nxt then

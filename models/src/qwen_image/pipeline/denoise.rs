@@ -243,8 +243,8 @@ pub fn denoise_with_previews(
         (_, false) => None,
     };
     let images = Images::check(dit, geometry, &phase1.image_latents)?;
-    // Validates the step count before any noise is drawn.
-    FlowMatchEulerScheduler::dynamic(
+    // The grid (and its step count checked) before any noise is drawn; every batch starts a copy.
+    let schedule = FlowMatchEulerScheduler::dynamic(
         &settings.scheduler,
         settings.steps,
         geometry.tokens() as usize,
@@ -257,6 +257,7 @@ pub fn denoise_with_previews(
     let run = Run {
         dit,
         settings,
+        schedule,
         geometry,
         cond: &cond,
         uncond: uncond.as_ref(),
@@ -294,6 +295,8 @@ pub fn denoise_with_previews(
 struct Run<'a> {
     dit: &'a QwenImageTransformer,
     settings: &'a DenoiseSettings,
+    /// The sampling grid, not stepped yet.
+    schedule: FlowMatchEulerScheduler,
     geometry: ImageGeometry,
     cond: &'a Text,
     uncond: Option<&'a Text>,
@@ -313,11 +316,7 @@ impl Run<'_> {
         cancelled: impl Fn() -> bool,
     ) -> Result<Tensor, Error> {
         let (dit, geometry) = (self.dit, self.geometry);
-        let mut scheduler = FlowMatchEulerScheduler::dynamic(
-            &self.settings.scheduler,
-            self.settings.steps,
-            geometry.tokens() as usize,
-        )?;
+        let mut scheduler = self.schedule.clone();
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         let (device, kind) = (dit.device(), dit.kind());
