@@ -44,8 +44,9 @@ fn content_hash(files: &[PathBuf]) -> String {
     format!("{h:016x}")
 }
 
-/// The script plus every sibling module it imports (`from umt5 import ...`), transitively, so that a
-/// change to any of them regenerates the fixture.
+/// The script plus every module it imports from `tools/fixtures/` or `tools/` (`from umt5 import
+/// ...`, `import export_vae_onnx`), transitively, so that a change to any of them regenerates the
+/// fixture.
 fn generator_sources(tools: &Path, script: &Path) -> Vec<PathBuf> {
     let mut sources = vec![script.to_owned()];
     let mut i = 0;
@@ -57,8 +58,13 @@ fn generator_sources(tools: &Path, script: &Path) -> Vec<PathBuf> {
                 ["from", m, "import", ..] | ["import", m, ..] => m.trim_end_matches(','),
                 _ => continue,
             };
-            let sibling = tools.join(format!("{module}.py"));
-            if sibling.exists() && !sources.contains(&sibling) {
+            let file = format!("{module}.py");
+            let found = [tools.join(&file), tools.parent().unwrap_or(tools).join(&file)]
+                .into_iter()
+                .find(|p| p.exists());
+            if let Some(sibling) = found
+                && !sources.contains(&sibling)
+            {
                 sources.push(sibling);
             }
         }

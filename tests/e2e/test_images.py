@@ -83,14 +83,16 @@ class ImageCluster:
 
 
 def generator_sources(tools: Path, script: Path):
-    """The script and the sibling modules it imports, transitively (as x2v-testkit's `fixture`)."""
+    """The script and the modules it imports from tools/fixtures/ or tools/, transitively (as
+    x2v-testkit's `fixture`)."""
     sources = [script]
     for source in sources:
         for line in source.read_text().splitlines():
             words = line.split()
             if len(words) >= 2 and (words[0] == "import" or (words[0] == "from" and "import" in words[2:3])):
-                sibling = tools / f"{words[1].rstrip(',')}.py"
-                if sibling.exists() and sibling not in sources:
+                name = f"{words[1].rstrip(',')}.py"
+                sibling = next((p for p in (tools / name, tools.parent / name) if p.exists()), None)
+                if sibling is not None and sibling not in sources:
                     sources.append(sibling)
     return sources
 
