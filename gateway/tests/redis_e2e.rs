@@ -60,6 +60,7 @@ async fn run_serves_jobs_from_redis_to_a_worker_and_back() {
                         key,
                         content_type: "video/mp4".into(),
                         size,
+                        decoded_by: None,
                     });
                 }
                 job.complete(outputs).await.unwrap();

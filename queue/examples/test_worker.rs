@@ -48,7 +48,14 @@ async fn run_stage(job: ClaimedJob, stage: Stage, storage: &Storage) -> Result<(
             let (variant, ct) = (variant.to_owned(), ct.to_owned());
             async move {
                 let size = storage.put(&key, Bytes::from(bytes)).await?;
-                Ok::<_, QueueError>(OutputRef { variant, index, key, content_type: ct, size })
+                Ok::<_, QueueError>(OutputRef {
+                    variant,
+                    index,
+                    key,
+                    content_type: ct,
+                    size,
+                    decoded_by: None,
+                })
             }
         };
         if spec.task.resource() == Resource::Video {

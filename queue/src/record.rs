@@ -93,6 +93,10 @@ pub struct OutputRef {
     pub key: String,
     pub content_type: String,
     pub size: u64,
+    /// What made the file, where it matters to an operator: the decoder's backend (`tensorrt`,
+    /// `onnx_cuda`, `onnx_cpu`, `torch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoded_by: Option<String>,
 }
 
 /// The full state of one job.

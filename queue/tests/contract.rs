@@ -74,6 +74,7 @@ async fn job_flows_through_every_stage(q: Arc<dyn Queue>) {
                     key: format!("{}/partial_image-0.png", job.id),
                     content_type: "image/png".into(),
                     size: 5,
+                    decoded_by: None,
                 };
                 assert_eq!(q.partial(&lease.handle(), preview).await.unwrap(), Control::Continue);
                 let rec = q.get(job.id).await.unwrap();
@@ -87,6 +88,7 @@ async fn job_flows_through_every_stage(q: Arc<dyn Queue>) {
                 key: format!("{}/video.mp4", job.id),
                 content_type: "video/mp4".into(),
                 size: 3,
+                decoded_by: None,
             }]
         } else {
             vec![]

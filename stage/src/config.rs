@@ -35,6 +35,9 @@ pub struct StageConfig {
     /// request asks for (`partial_images`) from the images being denoised. Off: such requests
     /// get their final images only.
     pub previews: bool,
+    /// Decoder stage: where the VAE decode runs (TensorRT / ONNX Runtime engines from a catalog,
+    /// or libtorch) and the engines' memory budget.
+    pub vae: x2v_trt::EngineConfig,
     pub queue: QueueSection,
     pub transfer: TransferSection,
     pub storage: StorageConfig,
@@ -222,6 +225,7 @@ impl Default for StageConfig {
             scheduler: Scheduler::Unipc,
             image_batch: 0,
             previews: true,
+            vae: x2v_trt::EngineConfig::default(),
             queue: QueueSection::default(),
             transfer: TransferSection::default(),
             storage: StorageConfig::default(),

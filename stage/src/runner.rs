@@ -2,6 +2,7 @@
 //! one job on it, and turn the result into a payload for the next stage or stored files.
 
 use bytes::Bytes;
+use x2v_core::metrics::Metrics;
 use x2v_core::{ErrorKind, JobErrorCode};
 use x2v_queue::{JobError, JobRecord, Stage};
 use x2v_transfer::{Payload, TensorPart};
@@ -103,6 +104,8 @@ pub struct Artifact {
     pub extension: String,
     pub content_type: String,
     pub bytes: Bytes,
+    /// The decoder backend that made it (recorded in the job's outputs).
+    pub decoded_by: Option<String>,
 }
 
 impl Artifact {
@@ -114,6 +117,7 @@ impl Artifact {
             extension: extension.into(),
             content_type: content_type.into(),
             bytes: Bytes::from(bytes),
+            decoded_by: None,
         }
     }
 }
@@ -142,6 +146,12 @@ pub trait StageRunner: Send + Sync + 'static {
     type Output: Send + 'static;
 
     fn stage(&self) -> Stage;
+
+    /// Registers the runner's own metric families in the service's registry (called once,
+    /// before [`StageRunner::load`]).
+    fn register_metrics(&self, metrics: &Metrics) {
+        let _ = metrics;
+    }
 
     /// Loads the model (called once, on the device thread) and describes what was loaded.
     fn load(&self) -> Result<(Self::Model, Vec<LoadedModel>), StageError>;

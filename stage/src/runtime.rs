@@ -531,6 +531,7 @@ impl<R: StageRunner> JobRun<'_, R> {
                     key: locator,
                     content_type: PAYLOAD_CONTENT_TYPE.into(),
                     size: bytes,
+                    decoded_by: None,
                 })
             }
             Err(e) => Err(Outcome::Failed(StageError::new(e.code(), e.to_string()))),
@@ -550,6 +551,7 @@ impl<R: StageRunner> JobRun<'_, R> {
                     key,
                     content_type: f.content_type,
                     size,
+                    decoded_by: f.decoded_by,
                 }),
                 Err(e) => {
                     return Err(Outcome::Failed(StageError::new(
@@ -602,6 +604,7 @@ async fn store_previews<R: StageRunner>(
             key,
             content_type: file.content_type,
             size,
+            decoded_by: None,
         };
         match deps.queue.partial(&lease, output).await {
             Ok(_) => {}

@@ -128,6 +128,7 @@ pub async fn run<R: StageRunner>(
         None => connect(&config).await?,
     };
     state.set_transfer_endpoint(transfer.clone());
+    runner.register_metrics(&state.metrics.registry);
     refuse_taken_rank(&config, stage, shared.queue.as_ref()).await?;
 
     let admin_stop = CancellationToken::new();

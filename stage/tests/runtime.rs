@@ -91,6 +91,7 @@ impl StageRunner for Fake {
             extension: "bin".into(),
             content_type: "application/octet-stream".into(),
             bytes: Bytes::from(bytes),
+            decoded_by: None,
         })
     }
 
@@ -102,6 +103,7 @@ impl StageRunner for Fake {
                 extension: "mp4".into(),
                 content_type: "video/mp4".into(),
                 bytes: Bytes::from(out),
+                decoded_by: Some("torch".into()),
             }]));
         }
         let shape = vec![out.len() as u64];
@@ -259,6 +261,10 @@ async fn previews_are_stored_and_recorded_before_the_stage_completes() {
     assert_eq!(rec.status, JobStatus::Completed, "{rec:?}");
     let variants: Vec<&str> = rec.outputs.iter().map(|o| o.variant.as_str()).collect();
     assert_eq!(variants, ["phase1", PREVIEW_VARIANT, PREVIEW_VARIANT, "phase2", "video"]);
+    // The decoder's artifact says what decoded it; the record keeps that.
+    let decoded_by: Vec<Option<&str>> =
+        rec.outputs.iter().map(|o| o.decoded_by.as_deref()).collect();
+    assert_eq!(decoded_by, [None, None, None, None, Some("torch")]);
     for index in 0..2u32 {
         let out = rec.output(PREVIEW_VARIANT, 3 + index).expect("image 1's previews");
         assert_eq!(preview_of(out.index), (1, index));

@@ -101,6 +101,7 @@ impl Harness {
                                 key,
                                 content_type: "video/mp4".into(),
                                 size,
+                                decoded_by: None,
                             });
                         } else {
                             for i in 0..spec.n {
@@ -113,6 +114,7 @@ impl Harness {
                                     key,
                                     content_type: "image/png".into(),
                                     size,
+                                    decoded_by: None,
                                 });
                             }
                         }
