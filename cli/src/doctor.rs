@@ -20,6 +20,10 @@ pub struct Args {
     /// Fail unless libtorch can use at least one CUDA device.
     #[arg(long)]
     require_gpu: bool,
+    /// A VAE engine catalog (`engines.toml`) to check: each engine's graph must exist and load
+    /// (on ONNX Runtime's CPU provider). Also read from X2V_VAE__ENGINES.
+    #[arg(long, env = "X2V_VAE__ENGINES")]
+    engines: Option<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -39,6 +43,8 @@ struct Check {
     status: Status,
     detail: String,
 }
+
+mod engines;
 
 fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
     Check { name, status, detail: detail.into() }
@@ -71,6 +77,7 @@ fn collect(args: &Args) -> Vec<Check> {
     let torch = LibtorchInfo::query();
     let mut checks = vec![libtorch_check(&torch), cpu_check(&torch)];
     checks.extend(cuda_checks(&torch, args.require_gpu));
+    checks.extend(engines::checks(args.engines.as_deref()));
     checks.push(redis_check(args.redis_url.as_deref()));
     checks.push(ffmpeg_check());
     checks.push(glibc_check());

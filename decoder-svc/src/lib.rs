@@ -4,15 +4,17 @@
 //! a PNG/JPEG/WebP image. The runtime stores the files before the job is marked completed.
 //!
 //! One runner per model family ([`wan`], [`qwen_image`]); [`DecoderRunner`] picks it from the model directory.
-//! Only the VAE decoder is loaded.
+//! Only the VAE decoder is loaded. Images decode on TensorRT / ONNX Runtime engines when the
+//! config's `[vae]` catalog has one for their size, else on libtorch ([`vae`]).
 #![forbid(unsafe_code)]
 
 pub mod qwen_image;
+pub mod vae;
 pub mod wan;
 
 use x2v_core::JobErrorCode;
+use x2v_core::metrics::Metrics;
 use x2v_media::{Frames, ImageFormat, Mp4Options, SpriteOptions};
-use x2v_models::qwen_image::pipeline::QwenDecoder;
 use x2v_models::wan::pipeline::WanDecoder;
 use x2v_queue::{JobRecord, Resource, Stage};
 use x2v_stage::StageConfig;
@@ -20,6 +22,7 @@ use x2v_stage::family::ModelFamily;
 use x2v_stage::job::JobInputs;
 use x2v_stage::runner::{Artifact, Finished, RunCtx, StageError, StageRunner};
 use x2v_stage::state::LoadedModel;
+use x2v_trt::Backend;
 
 /// Longest side of a video's thumbnail.
 const THUMBNAIL_SIDE: u32 = 512;
@@ -33,7 +36,7 @@ pub enum DecoderRunner {
 /// The loaded VAE decoder of one family.
 pub enum DecoderModel {
     Wan(WanDecoder),
-    QwenImage(QwenDecoder),
+    QwenImage(qwen_image::Loaded),
 }
 
 /// Decoded frames, `uint8 [F, H, W, 3]`, on the CPU.
@@ -42,6 +45,8 @@ pub struct Decoded {
     frames: usize,
     height: usize,
     width: usize,
+    /// What decoded each image (one entry for a video).
+    backends: Vec<Backend>,
 }
 
 impl DecoderRunner {
@@ -65,15 +70,17 @@ fn media(e: x2v_media::MediaError) -> StageError {
 pub fn encode_outputs(job: &JobRecord, d: &Decoded) -> Result<Vec<Artifact>, StageError> {
     let frames = Frames::new(&d.data, d.frames, d.height, d.width).map_err(media)?;
     let spec = &job.spec;
+    let decoded_by = |i: usize| d.backends.get(i).map(|b| b.as_str().to_owned());
     match spec.task.resource() {
         Resource::Video => {
+            let decoded_by = decoded_by(0);
             let mp4 =
                 x2v_media::encode_mp4(&frames, spec.fps, &Mp4Options::default()).map_err(media)?;
             let thumb = x2v_media::thumbnail_webp(&frames, THUMBNAIL_SIDE).map_err(media)?;
             let sprite =
                 x2v_media::spritesheet_jpeg(&frames, &SpriteOptions::default()).map_err(media)?;
             Ok(vec![
-                Artifact::new("video", "mp4", "video/mp4", mp4),
+                Artifact { decoded_by, ..Artifact::new("video", "mp4", "video/mp4", mp4) },
                 Artifact::new("thumbnail", "webp", "image/webp", thumb),
                 Artifact::new("spritesheet", "jpg", "image/jpeg", sprite),
             ])
@@ -102,6 +109,7 @@ pub fn encode_outputs(job: &JobRecord, d: &Decoded) -> Result<Vec<Artifact>, Sta
                     let mut file =
                         Artifact::new("image", format.extension(), format.content_type(), bytes);
                     file.index = i as u32;
+                    file.decoded_by = decoded_by(i);
                     Ok(file)
                 })
                 .collect()
@@ -115,6 +123,13 @@ impl StageRunner for DecoderRunner {
 
     fn stage(&self) -> Stage {
         Stage::Decoder
+    }
+
+    fn register_metrics(&self, metrics: &Metrics) {
+        match self {
+            DecoderRunner::Wan(r) => r.register_metrics(metrics),
+            DecoderRunner::QwenImage(r) => r.register_metrics(metrics),
+        }
     }
 
     fn load(&self) -> Result<(DecoderModel, Vec<LoadedModel>), StageError> {

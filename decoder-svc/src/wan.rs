@@ -14,7 +14,10 @@ use x2v_stage::job::{JobGeometry, JobInputs};
 use x2v_stage::runner::{RunCtx, StageError};
 use x2v_stage::state::LoadedModel;
 
+use x2v_trt::{Backend, Fallback};
+
 use crate::Decoded;
+use crate::vae::VaeDecodes;
 
 /// The Wan decoder stage of one served model.
 pub struct Decoder {
@@ -22,19 +25,39 @@ pub struct Decoder {
     model_dir: PathBuf,
     device: Device,
     kind: Kind,
+    vae: VaeDecodes,
 }
 
 impl Decoder {
     pub fn new(config: &StageConfig, model_dir: PathBuf) -> Result<Self, String> {
         let device = x2v_models::device::parse_device(&config.device.to_string())?;
         let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
+        let vae = &config.vae;
+        if !vae.engines.is_empty()
+            || matches!(
+                vae.backend,
+                x2v_trt::BackendChoice::Tensorrt | x2v_trt::BackendChoice::Onnx
+            )
+        {
+            return Err(format!(
+                "vae.engines / vae.backend: exported engines serve Qwen-Image's image decoder; the \
+                 Wan video decoder runs on libtorch (leave vae.engines empty, vae.backend auto or \
+                 torch); got engines `{}`, backend {:?}",
+                vae.engines, vae.backend
+            ));
+        }
         Ok(Decoder {
+            vae: VaeDecodes::torch("the Wan video decoder has no exported engine"),
             model: config.model.clone(),
             model_dir,
             device,
             // The VAE decodes in fp32 unless bf16 is asked for explicitly.
             kind: if config.dtype == DtypeChoice::Auto { Kind::Float } else { kind },
         })
+    }
+
+    pub fn register_metrics(&self, metrics: &x2v_core::metrics::Metrics) {
+        self.vae.register_metrics(metrics);
     }
 
     pub fn load(&self) -> Result<(WanDecoder, Vec<LoadedModel>), StageError> {
@@ -66,9 +89,11 @@ impl Decoder {
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());
         }
+        let started = std::time::Instant::now();
         let frames: Tensor = dec
             .decode(&phase2)
             .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
+        self.vae.record(Backend::Torch, Some(Fallback::NotConfigured), started.elapsed());
         let size = frames.size();
         let data = Vec::<u8>::try_from(&frames.contiguous().view([-1]))
             .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
@@ -78,6 +103,7 @@ impl Decoder {
             frames: size[0] as usize,
             height: size[1] as usize,
             width: size[2] as usize,
+            backends: vec![Backend::Torch],
         })
     }
 }
