@@ -7,7 +7,7 @@ Runtime with the TensorRT, CUDA or CPU execution provider).
         [--dtype fp32|fp16] [--opset N] [--no-verify]
 
 DIR is a diffusers Qwen-Image model directory (`vae/config.json` and
-`vae/diffusion_pytorch_model.safetensors`) or that `vae/` folder itself. Sizes are image pixels
+`vae/diffusion_pytorch_model.safetensors`, or its shards) or that `vae/` folder itself. Sizes are image pixels
 HxW (height x width), positive multiples of 16.
 
 The graph interface (`trt/src/engine.rs` depends on it exactly):
@@ -19,7 +19,8 @@ The graph interface (`trt/src/engine.rs` depends on it exactly):
   dynamic: `decoder_dynamic.onnx`, `latents` dims 3 and 4 named `latent_height` and `latent_width`,
            `image` dims 2 and 3 named `height` and `width`.
   metadata_props: x2v.graph = "qwen-image-vae-decoder", x2v.z_dim, x2v.scale_factor = "8",
-  x2v.dtype, x2v.weights_sha256 (sha256 of the VAE safetensors), and x2v.min / x2v.max ("HxW") for
+  x2v.dtype, x2v.weights_sha256 (sha256 of the VAE's safetensors files, concatenated in file-name
+  order), and x2v.min / x2v.max ("HxW") for
   the dynamic graph.
 Each graph is one self-contained .onnx file, or, above 2 GB, the .onnx plus `<name>.onnx.data`.
 `OUT/engines.toml` is the catalog `trt/src/catalog.rs` reads.
@@ -183,17 +184,25 @@ def find_vae(model_dir: Path) -> Path:
     """The `vae/` folder of a diffusers model directory, or `model_dir` if it is that folder."""
     for d in (model_dir / "vae", model_dir):
         if (d / "config.json").is_file():
-            if not (d / WEIGHTS).is_file():
-                raise ExportError(f"{d} has config.json but no {WEIGHTS} (sharded or .bin weights are not supported)")
+            if not weight_files(d):
+                raise ExportError(f"{d} has config.json but no .safetensors weights (.bin weights are not supported)")
             return d
     raise ExportError(f"{model_dir}: neither it nor {model_dir / 'vae'} holds a VAE config.json and {WEIGHTS}")
 
 
-def sha256_file(path: Path) -> str:
+def weight_files(vae_dir: Path) -> list[Path]:
+    """The VAE's safetensors files (one, or the shards of a sharded save), in file-name order."""
+    return sorted(vae_dir.glob("*.safetensors"), key=lambda p: p.name)
+
+
+def weights_sha256(vae_dir: Path) -> str:
+    """SHA-256 of the VAE's weight files' bytes, concatenated in file-name order (x2v's decoder
+    stage computes the same digest to refuse a graph exported from other weights)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+    for path in weight_files(vae_dir):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -585,11 +594,11 @@ def export(model_dir: Path, out: Path, statics: list[Size] = (), profile: Profil
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset}: expected {MIN_OPSET}..{MAX_OPSET}")
     vae_dir = find_vae(Path(model_dir))
-    weights = (vae_dir / WEIGHTS).resolve()
+    weights = vae_dir.resolve()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / CATALOG).unlink(missing_ok=True)  # the catalog describes this run's graphs only
-    sha = sha256_file(weights)
+    sha = weights_sha256(vae_dir)
     reference = PipelineDecode(load_vae(vae_dir, "fp32")).eval()
     z = reference.vae.config.z_dim
     if reference.vae.spatial_compression_ratio != SCALE:

@@ -43,11 +43,8 @@ impl Decoder {
     pub fn new(config: &StageConfig, model_dir: PathBuf) -> Result<Self, String> {
         let device = x2v_models::device::parse_device(&config.device.to_string())?;
         let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
-        let weights = ModelDir::open(&model_dir)
-            .and_then(|d| d.vae())
-            .ok()
-            .map(|vae| vae.join("diffusion_pytorch_model.safetensors"));
-        let engines = crate::vae::engines(&config.vae, device, weights.as_deref())?;
+        let vae_dir = ModelDir::open(&model_dir).and_then(|d| d.vae()).ok();
+        let engines = crate::vae::engines(&config.vae, device, vae_dir.as_deref())?;
         Ok(Decoder {
             model: config.model.clone(),
             model_dir,

@@ -112,32 +112,47 @@ pub fn target(device: Device) -> Target {
     }
 }
 
-/// The stage's engines per its `[vae]` section, for a model whose VAE weights are `weights` (a
-/// stale engine, exported from other weights, is refused by their SHA-256).
+/// The stage's engines per its `[vae]` section, for a model whose VAE folder is `vae_dir` (a
+/// stale engine, exported from other weights, is refused by their digest).
 pub fn engines(
     config: &EngineConfig,
     device: Device,
-    weights: Option<&Path>,
+    vae_dir: Option<&Path>,
 ) -> Result<VaeEngines, String> {
-    let sha = if config.engines.is_empty() || config.backend == x2v_trt::BackendChoice::Torch {
+    let digest = if config.engines.is_empty() || config.backend == x2v_trt::BackendChoice::Torch {
         None
     } else {
-        weights.filter(|p| p.is_file()).map(sha256_file).transpose()?
+        vae_dir.map(weights_sha256).transpose()?.flatten()
     };
-    VaeEngines::new(config, target(device), sha).map_err(|e| e.to_string())
+    VaeEngines::new(config, target(device), digest).map_err(|e| e.to_string())
 }
 
-fn sha256_file(path: &Path) -> Result<String, String> {
-    let mut file =
-        std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+/// SHA-256 of a VAE folder's safetensors files (one, or the shards of a sharded save) concatenated
+/// in file-name order: the digest `tools/export_vae_onnx.py` stamps into the graphs it exports.
+/// `None` when the folder holds no safetensors file.
+pub fn weights_sha256(vae_dir: &Path) -> Result<Option<String>, String> {
+    let read = |e: std::io::Error, p: &Path| format!("reading {}: {e}", p.display());
+    let mut files: Vec<_> = std::fs::read_dir(vae_dir)
+        .map_err(|e| read(e, vae_dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    if files.is_empty() {
+        return Ok(None);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    // By file name as bytes, as Python sorts the names.
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 22];
+    for path in &files {
+        let mut file = std::fs::File::open(path).map_err(|e| read(e, path))?;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| read(e, path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    Ok(Some(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }

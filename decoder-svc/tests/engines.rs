@@ -125,6 +125,17 @@ fn a_graph_that_does_not_match_its_catalog_entry_or_weights_is_refused() {
     assert!(miss.message.contains("the catalog says 64x48"), "{}", miss.message);
     drop(dir);
 
+    // The digest the decoder computes from the model's VAE folder is the one the export stamped.
+    let digest = x2v_decoder::vae::weights_sha256(&fx.join("vae")).unwrap();
+    assert!(digest.is_some());
+    let own = VaeEngines::new(
+        &config(&fx.join("engines/engines.toml"), BackendChoice::Onnx),
+        Target::Cpu,
+        digest,
+    )
+    .unwrap();
+    assert!(own.decode(Size::new(32, 48), &[0.0; 16 * 4 * 6]).is_ok());
+
     // Exported from other weights than the model's.
     let stale = VaeEngines::new(
         &config(&fx.join("engines/engines.toml"), BackendChoice::Onnx),

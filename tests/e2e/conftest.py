@@ -41,7 +41,7 @@ class Stage(Process):
     """One stage service: `x2v encoder|dit|decoder` with its own JSON config."""
 
     @staticmethod
-    def write_config(cluster, kind, model, model_dir, task, rank, transfer):
+    def write_config(cluster, kind, model, model_dir, task, rank, transfer, extra=None):
         config = {
             "rank": rank, "model": model, "model_dir": str(model_dir), "tasks": [task],
             "device": "cpu", "capacity": 1,
@@ -52,12 +52,13 @@ class Stage(Process):
                        "job_timeout_s": 120, "drain_timeout_s": 20},
             "grpc": {"listen": "127.0.0.1:0"}, "http": {"listen": "127.0.0.1:0"},
             "telemetry": {"log_format": "text", "log_level": "warn"},
+            **(extra or {}),
         }
         return write_config(Path(cluster.dir) / f"{model}-{kind}-{rank}.json", config)
 
-    def __init__(self, cluster, kind, model, model_dir, task, rank=0, transfer=None):
+    def __init__(self, cluster, kind, model, model_dir, task, rank=0, transfer=None, extra=None):
         self.kind, self.model, self.rank = kind, model, rank
-        path = self.write_config(cluster, kind, model, model_dir, task, rank, transfer)
+        path = self.write_config(cluster, kind, model, model_dir, task, rank, transfer, extra)
         env = dict(os.environ, RUST_LOG="warn")
         super().__init__(f"{model}/{kind}-{rank}", [str(cluster.bin), kind, "--config", str(path),
                                                      "--print-addr"],

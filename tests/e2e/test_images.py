@@ -4,7 +4,9 @@ separate process, jobs in Redis, driven by the official openai client's images A
 The models are the tiny Qwen-Image pipelines of `tools/fixtures/qwen_pipeline.py` (text to image and
 EditPlus); a served image must equal, pixel for pixel, what `x2v generate` writes for the same
 settings (the same stage code runs in one process there), for one image and for `n` = 2. Streaming
-sends genuine previews (`partial_images`) before the final images.
+sends genuine previews (`partial_images`) before the final images. A third model, the text-to-image
+pipeline again, has a decoder that decodes on ONNX Runtime engines exported from its VAE
+(`tools/export_vae_onnx.py`), with libtorch for the sizes no engine serves.
 """
 
 import base64
@@ -24,7 +26,7 @@ from x2v_testing import ROOT, TARGET, Process, RedisServer, write_config
 
 from conftest import API_KEY, Stage
 
-T2I, EDIT = "qwen-e2e-t2i", "qwen-e2e-edit-plus"
+T2I, EDIT, ENGINES = "qwen-e2e-t2i", "qwen-e2e-edit-plus", "qwen-e2e-t2i-engines"
 STEPS = 2
 # Not the pipelines' default (" "), so that the served image shows the field reached the encoder.
 NEGATIVE = "blurry, low quality"
@@ -48,13 +50,20 @@ class ImageCluster:
         self.bin, self.dir, self.fixtures = x2v_bin, workdir, fixtures
         self.prefix = "x2v-e2e-images"
         self.storage = os.path.join(workdir, "outputs")
-        self.models = {T2I: fixtures / "t2i", EDIT: fixtures / "edit_plus"}
+        self.models = {T2I: fixtures / "t2i", EDIT: fixtures / "edit_plus", ENGINES: fixtures / "t2i"}
+        self.catalog = export_engines(fixtures / "t2i", Path(workdir) / "engines")
         self.redis = RedisServer(workdir)
         self.procs = [self._gateway()]
         self.gateway = self.procs[0]
-        for rank, (model, task) in enumerate([(T2I, "t2i"), (EDIT, "edit")]):
+        self.stages = {}
+        for rank, (model, task) in enumerate([(T2I, "t2i"), (EDIT, "edit"), (ENGINES, "t2i")]):
             for kind in ["encoder", "dit", "decoder"]:
-                self.procs.append(Stage(self, kind, model, self.models[model], task, rank))
+                extra = None
+                if model == ENGINES and kind == "decoder":
+                    extra = {"vae": {"backend": "onnx", "engines": str(self.catalog)}}
+                stage = Stage(self, kind, model, self.models[model], task, rank, extra=extra)
+                self.procs.append(stage)
+                self.stages[(model, kind)] = stage
 
     def _gateway(self):
         config = {
@@ -63,7 +72,7 @@ class ImageCluster:
             "storage": {"kind": "local", "path": self.storage},
             "auth": {"api_keys": [API_KEY]},
             "http": {"poll_after_ms": 50, "image_timeout_s": 120},
-            "models": [image_entry(T2I, "t2i"), image_entry(EDIT, "edit")],
+            "models": [image_entry(T2I, "t2i"), image_entry(EDIT, "edit"), image_entry(ENGINES, "t2i")],
             "telemetry": {"log_format": "text", "log_level": "warn"},
         }
         path = write_config(Path(self.dir) / "gateway.json", config)
@@ -80,6 +89,15 @@ class ImageCluster:
         for p in self.procs:
             p.kill()
         self.redis.kill()
+
+
+def export_engines(model_dir: Path, out: Path) -> Path:
+    """The model's VAE decoder as ONNX graphs: a static engine for 64x96 (the fixture's size) and a
+    profile engine for 16x16 .. 48x48; 64x64 is served by none. Returns the catalog."""
+    subprocess.run([sys.executable, str(ROOT / "tools/export_vae_onnx.py"), "--model-dir", str(model_dir),
+                    "--out", str(out), "--static", "64x96", "--dynamic", "--min", "16x16", "--max", "48x48",
+                    "--opt", "32x32"], check=True, capture_output=True)
+    return out / "engines.toml"
 
 
 def generator_sources(tools: Path, script: Path):
@@ -333,3 +351,23 @@ def test_bad_image_requests_are_refused_naming_the_parameter(client, images_clus
              "n_above_max": "n"}[case]
     assert error["param"] == param, error
     assert e.value.status_code == 400
+
+
+def test_engines_decode_the_sizes_they_serve_and_libtorch_the_rest(client, images_cluster, tmp_path):
+    prompt, negative, seed, size = settings(images_cluster.fixtures, "t2i")
+    decoder = images_cluster.stages[(ENGINES, "decoder")]
+    decodes = "x2v_vae_decodes_total"
+    assert decoder.metrics().get(decodes, 0) == 0
+    # 96x64 has a static engine: ONNX Runtime on the CPU decodes it, within one level of libtorch.
+    served = client.images.generate(model=ENGINES, prompt=prompt, size=size, extra_body=sampling(negative, seed))
+    image = pixels(served.data[0].b64_json)
+    local = x2v_generate(images_cluster, tmp_path, T2I, "t2i", prompt, negative, size, seed)
+    diff = np.abs(image.astype(int) - local)
+    assert (diff <= 1).mean() >= 0.999, f"max |diff| {diff.max()}"
+    assert decoder.metrics(backend="onnx_cpu", reason="none")[decodes] == 1
+    # No engine serves 64x64: libtorch decodes it, exactly as `x2v generate`, and says why.
+    served = client.images.generate(model=ENGINES, prompt=prompt, size="64x64", extra_body=sampling(negative, seed))
+    local = x2v_generate(images_cluster, tmp_path, T2I, "t2i", prompt, negative, "64x64", seed)
+    assert np.array_equal(pixels(served.data[0].b64_json), local)
+    assert decoder.metrics(backend="torch", reason="no_engine_for_shape")[decodes] == 1
+    assert decoder.metrics()["x2v_vae_engine_loads_total"] == 1
