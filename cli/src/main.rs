@@ -5,6 +5,7 @@
 //! - `x2v generate`: one video (Wan2.1) or image (Qwen-Image) in this process, no server.
 //! - `x2v doctor`: checks this host (libtorch, devices, Redis, ffmpeg).
 
+mod build_engines;
 mod doctor;
 mod generate;
 mod generate_image;
@@ -42,6 +43,9 @@ enum Command {
     /// the multi-process services without real weights: Wan (video) or Qwen-Image (images and
     /// edits). Its videos and images are noise.
     DemoModel(up::DemoModelArgs),
+    /// Load every engine of a VAE engine catalog once on the decoder's provider: TensorRT builds
+    /// the engines into its cache, so a deployment's first requests find them built.
+    BuildEngines(build_engines::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,5 +58,6 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(&args),
         Command::Doctor(args) => doctor::run(&args),
         Command::DemoModel(args) => up::demo_model(&args),
+        Command::BuildEngines(args) => build_engines::run(&args),
     }
 }
