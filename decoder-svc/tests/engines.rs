@@ -84,6 +84,21 @@ fn a_shape_no_engine_serves_falls_back() {
 }
 
 #[test]
+fn a_failed_run_falls_back_and_the_engine_is_loaded_afresh() {
+    let fx = fixture("qwen_vae_onnx");
+    let engines = cpu_engines(&fx.join("engines/engines.toml"));
+    let VaeEngines::Engines(manager) = &engines else { unreachable!() };
+    let good = vec![0.2f32; 16 * 4 * 6];
+    assert!(engines.decode(Size::new(32, 48), &good).is_ok());
+    // Latents of the wrong length: the run fails, the engine is unloaded, libtorch takes over.
+    let miss = engines.decode(Size::new(32, 48), &good[..10]).unwrap_err();
+    assert_eq!(miss.reason, Fallback::RunFailed, "{}", miss.message);
+    assert!(manager.resident().is_empty(), "{:?}", manager.resident());
+    assert!(engines.decode(Size::new(32, 48), &good).is_ok());
+    assert_eq!(manager.stats().loads, 2);
+}
+
+#[test]
 fn corrupt_truncated_or_missing_graphs_fall_back_instead_of_crashing() {
     let fx = fixture("qwen_vae_onnx");
     let (dir, catalog) = engines_copy(&fx);
