@@ -62,6 +62,15 @@ pub struct HttpConfig {
     pub poll_after_ms: u64,
     /// How long a synchronous image request waits for its job, in seconds.
     pub image_timeout_s: u64,
+    /// API requests handled at once, image requests aside; beyond it a request is answered 429
+    /// (`server_overloaded`, `retry-after`) at once. 0: no bound.
+    pub max_concurrent_requests: usize,
+    /// Synchronous image requests (`/v1/images/generations|edits`, which wait for their image)
+    /// held at once; beyond it, 429 as above. 0: no bound.
+    pub max_image_requests: usize,
+    /// Deadline of an API request other than an image request, in milliseconds (a download's body
+    /// and an event stream continue past it: only the answer's start counts). 0: none.
+    pub request_timeout_ms: u64,
 }
 
 /// One served model: what it does and what it allows.
@@ -128,6 +137,9 @@ impl Default for HttpConfig {
             cors_origins: vec![],
             poll_after_ms: 2000,
             image_timeout_s: 600,
+            max_concurrent_requests: 1024,
+            max_image_requests: 256,
+            request_timeout_ms: 60_000,
         }
     }
 }

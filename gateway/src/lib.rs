@@ -11,6 +11,7 @@ pub mod error;
 pub mod limit;
 pub mod middleware;
 pub mod openapi;
+pub mod overload;
 pub mod request;
 pub mod routes;
 pub mod state;
@@ -126,16 +127,23 @@ async fn maintain(queue: Arc<dyn Queue>, every_ms: u64, shutdown: CancellationTo
 
 /// Every route with its layers.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
+    let http = &state.config.http;
+    let timeout =
+        (http.request_timeout_ms > 0).then(|| Duration::from_millis(http.request_timeout_ms));
+    let short = Router::new()
         .route("/v1/videos", post(videos::create).get(videos::list))
         .route("/v1/videos/{id}", get(videos::retrieve).delete(videos::delete))
         .route("/v1/videos/{id}/content", get(videos::content))
         .route("/v1/videos/{id}/remix", post(videos::remix))
         .route("/v1/videos/{id}/events", get(videos::events))
-        .route("/v1/images/generations", post(images::generations))
-        .route("/v1/images/edits", post(images::edits))
         .route("/v1/images/{id}/content", get(images::content))
-        .route("/v1/models", get(ops::models))
+        .route("/v1/models", get(ops::models));
+    // Image requests wait for their image (`http.image_timeout_s` bounds that wait).
+    let waits = Router::new()
+        .route("/v1/images/generations", post(images::generations))
+        .route("/v1/images/edits", post(images::edits));
+    let api = overload::protect(short, http.max_concurrent_requests, timeout)
+        .merge(overload::protect(waits, http.max_image_requests, None))
         .route_layer(from_fn_with_state(state.clone(), middleware::authenticate));
     let open = Router::new()
         .route("/healthz", get(ops::healthz))
