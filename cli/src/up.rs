@@ -158,6 +158,7 @@ fn demo_model_config() -> ModelConfig {
         default_shift: 3.0,
         max_n: 1,
         max_input_images: 0,
+        max_queued_jobs: 0,
     }
 }
 

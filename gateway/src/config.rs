@@ -96,6 +96,11 @@ pub struct ModelConfig {
     pub max_n: u32,
     /// Most input images of an edit (`image` / `image[]`); the API allows 16.
     pub max_input_images: u32,
+    /// Most jobs of this model waiting for or in its DiT ranks (their outstanding work, as rank
+    /// assignment reads it); a create beyond it is answered 429 `model_queue_full` with
+    /// `retry-after`, so clients back off instead of queueing work nobody will serve in time.
+    /// Jobs waiting for any rank (no live DiT worker) are not counted. 0: no bound.
+    pub max_queued_jobs: u32,
 }
 
 impl Default for GatewayConfig {
@@ -166,6 +171,7 @@ impl ModelConfig {
             default_shift: 5.0,
             max_n: 1,
             max_input_images: 0,
+            max_queued_jobs: 0,
         }
     }
 
@@ -201,6 +207,7 @@ impl ModelConfig {
             default_shift: 3.0,
             max_n: 4,
             max_input_images: 3,
+            max_queued_jobs: 0,
         }
     }
 }

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
-use x2v_core::JobId;
 use x2v_core::metrics::Metrics;
+use x2v_core::{ErrorKind, JobId};
 use x2v_queue::storage::Storage;
 use x2v_queue::{
     Created, Idempotency, InputRef, NewJob, Queue, QueueError, Stage, WorkerInfo, assign,
@@ -24,6 +24,8 @@ pub struct GatewayMetrics {
     pub latency: prometheus::HistogramVec,
     pub jobs_created: prometheus::IntCounterVec,
     pub queue_depth: prometheus::IntGaugeVec,
+    /// Creates refused because their model's backlog was at its bound.
+    pub overloaded: prometheus::IntCounterVec,
 }
 
 impl GatewayMetrics {
@@ -50,6 +52,11 @@ impl GatewayMetrics {
                 "queue_depth",
                 "Jobs waiting per stage (sampled at scrape).",
                 &["stage"],
+            ),
+            overloaded: registry.counter(
+                "jobs_refused_total",
+                "Creates answered 429 because the model's backlog was at its max_queued_jobs.",
+                &["model"],
             ),
             registry,
         }
@@ -79,6 +86,8 @@ pub struct AppState {
 type CachedWorkers = (std::time::Instant, Vec<WorkerInfo>);
 
 const WORKERS_CACHE: std::time::Duration = std::time::Duration::from_millis(1000);
+/// `retry-after` of a create refused for its model's backlog: about a few denoising steps.
+const BACKLOG_RETRY_AFTER_S: u64 = 5;
 
 /// Who is calling: an index into the configured keys, or anonymous when auth is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,8 +120,9 @@ impl AppState {
         }
     }
 
-    /// Engine ranks for a job: least outstanding work among live workers, pins honoured.
-    async fn assign(&self, spec: &x2v_queue::JobSpec) -> Result<x2v_queue::Ranks, QueueError> {
+    /// Engine ranks for a job: least outstanding work among live workers, pins honoured; refused
+    /// when the model's backlog is at its bound.
+    async fn assign(&self, spec: &x2v_queue::JobSpec) -> Result<x2v_queue::Ranks, ApiError> {
         let mut workers = self.live_workers(false).await?;
         let pinned_unknown = Stage::ALL.iter().any(|s| {
             spec.pins.get(*s).is_some_and(|r| !workers.iter().any(|w| w.stage == *s && w.rank == r))
@@ -126,7 +136,47 @@ impl AppState {
                 loads.insert(stage, self.queue.load(stage).await?);
             }
         }
-        assign::choose(&workers, &loads, &spec.model, spec.task, spec.pins)
+        self.check_backlog(&spec.model, &workers, &loads)?;
+        Ok(assign::choose(&workers, &loads, &spec.model, spec.task, spec.pins)?)
+    }
+
+    /// Refuses a job of `model` when the outstanding work of its DiT ranks has reached the model's
+    /// `max_queued_jobs`.
+    fn check_backlog(
+        &self,
+        model: &str,
+        workers: &[WorkerInfo],
+        loads: &HashMap<Stage, HashMap<u32, u64>>,
+    ) -> Result<(), ApiError> {
+        let Some(bound) = self
+            .config
+            .models
+            .iter()
+            .find(|m| m.name == model)
+            .map(|m| u64::from(m.max_queued_jobs))
+            .filter(|b| *b > 0)
+        else {
+            return Ok(());
+        };
+        let dit = loads.get(&Stage::Dit);
+        let backlog: u64 = workers
+            .iter()
+            .filter(|w| w.stage == Stage::Dit && w.models.iter().any(|m| m == model))
+            .filter_map(|w| dit.and_then(|l| l.get(&w.rank)))
+            .sum();
+        if backlog < bound {
+            return Ok(());
+        }
+        self.metrics.overloaded.with_label_values(&[model]).inc();
+        let mut e = ApiError::new(
+            ErrorKind::Overloaded,
+            format!(
+                "Model '{model}' has {backlog} jobs waiting for or in denoising, its limit; retry later."
+            ),
+        )
+        .code("model_queue_full");
+        e.retry_after = Some(BACKLOG_RETRY_AFTER_S);
+        Err(e)
     }
 
     /// Stores a validated request's uploads, assigns ranks and creates the job (or returns the job an
@@ -167,14 +217,14 @@ impl AppState {
         };
         let idempotency =
             idempotency_key.map(|k| Idempotency { key: format!("{}:{k}", caller.0), fingerprint });
-        let result = async {
+        let result: Result<Created, ApiError> = async {
             let ranks = self.assign(&spec).await?;
             let mut trace = HashMap::new();
             x2v_core::propagation::inject_map(
                 &x2v_core::propagation::current_context(),
                 &mut trace,
             );
-            self.queue.create(NewJob { id, spec, ranks, trace, idempotency }).await
+            Ok(self.queue.create(NewJob { id, spec, ranks, trace, idempotency }).await?)
         }
         .await;
         match result {

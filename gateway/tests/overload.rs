@@ -107,3 +107,53 @@ fn stalled_upload() -> Request<Body> {
         .body(Body::from_stream(body))
         .unwrap()
 }
+
+/// `POST /v1/videos` of the default model; returns (status, body).
+async fn create_video(
+    h: &Harness,
+    prompt: &str,
+) -> (u16, serde_json::Value, axum::http::HeaderMap) {
+    let (s, v, resp) = h.json(post_json("/v1/videos", json!({"prompt": prompt}))).await;
+    (s, v, resp.headers().clone())
+}
+
+#[tokio::test]
+async fn a_model_whose_backlog_is_at_its_bound_refuses_creates_with_429() {
+    let mut cfg = config();
+    cfg.models[0].max_queued_jobs = 2;
+    let model = cfg.models[0].name.clone();
+    let h = harness(cfg);
+    h.start_worker();
+    while h.state.queue.workers().await.unwrap().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // One job held in the DiT, one waiting for it: the model's DiT backlog is 2.
+    let (s, held, _) = create_video(&h, "[hold] first").await;
+    assert_eq!(s, 200, "{held}");
+    let (s, waiting, _) = create_video(&h, "[hold] second").await;
+    assert_eq!(s, 200, "{waiting}");
+    let (s, v, headers) = create_video(&h, "third").await;
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["error"]["code"], "model_queue_full", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(&model), "{v}");
+    assert_eq!(headers["retry-after"], "5");
+    let (_, metrics) = h.send(get("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.lines().any(|l| l.starts_with("x2v_jobs_refused_total")
+            && l.contains(&model)
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // Cancelling the waiting job frees a place.
+    let (s, v, _) = h
+        .json(
+            Request::delete(format!("/v1/videos/{}", waiting["id"].as_str().unwrap()))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v, _) = create_video(&h, "[hold] fourth").await;
+    assert_eq!(s, 200, "{v}");
+}
