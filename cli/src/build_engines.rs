@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use x2v_trt::catalog::Coverage;
+use x2v_stage::config::DeviceChoice;
 use x2v_trt::manager::Loader;
 use x2v_trt::{BackendChoice, EngineConfig, Target, VaeEngines};
 
@@ -19,46 +19,27 @@ pub struct Args {
     #[arg(long)]
     engines: PathBuf,
     /// `auto`, `tensorrt` or `onnx`, as the decoder's `vae.backend`.
-    #[arg(long, default_value = "auto", value_parser = parse_backend)]
+    #[arg(long, default_value = "auto", value_parser = BackendChoice::parse_engine)]
     backend: BackendChoice,
-    /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu", value_parser = parse_target)]
-    device: Target,
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (cuda:0 when the NVIDIA driver reports a device).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
     /// TensorRT engine and timing caches (the decoder's `vae.cache_dir`). Default: `trt-cache/`
     /// beside the catalog.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
 }
 
-fn parse_backend(s: &str) -> Result<BackendChoice, String> {
-    match s {
-        "auto" => Ok(BackendChoice::Auto),
-        "tensorrt" => Ok(BackendChoice::Tensorrt),
-        "onnx" => Ok(BackendChoice::Onnx),
-        _ => Err(format!("`{s}`: expected auto, tensorrt or onnx")),
+/// The engine target `device` names on this host.
+fn target(device: DeviceChoice) -> Target {
+    match device {
+        DeviceChoice::Cpu => Target::Cpu,
+        DeviceChoice::Cuda(i) => Target::Cuda(i),
+        DeviceChoice::Auto => {
+            let gpu = x2v_models::cuda_driver::query().is_ok_and(|d| !d.devices.is_empty());
+            if gpu { Target::Cuda(0) } else { Target::Cpu }
+        }
     }
-}
-
-fn parse_target(s: &str) -> Result<Target, String> {
-    match s {
-        "cpu" => Ok(Target::Cpu),
-        "cuda" => Ok(Target::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|i| i.parse().ok())
-            .map(Target::Cuda)
-            .ok_or_else(|| format!("`{s}`: expected cpu, cuda or cuda:N")),
-    }
-}
-
-/// Resident set size of this process, MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 pub fn run(args: &Args) -> ExitCode {
@@ -68,7 +49,7 @@ pub fn run(args: &Args) -> ExitCode {
         cache_dir: args.cache_dir.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         ..EngineConfig::default()
     };
-    let manager = match VaeEngines::new(&config, args.device, None) {
+    let manager = match VaeEngines::new(&config, target(args.device), None) {
         Ok(VaeEngines::Engines(m)) => m,
         Ok(VaeEngines::Torch(miss)) => {
             eprintln!("x2v build-engines: no engine can load here ({miss})");
@@ -84,18 +65,11 @@ pub fn run(args: &Args) -> ExitCode {
     println!("|---|---|---|---:|---:|---|");
     let mut failed = false;
     for spec in &manager.catalog().engines {
-        let serves = match &spec.coverage {
-            Coverage::Static(s) => s.to_string(),
-            Coverage::Profiles { min, max, opt } => {
-                let opt: Vec<String> = opt.iter().map(ToString::to_string).collect();
-                format!("{min} .. {max} (opt {})", opt.join(", "))
-            }
-        };
-        let before = rss_mib();
+        let before = x2v_models::weights::resident_mib();
         let started = Instant::now();
         let result = manager.loader().load(spec);
         let seconds = started.elapsed().as_secs_f64();
-        let held = rss_mib() - before;
+        let held = x2v_models::weights::resident_mib() - before;
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
             Err(miss) => {
@@ -104,8 +78,9 @@ pub fn run(args: &Args) -> ExitCode {
             }
         };
         println!(
-            "| {} | {serves} | {backend} | {seconds:.2} | {held:.0} | {outcome} |",
-            spec.name()
+            "| {} | {} | {backend} | {seconds:.2} | {held:.0} | {outcome} |",
+            spec.name(),
+            spec.coverage
         );
         drop(result);
     }

@@ -39,7 +39,7 @@ fn what_cannot_load_here_is_an_error_naming_the_reason() {
     // Bad values are refused naming them.
     let (code, _, err) = build_engines(&["--engines", catalog, "--device", "gpu0"]);
     assert_eq!(code, 2);
-    assert!(err.contains("`gpu0`: expected cpu, cuda or cuda:N"), "{err}");
+    assert!(err.contains("expected auto, cpu, cuda or cuda:N; got `gpu0`"), "{err}");
     let (code, _, err) = build_engines(&["--engines", "/nonexistent/engines.toml"]);
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent/engines.toml"), "{err}");

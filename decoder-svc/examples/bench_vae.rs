@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use x2v_models::qwen_image::vae::QwenImageVae;
 use x2v_models::wan::vae::VaeParts;
-use x2v_trt::{BackendChoice, EngineConfig, Size, Target, VaeEngines};
+use x2v_trt::{BackendChoice, EngineConfig, Size, VaeEngines};
 
 struct Args {
     vae_dir: PathBuf,
@@ -46,13 +46,8 @@ fn parse() -> Result<Args, String> {
                 args.runs = v.parse().map_err(|_| format!("--runs: `{v}` is not a count"))?
             }
             "--backend" => {
-                let v = value()?;
-                args.backend = match v.as_str() {
-                    "onnx" => BackendChoice::Onnx,
-                    "tensorrt" => BackendChoice::Tensorrt,
-                    "auto" => BackendChoice::Auto,
-                    _ => return Err(format!("--backend: `{v}` is not onnx, tensorrt or auto")),
-                }
+                args.backend =
+                    BackendChoice::parse_engine(&value()?).map_err(|e| format!("--backend {e}"))?
             }
             "--device" => {
                 let v = value()?;
@@ -67,16 +62,6 @@ fn parse() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Resident set size of this process, MiB.
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -89,16 +74,13 @@ fn main() {
     });
     let _guard = tch::no_grad_guard();
     let kind = if args.device == Device::Cpu { Kind::Float } else { Kind::BFloat16 };
-    let before = rss_mib();
+    let before = x2v_models::weights::resident_mib();
     let started = Instant::now();
     let vae = QwenImageVae::load_parts(&args.vae_dir, args.device, kind, VaeParts::Decoder)
         .unwrap_or_else(|e| panic!("loading {}: {e}", args.vae_dir.display()));
     let torch_load = started.elapsed();
-    let torch_mib = rss_mib() - before;
-    let target = match args.device {
-        Device::Cuda(i) => Target::Cuda(i),
-        _ => Target::Cpu,
-    };
+    let torch_mib = x2v_models::weights::resident_mib() - before;
+    let target = x2v_decoder::vae::target(args.device);
     let config = EngineConfig {
         backend: args.backend,
         engines: args.engines.display().to_string(),
@@ -133,11 +115,11 @@ fn main() {
         let (reference, _) = decode_torch(); // warm-up
         let torch = median((0..args.runs).map(|_| decode_torch().1).collect());
 
-        let before = rss_mib();
+        let before = x2v_models::weights::resident_mib();
         let t = Instant::now();
         let first = engines.decode(*size, &flat).unwrap_or_else(|m| panic!("{size}: {m}"));
         let first_time = t.elapsed();
-        let added = rss_mib() - before;
+        let added = x2v_models::weights::resident_mib() - before;
         let runs: Vec<Duration> = (0..args.runs)
             .map(|_| {
                 let t = Instant::now();

@@ -12,6 +12,7 @@ pub mod qwen_image;
 pub mod vae;
 pub mod wan;
 
+use tch::Tensor;
 use x2v_core::JobErrorCode;
 use x2v_core::metrics::Metrics;
 use x2v_media::{Frames, ImageFormat, Mp4Options, SpriteOptions};
@@ -47,6 +48,22 @@ pub struct Decoded {
     width: usize,
     /// What decoded each image (one entry for a video).
     backends: Vec<Backend>,
+}
+
+impl Decoded {
+    /// `uint8 [F, H, W, 3]` frames (or images) and what decoded each (one entry for a video).
+    fn new(frames: &Tensor, backends: Vec<Backend>) -> Result<Self, StageError> {
+        let size = frames.size();
+        let data = Vec::<u8>::try_from(&frames.contiguous().view([-1]))
+            .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
+        Ok(Decoded {
+            data,
+            frames: size[0] as usize,
+            height: size[1] as usize,
+            width: size[2] as usize,
+            backends,
+        })
+    }
 }
 
 impl DecoderRunner {

@@ -109,17 +109,7 @@ impl Decoder {
             backends.push(backend);
             (ctx.progress)(i as u32 + 1, n as u32);
         }
-        let images = Tensor::cat(&images, 0);
-        let size = images.size();
-        let data = Vec::<u8>::try_from(&images.contiguous().view([-1]))
-            .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
-        Ok(Decoded {
-            data,
-            frames: size[0] as usize,
-            height: size[1] as usize,
-            width: size[2] as usize,
-            backends,
-        })
+        Decoded::new(&Tensor::cat(&images, 0), backends)
     }
 
     /// One image, `uint8 [1, H, W, 3]` on the CPU, and what decoded it.

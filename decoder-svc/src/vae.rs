@@ -9,7 +9,6 @@
 //! - `x2v_vae_engines_resident_bytes`: memory charged for loaded engines.
 //! - `x2v_vae_engine_loads_total{outcome}`, `x2v_vae_engine_evictions_total`.
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -143,16 +142,9 @@ pub fn weights_sha256(vae_dir: &Path) -> Result<Option<String>, String> {
     // By file name as bytes, as Python sorts the names.
     files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 22];
     for path in &files {
         let mut file = std::fs::File::open(path).map_err(|e| read(e, path))?;
-        loop {
-            let n = file.read(&mut buf).map_err(|e| read(e, path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        std::io::copy(&mut file, &mut hasher).map_err(|e| read(e, path))?;
     }
     Ok(Some(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }

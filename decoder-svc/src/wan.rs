@@ -94,16 +94,8 @@ impl Decoder {
             .decode(&phase2)
             .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
         self.vae.record(Backend::Torch, Some(Fallback::NotConfigured), started.elapsed());
-        let size = frames.size();
-        let data = Vec::<u8>::try_from(&frames.contiguous().view([-1]))
-            .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
+        let decoded = Decoded::new(&frames, vec![Backend::Torch])?;
         (ctx.progress)(1, 1);
-        Ok(Decoded {
-            data,
-            frames: size[0] as usize,
-            height: size[1] as usize,
-            width: size[2] as usize,
-            backends: vec![Backend::Torch],
-        })
+        Ok(decoded)
     }
 }

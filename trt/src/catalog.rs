@@ -128,6 +128,19 @@ pub enum Coverage {
     Profiles { min: Size, max: Size, opt: Vec<Size> },
 }
 
+/// `32x48` for a static engine, `16x16 .. 64x64 (opt 48x64)` for a profile engine.
+impl fmt::Display for Coverage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Coverage::Static(s) => write!(f, "{s}"),
+            Coverage::Profiles { min, max, opt } => {
+                let opt: Vec<String> = opt.iter().map(ToString::to_string).collect();
+                write!(f, "{min} .. {max} (opt {})", opt.join(", "))
+            }
+        }
+    }
+}
+
 /// One exported decoder graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineSpec {

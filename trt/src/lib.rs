@@ -46,6 +46,19 @@ pub enum BackendChoice {
     Torch,
 }
 
+impl BackendChoice {
+    /// A backend that runs engines, as tools that load them spell it: `auto`, `tensorrt` or
+    /// `onnx` (not `torch`).
+    pub fn parse_engine(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "tensorrt" => Ok(BackendChoice::Tensorrt),
+            "onnx" => Ok(BackendChoice::Onnx),
+            _ => Err(format!("`{s}`: expected auto, tensorrt or onnx")),
+        }
+    }
+}
+
 /// The `[vae]` section of a decoder stage's config.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

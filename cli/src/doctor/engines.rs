@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use x2v_trt::Catalog;
-use x2v_trt::catalog::Coverage;
 use x2v_trt::engine::OrtLoader;
 use x2v_trt::manager::Loader;
 use x2v_trt::runtime::{OnnxRuntime, Provider};
@@ -51,12 +50,7 @@ fn engine_checks(runtime: &'static OnnxRuntime, path: &Path) -> Vec<Check> {
         .engines
         .iter()
         .map(|spec| {
-            let serves = match &spec.coverage {
-                Coverage::Static(s) => format!("static {s}"),
-                Coverage::Profiles { min, max, opt } => {
-                    format!("{min} .. {max}, {} profile(s)", opt.len())
-                }
-            };
+            let serves = &spec.coverage;
             let size = std::fs::metadata(&spec.path).map_or(0, |m| m.len());
             match loader.load(spec) {
                 Ok(_) => check(

@@ -421,6 +421,17 @@ pub fn release_free_heap() {
     }
 }
 
+/// Resident set size of this process in MiB (`VmRSS` of `/proc/self/status`; 0 where it cannot
+/// be read), for benchmarks and tools that report memory.
+pub fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// Serves allocations of 1 MiB and more (weights, activations) straight from the kernel and
 /// returns them on free, instead of glibc's default of raising that threshold to the largest
 /// block freed so far (up to 32 MiB), after which freed activations stay in the heap and a
