@@ -131,10 +131,10 @@ pub enum Finished {
 }
 
 impl Finished {
-    /// A payload of `parts` for the next stage, hashed here (call off the device thread, as
-    /// [`StageRunner::finish`] is).
+    /// A payload of `parts` for the next stage. Its chunked SHA-256 is computed while the next stage
+    /// pulls it, on every core and overlapping the bytes moving, not before the first byte moves.
     pub fn payload(parts: Vec<TensorPart>) -> Result<Self, StageError> {
-        Payload::from_parts(parts).map(Finished::Payload).map_err(StageError::internal)
+        Payload::deferred_parts(parts).map(Finished::Payload).map_err(StageError::internal)
     }
 }
 

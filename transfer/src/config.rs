@@ -66,6 +66,11 @@ pub struct EngineConfig {
     pub chunk_crc: bool,
     /// Refuse payloads whose manifest lacks SHA-256 digests.
     pub require_sha256: bool,
+    /// Threads that hash one transfer's SHA-256 leaves, on each side, next to the thread moving the
+    /// bytes (which, on the writer, joins them once its bytes are out). Default: every core the
+    /// process may use. `0`: the thread moving the bytes hashes them itself (the receiver between its
+    /// reads, the writer of a [`crate::Payload::deferred`] after its writes).
+    pub hash_threads: usize,
     /// Connecting to a peer fails after this long (the kernel's SYN retries take minutes).
     pub connect_timeout: Duration,
     /// Longest a reservation waits for pool space before answering `Overloaded`.
@@ -80,7 +85,7 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// Defaults: loopback listener on a free port, pool of up to 256 MiB with pages kept warm for 1 s,
-    /// automatic transport, 4 MiB chunks.
+    /// automatic transport, 4 MiB chunks, SHA-256 required and hashed on every core.
     pub fn new(secret: Secret) -> Self {
         EngineConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -92,6 +97,7 @@ impl EngineConfig {
             chunk_bytes: 4 << 20,
             chunk_crc: false,
             require_sha256: true,
+            hash_threads: crate::digest::default_threads(),
             connect_timeout: Duration::from_secs(5),
             pool_wait: Duration::from_secs(2),
             max_deadline: Duration::from_secs(600),

@@ -87,26 +87,38 @@ impl Inner {
     }
 
     /// Validates a manifest, claims the job and reserves room, then takes the bytes and verifies them.
+    /// `leaf_bytes`: the digests' leaf size, `None` when the payload carries no digests.
     pub fn receive(
         &self,
         ch: &mut Channel,
         job: JobId,
-        tensors: Vec<TensorMeta>,
+        leaf_bytes: Option<u32>,
+        mut tensors: Vec<TensorMeta>,
         crc: bool,
         ctx: &Ctx,
     ) -> Result<Received> {
         validate_manifest(&tensors, self.pool.capacity() as u64)?;
-        if self.cfg.require_sha256
-            && let Some(t) = tensors.iter().find(|t| t.sha256.is_none())
-        {
-            return Err(TransferError::Invalid(format!(
-                "tensor `{}` has no SHA-256 and this receiver requires one",
-                t.name
-            )));
+        if leaf_bytes.is_none() {
+            if let Some(t) = tensors.iter().find(|t| t.sha256.is_some()) {
+                return Err(TransferError::Invalid(format!(
+                    "tensor `{}` has a SHA-256 root but the manifest gives no leaf size",
+                    t.name
+                )));
+            }
+            if self.cfg.require_sha256 {
+                return Err(TransferError::Invalid(format!(
+                    "tensor `{}` has no SHA-256 and this receiver requires one",
+                    tensors[0].name
+                )));
+            }
         }
         let sizes: Vec<u64> = tensors.iter().map(|t| t.byte_len).collect();
         let mut lease = self.pool.reserve(&sizes, ctx, self.cfg.pool_wait)?;
-        data::recv(ch, &mut lease, &tensors, crc, ctx)?;
+        let threads = self.cfg.hash_threads;
+        let roots = data::recv(ch, &mut lease, &tensors, leaf_bytes, crc, threads, ctx)?;
+        for (t, root) in tensors.iter_mut().zip(roots) {
+            t.sha256 = root;
+        }
         Ok(Received { job, tensors, lease, transport: ch.kind })
     }
 
@@ -160,10 +172,12 @@ impl Inner {
             job: *job.as_uuid().as_bytes(),
             deadline_ms: ctx.remaining().as_millis() as u64,
             chunk_crc: self.cfg.chunk_crc,
+            leaf_bytes: payload.leaf_bytes(),
             tensors: payload.manifest(),
         };
         write_frame(ch.stream.as_mut(), &begin, ctx, "announcing the payload")?;
-        data::send(&mut ch, &payload.tensors, self.cfg.chunk_bytes, self.cfg.chunk_crc, ctx)?;
+        let cfg = &self.cfg;
+        data::send(&mut ch, payload, cfg.chunk_bytes, cfg.chunk_crc, cfg.hash_threads, ctx)?;
         let transport = ch.kind;
         self.checkin(peer, ch);
         Ok(Receipt { bytes: payload.total_bytes(), transport, elapsed: start.elapsed() })
@@ -177,20 +191,22 @@ impl Inner {
             chunk_crc: self.cfg.chunk_crc,
         };
         write_frame(ch.stream.as_mut(), &request, ctx, "requesting the payload")?;
-        let tensors = match read_frame(ch.stream.as_mut(), ctx, "waiting for the manifest")? {
-            Frame::Manifest { tensors } => tensors,
-            Frame::Error { kind, message } => {
-                return Err(TransferError::Remote { peer: ctx.peer.clone(), kind, message });
-            }
-            other => {
-                return Err(TransferError::protocol(
-                    &ctx.peer,
-                    format!("expected Manifest, got {}", other.name()),
-                ));
-            }
-        };
+        let (leaf_bytes, tensors) =
+            match read_frame(ch.stream.as_mut(), ctx, "waiting for the manifest")? {
+                Frame::Manifest { leaf_bytes, tensors } => (leaf_bytes, tensors),
+                Frame::Error { kind, message } => {
+                    return Err(TransferError::Remote { peer: ctx.peer.clone(), kind, message });
+                }
+                other => {
+                    return Err(TransferError::protocol(
+                        &ctx.peer,
+                        format!("expected Manifest, got {}", other.name()),
+                    ));
+                }
+            };
+        let crc = self.cfg.chunk_crc;
         let received =
-            self.receive(&mut ch, job, tensors, self.cfg.chunk_crc, ctx).inspect_err(|e| {
+            self.receive(&mut ch, job, leaf_bytes, tensors, crc, ctx).inspect_err(|e| {
                 let _ = write_frame(
                     ch.stream.as_mut(),
                     &Frame::Error { kind: e.kind(), message: e.to_string() },

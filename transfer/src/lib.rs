@@ -9,7 +9,9 @@
 //!
 //! Every connection is mutually authenticated with the deployment secret; every operation has a
 //! deadline and can be cancelled; a transfer succeeds only once the receiver has verified each tensor's
-//! SHA-256 and acknowledged it. See `README.md` for the wire protocol and measurements.
+//! chunked SHA-256 ([`digest`]: a SHA-256 per 1 MiB leaf, hashed on every core on both sides while the
+//! bytes move, and a root over the leaves) and acknowledged it. See `README.md` for the wire protocol
+//! and measurements.
 #![deny(unsafe_code)]
 
 pub mod auth;
@@ -17,6 +19,7 @@ mod channel;
 pub mod config;
 pub mod conn;
 mod data;
+pub mod digest;
 mod engine;
 pub mod error;
 pub mod manifest;

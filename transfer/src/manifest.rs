@@ -1,14 +1,21 @@
-//! Payload descriptions: a manifest of named tensors (dtype, shape, byte length, SHA-256) and the
-//! sender-side [`Payload`] that pairs a manifest with the bytes.
+//! Payload descriptions: a manifest of named tensors (dtype, shape, byte length, chunked SHA-256
+//! root) and the sender-side [`Payload`] that pairs a manifest with the bytes.
+//!
+//! Digests are the chunked SHA-256 of [`crate::digest`]: per tensor, a SHA-256 per leaf of
+//! [`LEAF_BYTES`] and a root over them. A payload either carries its roots in the manifest (computed
+//! when it is built, on every core: [`Payload::new`]) or has the writer hash the leaves while the bytes
+//! move and send them after the data ([`Payload::deferred`]); either way the receiver hashes what
+//! landed, leaf by leaf, on its own threads, and checks it before anything is handed out.
 //!
 //! Tensors are matched by name, never by position. A manifest is validated on both sides: the sender
 //! cannot build an inconsistent one, and the receiver re-checks everything it decodes off the wire.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 
+use crate::digest::{self, LEAF_BYTES, Sha};
 use crate::error::{Result, TransferError};
 
 /// Longest tensor name accepted, in bytes.
@@ -70,7 +77,9 @@ pub struct TensorMeta {
     pub shape: Vec<u64>,
     /// Exactly `product(shape) * dtype.size()`.
     pub byte_len: u64,
-    /// SHA-256 of the bytes; `None` only when the sender runs with digests switched off.
+    /// Chunked SHA-256 root of the bytes ([`crate::digest`]). `None` in a manifest when the writer
+    /// sends the tensor's leaf digests after its bytes instead ([`Payload::deferred`]) or runs with
+    /// digests switched off; a receiver fills in the root it verified.
     pub sha256: Option<[u8; 32]>,
 }
 
@@ -152,17 +161,48 @@ pub struct TensorPart {
     pub bytes: Bytes,
 }
 
-/// What a sender pushes or publishes: named tensors with digests computed once, up front.
+/// How a payload's tensors are digested.
+#[derive(Debug, Clone)]
+pub(crate) enum Digests {
+    /// No digests ([`Payload::without_digests`]).
+    Off,
+    /// Computed when the payload was built: roots in the manifest, leaves sent after the bytes.
+    Known { leaf_bytes: u32, leaves: Arc<[Vec<Sha>]> },
+    /// Computed by the writer while the bytes move, sent after them.
+    OnSend { leaf_bytes: u32 },
+}
+
+impl Digests {
+    /// The leaf size announced on the wire; `None` when the payload carries no digests.
+    pub fn leaf_bytes(&self) -> Option<u32> {
+        match self {
+            Digests::Off => None,
+            Digests::Known { leaf_bytes, .. } | Digests::OnSend { leaf_bytes } => Some(*leaf_bytes),
+        }
+    }
+}
+
+/// What a sender pushes or publishes: named tensors, and how their digests are made.
 #[derive(Debug, Clone)]
 pub struct Payload {
     pub(crate) tensors: Vec<OutTensor>,
+    pub(crate) digests: Digests,
+}
+
+/// How [`Payload::assemble`] digests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum When {
+    Never,
+    Now,
+    OnSend,
 }
 
 impl Payload {
-    /// Builds a payload, hashing every tensor with SHA-256 (about 1.4 GB/s per core: call from a
-    /// blocking context, or use [`Payload::build`]).
+    /// Builds a payload, computing every tensor's chunked SHA-256 now, on every core (about
+    /// 1.4–2 GB/s per core: call from a blocking context, or use [`Payload::build`]). The roots go in
+    /// the manifest. [`Payload::deferred`] leaves the hashing to the writer, overlapped with the bytes.
     pub fn new(tensors: Vec<(String, Dtype, Vec<u64>, Bytes)>) -> Result<Self> {
-        Self::assemble(tensors, true)
+        Self::assemble(tensors, When::Now)
     }
 
     /// [`Payload::new`] on named parts.
@@ -170,9 +210,21 @@ impl Payload {
         Self::new(parts.into_iter().map(|p| (p.name, p.dtype, p.shape, p.bytes)).collect())
     }
 
+    /// Builds a payload whose digests the writer computes while it moves the bytes (on
+    /// `EngineConfig::hash_threads` threads), sending each tensor's leaf digests after its bytes: no
+    /// hashing before the first byte moves. Cheap; every push or pull of it hashes again.
+    pub fn deferred(tensors: Vec<(String, Dtype, Vec<u64>, Bytes)>) -> Result<Self> {
+        Self::assemble(tensors, When::OnSend)
+    }
+
+    /// [`Payload::deferred`] on named parts.
+    pub fn deferred_parts(parts: Vec<TensorPart>) -> Result<Self> {
+        Self::deferred(parts.into_iter().map(|p| (p.name, p.dtype, p.shape, p.bytes)).collect())
+    }
+
     /// Builds a payload without digests; receivers that require SHA-256 will refuse it.
     pub fn without_digests(tensors: Vec<(String, Dtype, Vec<u64>, Bytes)>) -> Result<Self> {
-        Self::assemble(tensors, false)
+        Self::assemble(tensors, When::Never)
     }
 
     /// [`Payload::new`] on a blocking thread, for async callers.
@@ -182,20 +234,29 @@ impl Payload {
             .map_err(|e| TransferError::Invalid(format!("hashing task failed: {e}")))?
     }
 
-    fn assemble(tensors: Vec<(String, Dtype, Vec<u64>, Bytes)>, digest: bool) -> Result<Self> {
-        let tensors: Vec<OutTensor> = tensors
+    fn assemble(tensors: Vec<(String, Dtype, Vec<u64>, Bytes)>, when: When) -> Result<Self> {
+        let mut tensors: Vec<OutTensor> = tensors
             .into_iter()
-            .map(|(name, dtype, shape, data)| {
-                let sha256 = digest.then(|| Sha256::digest(&data).into());
-                OutTensor {
-                    meta: TensorMeta { name, dtype, shape, byte_len: data.len() as u64, sha256 },
-                    data,
-                }
+            .map(|(name, dtype, shape, data)| OutTensor {
+                meta: TensorMeta { name, dtype, shape, byte_len: data.len() as u64, sha256: None },
+                data,
             })
             .collect();
         let metas: Vec<TensorMeta> = tensors.iter().map(|t| t.meta.clone()).collect();
         validate_manifest(&metas, u64::MAX)?;
-        Ok(Payload { tensors })
+        let digests = match when {
+            When::Never => Digests::Off,
+            When::OnSend => Digests::OnSend { leaf_bytes: LEAF_BYTES },
+            When::Now => {
+                let data: Vec<&[u8]> = tensors.iter().map(|t| &t.data[..]).collect();
+                let leaves = digest::leaves_parallel(&data, LEAF_BYTES, digest::default_threads());
+                for (t, l) in tensors.iter_mut().zip(&leaves) {
+                    t.meta.sha256 = Some(digest::root(LEAF_BYTES, t.meta.byte_len, l));
+                }
+                Digests::Known { leaf_bytes: LEAF_BYTES, leaves: leaves.into() }
+            }
+        };
+        Ok(Payload { tensors, digests })
     }
 
     /// The tensors, in payload order.
@@ -211,6 +272,16 @@ impl Payload {
     /// Sum of all tensors' byte lengths.
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.meta.byte_len).sum()
+    }
+
+    /// The digests' leaf size; `None` for a payload without digests.
+    pub fn leaf_bytes(&self) -> Option<u32> {
+        self.digests.leaf_bytes()
+    }
+
+    /// Whether the writer computes the digests while sending ([`Payload::deferred`]).
+    pub fn digests_deferred(&self) -> bool {
+        matches!(self.digests, Digests::OnSend { .. })
     }
 }
 
@@ -241,12 +312,16 @@ mod tests {
         assert!(validate_manifest(&[], 100).is_err());
     }
 
+    /// First bytes of the chunked SHA-256 root of `abc` (1 MiB leaves; see `digest::tests`).
+    const ABC_ROOT: [u8; 4] = [0xc4, 0x5f, 0xdb, 0x47];
+
     #[test]
     fn payload_digests_bytes() {
         let p = Payload::new(vec![("t".into(), Dtype::U8, vec![3], Bytes::from_static(b"abc"))])
             .unwrap();
         let d = p.manifest()[0].sha256.unwrap();
-        assert_eq!(d[..4], [0xba, 0x78, 0x16, 0xbf]);
+        assert_eq!(d[..4], ABC_ROOT);
+        assert_eq!(p.leaf_bytes(), Some(LEAF_BYTES));
         assert!(
             Payload::new(vec![("t".into(), Dtype::F32, vec![3], Bytes::from_static(b"abc"))])
                 .is_err()
@@ -263,7 +338,7 @@ mod tests {
         };
         let p = Payload::from_parts(vec![part.clone()]).unwrap();
         assert_eq!(p.manifest()[0].name, "t");
-        assert_eq!(p.manifest()[0].sha256.unwrap()[..4], [0xba, 0x78, 0x16, 0xbf]);
+        assert_eq!(p.manifest()[0].sha256.unwrap()[..4], ABC_ROOT);
         let wrong = TensorPart { dtype: Dtype::F32, ..part };
         assert!(Payload::from_parts(vec![wrong]).is_err());
     }
@@ -277,5 +352,22 @@ mod tests {
         }
         assert_eq!(Dtype::from_code(3), Some(Dtype::BF16));
         assert_eq!(Dtype::from_code(0), None);
+    }
+
+    #[test]
+    fn payloads_carry_their_digest_plan() {
+        let data = Bytes::from((0..3 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let tensors = || vec![("t".to_string(), Dtype::U8, vec![data.len() as u64], data.clone())];
+        let now = Payload::new(tensors()).unwrap();
+        let Digests::Known { leaf_bytes, leaves } = &now.digests else { panic!("not hashed") };
+        assert_eq!((*leaf_bytes, leaves[0].len()), (LEAF_BYTES, 3));
+        assert_eq!(leaves[0], digest::leaves(&data, LEAF_BYTES));
+        assert_eq!(now.manifest()[0].sha256, Some(digest::chunked_sha256(&data, LEAF_BYTES)));
+        let later = Payload::deferred(tensors()).unwrap();
+        assert!(later.digests_deferred() && !now.digests_deferred());
+        assert_eq!((later.manifest()[0].sha256, later.leaf_bytes()), (None, Some(LEAF_BYTES)));
+        let off = Payload::without_digests(tensors()).unwrap();
+        assert_eq!((off.manifest()[0].sha256, off.leaf_bytes()), (None, None));
+        assert!(Payload::deferred(vec![("t".into(), Dtype::F32, vec![3], data.clone())]).is_err());
     }
 }

@@ -114,8 +114,9 @@ fn serve(inner: &Inner, mut ch: Channel, peer: &str) {
             }
         };
         let result = match frame {
-            Frame::PushBegin { job, deadline_ms, chunk_crc, tensors } => {
-                handle_push(inner, &mut ch, peer, job, deadline_ms, chunk_crc, tensors)
+            Frame::PushBegin { job, deadline_ms, chunk_crc, leaf_bytes, tensors } => {
+                let ctx = op_ctx(inner, peer, deadline_ms);
+                handle_push(inner, &mut ch, job, chunk_crc, leaf_bytes, tensors, &ctx)
             }
             Frame::PullRequest { job, deadline_ms, chunk_crc } => {
                 handle_pull(inner, &mut ch, peer, job, deadline_ms, chunk_crc)
@@ -156,18 +157,17 @@ fn op_ctx(inner: &Inner, peer: &str, deadline_ms: u64) -> Ctx {
 fn handle_push(
     inner: &Inner,
     ch: &mut Channel,
-    peer: &str,
     job: [u8; 16],
-    deadline_ms: u64,
     chunk_crc: bool,
+    leaf_bytes: Option<u32>,
     tensors: Vec<TensorMeta>,
+    ctx: &Ctx,
 ) -> Result<()> {
-    let ctx = op_ctx(inner, peer, deadline_ms);
     let job = crate::engine::job_from_wire(job)?;
     let _claim = inner.claim(job)?;
-    let received = inner.receive(ch, job, tensors, chunk_crc, &ctx)?;
+    let received = inner.receive(ch, job, leaf_bytes, tensors, chunk_crc, ctx)?;
     inner.deliver(job, received)?;
-    write_frame(ch.stream.as_mut(), &Frame::Ack, &ctx, "acknowledging")
+    write_frame(ch.stream.as_mut(), &Frame::Ack, ctx, "acknowledging")
 }
 
 fn handle_pull(
@@ -183,11 +183,11 @@ fn handle_pull(
     let payload = inner.outbox_get(job)?;
     write_frame(
         ch.stream.as_mut(),
-        &Frame::Manifest { tensors: payload.manifest() },
+        &Frame::Manifest { leaf_bytes: payload.leaf_bytes(), tensors: payload.manifest() },
         &ctx,
         "sending the manifest",
     )?;
-    data::send(ch, &payload.tensors, inner.cfg.chunk_bytes, crc, &ctx)?;
+    data::send(ch, &payload, inner.cfg.chunk_bytes, crc, inner.cfg.hash_threads, &ctx)?;
     inner.outbox_consumed(job);
     tracing::debug!(%peer, %job, "pulled payload delivered and verified");
     Ok(())

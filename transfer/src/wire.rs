@@ -4,21 +4,28 @@
 //! broken peer cannot make us allocate more than that for a control frame. A [`Frame::Chunk`] header is
 //! followed on the stream by exactly `len` raw bytes, which the receiver reads straight into its pool.
 //! Decoding never panics: every malformed input is an `Err` with a reason.
+//!
+//! Digests (version 2): `PushBegin` and `Manifest` announce the payload's leaf size (`0`: no digests)
+//! next to each tensor's optional chunked SHA-256 root; after the bytes the writer sends every
+//! tensor's leaf digests in [`Frame::Leaves`] frames, then `DataDone`. See [`crate::digest`].
 
 use x2v_core::ErrorKind;
 
 use crate::conn::{self, Ctx, Stream};
+use crate::digest::{Sha, check_leaf_bytes};
 use crate::error::{Result, TransferError};
 use crate::manifest::{Dtype, MAX_NAME_LEN, MAX_RANK, MAX_TENSORS, TensorMeta};
 
 /// First bytes of every Hello and Auth body.
 pub const MAGIC: [u8; 4] = *b"X2VT";
 /// Protocol version; peers must match exactly.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest control-frame body.
 pub const MAX_BODY: u32 = 1 << 20;
 /// Largest chunk a receiver accepts.
 pub const MAX_CHUNK: u32 = 64 << 20;
+/// Most leaf digests in one [`Frame::Leaves`] (512 KiB of body).
+pub const MAX_LEAVES_PER_FRAME: usize = 16 << 10;
 
 /// Every message on a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,15 +37,24 @@ pub enum Frame {
     /// Server → client: HMAC proving the server holds the secret too.
     AuthOk { mac: [u8; 32] },
     /// Writer → receiver: announce a payload and ask for room.
-    PushBegin { job: [u8; 16], deadline_ms: u64, chunk_crc: bool, tensors: Vec<TensorMeta> },
+    /// `leaf_bytes`: the digests' leaf size; `None`: the payload carries no digests.
+    PushBegin {
+        job: [u8; 16],
+        deadline_ms: u64,
+        chunk_crc: bool,
+        leaf_bytes: Option<u32>,
+        tensors: Vec<TensorMeta>,
+    },
     /// Receiver → owner of an outbox: send me this job.
     PullRequest { job: [u8; 16], deadline_ms: u64, chunk_crc: bool },
     /// Outbox owner → puller: what will come.
-    Manifest { tensors: Vec<TensorMeta> },
+    Manifest { leaf_bytes: Option<u32>, tensors: Vec<TensorMeta> },
     /// Receiver → writer: room reserved; for shm, the byte offset in the receiver's shared pool.
     Ready { shm_offset: Option<u64> },
     /// Writer → receiver: `len` bytes of tensor `tensor` at `offset` follow this header.
     Chunk { tensor: u32, offset: u64, len: u32, crc: Option<u32> },
+    /// Writer → receiver: the SHA-256 of leaves `first..first + digests.len()` of tensor `tensor`.
+    Leaves { tensor: u32, first: u32, digests: Vec<Sha> },
     /// Writer → receiver: all bytes written (streamed, or copied into shared memory).
     DataDone,
     /// Receiver → writer: every tensor verified and handed to the consumer.
@@ -58,6 +74,7 @@ const T_CHUNK: u8 = 8;
 const T_DONE: u8 = 9;
 const T_ACK: u8 = 10;
 const T_ERROR: u8 = 11;
+const T_LEAVES: u8 = 12;
 
 impl Frame {
     /// The envelope plus body, ready to write.
@@ -84,10 +101,11 @@ impl Frame {
                 b.extend_from_slice(mac);
                 T_AUTH_OK
             }
-            Frame::PushBegin { job, deadline_ms, chunk_crc, tensors } => {
+            Frame::PushBegin { job, deadline_ms, chunk_crc, leaf_bytes, tensors } => {
                 b.extend_from_slice(job);
                 b.extend_from_slice(&deadline_ms.to_le_bytes());
                 b.push(u8::from(*chunk_crc));
+                b.extend_from_slice(&leaf_bytes.unwrap_or(0).to_le_bytes());
                 put_tensors(&mut b, tensors);
                 T_PUSH
             }
@@ -97,7 +115,8 @@ impl Frame {
                 b.push(u8::from(*chunk_crc));
                 T_PULL
             }
-            Frame::Manifest { tensors } => {
+            Frame::Manifest { leaf_bytes, tensors } => {
+                b.extend_from_slice(&leaf_bytes.unwrap_or(0).to_le_bytes());
                 put_tensors(&mut b, tensors);
                 T_MANIFEST
             }
@@ -113,6 +132,16 @@ impl Frame {
                 b.push(u8::from(crc.is_some()));
                 b.extend_from_slice(&crc.unwrap_or(0).to_le_bytes());
                 T_CHUNK
+            }
+            Frame::Leaves { tensor, first, digests } => {
+                b.reserve(12 + digests.len() * 32);
+                b.extend_from_slice(&tensor.to_le_bytes());
+                b.extend_from_slice(&first.to_le_bytes());
+                b.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                for d in digests {
+                    b.extend_from_slice(d);
+                }
+                T_LEAVES
             }
             Frame::DataDone => T_DONE,
             Frame::Ack => T_ACK,
@@ -153,12 +182,13 @@ impl Frame {
                 job: d.arr()?,
                 deadline_ms: d.u64()?,
                 chunk_crc: d.bool()?,
+                leaf_bytes: d.leaf_bytes()?,
                 tensors: d.tensors()?,
             },
             T_PULL => {
                 Frame::PullRequest { job: d.arr()?, deadline_ms: d.u64()?, chunk_crc: d.bool()? }
             }
-            T_MANIFEST => Frame::Manifest { tensors: d.tensors()? },
+            T_MANIFEST => Frame::Manifest { leaf_bytes: d.leaf_bytes()?, tensors: d.tensors()? },
             T_READY => {
                 let some = d.bool()?;
                 let off = d.u64()?;
@@ -169,6 +199,14 @@ impl Frame {
                 let some = d.bool()?;
                 let crc = d.u32()?;
                 Frame::Chunk { tensor, offset, len, crc: some.then_some(crc) }
+            }
+            T_LEAVES => {
+                let (tensor, first, n) = (d.u32()?, d.u32()?, d.u32()? as usize);
+                if n == 0 || n > MAX_LEAVES_PER_FRAME {
+                    return Err(format!("{n} leaf digests in a frame, 1..={MAX_LEAVES_PER_FRAME}"));
+                }
+                let digests = (0..n).map(|_| d.arr()).collect::<Result<Vec<_>, _>>()?;
+                Frame::Leaves { tensor, first, digests }
             }
             T_DONE => Frame::DataDone,
             T_ACK => Frame::Ack,
@@ -197,6 +235,7 @@ impl Frame {
             Frame::Manifest { .. } => "Manifest",
             Frame::Ready { .. } => "Ready",
             Frame::Chunk { .. } => "Chunk",
+            Frame::Leaves { .. } => "Leaves",
             Frame::DataDone => "DataDone",
             Frame::Ack => "Ack",
             Frame::Error { .. } => "Error",
@@ -289,6 +328,13 @@ impl Dec<'_> {
             return Err(format!("protocol version {v}, this build speaks {VERSION}"));
         }
         Ok(())
+    }
+    /// A leaf size, `0` meaning no digests.
+    fn leaf_bytes(&mut self) -> Result<Option<u32>, String> {
+        match self.u32()? {
+            0 => Ok(None),
+            n => check_leaf_bytes(n).map(|()| Some(n)),
+        }
     }
     fn str(&mut self) -> Result<String, String> {
         let n = u16::from_le_bytes(self.arr()?) as usize;

@@ -26,26 +26,37 @@ fn tensor() -> impl Strategy<Value = TensorMeta> {
         })
 }
 
+/// A leaf size a receiver accepts, or none.
+fn leaf_bytes() -> impl Strategy<Value = Option<u32>> {
+    prop::option::of((12u32..=26).prop_map(|shift| 1 << shift))
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (any::<[u8; 32]>(), any::<[u8; 16]>(), prop::option::of("[a-z/0-9-]{1,60}"))
             .prop_map(|(nonce, host_id, shm)| Frame::Hello { nonce, host_id, shm }),
         (any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(nonce, mac)| Frame::Auth { nonce, mac }),
         any::<[u8; 32]>().prop_map(|mac| Frame::AuthOk { mac }),
-        (any::<[u8; 16]>(), any::<u64>(), any::<bool>(), prop::collection::vec(tensor(), 0..5))
-            .prop_map(|(job, deadline_ms, chunk_crc, tensors)| Frame::PushBegin {
-                job,
-                deadline_ms,
-                chunk_crc,
-                tensors
+        (
+            any::<[u8; 16]>(),
+            any::<u64>(),
+            any::<bool>(),
+            leaf_bytes(),
+            prop::collection::vec(tensor(), 0..5)
+        )
+            .prop_map(|(job, deadline_ms, chunk_crc, leaf_bytes, tensors)| {
+                Frame::PushBegin { job, deadline_ms, chunk_crc, leaf_bytes, tensors }
             }),
         (any::<[u8; 16]>(), any::<u64>(), any::<bool>()).prop_map(
             |(job, deadline_ms, chunk_crc)| Frame::PullRequest { job, deadline_ms, chunk_crc }
         ),
-        prop::collection::vec(tensor(), 0..5).prop_map(|tensors| Frame::Manifest { tensors }),
+        (leaf_bytes(), prop::collection::vec(tensor(), 0..5))
+            .prop_map(|(leaf_bytes, tensors)| Frame::Manifest { leaf_bytes, tensors }),
         any::<Option<u64>>().prop_map(|shm_offset| Frame::Ready { shm_offset }),
         (any::<u32>(), any::<u64>(), any::<u32>(), any::<Option<u32>>())
             .prop_map(|(tensor, offset, len, crc)| Frame::Chunk { tensor, offset, len, crc }),
+        (any::<u32>(), any::<u32>(), prop::collection::vec(any::<[u8; 32]>(), 1..40))
+            .prop_map(|(tensor, first, digests)| Frame::Leaves { tensor, first, digests }),
         Just(Frame::DataDone),
         Just(Frame::Ack),
         (0..ErrorKind::ALL.len(), ".{0,100}")
@@ -83,6 +94,36 @@ proptest! {
         longer.push(extra);
         prop_assert!(Frame::decode(tag, &longer).is_err());
     }
+}
+
+proptest! {
+    #[test]
+    fn leaf_sizes_out_of_bounds_are_rejected(bad in any::<u32>()) {
+        prop_assume!(bad != 0 && crate::digest::check_leaf_bytes(bad).is_err());
+        let f = Frame::Manifest { leaf_bytes: Some(bad), tensors: vec![] };
+        let bytes = f.encode();
+        let (_, tag, body) = split(&bytes);
+        prop_assert!(Frame::decode(tag, body).unwrap_err().contains("leaf size"));
+    }
+
+    #[test]
+    fn leaf_digest_counts_are_bounded(n in any::<u32>()) {
+        // A count no frame may carry is refused before any digest is read.
+        prop_assume!(n == 0 || n as usize > MAX_LEAVES_PER_FRAME);
+        let mut body = vec![0u8; 8];
+        body.extend_from_slice(&n.to_le_bytes());
+        body.extend_from_slice(&[7; 64]);
+        prop_assert!(Frame::decode(T_LEAVES, &body).unwrap_err().contains("leaf digests"));
+    }
+}
+
+#[test]
+fn the_largest_leaves_frame_fits_a_control_frame() {
+    let f = Frame::Leaves { tensor: 0, first: 0, digests: vec![[9; 32]; MAX_LEAVES_PER_FRAME] };
+    let bytes = f.encode();
+    let (len, tag, body) = split(&bytes);
+    assert!(len <= MAX_BODY);
+    assert_eq!(Frame::decode(tag, body), Ok(f));
 }
 
 #[test]

@@ -84,6 +84,57 @@ async fn a_retained_payload_serves_every_pull_until_it_expires() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
 
+/// A payload whose leaves span tensors of every shape of interest: several leaves with a short last
+/// one, exactly one leaf, one byte, nothing.
+fn leafy(deferred: bool) -> Payload {
+    let leaf = x2v_transfer::digest::LEAF_BYTES as usize;
+    let tensors = vec![
+        (
+            "text_embeddings".into(),
+            Dtype::BF16,
+            vec![1, (3 * leaf as u64 + 6) / 2],
+            pattern(3 * leaf + 6, 1),
+        ),
+        ("image_embeddings".into(), Dtype::U8, vec![leaf as u64], pattern(leaf, 2)),
+        ("scale".into(), Dtype::U8, vec![1], pattern(1, 3)),
+        ("empty".into(), Dtype::F16, vec![0, 4], bytes::Bytes::new()),
+    ];
+    if deferred { Payload::deferred(tensors).unwrap() } else { Payload::new(tensors).unwrap() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_hashed_while_sending_are_verified_on_any_thread_count() {
+    let precomputed = leafy(false);
+    let deferred = leafy(true);
+    for kind in [TransportKind::Tcp, TransportKind::Shm] {
+        for threads in [0, 1, 3] {
+            let mut cfg = config(16 << 20);
+            cfg.transport = TransportChoice::Force(kind);
+            cfg.hash_threads = threads;
+            let rx = x2v_transfer::Engine::start(cfg).unwrap();
+            let mut cfg = config(1 << 20);
+            cfg.transport = TransportChoice::Force(kind);
+            cfg.hash_threads = threads;
+            let tx = x2v_transfer::Engine::start(cfg).unwrap();
+            for payload in [&deferred, &precomputed] {
+                let job = JobId::new();
+                tx.push(addr(&rx), job, payload, opts()).await.unwrap();
+                let got = rx.try_recv(job).unwrap();
+                same_bytes(&got, payload);
+                // Whoever hashed, the receiver ends with the roots `Payload::new` computes up front.
+                assert_eq!(got.tensors(), precomputed.manifest().as_slice(), "{kind} {threads}");
+            }
+            // The owner of a deferred payload hashes it while serving the pull.
+            let job = JobId::new();
+            tx.publish(job, deferred.clone()).unwrap();
+            let got = rx.pull(addr(&tx), job, opts()).await.unwrap();
+            assert_eq!(got.transport(), kind);
+            same_bytes(&got, &deferred);
+            assert_eq!(got.tensors(), precomputed.manifest().as_slice());
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_rejected_with_a_clear_error() {
     let rx = engine(1 << 20);
@@ -107,6 +158,8 @@ async fn oversize_and_unverifiable_payloads_are_refused() {
         Payload::without_digests(vec![("x".into(), Dtype::U8, vec![4], pattern(4, 0))]).unwrap();
     let err = tx.push(addr(&rx), JobId::new(), &bare, opts()).await.unwrap_err();
     assert!(err.to_string().contains("requires one"), "{err}");
+    // Digests that follow the bytes count as digests.
+    tx.push(addr(&rx), JobId::new(), &deferred_blob(4), opts()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,4 +243,5 @@ fn config_defaults_are_sane() {
     let cfg = EngineConfig::new(Secret::new(SECRET).unwrap());
     assert_eq!(cfg.transport, TransportChoice::Auto);
     assert!(cfg.require_sha256);
+    assert_eq!(cfg.hash_threads, x2v_transfer::digest::default_threads());
 }

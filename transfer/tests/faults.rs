@@ -11,6 +11,7 @@ use common::proxy::{Dir, Fault, Proxy};
 use common::*;
 use x2v_core::{ErrorKind, JobId};
 use x2v_transfer::conn::{CancelFlag, Ctx};
+use x2v_transfer::digest::{LEAF_BYTES, leaves};
 use x2v_transfer::wire::{Frame, read_frame, write_frame};
 use x2v_transfer::{Engine, Opts, Secret, TransferError, TransportKind, auth};
 
@@ -33,6 +34,15 @@ async fn push_through(
     crc: bool,
     timeout: Duration,
 ) -> (Engine, JobId, Result<(), TransferError>) {
+    push_payload_through(&blob(SIZE), fault, crc, timeout).await
+}
+
+async fn push_payload_through(
+    payload: &x2v_transfer::Payload,
+    fault: Fault,
+    crc: bool,
+    timeout: Duration,
+) -> (Engine, JobId, Result<(), TransferError>) {
     let rx = engine(16 << 20);
     let proxy = Proxy::start(addr(&rx), fault, Dir::Up);
     let mut cfg = config(1 << 20);
@@ -40,7 +50,7 @@ async fn push_through(
     cfg.chunk_crc = crc;
     let tx = Engine::start(cfg).unwrap();
     let job = JobId::new();
-    let r = tx.push(proxy.addr, job, &blob(SIZE), Opts::timeout(timeout)).await.map(|_| ());
+    let r = tx.push(proxy.addr, job, payload, Opts::timeout(timeout)).await.map(|_| ());
     (rx, job, r)
 }
 
@@ -52,6 +62,20 @@ async fn corruption_is_caught_by_sha256_and_names_the_tensor() {
     assert!(err.to_string().contains("`latents`") && err.to_string().contains("SHA-256"), "{err}");
     assert!(rx.try_recv(job).is_none(), "a corrupted payload must never be handed out");
     assert!(pool_drains(&rx));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_names_the_leaf_whether_digests_were_precomputed_or_deferred() {
+    // The flipped bit lands a little before 4 MiB into the data (frame headers come first): leaf 3.
+    for payload in [blob(SIZE), deferred_blob(SIZE)] {
+        let fault = Fault::Corrupt(SIZE as u64 / 2);
+        let (rx, job, r) = push_payload_through(&payload, fault, false, LONG).await;
+        let err = r.unwrap_err().to_string();
+        assert!(err.contains("`latents`"), "{err}");
+        assert!(err.contains("SHA-256 mismatch in bytes 3145728..4194304 (leaf 3 of 8"), "{err}");
+        assert!(rx.try_recv(job).is_none(), "a corrupted payload must never be handed out");
+        assert!(pool_drains(&rx));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,6 +194,7 @@ fn out_of_bounds_chunks_are_rejected() {
             job: *JobId::new().as_uuid().as_bytes(),
             deadline_ms: 60_000,
             chunk_crc: false,
+            leaf_bytes: payload.leaf_bytes(),
             tensors: payload.manifest(),
         };
         write_frame(&mut s, &begin, &ctx, "test").unwrap();
@@ -196,6 +221,7 @@ fn malformed_frames_and_bad_manifests_get_clear_errors() {
         job: *JobId::new().as_uuid().as_bytes(),
         deadline_ms: 60_000,
         chunk_crc: false,
+        leaf_bytes: Some(x2v_transfer::digest::LEAF_BYTES),
         tensors,
     };
     write_frame(&mut s, &begin, &ctx, "test").unwrap();
@@ -227,6 +253,7 @@ fn shared_memory_chunk_announcements_are_bounds_checked() {
         job: *JobId::new().as_uuid().as_bytes(),
         deadline_ms: 60_000,
         chunk_crc: false,
+        leaf_bytes: blob(4096).leaf_bytes(),
         tensors: blob(4096).manifest(),
     };
     write_frame(&mut sock, &begin, &ctx, "test").unwrap();
@@ -246,4 +273,196 @@ fn shared_memory_chunk_announcements_are_bounds_checked() {
         other => panic!("expected an out-of-bounds error, got {other:?}"),
     }
     assert_eq!(rx.pool().free_bytes(), rx.pool().capacity());
+}
+
+/// Sends `data` as tensor 0 in `chunk`-byte chunks, each header followed by its bytes.
+fn send_bytes(s: &mut TcpStream, ctx: &Ctx, data: &[u8], chunk: usize) {
+    for (k, piece) in data.chunks(chunk).enumerate() {
+        let header = Frame::Chunk {
+            tensor: 0,
+            offset: (k * chunk) as u64,
+            len: piece.len() as u32,
+            crc: None,
+        };
+        write_frame(s, &header, ctx, "test").unwrap();
+        s.write_all(piece).unwrap();
+    }
+}
+
+fn push_begin(leaf_bytes: Option<u32>, tensors: Vec<x2v_transfer::TensorMeta>) -> Frame {
+    Frame::PushBegin {
+        job: *JobId::new().as_uuid().as_bytes(),
+        deadline_ms: 60_000,
+        chunk_crc: false,
+        leaf_bytes,
+        tensors,
+    }
+}
+
+#[test]
+fn a_writer_lying_about_its_digests_is_caught() {
+    let rx = engine(16 << 20);
+    let data = pattern(SIZE, 9);
+    let honest = leaves(&data, LEAF_BYTES);
+    let root = x2v_transfer::digest::root(LEAF_BYTES, SIZE as u64, &honest);
+    let mut meta = blob(SIZE).manifest();
+    assert_eq!(meta[0].sha256, Some(root), "the payload's root is the chunked SHA-256");
+    let mut wrong_leaf = honest.clone();
+    wrong_leaf[5][0] ^= 1;
+    let mut wrong_root = root;
+    wrong_root[31] ^= 1;
+    // (root in the manifest, leaf digests sent after the bytes, what the receiver says)
+    type Case = (Option<[u8; 32]>, Vec<[u8; 32]>, &'static str);
+    let cases: [Case; 4] = [
+        (Some(wrong_root), honest.clone(), "root mismatch"),
+        (None, wrong_leaf, "SHA-256 mismatch in bytes 5242880..6291456 (leaf 5 of 8"),
+        (None, honest[..7].to_vec(), "sent 7 of the 8 leaf digests"),
+        (None, Vec::new(), "sent 0 of the 8 leaf digests"),
+    ];
+    for (claimed, digests, needle) in cases {
+        let (mut s, ctx) = raw_client(&rx);
+        meta[0].sha256 = claimed;
+        write_frame(&mut s, &push_begin(Some(LEAF_BYTES), meta.clone()), &ctx, "test").unwrap();
+        assert_eq!(read_frame(&mut s, &ctx, "test").unwrap(), Frame::Ready { shm_offset: None });
+        send_bytes(&mut s, &ctx, &data, 3 << 20);
+        if !digests.is_empty() {
+            let f = Frame::Leaves { tensor: 0, first: 0, digests };
+            write_frame(&mut s, &f, &ctx, "test").unwrap();
+        }
+        write_frame(&mut s, &Frame::DataDone, &ctx, "test").unwrap();
+        expect_error(&mut s, &ctx, needle);
+    }
+    assert!(pool_drains(&rx));
+    // The honest version of the same exchange is delivered, with the root it was checked against.
+    let (mut s, ctx) = raw_client(&rx);
+    meta[0].sha256 = None;
+    let job = JobId::new();
+    let begin = Frame::PushBegin {
+        job: *job.as_uuid().as_bytes(),
+        deadline_ms: 60_000,
+        chunk_crc: false,
+        leaf_bytes: Some(LEAF_BYTES),
+        tensors: meta.clone(),
+    };
+    write_frame(&mut s, &begin, &ctx, "test").unwrap();
+    assert_eq!(read_frame(&mut s, &ctx, "test").unwrap(), Frame::Ready { shm_offset: None });
+    send_bytes(&mut s, &ctx, &data, 3 << 20);
+    for (k, batch) in honest.chunks(3).enumerate() {
+        let f = Frame::Leaves { tensor: 0, first: 3 * k as u32, digests: batch.to_vec() };
+        write_frame(&mut s, &f, &ctx, "test").unwrap();
+    }
+    write_frame(&mut s, &Frame::DataDone, &ctx, "test").unwrap();
+    assert_eq!(read_frame(&mut s, &ctx, "test").unwrap(), Frame::Ack);
+    let got = rx.try_recv(job).expect("verified payload");
+    assert_eq!(got.tensors()[0].sha256, Some(root));
+}
+
+#[test]
+fn leaf_digest_frames_are_checked_against_the_manifest() {
+    let rx = engine(1 << 20);
+    let data = pattern(3 * 4096, 1);
+    let meta = x2v_transfer::Payload::deferred(vec![(
+        "t".into(),
+        x2v_transfer::Dtype::U8,
+        vec![data.len() as u64],
+        data.clone(),
+    )])
+    .unwrap()
+    .manifest();
+    let d = [[0u8; 32]];
+    let cases: [(Option<u32>, Frame, &str); 4] = [
+        (Some(4096), Frame::Leaves { tensor: 0, first: 1, digests: d.to_vec() }, "expected leaf 0"),
+        (Some(4096), Frame::Leaves { tensor: 2, first: 0, digests: d.to_vec() }, "out of range"),
+        (Some(4096), Frame::Leaves { tensor: 0, first: 0, digests: vec![[0; 32]; 4] }, "3 in all"),
+        (Some(1 << 20), Frame::Leaves { tensor: 0, first: 0, digests: d.repeat(2) }, "1 in all"),
+    ];
+    for (leaf_bytes, frame, needle) in cases {
+        let (mut s, ctx) = raw_client(&rx);
+        write_frame(&mut s, &push_begin(leaf_bytes, meta.clone()), &ctx, "test").unwrap();
+        assert_eq!(read_frame(&mut s, &ctx, "test").unwrap(), Frame::Ready { shm_offset: None });
+        write_frame(&mut s, &frame, &ctx, "test").unwrap();
+        expect_error(&mut s, &ctx, needle);
+    }
+    // Digests for a payload that announced none, on a receiver that does not require them.
+    let mut cfg = config(1 << 20);
+    cfg.require_sha256 = false;
+    let lax = Engine::start(cfg).unwrap();
+    let (mut s, ctx) = raw_client(&lax);
+    write_frame(&mut s, &push_begin(None, meta.clone()), &ctx, "test").unwrap();
+    assert_eq!(read_frame(&mut s, &ctx, "test").unwrap(), Frame::Ready { shm_offset: None });
+    write_frame(&mut s, &Frame::Leaves { tensor: 0, first: 0, digests: d.to_vec() }, &ctx, "test")
+        .unwrap();
+    expect_error(&mut s, &ctx, "announced no digests");
+    // A root without a leaf size is refused before anything is reserved.
+    let (mut s, ctx) = raw_client(&lax);
+    let mut rooted = meta.clone();
+    rooted[0].sha256 = Some([1; 32]);
+    write_frame(&mut s, &push_begin(None, rooted), &ctx, "test").unwrap();
+    expect_error(&mut s, &ctx, "no leaf size");
+    // A receiver that requires digests refuses a payload that will carry none, whatever follows.
+    let (mut s, ctx) = raw_client(&rx);
+    write_frame(&mut s, &push_begin(None, meta), &ctx, "test").unwrap();
+    expect_error(&mut s, &ctx, "requires one");
+    assert!(pool_drains(&rx) && pool_drains(&lax));
+}
+
+/// An authenticated shm connection to `e`, its pool mapped as a file, ours handed over.
+fn raw_shm_client(e: &Engine) -> (std::os::unix::net::UnixStream, Ctx, std::fs::File) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
+    let mut tcp = TcpStream::connect(addr(e)).unwrap();
+    let ctx = Ctx::new("raw", Instant::now() + LONG, CancelFlag::default());
+    let info = auth::connect(&mut tcp, &Secret::new(SECRET).unwrap(), &ctx).unwrap();
+    let name = info.shm.expect("the engine serves shared memory");
+    let mut sock =
+        UnixStream::connect_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    auth::connect(&mut sock, &Secret::new(SECRET).unwrap(), &ctx).unwrap();
+    let theirs = x2v_transfer::region::recv_fd(&sock).unwrap();
+    let ours = x2v_transfer::region::Region::create("x2v-test-raw", 4096).unwrap();
+    x2v_transfer::region::send_fd(&sock, ours.fd()).unwrap();
+    (sock, ctx, std::fs::File::from(theirs))
+}
+
+#[test]
+fn corruption_in_shared_memory_is_caught_and_named() {
+    use std::os::unix::fs::FileExt;
+    let rx = engine(16 << 20);
+    let data = pattern(SIZE, 9);
+    let honest = leaves(&data, LEAF_BYTES);
+    for precomputed in [true, false] {
+        let (mut sock, ctx, pool) = raw_shm_client(&rx);
+        let mut meta = blob(SIZE).manifest();
+        if !precomputed {
+            meta[0].sha256 = None;
+        }
+        write_frame(&mut sock, &push_begin(Some(LEAF_BYTES), meta), &ctx, "test").unwrap();
+        let Frame::Ready { shm_offset: Some(at) } = read_frame(&mut sock, &ctx, "test").unwrap()
+        else {
+            panic!("expected a shared-memory offset")
+        };
+        // What lands in the receiver's pool differs from what was hashed in one bit of leaf 6.
+        let mut landed = data.to_vec();
+        landed[6 * (1 << 20) + 12345] ^= 0x10;
+        pool.write_all_at(&landed, at).unwrap();
+        for (k, piece) in landed.chunks(4 << 20).enumerate() {
+            let f = Frame::Chunk {
+                tensor: 0,
+                offset: (k * (4 << 20)) as u64,
+                len: piece.len() as u32,
+                crc: None,
+            };
+            write_frame(&mut sock, &f, &ctx, "test").unwrap();
+        }
+        let f = Frame::Leaves { tensor: 0, first: 0, digests: honest.clone() };
+        write_frame(&mut sock, &f, &ctx, "test").unwrap();
+        write_frame(&mut sock, &Frame::DataDone, &ctx, "test").unwrap();
+        match read_frame(&mut sock, &ctx, "test") {
+            Ok(Frame::Error { message, .. }) => assert!(
+                message.contains("`latents`") && message.contains("bytes 6291456..7340032"),
+                "{message}"
+            ),
+            other => panic!("expected an integrity error, got {other:?}"),
+        }
+    }
+    assert!(pool_drains(&rx));
 }

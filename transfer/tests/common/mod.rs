@@ -55,6 +55,25 @@ pub fn blob(len: usize) -> Payload {
     Payload::new(vec![("latents".into(), Dtype::U8, vec![len as u64], pattern(len, 9))]).unwrap()
 }
 
+/// One tensor of `len` bytes whose digests the sender computes while it sends them.
+pub fn deferred_blob(len: usize) -> Payload {
+    Payload::deferred(vec![("latents".into(), Dtype::U8, vec![len as u64], pattern(len, 9))])
+        .unwrap()
+}
+
+/// Same bytes and names; the digests may have been made differently.
+pub fn same_bytes(received: &x2v_transfer::Received, sent: &Payload) {
+    assert_eq!(received.tensors().len(), sent.tensors().len());
+    for t in sent.tensors() {
+        let (meta, bytes) = received.get(&t.meta.name).unwrap();
+        assert_eq!(
+            (&meta.name, meta.dtype, &meta.shape),
+            (&t.meta.name, t.meta.dtype, &t.meta.shape)
+        );
+        assert!(bytes == &t.data[..], "bytes of `{}` differ", t.meta.name);
+    }
+}
+
 pub fn opts() -> Opts {
     Opts::timeout(LONG)
 }
