@@ -69,8 +69,8 @@ where
     Run { rate: all.len() as f64 / elapsed, p50_ms: pct(0.50), p99_ms: pct(0.99), errors }
 }
 
-/// `redis-benchmark` requests/s for one command line.
-fn redis_benchmark(port: u16, connections: usize, args: &[&str]) -> String {
+/// `redis-benchmark` requests/s for one command line, or why there is no figure.
+fn redis_benchmark(port: u16, connections: usize, args: &[&str]) -> Result<f64, String> {
     let out = std::process::Command::new("redis-benchmark")
         .args(["-p", &port.to_string(), "-c", &connections.to_string(), "-n", "100000", "--csv"])
         .args(args)
@@ -81,10 +81,10 @@ fn redis_benchmark(port: u16, connections: usize, args: &[&str]) -> String {
             .nth(1)
             // The test name (the command line) may itself hold commas: count from the end.
             .and_then(|l| l.rsplit(',').nth(6))
-            .map(|v| format!("{:.0}", v.trim_matches('"').parse::<f64>().unwrap_or(0.0)))
-            .unwrap_or_else(|| "?".into()),
-        Ok(o) => format!("failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
-        Err(e) => format!("not run: {e}"),
+            .and_then(|v| v.trim_matches('"').parse::<f64>().ok())
+            .ok_or_else(|| "?".to_owned()),
+        Ok(o) => Err(format!("failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(format!("not run: {e}")),
     }
 }
 
@@ -174,16 +174,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "x2v gateway benchmark: {seconds} s per phase, {connections} connections, gateway + load generator + redis-server on this machine"
     );
     println!(
-        "| operation | gateway req/s | p50 ms | p99 ms | errors | redis-benchmark req/s (same Redis command) |"
+        "| operation | gateway req/s | p50 ms | p99 ms | errors | redis-benchmark req/s (same Redis command) | gateway / redis-benchmark |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, r, ceiling) in [
-        ("create (POST /v1/videos)", &creates, redis_create),
-        ("status poll (GET /v1/videos/{id})", &polls, redis_poll),
-        ("HTTP floor (GET /healthz, no Redis)", &health, "-".to_owned()),
+        ("create (POST /v1/videos)", &creates, Some(redis_create)),
+        ("status poll (GET /v1/videos/{id})", &polls, Some(redis_poll)),
+        ("HTTP floor (GET /healthz, no Redis)", &health, None),
     ] {
+        let (ceiling, ratio) = match ceiling {
+            Some(Ok(c)) => (format!("{c:.0}"), format!("{:.0}%", 100.0 * r.rate / c)),
+            Some(Err(why)) => (why, "-".to_owned()),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {} | {ceiling} |",
+            "| {name} | {:.0} | {:.2} | {:.2} | {} | {ceiling} | {ratio} |",
             r.rate, r.p50_ms, r.p99_ms, r.errors
         );
     }

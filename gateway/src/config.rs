@@ -74,7 +74,7 @@ pub struct HttpConfig {
 }
 
 /// One served model: what it does and what it allows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub name: String,

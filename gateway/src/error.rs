@@ -3,6 +3,8 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
 use x2v_core::ErrorKind;
 use x2v_queue::QueueError;
 
@@ -61,15 +63,43 @@ impl ApiError {
         self.status.unwrap_or_else(|| self.kind.http_status())
     }
 
-    /// The envelope body (also used for SSE `error` events).
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"error": {
-            "message": self.message,
-            "type": self.kind.openai_type(),
-            "param": self.param,
-            "code": self.code.clone().unwrap_or_else(|| self.kind.as_str().to_owned()),
-        }})
+    /// The envelope.
+    pub fn envelope(&self) -> ErrorEnvelope<'_> {
+        ErrorEnvelope {
+            error: ErrorObject {
+                message: &self.message,
+                kind: self.kind.openai_type(),
+                param: self.param.as_deref(),
+                code: self.code.as_deref().unwrap_or(self.kind.as_str()),
+            },
+        }
     }
+
+    /// The envelope as JSON (SSE `error` events add their `type` to it).
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::to_value(self.envelope()).expect("the envelope serializes")
+    }
+}
+
+/// The OpenAI error envelope every 4xx and 5xx answer carries.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorEnvelope<'a> {
+    pub error: ErrorObject<'a>,
+}
+
+/// What went wrong, in the OpenAI shape.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorObject<'a> {
+    /// Says what is allowed and what was given.
+    pub message: &'a str,
+    /// The OpenAI error type (`invalid_request_error`, `authentication_error`, ...).
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    /// The request field at fault, if one is.
+    pub param: Option<&'a str>,
+    /// A stable machine-readable code (`invalid_value`, `rate_limit_exceeded`, ...).
+    pub code: &'a str,
 }
 
 impl IntoResponse for ApiError {
@@ -78,7 +108,7 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(kind = %self.kind, message = %self.message, "request failed");
         }
-        let mut resp = (status, axum::Json(self.body())).into_response();
+        let mut resp = (status, axum::Json(self.envelope())).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

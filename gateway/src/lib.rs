@@ -12,6 +12,7 @@ pub mod limit;
 pub mod middleware;
 pub mod openapi;
 pub mod overload;
+pub mod params;
 pub mod request;
 pub mod routes;
 pub mod state;
@@ -21,13 +22,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, header};
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use x2v_queue::storage::Storage;
 use x2v_queue::{MemoryQueue, Queue, QueueBackend, QueueError, RedisQueue, Retention};
 
@@ -125,31 +131,61 @@ async fn maintain(queue: Arc<dyn Queue>, every_ms: u64, shutdown: CancellationTo
     }
 }
 
+/// The API's routes in their pools, and the document they make.
+pub struct Api {
+    /// Short requests: create, status, list, cancel, downloads, models.
+    pub short: Router<AppState>,
+    /// Image requests, which wait for their image.
+    pub waits: Router<AppState>,
+    /// Probes, open to all.
+    pub probes: Router<AppState>,
+    pub document: utoipa::openapi::OpenApi,
+}
+
+/// Every documented route, each registered with its operation.
+pub fn api() -> Api {
+    let (short, short_doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(videos::create, videos::list))
+        .routes(routes!(videos::retrieve, videos::delete))
+        .routes(routes!(videos::content))
+        .routes(routes!(videos::remix))
+        .routes(routes!(videos::events))
+        .routes(routes!(images::content))
+        .routes(routes!(ops::models))
+        .split_for_parts();
+    let (waits, waits_doc) = OpenApiRouter::new()
+        .routes(routes!(images::generations))
+        .routes(routes!(images::edits))
+        .split_for_parts();
+    let (probes, probes_doc) = OpenApiRouter::new()
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .split_for_parts();
+    let mut document = short_doc;
+    document.merge(waits_doc);
+    document.merge(probes_doc);
+    openapi::flatten_objects(&mut document);
+    Api { short, waits, probes, document }
+}
+
 /// Every route with its layers.
 pub fn router(state: AppState) -> Router {
     let http = &state.config.http;
     let timeout =
         (http.request_timeout_ms > 0).then(|| Duration::from_millis(http.request_timeout_ms));
-    let short = Router::new()
-        .route("/v1/videos", post(videos::create).get(videos::list))
-        .route("/v1/videos/{id}", get(videos::retrieve).delete(videos::delete))
-        .route("/v1/videos/{id}/content", get(videos::content))
-        .route("/v1/videos/{id}/remix", post(videos::remix))
-        .route("/v1/videos/{id}/events", get(videos::events))
-        .route("/v1/images/{id}/content", get(images::content))
-        .route("/v1/models", get(ops::models));
-    // Image requests wait for their image (`http.image_timeout_s` bounds that wait).
-    let waits = Router::new()
-        .route("/v1/images/generations", post(images::generations))
-        .route("/v1/images/edits", post(images::edits));
+    let Api { short, waits, probes, document } = api();
+    // Image requests wait for their image (`http.image_timeout_s` bounds that wait, not `timeout`).
     let api = overload::protect(short, http.max_concurrent_requests, timeout)
         .merge(overload::protect(waits, http.max_image_requests, None))
         .route_layer(from_fn_with_state(state.clone(), middleware::authenticate));
-    let open = Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(openapi::serve));
+    let document = Bytes::from(serde_json::to_vec(&document).expect("the document serializes"));
+    let open = probes.route("/metrics", get(ops::metrics)).route(
+        "/openapi.json",
+        get(move || {
+            let json = HeaderValue::from_static("application/json");
+            std::future::ready(([(header::CONTENT_TYPE, json)], document.clone()))
+        }),
+    );
     let mut app = api
         .merge(open)
         .layer(DefaultBodyLimit::disable())

@@ -8,6 +8,8 @@ use x2v_core::Secret;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::state::Caller;
+
 /// Token buckets, one per caller.
 pub struct RateLimiter {
     rate: f64,
@@ -28,7 +30,10 @@ impl RateLimiter {
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
+        if !buckets.contains_key(key) {
+            buckets.insert(key.to_owned(), (self.burst, now));
+        }
+        let (tokens, last) = buckets.get_mut(key).expect("inserted above");
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
         *last = now;
         if *tokens >= 1.0 {
@@ -40,17 +45,49 @@ impl RateLimiter {
     }
 }
 
-/// Index of the configured key equal to `given`, compared in constant time (digests, so lengths
-/// leak nothing, and every key is compared).
-pub fn match_key(keys: &[Secret], given: &str) -> Option<usize> {
-    let g = Sha256::digest(given.as_bytes());
-    let mut found = None;
-    for (i, k) in keys.iter().enumerate() {
-        if bool::from(Sha256::digest(k.expose().as_bytes()).ct_eq(&g)) {
-            found = Some(i);
+/// The configured API keys, as digests made once, and the caller each key names.
+pub struct ApiKeys {
+    digests: Vec<[u8; 32]>,
+    callers: Vec<Caller>,
+    anonymous: Caller,
+}
+
+impl ApiKeys {
+    pub fn new(keys: &[Secret]) -> Self {
+        ApiKeys {
+            digests: keys.iter().map(|k| Sha256::digest(k.expose().as_bytes()).into()).collect(),
+            callers: (0..keys.len()).map(|i| Caller(format!("key{i}").into())).collect(),
+            anonymous: Caller("anonymous".into()),
         }
     }
-    found
+
+    /// Whether no key is configured (authentication is off).
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// The caller when authentication is off.
+    pub fn anonymous(&self) -> &Caller {
+        &self.anonymous
+    }
+
+    /// Index of the configured key equal to `given`, compared in constant time (digests, so
+    /// lengths leak nothing, and every key is compared).
+    pub fn find(&self, given: &str) -> Option<usize> {
+        let g = Sha256::digest(given.as_bytes());
+        let mut found = None;
+        for (i, k) in self.digests.iter().enumerate() {
+            if bool::from(k.ct_eq(g.as_slice())) {
+                found = Some(i);
+            }
+        }
+        found
+    }
+
+    /// The caller the key at `index` names.
+    pub fn caller(&self, index: usize) -> &Caller {
+        &self.callers[index]
+    }
 }
 
 #[cfg(test)]
@@ -69,9 +106,10 @@ mod tests {
 
     #[test]
     fn keys_match_exactly() {
-        let keys = vec![Secret::from("sk-one"), Secret::from("sk-two")];
-        assert_eq!(match_key(&keys, "sk-two"), Some(1));
-        assert_eq!(match_key(&keys, "sk-tw"), None);
-        assert_eq!(match_key(&keys, ""), None);
+        let keys = ApiKeys::new(&[Secret::from("sk-one"), Secret::from("sk-two")]);
+        assert_eq!(keys.find("sk-two"), Some(1));
+        assert_eq!(keys.find("sk-tw"), None);
+        assert_eq!(keys.find(""), None);
+        assert_eq!(keys.caller(1).0.as_ref(), "key1");
     }
 }

@@ -12,8 +12,7 @@ use tracing::Instrument;
 use x2v_core::ErrorKind;
 
 use crate::error::ApiError;
-use crate::limit::match_key;
-use crate::state::{AppState, Caller};
+use crate::state::AppState;
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -24,10 +23,9 @@ pub async fn request_context(
     next: Next,
 ) -> Response {
     let request_id = format!("req_{}", x2v_core::JobId::new());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let header = HeaderValue::from_str(&request_id).expect("ascii id");
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let span = tracing::info_span!("http", method = %req.method(), route = %route, request_id = %request_id);
     if req.headers().contains_key("traceparent") {
         x2v_core::propagation::set_parent(
@@ -35,13 +33,13 @@ pub async fn request_context(
             x2v_core::propagation::extract_http(req.headers()),
         );
     }
-    req.extensions_mut().insert(RequestId(request_id.clone()));
+    req.extensions_mut().insert(RequestId(request_id));
     let started = Instant::now();
     let mut resp = next.run(req).instrument(span).await;
     resp = envelope_bare_errors(resp).await;
-    resp.headers_mut().insert(REQUEST_ID, HeaderValue::from_str(&request_id).expect("ascii id"));
-    state.metrics.requests.with_label_values(&[&route, resp.status().as_str()]).inc();
-    state.metrics.latency.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+    resp.headers_mut().insert(REQUEST_ID, header);
+    state.metrics.requests.with_label_values(&[route, resp.status().as_str()]).inc();
+    state.metrics.latency.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
     resp
 }
 
@@ -92,9 +90,9 @@ async fn envelope_bare_errors(resp: Response) -> Response {
 
 /// Bearer-key check (when keys are configured) and the caller's rate limit.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let keys = &state.config.auth.api_keys;
+    let keys = &state.keys;
     let caller = if keys.is_empty() {
-        Caller("anonymous".into())
+        keys.anonymous().clone()
     } else {
         let given = req
             .headers()
@@ -102,8 +100,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
-        match given.and_then(|g| match_key(keys, g)) {
-            Some(i) => Caller(format!("key{i}")),
+        match given.and_then(|g| keys.find(g)) {
+            Some(i) => keys.caller(i).clone(),
             None => {
                 let message = if given.is_none() {
                     "You didn't provide an API key. Send it as `Authorization: Bearer <key>`."

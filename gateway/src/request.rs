@@ -135,9 +135,11 @@ impl Form {
         }
     }
 
-    fn number(&self, key: &str, what: &str) -> Result<Option<f64>, ApiError> {
-        let err =
-            |given: String| ApiError::invalid(key, format!("`{key}` must be {what}; got {given}."));
+    /// A number, or its text; `what` (the bounds, for the message) is only made on failure.
+    fn number(&self, key: &str, what: impl Fn() -> String) -> Result<Option<f64>, ApiError> {
+        let err = |given: String| {
+            ApiError::invalid(key, format!("`{key}` must be {}; got {given}.", what()))
+        };
         match self.value(key) {
             None => Ok(None),
             Some(Value::Number(n)) => n.as_f64().map(Some).ok_or_else(|| err(n.to_string())),
@@ -150,20 +152,25 @@ impl Form {
 
     /// An integer within `min..=max`.
     pub fn int(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
-        let what = format!("an integer from {min} to {max}");
-        let Some(v) = self.number(key, &what)? else { return Ok(None) };
-        if v.fract() != 0.0 || v < min as f64 || v > max as f64 {
-            return Err(ApiError::invalid(key, format!("`{key}` must be {what}; got {v}.")));
-        }
-        Ok(Some(v as u64))
+        let what = || format!("an integer from {min} to {max}");
+        let Some(v) = self.number(key, what)? else { return Ok(None) };
+        check_int(key, v, min, max, what).map(Some)
+    }
+
+    /// An integer of at least `min`, whose upper bound depends on the served model (checked once
+    /// the model is known, with [`check_int`]).
+    pub fn int_from(&self, key: &str, min: u64) -> Result<Option<u64>, ApiError> {
+        let what = || format!("an integer of at least {min}");
+        let Some(v) = self.number(key, what)? else { return Ok(None) };
+        check_int(key, v, min, u64::MAX, what).map(Some)
     }
 
     /// A finite number within `min..=max`.
     pub fn float(&self, key: &str, min: f64, max: f64) -> Result<Option<f64>, ApiError> {
-        let what = format!("a number from {min} to {max}");
-        let Some(v) = self.number(key, &what)? else { return Ok(None) };
+        let what = || format!("a number from {min} to {max}");
+        let Some(v) = self.number(key, what)? else { return Ok(None) };
         if !v.is_finite() || v < min || v > max {
-            return Err(ApiError::invalid(key, format!("`{key}` must be {what}; got {v}.")));
+            return Err(ApiError::invalid(key, format!("`{key}` must be {}; got {v}.", what())));
         }
         Ok(Some(v))
     }
@@ -179,17 +186,9 @@ impl Form {
         }
     }
 
-    /// One of `allowed` (case-sensitive).
-    pub fn choice(&self, key: &str, allowed: &[&str]) -> Result<Option<String>, ApiError> {
-        let Some(v) = self.str(key)? else { return Ok(None) };
-        if allowed.contains(&v.as_str()) {
-            Ok(Some(v))
-        } else {
-            Err(ApiError::invalid(
-                key,
-                format!("`{key}` must be one of {}; got \"{v}\".", allowed.join(", ")),
-            ))
-        }
+    /// One of the values of `T` (case-sensitive).
+    pub fn choice<T: Choice>(&self, key: &str) -> Result<Option<T>, ApiError> {
+        self.str(key)?.map(|v| choice(key, &v)).transpose()
     }
 
     /// A nested object field, from JSON (`{"a": {"b": 1}}`) or multipart brackets (`a[b]=1`).
@@ -209,6 +208,74 @@ impl Form {
 
     pub fn uploads(&self, field: &str) -> impl Iterator<Item = &Upload> {
         self.uploads.iter().filter(move |u| u.field == field)
+    }
+}
+
+/// `v` as an integer within `min..=max` (`what` names the bounds in the message).
+pub fn check_int(
+    key: &str,
+    v: f64,
+    min: u64,
+    max: u64,
+    what: impl Fn() -> String,
+) -> Result<u64, ApiError> {
+    if v.fract() != 0.0 || v < min as f64 || v > max as f64 {
+        return Err(ApiError::invalid(key, format!("`{key}` must be {}; got {v}.", what())));
+    }
+    Ok(v as u64)
+}
+
+/// A field with a closed set of values: each as the client spells it, and the value it reads as.
+pub trait Choice: Copy + PartialEq + 'static {
+    const ALL: &'static [(&'static str, Self)];
+
+    fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(_, v)| *v == self).map_or("", |(name, _)| name)
+    }
+
+    /// The schema: a string, one of the names in [`Choice::ALL`].
+    fn string_schema(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(description))
+            .enum_values(Some(Self::ALL.iter().map(|(name, _)| *name)))
+            .into()
+    }
+}
+
+/// Declares a [`Choice`] enum from one table of variants and their names, with its schema.
+macro_rules! choice_enum {
+    ($(#[doc = $doc:literal])* $name:ident { $($(#[doc = $vdoc:literal])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[doc = $vdoc])* $variant),+
+        }
+
+        impl $crate::request::Choice for $name {
+            const ALL: &'static [(&'static str, Self)] = &[$(($text, $name::$variant)),+];
+        }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                <Self as $crate::request::Choice>::string_schema(concat!($($doc),*).trim())
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+    };
+}
+pub(crate) use choice_enum;
+
+/// `v` as one of the values of `T` (case-sensitive).
+pub fn choice<T: Choice>(key: &str, v: &str) -> Result<T, ApiError> {
+    match T::ALL.iter().find(|(name, _)| *name == v) {
+        Some((_, value)) => Ok(*value),
+        None => {
+            let allowed = T::ALL.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ");
+            Err(ApiError::invalid(key, format!("`{key}` must be one of {allowed}; got \"{v}\".")))
+        }
     }
 }
 

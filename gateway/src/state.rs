@@ -13,7 +13,7 @@ use x2v_queue::{
 
 use crate::config::GatewayConfig;
 use crate::error::ApiError;
-use crate::limit::RateLimiter;
+use crate::limit::{ApiKeys, RateLimiter};
 use crate::validate::Validated;
 
 /// Metric families the gateway records.
@@ -77,42 +77,46 @@ pub struct AppState {
     pub config: Arc<GatewayConfig>,
     pub metrics: GatewayMetrics,
     pub limiter: Arc<RateLimiter>,
+    /// The configured API keys, digested once.
+    pub keys: Arc<ApiKeys>,
     /// Live workers as last read, for rank assignment (the registry changes slowly; loads are read
     /// fresh on every admission).
     workers: Arc<std::sync::Mutex<Option<CachedWorkers>>>,
 }
 
 /// When the live-worker list was read, and the list.
-type CachedWorkers = (std::time::Instant, Vec<WorkerInfo>);
+type CachedWorkers = (std::time::Instant, Arc<[WorkerInfo]>);
 
 const WORKERS_CACHE: std::time::Duration = std::time::Duration::from_millis(1000);
 /// `retry-after` of a create refused for its model's backlog: about a few denoising steps.
 const BACKLOG_RETRY_AFTER_S: u64 = 5;
 
-/// Who is calling: an index into the configured keys, or anonymous when auth is off.
+/// Who is calling: `key{index}` of the configured keys, or `anonymous` when auth is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller(pub String);
+pub struct Caller(pub Arc<str>);
 
 impl AppState {
     pub fn new(config: GatewayConfig, queue: Arc<dyn Queue>, storage: Storage) -> Self {
         let limiter =
             Arc::new(RateLimiter::new(config.auth.rate_limit_per_s, config.auth.rate_limit_burst));
+        let keys = Arc::new(ApiKeys::new(&config.auth.api_keys));
         AppState {
             queue,
             storage,
             config: Arc::new(config),
             metrics: GatewayMetrics::new(),
             limiter,
+            keys,
             workers: Arc::default(),
         }
     }
 
-    async fn live_workers(&self, refresh: bool) -> Result<Vec<WorkerInfo>, QueueError> {
+    async fn live_workers(&self, refresh: bool) -> Result<Arc<[WorkerInfo]>, QueueError> {
         let cached = self.workers.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match cached {
             Some((at, w)) if !refresh && at.elapsed() < WORKERS_CACHE => Ok(w),
             _ => {
-                let w = self.queue.workers().await?;
+                let w: Arc<[WorkerInfo]> = self.queue.workers().await?.into();
                 *self.workers.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((std::time::Instant::now(), w.clone()));
                 Ok(w)
@@ -130,12 +134,10 @@ impl AppState {
         if pinned_unknown {
             workers = self.live_workers(true).await?;
         }
-        let mut loads = HashMap::new();
-        for stage in Stage::ALL {
-            if workers.iter().any(|w| w.stage == stage) {
-                loads.insert(stage, self.queue.load(stage).await?);
-            }
-        }
+        let staffed: Vec<Stage> =
+            Stage::ALL.into_iter().filter(|s| workers.iter().any(|w| w.stage == *s)).collect();
+        let loads =
+            if staffed.is_empty() { HashMap::new() } else { self.queue.loads(&staffed).await? };
         self.check_backlog(&spec.model, &workers, &loads)?;
         Ok(assign::choose(&workers, &loads, &spec.model, spec.task, spec.pins)?)
     }
@@ -189,10 +191,8 @@ impl AppState {
     ) -> Result<Created, ApiError> {
         let id = JobId::new();
         let mut spec = v.spec;
-        let mut hasher = Sha256::new();
         let mut stored = vec![];
         for (i, (role, up)) in v.inputs.iter().enumerate() {
-            hasher.update(Sha256::digest(&up.bytes));
             let key = format!("{id}/inputs/{i}-{role}");
             self.storage.put(&key, up.bytes.clone()).await?;
             stored.push(key.clone());
@@ -204,19 +204,24 @@ impl AppState {
         }
         // A seed drawn at random (not given) differs between retries, so it stays out of the
         // fingerprint; a seed the client chose is part of the request like any other field.
-        let fingerprint = {
+        let idempotency = idempotency_key.map(|k| {
             let mut canonical = spec.clone();
             canonical.inputs.clear();
             if !v.seed_given {
                 canonical.seed = 0;
             }
+            let mut inputs = Sha256::new();
+            for (_, up) in &v.inputs {
+                inputs.update(Sha256::digest(&up.bytes));
+            }
             let mut h = Sha256::new();
             h.update(serde_json::to_vec(&canonical).expect("spec serializes"));
-            h.update(hasher.finalize());
-            format!("{:x}", h.finalize())
-        };
-        let idempotency =
-            idempotency_key.map(|k| Idempotency { key: format!("{}:{k}", caller.0), fingerprint });
+            h.update(inputs.finalize());
+            Idempotency {
+                key: format!("{}:{k}", caller.0),
+                fingerprint: format!("{:x}", h.finalize()),
+            }
+        });
         let result: Result<Created, ApiError> = async {
             let ranks = self.assign(&spec).await?;
             let mut trace = HashMap::new();

@@ -1,28 +1,24 @@
-//! Validation at the edge: a [`Form`] plus the served model's limits become a typed [`JobSpec`], or a
-//! 400 whose message says what is allowed and what was given. Nothing is stored before this passes.
+//! Validation at the edge: a typed request body ([`crate::params`]) plus the served model's limits
+//! become a typed [`JobSpec`], or a 400 whose message says what is allowed and what was given.
+//! Nothing is stored before this passes.
 
 use x2v_queue::{JobSpec, Ranks, Size, Task};
 
 use crate::config::ModelConfig;
 use crate::error::ApiError;
-use crate::request::{Form, Upload, decode_data_url};
-
-const MAX_PROMPT_CHARS: usize = 32_000;
-const IMAGE_TYPES: [&str; 3] = ["image/png", "image/jpeg", "image/webp"];
+use crate::params::{
+    CreateImageRequest, CreateVideoRequest, EditImageRequest, OutputFormat, ResponseFormat,
+    Sampling,
+};
+use crate::request::{Choice, Upload, check_int};
 
 /// A validated request: the spec plus the uploads to store as its inputs (role, upload).
 pub struct Validated {
     pub spec: JobSpec,
     pub inputs: Vec<(String, Upload)>,
-    pub model: ModelConfig,
     /// Whether the client chose the seed (else `spec.seed` was drawn at random, and a retry of
     /// the same request draws another: the idempotency fingerprint then leaves it out).
     pub seed_given: bool,
-}
-
-/// Whether the request sets `seed` (a number, not null).
-fn seed_given(form: &Form) -> bool {
-    matches!(form.int("seed", 0, u64::MAX >> 11), Ok(Some(_)))
 }
 
 /// Picks the model: the named one if it serves `task`, else the first configured model that does.
@@ -64,23 +60,11 @@ fn list(items: &[&str]) -> String {
     if items.is_empty() { "none".into() } else { items.join(", ") }
 }
 
-fn prompt(form: &Form, key: &str, required: bool) -> Result<Option<String>, ApiError> {
-    let p = form.str(key)?;
-    match &p {
-        None if required => Err(ApiError::invalid(key, format!("`{key}` is required."))
-            .code("missing_required_parameter")),
-        Some(s) if required && s.trim().is_empty() => {
-            Err(ApiError::invalid(key, format!("`{key}` must not be empty.")))
-        }
-        Some(s) if s.chars().count() > MAX_PROMPT_CHARS => Err(ApiError::invalid(
-            key,
-            format!(
-                "`{key}` must be at most {MAX_PROMPT_CHARS} characters; got {}.",
-                s.chars().count()
-            ),
-        )),
-        _ => Ok(p),
-    }
+/// `value` within `min..=max`, a bound the served model sets.
+fn within(key: &str, value: Option<u64>, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+    value
+        .map(|v| check_int(key, v as f64, min, max, || format!("an integer from {min} to {max}")))
+        .transpose()
 }
 
 /// The size a model entry lists as `auto`: an edit without a size (or with `auto`) gets about
@@ -89,18 +73,22 @@ const AUTO_SIZE: &str = "auto";
 
 /// The output size: the request's, one of the model's `sizes`; absent or `auto`, the first of
 /// them, or for an edit (`last_image`) from a model listing `auto`, the size of the input.
-fn size(form: &Form, model: &ModelConfig, last_image: Option<&Upload>) -> Result<Size, ApiError> {
+fn size(
+    given: Option<&str>,
+    model: &ModelConfig,
+    last_image: Option<&Upload>,
+) -> Result<Size, ApiError> {
     let allowed = || format!("{} (model '{}')", model.sizes.join(", "), model.name);
-    let given = form.str("size")?.filter(|s| s != AUTO_SIZE);
+    let given = given.filter(|s| *s != AUTO_SIZE);
     if given.is_none()
         && let Some(image) = last_image
         && model.sizes.iter().any(|s| s == AUTO_SIZE)
     {
         return auto_edit_size(image);
     }
-    let first = model.sizes.iter().find(|s| *s != AUTO_SIZE).cloned().unwrap_or_default();
+    let first = model.sizes.iter().find(|s| *s != AUTO_SIZE).map_or("", String::as_str);
     let text = given.unwrap_or(first);
-    if !model.sizes.contains(&text) || text == AUTO_SIZE {
+    if text == AUTO_SIZE || !model.sizes.iter().any(|s| s == text) {
         return Err(ApiError::invalid(
             "size",
             format!("`size` must be one of {}; got \"{text}\".", allowed()),
@@ -132,92 +120,53 @@ fn auto_edit_size(image: &Upload) -> Result<Size, ApiError> {
         .map_err(|e: String| ApiError::invalid("size", e))
 }
 
-fn image(param: &str, up: Upload) -> Result<Upload, ApiError> {
-    match up.media_type {
-        Some(t) if IMAGE_TYPES.contains(&t) => Ok(up),
-        other => Err(ApiError::invalid(
-            param,
-            format!(
-                "`{param}` must be a PNG, JPEG or WebP image; got {}.",
-                other.map_or("bytes of an unknown format".into(), |t| format!("a {t} file"))
-            ),
-        )),
-    }
-}
-
-/// Sampling parameters shared by videos and images (x2v extensions).
+/// The spec of a job: sampling parameters shared by videos and images, with the model's defaults.
 fn common(
-    form: &Form,
+    sampling: Sampling,
     model: &ModelConfig,
     task: Task,
     size: Size,
     prompt: String,
 ) -> Result<JobSpec, ApiError> {
-    let seed = match form.int("seed", 0, u64::MAX >> 11)? {
-        Some(s) => s,
-        None => rand::random::<u64>() >> 11,
-    };
-    let pins = Ranks {
-        encoder: form.int("encoder_engine_rank", 0, 1 << 20)?.map(|r| r as u32),
-        dit: form.int("dit_engine_rank", 0, 1 << 20)?.map(|r| r as u32),
-        decoder: form.int("decoder_engine_rank", 0, 1 << 20)?.map(|r| r as u32),
-    };
+    let steps =
+        within("num_inference_steps", sampling.num_inference_steps, 1, model.max_steps.into())?;
     Ok(JobSpec {
         model: model.name.clone(),
         task,
         prompt,
-        negative_prompt: self::prompt(form, "negative_prompt", false)?,
+        negative_prompt: sampling.negative_prompt,
         size,
         num_frames: 1,
         fps: 0,
         seconds: 0,
-        num_inference_steps: form
-            .int("num_inference_steps", 1, u64::from(model.max_steps))?
-            .map_or(model.default_steps, |s| s as u32),
-        guidance_scale: form
-            .float("guidance_scale", 0.0, 30.0)?
-            .map_or(model.default_guidance_scale, |g| g as f32),
-        shift: form.float("shift", 0.01, 100.0)?.map_or(model.default_shift, |s| s as f32),
-        seed,
+        num_inference_steps: steps.map_or(model.default_steps, |s| s as u32),
+        guidance_scale: sampling.guidance_scale.map_or(model.default_guidance_scale, |g| g as f32),
+        shift: sampling.shift.map_or(model.default_shift, |s| s as f32),
+        seed: sampling.seed.unwrap_or_else(|| rand::random::<u64>() >> 11),
         n: 1,
         output_format: "mp4".into(),
         output_compression: None,
         inputs: vec![],
-        pins,
+        pins: Ranks {
+            encoder: sampling.encoder_engine_rank,
+            dit: sampling.dit_engine_rank,
+            decoder: sampling.decoder_engine_rank,
+        },
         remixed_from: None,
         partial_images: 0,
     })
 }
 
-/// `POST /v1/videos` (and the base of a remix).
-pub fn video(form: &Form, models: &[ModelConfig]) -> Result<Validated, ApiError> {
-    let prompt = prompt(form, "prompt", true)?.unwrap_or_default();
-    let mut reference = form.uploads("input_reference").cloned().collect::<Vec<_>>();
-    if let Some(url) = form.nested("input_reference", "image_url")? {
-        reference.push(decode_data_url("input_reference", &url)?);
-    }
-    if form.nested("input_reference", "file_id")?.is_some() {
-        return Err(ApiError::invalid(
-            "input_reference",
-            "`input_reference.file_id` is not supported; upload the image or send a data URL.",
-        ));
-    }
-    if reference.len() > 1 {
-        return Err(ApiError::invalid(
-            "input_reference",
-            format!("At most one `input_reference` is allowed; got {}.", reference.len()),
-        ));
-    }
-    let task = if reference.is_empty() { Task::T2v } else { Task::I2v };
-    let model = model_for(models, form.str("model")?.as_deref(), task)?;
-    let size = size(form, model, None)?;
-    let fps = form.int("fps", 1, 120)?.map_or(model.fps, |f| f as u32).max(1);
+/// `POST /v1/videos` (and a remix).
+pub fn video(req: CreateVideoRequest, models: &[ModelConfig]) -> Result<Validated, ApiError> {
+    let task = if req.input_reference.is_none() { Task::T2v } else { Task::I2v };
+    let model = model_for(models, req.model.as_deref(), task)?;
+    let size = size(req.size.as_deref(), model, None)?;
+    let fps = req.fps.map_or(model.fps, |f| f as u32).max(1);
     let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
-    let frames = match (
-        form.int("num_frames", 1, u64::from(model.max_frames))?,
-        form.int("seconds", 1, u64::from(max_seconds))?,
-    ) {
-        (Some(f), _) if f % 4 != 1 => {
+    let seconds = within("seconds", req.seconds, 1, max_seconds.into())?;
+    let frames = match within("num_frames", req.num_frames, 1, model.max_frames.into())? {
+        Some(f) if f % 4 != 1 => {
             return Err(ApiError::invalid(
                 "num_frames",
                 format!(
@@ -226,102 +175,81 @@ pub fn video(form: &Form, models: &[ModelConfig]) -> Result<Validated, ApiError>
                 ),
             ));
         }
-        (Some(f), _) => f as u32,
-        (None, s) => {
-            let s = s.map_or(model.default_seconds, |s| s as u32).min(max_seconds);
+        Some(f) => f as u32,
+        None => {
+            let s = seconds.map_or(model.default_seconds, |s| s as u32).min(max_seconds);
             ((s * fps).div_ceil(4) * 4 + 1).min(model.max_frames)
         }
     };
-    let seconds = form
-        .int("seconds", 1, u64::from(max_seconds))?
-        .map_or_else(|| (frames - 1).div_ceil(fps).max(1), |s| s as u32);
-    let mut spec = common(form, model, task, size, prompt)?;
+    let seconds = seconds.map_or_else(|| (frames - 1).div_ceil(fps).max(1), |s| s as u32);
+    let seed_given = req.sampling.seed.is_some();
+    let mut spec = common(req.sampling, model, task, size, req.prompt)?;
     spec.num_frames = frames;
     spec.fps = fps;
     spec.seconds = seconds;
-    let inputs = reference
-        .into_iter()
-        .map(|u| Ok(("input_reference".to_owned(), image("input_reference", u)?)))
-        .collect::<Result<_, ApiError>>()?;
-    Ok(Validated { spec, inputs, model: model.clone(), seed_given: seed_given(form) })
+    let inputs =
+        req.input_reference.into_iter().map(|u| ("input_reference".to_owned(), u)).collect();
+    Ok(Validated { spec, inputs, seed_given })
 }
 
 /// Image-specific answer options.
 #[derive(Debug, Clone)]
 pub struct ImageOptions {
-    pub response_format: String,
+    pub response_format: ResponseFormat,
     pub stream: bool,
     pub partial_images: u32,
 }
 
-/// `POST /v1/images/generations` (`edit = false`) and `POST /v1/images/edits`.
-pub fn image_request(
-    form: &Form,
+/// `POST /v1/images/generations`.
+pub fn image_generation(
+    req: CreateImageRequest,
     models: &[ModelConfig],
-    edit: bool,
 ) -> Result<(Validated, ImageOptions), ApiError> {
-    let prompt = prompt(form, "prompt", true)?.unwrap_or_default();
-    let task = if edit { Task::Edit } else { Task::T2i };
-    let model = model_for(models, form.str("model")?.as_deref(), task)?;
-    let mut inputs = vec![];
-    if edit {
-        let images: Vec<Upload> = form.uploads("image").cloned().collect();
-        if images.is_empty() {
-            return Err(ApiError::invalid(
-                "image",
-                "`image` is required: upload one image as `image` or up to 16 as `image[]`.",
-            )
-            .code("missing_required_parameter"));
-        }
-        let max = model.max_input_images.min(16);
-        if images.len() > max as usize {
-            return Err(ApiError::invalid(
-                "image",
-                format!(
-                    "`{}` takes at most {max} input image(s) per edit; got {}.",
-                    model.name,
-                    images.len()
-                ),
-            ));
-        }
-        for up in images {
-            inputs.push(("image".to_owned(), image("image", up)?));
-        }
-        if let Some(mask) = form.uploads("mask").next() {
-            if mask.media_type != Some("image/png") {
-                return Err(ApiError::invalid(
-                    "mask",
-                    "`mask` must be a PNG image with an alpha channel.",
-                ));
-            }
-            inputs.push(("mask".to_owned(), mask.clone()));
-        }
+    image(req, vec![], models, Task::T2i)
+}
+
+/// `POST /v1/images/edits`.
+pub fn image_edit(
+    req: EditImageRequest,
+    models: &[ModelConfig],
+) -> Result<(Validated, ImageOptions), ApiError> {
+    let mut inputs: Vec<(String, Upload)> =
+        req.image.into_iter().map(|u| ("image".to_owned(), u)).collect();
+    inputs.extend(req.mask.map(|m| ("mask".to_owned(), m)));
+    image(req.edit, inputs, models, Task::Edit)
+}
+
+fn image(
+    req: CreateImageRequest,
+    inputs: Vec<(String, Upload)>,
+    models: &[ModelConfig],
+    task: Task,
+) -> Result<(Validated, ImageOptions), ApiError> {
+    let model = model_for(models, req.model.as_deref(), task)?;
+    let images = inputs.iter().filter(|(role, _)| role == "image").count();
+    let max = model.max_input_images.min(16) as usize;
+    if task == Task::Edit && images > max {
+        return Err(ApiError::invalid(
+            "image",
+            format!("`{}` takes at most {max} input image(s) per edit; got {images}.", model.name),
+        ));
     }
     let last_image = inputs.iter().rev().find(|(role, _)| role == "image").map(|(_, up)| up);
-    let size = size(form, model, last_image)?;
-    let mut spec = common(form, model, task, size, prompt)?;
-    spec.n = form.int("n", 1, u64::from(model.max_n.max(1)))?.map_or(1, |n| n as u32);
-    spec.output_format =
-        form.choice("output_format", &["png", "jpeg", "webp"])?.unwrap_or_else(|| "png".into());
-    spec.output_compression = form.int("output_compression", 0, 100)?.map(|c| c as u8);
-    for (key, allowed) in [
-        ("quality", &["auto", "low", "medium", "high", "standard", "hd"][..]),
-        ("background", &["auto", "transparent", "opaque"][..]),
-        ("moderation", &["auto", "low"][..]),
-        ("input_fidelity", &["high", "low"][..]),
-    ] {
-        form.choice(key, allowed)?;
-    }
+    let size = size(req.size.as_deref(), model, last_image)?;
+    let n = within("n", req.n, 1, model.max_n.max(1).into())?;
+    let seed_given = req.sampling.seed.is_some();
+    let mut spec = common(req.sampling, model, task, size, req.prompt)?;
+    spec.n = n.map_or(1, |n| n as u32);
+    spec.output_format = req.output_format.unwrap_or(OutputFormat::Png).as_str().to_owned();
+    spec.output_compression = req.output_compression;
     let options = ImageOptions {
-        response_format: form
-            .choice("response_format", &["b64_json", "url"])?
-            .unwrap_or_else(|| "b64_json".into()),
-        stream: form.bool("stream")?.unwrap_or(false),
-        partial_images: form.int("partial_images", 0, 3)?.unwrap_or(0) as u32,
+        response_format: req.response_format.unwrap_or(ResponseFormat::B64Json),
+        stream: req.stream.unwrap_or(false),
+        partial_images: req.partial_images.unwrap_or(0),
     };
     // Previews are made only for a client that streams; `partial_images` alone changes nothing.
     spec.partial_images = if options.stream { options.partial_images } else { 0 };
-    Ok((Validated { spec, inputs, model: model.clone(), seed_given: seed_given(form) }, options))
+    Ok((Validated { spec, inputs, seed_given }, options))
 }
 
 #[cfg(test)]
@@ -330,15 +258,41 @@ mod tests {
 
     use super::*;
     use crate::config::GatewayConfig;
+    use crate::request::Form;
 
     fn form(json: &str) -> Form {
         Form::from_json(json.as_bytes()).unwrap()
     }
 
+    fn video_of(json: &str, models: &[ModelConfig]) -> Result<Validated, ApiError> {
+        video(CreateVideoRequest::read(&form(json))?, models)
+    }
+
+    fn size_of(
+        json: &str,
+        model: &ModelConfig,
+        last_image: Option<&Upload>,
+    ) -> Result<Size, ApiError> {
+        size(form(json).str("size")?.as_deref(), model, last_image)
+    }
+
+    fn image_of(
+        json: &str,
+        models: &[ModelConfig],
+        edit: bool,
+    ) -> Result<(Validated, ImageOptions), ApiError> {
+        let form = form(json);
+        if edit {
+            image_edit(EditImageRequest::read(&form)?, models)
+        } else {
+            image_generation(CreateImageRequest::read(&form)?, models)
+        }
+    }
+
     #[test]
     fn video_defaults_come_from_the_model() {
         let models = GatewayConfig::default().models;
-        let v = video(&form(r#"{"prompt": "a cat"}"#), &models).unwrap();
+        let v = video_of(r#"{"prompt": "a cat"}"#, &models).unwrap();
         assert_eq!(v.spec.model, "wan2.1-t2v-1.3b");
         assert_eq!(
             (v.spec.size.to_string(), v.spec.num_frames, v.spec.fps, v.spec.seconds),
@@ -361,23 +315,23 @@ mod tests {
         // diffusers' calculate_dimensions(1024 * 1024, 96 / 64) = (1248, 832).
         let wide = png(96, 64);
         for body in [r#"{"prompt": "x"}"#, r#"{"prompt": "x", "size": "auto"}"#] {
-            let got = size(&form(body), &model, Some(&wide)).unwrap();
+            let got = size_of(body, &model, Some(&wide)).unwrap();
             assert_eq!(got.to_string(), "1248x832", "{body}");
         }
         assert_eq!(
-            size(&form(r#"{"prompt": "x"}"#), &model, Some(&png(50, 100))).unwrap().to_string(),
+            size_of(r#"{"prompt": "x"}"#, &model, Some(&png(50, 100))).unwrap().to_string(),
             "736x1440"
         );
         // An explicit size still wins; text to image takes the first listed size.
         assert_eq!(
-            size(&form(r#"{"size": "64x64"}"#), &model, Some(&wide)).unwrap().to_string(),
+            size_of(r#"{"size": "64x64"}"#, &model, Some(&wide)).unwrap().to_string(),
             "64x64"
         );
-        assert_eq!(size(&form("{}"), &model, None).unwrap().to_string(), "64x64");
+        assert_eq!(size_of("{}", &model, None).unwrap().to_string(), "64x64");
         // Without `auto` in the list, an edit gets the first size too.
         let fixed = ModelConfig { sizes: vec!["64x64".into()], ..model.clone() };
-        assert_eq!(size(&form("{}"), &fixed, Some(&wide)).unwrap().to_string(), "64x64");
-        let err = size(&form(r#"{"size": "96x96"}"#), &model, Some(&wide)).unwrap_err();
+        assert_eq!(size_of("{}", &fixed, Some(&wide)).unwrap().to_string(), "64x64");
+        let err = size_of(r#"{"size": "96x96"}"#, &model, Some(&wide)).unwrap_err();
         assert!(err.to_string().contains("auto, 64x64"), "{err}");
     }
 
@@ -398,7 +352,7 @@ mod tests {
             (r#"{}"#, "prompt", "required"),
         ];
         for (body, param, says) in cases {
-            let e = video(&form(body), &models).err().unwrap_or_else(|| panic!("{body} accepted"));
+            let e = video_of(body, &models).err().unwrap_or_else(|| panic!("{body} accepted"));
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
             assert!(e.message.contains(says), "{body}: {}", e.message);
         }
@@ -407,8 +361,8 @@ mod tests {
     #[test]
     fn seconds_and_frames_agree() {
         let models = GatewayConfig::default().models;
-        let v = video(
-            &form(r#"{"prompt": "x", "seconds": "2", "seed": 7, "dit_engine_rank": 3}"#),
+        let v = video_of(
+            r#"{"prompt": "x", "seconds": "2", "seed": 7, "dit_engine_rank": 3}"#,
             &models,
         )
         .unwrap();
@@ -416,29 +370,22 @@ mod tests {
             (v.spec.num_frames, v.spec.seconds, v.spec.seed, v.spec.pins.dit),
             (33, 2, 7, Some(3))
         );
-        let v = video(&form(r#"{"prompt": "x", "num_frames": 49}"#), &models).unwrap();
+        let v = video_of(r#"{"prompt": "x", "num_frames": 49}"#, &models).unwrap();
         assert_eq!((v.spec.num_frames, v.spec.seconds), (49, 3));
     }
 
     #[test]
     fn images_validate_options_and_n() {
         let models = GatewayConfig::default().models;
-        let (v, o) = image_request(&form(r#"{"prompt": "x", "n": 2, "response_format": null, "size": "auto", "output_format": "webp"}"#), &models, false).unwrap();
+        let (v, o) = image_of(r#"{"prompt": "x", "n": 2, "response_format": null, "size": "auto", "output_format": "webp"}"#, &models, false).unwrap();
         assert_eq!(
             (v.spec.n, v.spec.output_format.as_str(), o.response_format.as_str()),
             (2, "webp", "b64_json")
         );
-        assert!(image_request(&form(r#"{"prompt": "x", "n": 9}"#), &models, false).is_err());
-        assert!(
-            image_request(&form(r#"{"prompt": "x", "output_format": "gif"}"#), &models, false)
-                .is_err()
-        );
+        assert!(image_of(r#"{"prompt": "x", "n": 9}"#, &models, false).is_err());
+        assert!(image_of(r#"{"prompt": "x", "output_format": "gif"}"#, &models, false).is_err());
         assert_eq!(
-            image_request(&form(r#"{"prompt": "x"}"#), &models, true)
-                .err()
-                .unwrap()
-                .param
-                .as_deref(),
+            image_of(r#"{"prompt": "x"}"#, &models, true).err().unwrap().param.as_deref(),
             Some("image")
         );
     }

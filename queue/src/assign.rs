@@ -51,12 +51,7 @@ pub async fn assign(
     pins: Ranks,
 ) -> Result<Ranks, QueueError> {
     let workers = queue.workers().await?;
-    let mut loads = HashMap::new();
-    if !workers.is_empty() {
-        for stage in Stage::ALL {
-            loads.insert(stage, queue.load(stage).await?);
-        }
-    }
+    let loads = if workers.is_empty() { HashMap::new() } else { queue.loads(&Stage::ALL).await? };
     choose(&workers, &loads, model, task, pins)
 }
 

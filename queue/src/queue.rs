@@ -27,10 +27,15 @@ impl NewJob {
     /// The record of this job as just admitted: queued for the encoder stage, nothing run yet.
     /// Both backends store exactly this (the Redis `create.lua` writes the same fields).
     pub fn queued_record(&self) -> JobRecord {
+        self.clone().into_queued_record()
+    }
+
+    /// [`NewJob::queued_record`], taking the spec and trace instead of copying them.
+    pub fn into_queued_record(self) -> JobRecord {
         JobRecord {
             id: self.id,
             resource: self.spec.task.resource(),
-            spec: self.spec.clone(),
+            spec: self.spec,
             status: crate::record::JobStatus::Queued,
             stage: Some(Stage::Encoder),
             progress: 0,
@@ -41,7 +46,7 @@ impl NewJob {
             error: None,
             outputs: Vec::new(),
             ranks: self.ranks,
-            trace: self.trace.clone(),
+            trace: self.trace,
             attempts: 0,
             cancel_requested: false,
         }
@@ -186,6 +191,18 @@ pub trait Queue: Send + Sync + 'static {
     async fn workers(&self) -> Result<Vec<WorkerInfo>, QueueError>;
     /// Outstanding jobs assigned to each rank of `stage`.
     async fn load(&self, stage: Stage) -> Result<HashMap<u32, u64>, QueueError>;
+    /// [`Queue::load`] of each of `stages`, read together (one round trip where the backend
+    /// allows), so admission costs the same whatever the number of stages with live workers.
+    async fn loads(
+        &self,
+        stages: &[Stage],
+    ) -> Result<HashMap<Stage, HashMap<u32, u64>>, QueueError> {
+        let mut loads = HashMap::with_capacity(stages.len());
+        for stage in stages {
+            loads.insert(*stage, self.load(*stage).await?);
+        }
+        Ok(loads)
+    }
     /// Jobs waiting (not leased) for `stage`.
     async fn depth(&self, stage: Stage) -> Result<u64, QueueError>;
 

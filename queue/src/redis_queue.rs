@@ -25,7 +25,7 @@ use crate::events::until_terminal;
 use crate::memory::Retention;
 use crate::queue::*;
 use crate::record::{JobError, JobEvent, JobRecord, OutputRef};
-use crate::redis_record::{record_from_hash, values_to_map};
+use crate::redis_record::{hash_fields, is_deleted, pairs, record_from_fields};
 use crate::spec::Stage;
 
 macro_rules! script {
@@ -116,6 +116,11 @@ impl RedisQueue {
     }
 }
 
+/// A `{p}:load:{stage}` hash as rank -> outstanding jobs (a count below zero reads as none).
+fn rank_loads(raw: HashMap<String, i64>) -> HashMap<u32, u64> {
+    raw.into_iter().filter_map(|(r, n)| Some((r.parse().ok()?, n.max(0) as u64))).collect()
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
@@ -140,25 +145,23 @@ impl Queue for RedisQueue {
         let tag: String =
             reply.first().map(redis::from_redis_value_ref).transpose()?.unwrap_or_default();
         match tag.as_str() {
-            "created" => {
-                let record = job.queued_record();
-                Ok(Created { record, created: true })
+            "created" => Ok(Created { record: job.into_queued_record(), created: true }),
+            "existing" => {
+                Ok(Created { record: record_from_fields(&pairs(&reply[1..])?)?, created: false })
             }
-            "existing" => Ok(Created {
-                record: record_from_hash(values_to_map(&reply[1..])?)?,
-                created: false,
-            }),
-            _ => Err(QueueError::IdempotencyMismatch(idem.to_owned())),
+            _ => Err(QueueError::IdempotencyMismatch(
+                job.idempotency.map(|i| i.key).unwrap_or_default(),
+            )),
         }
     }
 
     async fn get(&self, id: JobId) -> Result<JobRecord, QueueError> {
-        let map: HashMap<String, String> =
-            self.conn.clone().hgetall(self.key(&format!("job:{id}"))).await?;
-        if map.is_empty() || map.get("deleted").is_some_and(|d| d == "1") {
+        let reply: Value = self.conn.clone().hgetall(self.key(&format!("job:{id}"))).await?;
+        let fields = hash_fields(&reply)?;
+        if fields.is_empty() || is_deleted(&fields) {
             return Err(QueueError::NotFound(id.to_string()));
         }
-        record_from_hash(map)
+        record_from_fields(&fields)
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page, QueueError> {
@@ -185,16 +188,17 @@ impl Queue for RedisQueue {
             for id in &ids {
                 pipe.hgetall(self.key(&format!("job:{id}")));
             }
-            let maps: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
-            for (id, map) in ids.iter().zip(maps) {
+            let hashes: Vec<Value> = pipe.query_async(&mut conn).await?;
+            for (id, hash) in ids.iter().zip(&hashes) {
                 if jobs.len() == q.limit {
                     return Ok(Page { jobs, has_more: true });
                 }
-                if map.is_empty() {
+                let fields = hash_fields(hash)?;
+                if fields.is_empty() {
                     // Expired by its TTL: drop it from the index as well.
                     let _: () = conn.zrem(&index, id).await?;
                 } else {
-                    jobs.push(record_from_hash(map)?);
+                    jobs.push(record_from_fields(&fields)?);
                 }
             }
             if ids.len() < want || jobs.len() == q.limit {
@@ -210,7 +214,7 @@ impl Queue for RedisQueue {
         let reply: Value = inv.invoke_async(&mut self.conn.clone()).await?;
         match reply {
             Value::Nil => Err(QueueError::NotFound(id.to_string())),
-            Value::Array(items) => record_from_hash(values_to_map(&items)?),
+            Value::Array(items) => record_from_fields(&pairs(&items)?),
             other => Err(QueueError::Corrupt {
                 id: id.to_string(),
                 message: format!("delete replied {other:?}"),
@@ -272,7 +276,19 @@ impl Queue for RedisQueue {
     async fn load(&self, stage: Stage) -> Result<HashMap<u32, u64>, QueueError> {
         let raw: HashMap<String, i64> =
             self.conn.clone().hgetall(self.key(&format!("load:{stage}"))).await?;
-        Ok(raw.into_iter().filter_map(|(r, n)| Some((r.parse().ok()?, n.max(0) as u64))).collect())
+        Ok(rank_loads(raw))
+    }
+
+    async fn loads(
+        &self,
+        stages: &[Stage],
+    ) -> Result<HashMap<Stage, HashMap<u32, u64>>, QueueError> {
+        let mut pipe = redis::pipe();
+        for stage in stages {
+            pipe.hgetall(self.key(&format!("load:{stage}")));
+        }
+        let raw: Vec<HashMap<String, i64>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(stages.iter().copied().zip(raw.into_iter().map(rank_loads)).collect())
     }
 
     async fn depth(&self, stage: Stage) -> Result<u64, QueueError> {
@@ -301,7 +317,7 @@ impl Queue for RedisQueue {
         match reply {
             Value::Nil => Ok(None),
             Value::Array(items) => {
-                let job = record_from_hash(values_to_map(&items)?)?;
+                let job = record_from_fields(&pairs(&items)?)?;
                 Ok(Some(Lease { job, stage: worker.stage, token }))
             }
             other => Err(QueueError::Corrupt {

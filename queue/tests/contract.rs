@@ -274,6 +274,10 @@ async fn ranks_are_assigned_by_load_and_dead_ranks_reassigned(q: Arc<dyn Queue>)
     assert_eq!(dit_ranks, vec![0, 1, 0, 1], "least outstanding work, ties to the lowest rank");
     let load = q.load(Stage::Dit).await.unwrap();
     assert_eq!((load[&0], load[&1]), (2, 2));
+    let loads = q.loads(&[Stage::Encoder, Stage::Dit]).await.unwrap();
+    assert_eq!(loads.len(), 2, "one entry per stage asked for");
+    assert_eq!(loads[&Stage::Dit], load);
+    assert_eq!(loads[&Stage::Encoder], q.load(Stage::Encoder).await.unwrap());
     let pinned = Ranks { dit: Some(1), ..Ranks::default() };
     assert_eq!(
         assign::assign(&*q, "wan2.1-t2v-1.3b", Task::T2v, pinned).await.unwrap().dit,

@@ -15,46 +15,124 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures::StreamExt;
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 use x2v_core::{ErrorKind, JobErrorCode, JobId};
-use x2v_queue::{JobRecord, JobStatus, PREVIEW_VARIANT, preview_of};
+use x2v_queue::{JobRecord, JobStatus, PREVIEW_VARIANT, Size, preview_of};
 
 use crate::error::ApiError;
+use crate::openapi::ErrorResponses;
+use crate::params::{CreateImageRequest, EditImageRequest, ResponseFormat};
 use crate::request::Form;
 use crate::state::{AppState, Caller};
-use crate::validate::{self, ImageOptions};
+use crate::validate::{self, ImageOptions, Validated};
 
+/// The answer to an image request that does not stream.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImagesResponse<'a> {
+    /// Unix seconds.
+    pub created: u64,
+    pub data: Vec<Image>,
+    pub output_format: &'a str,
+    /// `WIDTHxHEIGHT`.
+    #[schema(value_type = String)]
+    pub size: Size,
+    pub x2v: ImagesDetail,
+}
+
+/// One made image: its bytes or where to fetch them, as `response_format` asked.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Image {
+    /// The image, base64.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    /// Where to fetch the image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// x2v's detail of an image job.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImagesDetail {
+    /// The job's id (`image_...`), for its files under `/v1/images/{image_id}/content`.
+    pub id: String,
+    pub seed: u64,
+}
+
+/// Generate images.
+///
+/// The request waits for the images (up to the gateway's `image_timeout_s`), or with `stream`
+/// answers server-sent events: previews while denoising, then each image.
+#[utoipa::path(
+    post,
+    path = "/v1/images/generations",
+    operation_id = "createImage",
+    params(("Idempotency-Key" = Option<String>, Header)),
+    request_body(content(
+        (CreateImageRequest = "application/json"),
+        (CreateImageRequest = "multipart/form-data"),
+    )),
+    responses(
+        (status = 200, description = "The images, or with `stream` their events", content(
+            (ImagesResponse = "application/json"),
+            ("text/event-stream"),
+        )),
+        ErrorResponses,
+    ),
+)]
 pub async fn generations(
-    state: State<AppState>,
-    caller: Extension<Caller>,
-    headers: HeaderMap,
-    req: Request,
-) -> Result<Response, ApiError> {
-    image(state, caller, headers, req, false).await
-}
-
-pub async fn edits(
-    state: State<AppState>,
-    caller: Extension<Caller>,
-    headers: HeaderMap,
-    req: Request,
-) -> Result<Response, ApiError> {
-    image(state, caller, headers, req, true).await
-}
-
-async fn image(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     req: Request,
-    edit: bool,
 ) -> Result<Response, ApiError> {
-    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let form = Form::read(&headers, req).await?;
-    let (v, options) = validate::image_request(&form, &state.config.models, edit)?;
-    let rec = state.admit(v, key.as_deref(), &caller).await?.record;
+    let (v, options) =
+        validate::image_generation(CreateImageRequest::read(&form)?, &state.config.models)?;
+    answer(state, caller, headers, v, options, "image_generation").await
+}
+
+/// Edit images.
+///
+/// Like a generation, from one or more input images and optionally a mask.
+#[utoipa::path(
+    post,
+    path = "/v1/images/edits",
+    operation_id = "createImageEdit",
+    params(("Idempotency-Key" = Option<String>, Header)),
+    request_body(content((EditImageRequest = "multipart/form-data"))),
+    responses(
+        (status = 200, description = "The images, or with `stream` their events", content(
+            (ImagesResponse = "application/json"),
+            ("text/event-stream"),
+        )),
+        ErrorResponses,
+    ),
+)]
+pub async fn edits(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let form = Form::read(&headers, req).await?;
+    let (v, options) = validate::image_edit(EditImageRequest::read(&form)?, &state.config.models)?;
+    answer(state, caller, headers, v, options, "image_edit").await
+}
+
+/// Admits the job, then waits for its images or streams them.
+async fn answer(
+    state: AppState,
+    caller: Caller,
+    headers: HeaderMap,
+    v: Validated,
+    options: ImageOptions,
+    prefix: &'static str,
+) -> Result<Response, ApiError> {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok());
+    let rec = state.admit(v, key, &caller).await?.record;
     let base = public_base(&state, &headers);
-    let prefix = if edit { "image_edit" } else { "image_generation" };
     if options.stream {
         return Ok(stream(state, rec.id, options, base, prefix).into_response());
     }
@@ -62,17 +140,17 @@ async fn image(
     if let Some(e) = failure(&done) {
         return Err(e);
     }
-    let mut data = vec![];
+    let mut data = Vec::with_capacity(done.spec.n as usize);
     for i in 0..done.spec.n {
         data.push(item(&state, &done, i, &options, &base).await?);
     }
-    Ok(axum::Json(json!({
-        "created": done.created_at_ms / 1000,
-        "data": data,
-        "output_format": done.spec.output_format,
-        "size": done.spec.size.to_string(),
-        "x2v": {"id": done.public_id(), "seed": done.spec.seed},
-    }))
+    Ok(axum::Json(ImagesResponse {
+        created: done.created_at_ms / 1000,
+        data,
+        output_format: &done.spec.output_format,
+        size: done.spec.size,
+        x2v: ImagesDetail { id: done.public_id(), seed: done.spec.seed },
+    })
     .into_response())
 }
 
@@ -133,20 +211,20 @@ async fn item(
     index: u32,
     options: &ImageOptions,
     base: &str,
-) -> Result<Value, ApiError> {
+) -> Result<Image, ApiError> {
     let out = rec.output("image", index).ok_or_else(|| {
         ApiError::new(
             ErrorKind::Internal,
             format!("Job {} completed without image {index}.", rec.public_id()),
         )
     })?;
-    if options.response_format == "url" {
-        return Ok(
-            json!({"url": format!("{base}/v1/images/{}/content?index={index}", rec.public_id())}),
-        );
+    if options.response_format == ResponseFormat::Url {
+        let url = format!("{base}/v1/images/{}/content?index={index}", rec.public_id());
+        return Ok(Image { b64_json: None, url: Some(url) });
     }
     let bytes = state.storage.get(&out.key).await?;
-    Ok(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(&bytes)}))
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    Ok(Image { b64_json: Some(b64), url: None })
 }
 
 fn stream(
@@ -190,9 +268,10 @@ fn async_stream(
             }
             // Previews recorded before this stream subscribed still come first.
             partials.send_new(&done).await?;
-            let b64 = ImageOptions { response_format: "b64_json".into(), ..options.clone() };
+            let b64 = ImageOptions { response_format: ResponseFormat::B64Json, ..options.clone() };
             for i in 0..done.spec.n {
-                let mut data = item(&state, &done, i, &b64, &base).await?;
+                let image = item(&state, &done, i, &b64, &base).await?;
+                let mut data = serde_json::to_value(image).expect("an image serializes");
                 let kind = format!("{prefix}.completed");
                 let mut fields = event_fields(&kind, &done);
                 fields["image_index"] = json!(i);
@@ -264,7 +343,22 @@ impl<'a> Partials<'a> {
     }
 }
 
-/// `GET /v1/images/{id}/content?index=N`: one finished image (the target of `url` answers).
+/// Download a finished image (the target of `url` answers; one `Range` honoured).
+#[utoipa::path(
+    get,
+    path = "/v1/images/{image_id}/content",
+    operation_id = "downloadImageContent",
+    params(
+        ("image_id" = String, Path),
+        ("index" = Option<u32>, Query, description = "Which image of the job (absent: 0)"),
+    ),
+    responses(
+        (status = 200, description = "The image", content_type = "application/octet-stream"),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream"),
+        (status = 416, description = "The range is not satisfiable", body = crate::error::ErrorEnvelope),
+        ErrorResponses,
+    ),
+)]
 pub async fn content(
     State(state): State<AppState>,
     Path(id): Path<String>,

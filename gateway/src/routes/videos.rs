@@ -11,12 +11,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 use x2v_core::JobId;
-use x2v_queue::{JobRecord, JobStatus, ListQuery, Order, Resource};
+use x2v_queue::{JobRecord, JobStatus, ListQuery, Order, Ranks, Resource, Size, Stage};
 
 use crate::error::ApiError;
-use crate::request::Form;
+use crate::openapi::ErrorResponses;
+use crate::params::CreateVideoRequest;
+use crate::request::{Choice, Form, choice, choice_enum};
 use crate::state::{AppState, Caller};
 use crate::validate;
 
@@ -27,48 +31,160 @@ pub fn video_id(s: &str) -> Result<JobId, ApiError> {
     JobId::parse_prefixed(s, "video").map_err(|_| ApiError::not_found("video", s))
 }
 
+/// Where a video is, as the OpenAI API names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VideoStatus {
+    Queued,
+    InProgress,
+    Completed,
+    Failed,
+}
+
+impl From<JobStatus> for VideoStatus {
+    fn from(s: JobStatus) -> Self {
+        match s {
+            JobStatus::Queued => VideoStatus::Queued,
+            JobStatus::InProgress => VideoStatus::InProgress,
+            JobStatus::Completed => VideoStatus::Completed,
+            // Cancelled jobs are deleted; should one be seen, it did not complete.
+            JobStatus::Failed | JobStatus::Cancelled => VideoStatus::Failed,
+        }
+    }
+}
+
 fn status_text(s: JobStatus) -> &'static str {
-    match s {
-        // Cancelled jobs are deleted; should one be seen, it did not complete.
-        JobStatus::Cancelled => "failed",
-        other => other.as_str(),
+    match VideoStatus::from(s) {
+        VideoStatus::Queued => "queued",
+        VideoStatus::InProgress => "in_progress",
+        VideoStatus::Completed => "completed",
+        VideoStatus::Failed => "failed",
     }
 }
 
 /// The OpenAI `video` object, plus x2v's stage detail under `x2v`.
-pub fn video_json(rec: &JobRecord, finished_ttl_s: u64) -> Value {
-    let spec = &rec.spec;
-    let finished = rec.finished_at_ms.map(|ms| ms / 1000);
-    json!({
-        "id": rec.public_id(),
-        "object": "video",
-        "model": spec.model,
-        "status": status_text(rec.status),
-        "progress": rec.progress,
-        "created_at": rec.created_at_ms / 1000,
-        "completed_at": finished,
-        "expires_at": finished.filter(|_| rec.status == JobStatus::Completed).map(|f| f + finished_ttl_s),
-        "prompt": spec.prompt,
-        "size": spec.size.to_string(),
-        "seconds": spec.seconds.to_string(),
-        "remixed_from_video_id": spec.remixed_from,
-        "error": rec.error.as_ref().map(|e| json!({"code": e.code, "message": e.message})),
-        "x2v": {
-            "stage": rec.stage,
-            "step": rec.step,
-            "total_steps": rec.total_steps,
-            "num_frames": spec.num_frames,
-            "fps": spec.fps,
-            "seed": spec.seed,
-            "num_inference_steps": spec.num_inference_steps,
-            "ranks": rec.ranks,
-            "attempts": rec.attempts,
-        },
-    })
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Video<'a> {
+    /// `video_` and 32 hex digits.
+    pub id: String,
+    /// Always `video`.
+    pub object: &'static str,
+    pub model: &'a str,
+    pub status: VideoStatus,
+    /// Percent done.
+    pub progress: u8,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds the video completed or failed at.
+    pub completed_at: Option<u64>,
+    /// Unix seconds after which a completed video's content is gone.
+    pub expires_at: Option<u64>,
+    pub prompt: &'a str,
+    /// `WIDTHxHEIGHT`.
+    #[schema(value_type = String)]
+    pub size: Size,
+    /// Clip length in whole seconds, as text.
+    #[serde(serialize_with = "as_text")]
+    #[schema(value_type = String)]
+    pub seconds: u32,
+    pub remixed_from_video_id: Option<&'a str>,
+    /// Why the video failed.
+    pub error: Option<VideoError<'a>>,
+    pub x2v: VideoDetail,
 }
 
-fn with_poll(state: &AppState, rec: &JobRecord, body: Value) -> Response {
-    let mut resp = axum::Json(body).into_response();
+/// Why a video failed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VideoError<'a> {
+    /// A stable code (`invalid_image`, `internal_error`, ...).
+    pub code: &'static str,
+    pub message: &'a str,
+}
+
+/// x2v's detail of a video job: its stage, step and the engines it runs on.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VideoDetail {
+    /// The stage the job waits for or runs in; null once finished.
+    pub stage: Option<Stage>,
+    /// Denoising step of the running stage.
+    pub step: u32,
+    pub total_steps: u32,
+    pub num_frames: u32,
+    pub fps: u32,
+    pub seed: u64,
+    pub num_inference_steps: u32,
+    /// Engine ranks assigned per stage (null: any live worker of the stage).
+    pub ranks: Ranks,
+    /// Stage claims so far, redeliveries included.
+    pub attempts: u32,
+}
+
+fn as_text<S: serde::Serializer>(v: &u32, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl<'a> Video<'a> {
+    pub fn of(rec: &'a JobRecord, finished_ttl_s: u64) -> Self {
+        let spec = &rec.spec;
+        let finished = rec.finished_at_ms.map(|ms| ms / 1000);
+        Video {
+            id: rec.public_id(),
+            object: "video",
+            model: &spec.model,
+            status: rec.status.into(),
+            progress: rec.progress,
+            created_at: rec.created_at_ms / 1000,
+            completed_at: finished,
+            expires_at: finished
+                .filter(|_| rec.status == JobStatus::Completed)
+                .map(|f| f + finished_ttl_s),
+            prompt: &spec.prompt,
+            size: spec.size,
+            seconds: spec.seconds,
+            remixed_from_video_id: spec.remixed_from.as_deref(),
+            error: rec
+                .error
+                .as_ref()
+                .map(|e| VideoError { code: e.code.as_str(), message: &e.message }),
+            x2v: VideoDetail {
+                stage: rec.stage,
+                step: rec.step,
+                total_steps: rec.total_steps,
+                num_frames: spec.num_frames,
+                fps: spec.fps,
+                seed: spec.seed,
+                num_inference_steps: spec.num_inference_steps,
+                ranks: rec.ranks,
+                attempts: rec.attempts,
+            },
+        }
+    }
+}
+
+/// A page of videos.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VideoList<'a> {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<Video<'a>>,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+    /// Whether a later page exists (ask with `after` = `last_id`).
+    pub has_more: bool,
+}
+
+/// The answer to a delete.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VideoDeleted {
+    pub id: String,
+    /// Always `video.deleted`.
+    pub object: &'static str,
+    pub deleted: bool,
+}
+
+/// The video answer, with `openai-poll-after-ms` while the job is not finished.
+fn with_poll(state: &AppState, rec: &JobRecord) -> Response {
+    let mut resp = axum::Json(Video::of(rec, state.config.queue.finished_ttl_s)).into_response();
     if !rec.status.is_terminal() {
         resp.headers_mut().insert(POLL_AFTER, HeaderValue::from(state.config.http.poll_after_ms));
     }
@@ -88,6 +204,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// Create a video job.
+///
+/// The job is queued at once; poll it (`openai-poll-after-ms` says when) or follow its events.
+/// An `Idempotency-Key` header makes a retry answer the job the first request made.
+#[utoipa::path(
+    post,
+    path = "/v1/videos",
+    operation_id = "createVideo",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 256 visible ASCII characters")),
+    request_body(content(
+        (CreateVideoRequest = "application/json"),
+        (CreateVideoRequest = "multipart/form-data"),
+    )),
+    responses((status = 200, description = "The queued video", body = Video), ErrorResponses),
+)]
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -96,19 +227,26 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let form = Form::read(&headers, req).await?;
-    let v = validate::video(&form, &state.config.models)?;
+    let v = validate::video(CreateVideoRequest::read(&form)?, &state.config.models)?;
     let created = state.admit(v, key.as_deref(), &caller).await?;
-    let rec = created.record;
-    Ok(with_poll(&state, &rec, video_json(&rec, state.config.queue.finished_ttl_s)))
+    Ok(with_poll(&state, &created.record))
 }
 
+/// Retrieve a video.
+#[utoipa::path(
+    get,
+    path = "/v1/videos/{video_id}",
+    operation_id = "retrieveVideo",
+    params(("video_id" = String, Path)),
+    responses((status = 200, description = "The video", body = Video), ErrorResponses),
+)]
 pub async fn retrieve(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = video_id(&id)?;
     let rec = state.queue.get(job).await.map_err(|e| not_found_as(e, &id))?;
-    Ok(with_poll(&state, &rec, video_json(&rec, state.config.queue.finished_ttl_s)))
+    Ok(with_poll(&state, &rec))
 }
 
 fn not_found_as(e: x2v_queue::QueueError, id: &str) -> ApiError {
@@ -118,52 +256,101 @@ fn not_found_as(e: x2v_queue::QueueError, id: &str) -> ApiError {
     }
 }
 
+/// The query of a video list.
+#[derive(Debug, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListVideos {
+    /// A video id from an earlier page: the page after it.
+    #[param(value_type = Option<String>)]
+    pub after: Option<JobId>,
+    /// Videos per page (absent: 20).
+    #[param(minimum = 0, maximum = 100)]
+    pub limit: Option<usize>,
+    /// By creation time (absent: `desc`, newest first).
+    #[param(inline)]
+    pub order: Option<ListOrder>,
+}
+
+impl ListVideos {
+    /// Reads the query; empty values count as absent.
+    fn read(q: &HashMap<String, String>) -> Result<Self, ApiError> {
+        let given = |key: &str| q.get(key).map(String::as_str).filter(|v| !v.is_empty());
+        let limit = given("limit")
+            .map(|l| {
+                l.parse::<usize>().ok().filter(|l| *l <= MAX_PAGE).ok_or_else(|| {
+                    ApiError::invalid(
+                        "limit",
+                        format!("`limit` must be an integer from 0 to {MAX_PAGE}; got \"{l}\"."),
+                    )
+                })
+            })
+            .transpose()?;
+        let after = given("after")
+            .map(|a| {
+                JobId::parse_prefixed(a, "video").map_err(|_| {
+                    ApiError::invalid(
+                        "after",
+                        format!("`after` must be a video id from an earlier page; got \"{a}\"."),
+                    )
+                })
+            })
+            .transpose()?;
+        let order = given("order").map(|o| choice("order", o)).transpose()?;
+        Ok(ListVideos { after, limit, order })
+    }
+}
+
+/// Most videos per page.
+const MAX_PAGE: usize = 100;
+
+choice_enum!(
+    /// Sort order of a list, by creation time.
+    ListOrder { Asc = "asc", Desc = "desc" }
+);
+
+/// List videos.
+#[utoipa::path(
+    get,
+    path = "/v1/videos",
+    operation_id = "listVideos",
+    params(ListVideos),
+    responses((status = 200, description = "A page of videos", body = VideoList), ErrorResponses),
+)]
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let limit = match q.get("limit").map(String::as_str) {
-        None | Some("") => 20,
-        Some(l) => l.parse::<usize>().ok().filter(|l| *l <= 100).ok_or_else(|| {
-            ApiError::invalid(
-                "limit",
-                format!("`limit` must be an integer from 0 to 100; got \"{l}\"."),
-            )
-        })?,
+    let q = ListVideos::read(&q)?;
+    let order = match q.order {
+        Some(ListOrder::Asc) => Order::Asc,
+        Some(ListOrder::Desc) | None => Order::Desc,
     };
-    let order = match q.get("order").map(String::as_str) {
-        None | Some("") | Some("desc") => Order::Desc,
-        Some("asc") => Order::Asc,
-        Some(o) => {
-            return Err(ApiError::invalid(
-                "order",
-                format!("`order` must be asc or desc; got \"{o}\"."),
-            ));
-        }
+    let query = ListQuery {
+        resource: Resource::Video,
+        after: q.after,
+        limit: q.limit.unwrap_or(20),
+        order,
     };
-    let after = match q.get("after").filter(|a| !a.is_empty()) {
-        None => None,
-        Some(a) => Some(JobId::parse_prefixed(a, "video").map_err(|_| {
-            ApiError::invalid(
-                "after",
-                format!("`after` must be a video id from an earlier page; got \"{a}\"."),
-            )
-        })?),
-    };
-    let page =
-        state.queue.list(ListQuery { resource: Resource::Video, after, limit, order }).await?;
-    let data: Vec<Value> =
-        page.jobs.iter().map(|r| video_json(r, state.config.queue.finished_ttl_s)).collect();
-    Ok(axum::Json(json!({
-        "object": "list",
-        "first_id": page.jobs.first().map(JobRecord::public_id),
-        "last_id": page.jobs.last().map(JobRecord::public_id),
-        "has_more": page.has_more,
-        "data": data,
-    }))
+    let page = state.queue.list(query).await?;
+    let ttl = state.config.queue.finished_ttl_s;
+    Ok(axum::Json(VideoList {
+        object: "list",
+        first_id: page.jobs.first().map(JobRecord::public_id),
+        last_id: page.jobs.last().map(JobRecord::public_id),
+        has_more: page.has_more,
+        data: page.jobs.iter().map(|r| Video::of(r, ttl)).collect(),
+    })
     .into_response())
 }
 
+/// Delete a video: its queued or running work is cancelled, its files removed.
+#[utoipa::path(
+    delete,
+    path = "/v1/videos/{video_id}",
+    operation_id = "deleteVideo",
+    params(("video_id" = String, Path)),
+    responses((status = 200, description = "Deleted", body = VideoDeleted), ErrorResponses),
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -171,9 +358,43 @@ pub async fn delete(
     let job = video_id(&id)?;
     state.queue.delete(job).await.map_err(|e| not_found_as(e, &id))?;
     state.storage.delete_prefix(&job.to_string()).await?;
-    Ok(axum::Json(json!({"id": id, "object": "video.deleted", "deleted": true})).into_response())
+    Ok(axum::Json(VideoDeleted { id, object: "video.deleted", deleted: true }).into_response())
 }
 
+choice_enum!(
+    /// Which file of a completed video to download: the MP4, a still of it, or its frames in one
+    /// image.
+    Variant { Video = "video", Thumbnail = "thumbnail", Spritesheet = "spritesheet" }
+);
+
+/// The query of a content download.
+#[derive(Debug, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ContentQuery {
+    /// Absent: `video`.
+    #[param(inline)]
+    pub variant: Option<Variant>,
+}
+
+impl ContentQuery {
+    fn read(q: &HashMap<String, String>) -> Result<Self, ApiError> {
+        Ok(ContentQuery { variant: q.get("variant").map(|v| choice("variant", v)).transpose()? })
+    }
+}
+
+/// Download video content (one `Range` honoured).
+#[utoipa::path(
+    get,
+    path = "/v1/videos/{video_id}/content",
+    operation_id = "downloadVideoContent",
+    params(("video_id" = String, Path), ContentQuery),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream"),
+        (status = 206, description = "The requested range", content_type = "application/octet-stream"),
+        (status = 416, description = "The range is not satisfiable", body = crate::error::ErrorEnvelope),
+        ErrorResponses,
+    ),
+)]
 pub async fn content(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -181,13 +402,7 @@ pub async fn content(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let job = video_id(&id)?;
-    let variant = q.get("variant").map_or("video", String::as_str);
-    if !["video", "thumbnail", "spritesheet"].contains(&variant) {
-        return Err(ApiError::invalid(
-            "variant",
-            format!("`variant` must be video, thumbnail or spritesheet; got \"{variant}\"."),
-        ));
-    }
+    let variant = ContentQuery::read(&q)?.variant.unwrap_or(Variant::Video).as_str();
     let rec = state.queue.get(job).await.map_err(|e| not_found_as(e, &id))?;
     if rec.status != JobStatus::Completed {
         return Err(ApiError::invalid(
@@ -206,6 +421,21 @@ pub async fn content(
     super::serve_object(&state, &out.key, &out.content_type, &headers).await
 }
 
+/// Remix a video: a new job with the source's settings, overridden by the fields given.
+#[utoipa::path(
+    post,
+    path = "/v1/videos/{video_id}/remix",
+    operation_id = "remixVideo",
+    params(
+        ("video_id" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 256 visible ASCII characters"),
+    ),
+    request_body(content(
+        (CreateVideoRequest = "application/json"),
+        (CreateVideoRequest = "multipart/form-data"),
+    )),
+    responses((status = 200, description = "The queued remix", body = Video), ErrorResponses),
+)]
 pub async fn remix(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -239,13 +469,23 @@ pub async fn remix(
             bytes,
         });
     }
-    let mut v = validate::video(&form, &state.config.models)?;
+    let mut v = validate::video(CreateVideoRequest::read(&form)?, &state.config.models)?;
     v.spec.remixed_from = Some(id);
     let rec = state.admit(v, key.as_deref(), &caller).await?.record;
-    Ok(with_poll(&state, &rec, video_json(&rec, state.config.queue.finished_ttl_s)))
+    Ok(with_poll(&state, &rec))
 }
 
-/// `GET /v1/videos/{id}/events`: the job's status and per-step progress as SSE, ending when it does.
+/// Status and progress events of a video (SSE), ending when the video does.
+///
+/// Each event is `video.status` or `video.progress`, its data the status, stage, progress and
+/// step.
+#[utoipa::path(
+    get,
+    path = "/v1/videos/{video_id}/events",
+    operation_id = "videoEvents",
+    params(("video_id" = String, Path)),
+    responses((status = 200, description = "Event stream", content_type = "text/event-stream"), ErrorResponses),
+)]
 pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,

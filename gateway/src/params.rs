@@ -1,0 +1,324 @@
+//! The typed bodies of the create endpoints, read from a [`Form`] (a JSON object or a multipart
+//! form). Each field is read with the type and the bounds that hold whatever model serves the
+//! request; the served model's own limits (sizes, steps, frames, images per request) are checked
+//! by [`crate::validate`]. The derived schemas are the request bodies of `/openapi.json`, and the
+//! document's tests hold its bounds to the constants read here.
+
+use utoipa::ToSchema;
+use x2v_queue::MAX_PREVIEWS;
+
+use crate::error::ApiError;
+use crate::request::{Form, Upload, choice_enum, decode_data_url};
+
+/// Most characters of a prompt or a negative prompt.
+pub const MAX_PROMPT_CHARS: usize = 32_000;
+/// Largest seed, 2^53 - 1: clients that read JSON numbers as doubles see every seed exactly.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+/// Largest engine rank a request may pin.
+pub const MAX_ENGINE_RANK: u64 = 1 << 20;
+/// Bounds of `guidance_scale`.
+pub const GUIDANCE_SCALE: (f64, f64) = (0.0, 30.0);
+/// Bounds of `shift`.
+pub const SHIFT: (f64, f64) = (0.01, 100.0);
+/// Largest `fps`.
+pub const MAX_FPS: u64 = 120;
+/// Input images of one edit at most (the OpenAI API's bound; models may allow fewer).
+pub const MAX_EDIT_IMAGES: usize = 16;
+/// Largest `output_compression` (percent).
+pub const MAX_COMPRESSION: u64 = 100;
+const IMAGE_TYPES: [&str; 3] = ["image/png", "image/jpeg", "image/webp"];
+
+/// x2v's sampling extensions, accepted by every create endpoint.
+#[derive(Debug, Clone, Default, ToSchema)]
+pub struct Sampling {
+    /// What the output should not show.
+    #[schema(max_length = 32000)]
+    pub negative_prompt: Option<String>,
+    /// Seed of the initial noise; drawn at random when absent.
+    #[schema(minimum = 0, maximum = 9007199254740991_u64)]
+    pub seed: Option<u64>,
+    /// Denoising steps, up to the model's `max_steps`.
+    #[schema(minimum = 1)]
+    pub num_inference_steps: Option<u64>,
+    /// Classifier-free guidance scale.
+    #[schema(minimum = 0, maximum = 30)]
+    pub guidance_scale: Option<f64>,
+    /// Shift of the flow-matching noise schedule.
+    #[schema(minimum = 0.01, maximum = 100)]
+    pub shift: Option<f64>,
+    /// Text-encoder engine rank to run on (a live worker's).
+    #[schema(minimum = 0, maximum = 1048576)]
+    pub encoder_engine_rank: Option<u32>,
+    /// Denoising (DiT) engine rank to run on (a live worker's).
+    #[schema(minimum = 0, maximum = 1048576)]
+    pub dit_engine_rank: Option<u32>,
+    /// Decoder engine rank to run on (a live worker's).
+    #[schema(minimum = 0, maximum = 1048576)]
+    pub decoder_engine_rank: Option<u32>,
+}
+
+impl Sampling {
+    fn read(form: &Form) -> Result<Self, ApiError> {
+        let rank = |key: &str| -> Result<Option<u32>, ApiError> {
+            Ok(form.int(key, 0, MAX_ENGINE_RANK)?.map(|r| r as u32))
+        };
+        Ok(Sampling {
+            negative_prompt: prompt(form, "negative_prompt", false)?,
+            seed: form.int("seed", 0, MAX_SEED)?,
+            num_inference_steps: form.int_from("num_inference_steps", 1)?,
+            guidance_scale: form.float("guidance_scale", GUIDANCE_SCALE.0, GUIDANCE_SCALE.1)?,
+            shift: form.float("shift", SHIFT.0, SHIFT.1)?,
+            encoder_engine_rank: rank("encoder_engine_rank")?,
+            dit_engine_rank: rank("dit_engine_rank")?,
+            decoder_engine_rank: rank("decoder_engine_rank")?,
+        })
+    }
+}
+
+/// `POST /v1/videos` and `POST /v1/videos/{video_id}/remix` (where absent fields take the
+/// source video's settings).
+#[derive(Debug, Clone, Default, ToSchema)]
+pub struct CreateVideoRequest {
+    /// What to generate.
+    #[schema(min_length = 1, max_length = 32000, pattern = r"\S")]
+    pub prompt: String,
+    /// A served model; absent, the first configured model for the task.
+    pub model: Option<String>,
+    /// Clip length in whole seconds, as text (as OpenAI clients send it) or a number; at most
+    /// what the model's `max_frames` hold at its frame rate.
+    #[schema(value_type = Option<String>, pattern = "^[0-9]+$")]
+    pub seconds: Option<u64>,
+    /// `WIDTHxHEIGHT`, one of the model's sizes; absent, its first.
+    pub size: Option<String>,
+    /// A reference image (PNG, JPEG or WebP) for image to video: a file part, or in JSON
+    /// `{"image_url": "data:image/png;base64,..."}`.
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub input_reference: Option<Upload>,
+    /// Frames per second; absent, the model's.
+    #[schema(minimum = 1, maximum = 120)]
+    pub fps: Option<u64>,
+    /// Frames to generate, `4k+1` and at most the model's `max_frames`; wins over `seconds`.
+    #[schema(minimum = 1)]
+    pub num_frames: Option<u64>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub sampling: Sampling,
+}
+
+impl CreateVideoRequest {
+    pub fn read(form: &Form) -> Result<Self, ApiError> {
+        let prompt = prompt(form, "prompt", true)?.unwrap_or_default();
+        let mut reference = form.uploads("input_reference").cloned().collect::<Vec<_>>();
+        if let Some(url) = form.nested("input_reference", "image_url")? {
+            reference.push(decode_data_url("input_reference", &url)?);
+        }
+        if form.nested("input_reference", "file_id")?.is_some() {
+            return Err(ApiError::invalid(
+                "input_reference",
+                "`input_reference.file_id` is not supported; upload the image or send a data URL.",
+            ));
+        }
+        if reference.len() > 1 {
+            return Err(ApiError::invalid(
+                "input_reference",
+                format!("At most one `input_reference` is allowed; got {}.", reference.len()),
+            ));
+        }
+        Ok(CreateVideoRequest {
+            prompt,
+            model: form.str("model")?,
+            seconds: form.int_from("seconds", 1)?,
+            size: form.str("size")?,
+            input_reference: reference.pop().map(|u| image("input_reference", u)).transpose()?,
+            fps: form.int("fps", 1, MAX_FPS)?,
+            num_frames: form.int_from("num_frames", 1)?,
+            sampling: Sampling::read(form)?,
+        })
+    }
+}
+
+choice_enum!(
+    /// How finished images are answered.
+    ResponseFormat {
+        /// The image bytes, base64, in the answer.
+        B64Json = "b64_json",
+        /// A URL on this gateway to fetch the image from.
+        Url = "url",
+    }
+);
+choice_enum!(
+    /// Encoding of the made images.
+    OutputFormat { Png = "png", Jpeg = "jpeg", Webp = "webp" }
+);
+choice_enum!(
+    /// Accepted for OpenAI compatibility; x2v's quality is set by `num_inference_steps`.
+    Quality { Auto = "auto", Low = "low", Medium = "medium", High = "high", Standard = "standard", Hd = "hd" }
+);
+choice_enum!(
+    /// Accepted for OpenAI compatibility.
+    Background { Auto = "auto", Transparent = "transparent", Opaque = "opaque" }
+);
+choice_enum!(
+    /// Accepted for OpenAI compatibility.
+    Moderation { Auto = "auto", Low = "low" }
+);
+choice_enum!(
+    /// Accepted for OpenAI compatibility.
+    InputFidelity { High = "high", Low = "low" }
+);
+
+/// `POST /v1/images/generations` (and the fields of an edit besides its images).
+#[derive(Debug, Clone, ToSchema)]
+pub struct CreateImageRequest {
+    /// What to generate.
+    #[schema(min_length = 1, max_length = 32000, pattern = r"\S")]
+    pub prompt: String,
+    /// A served model; absent, the first configured model for the task.
+    pub model: Option<String>,
+    /// Images to make, up to the model's `max_n`.
+    #[schema(minimum = 1)]
+    pub n: Option<u64>,
+    /// `WIDTHxHEIGHT`, one of the model's sizes, or `auto`.
+    pub size: Option<String>,
+    /// Absent: `b64_json`.
+    pub response_format: Option<ResponseFormat>,
+    /// Absent: `png`.
+    pub output_format: Option<OutputFormat>,
+    /// Compression of `jpeg` and `webp` output, in percent.
+    #[schema(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u8>,
+    /// Answer as server-sent events: previews while denoising, then each image.
+    pub stream: Option<bool>,
+    /// Previews per image when streaming.
+    #[schema(minimum = 0, maximum = 3)]
+    pub partial_images: Option<u32>,
+    pub quality: Option<Quality>,
+    pub background: Option<Background>,
+    pub moderation: Option<Moderation>,
+    pub input_fidelity: Option<InputFidelity>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub sampling: Sampling,
+}
+
+impl CreateImageRequest {
+    pub fn read(form: &Form) -> Result<Self, ApiError> {
+        Ok(CreateImageRequest {
+            prompt: prompt(form, "prompt", true)?.unwrap_or_default(),
+            model: form.str("model")?,
+            n: form.int_from("n", 1)?,
+            size: form.str("size")?,
+            response_format: form.choice("response_format")?,
+            output_format: form.choice("output_format")?,
+            output_compression: form
+                .int("output_compression", 0, MAX_COMPRESSION)?
+                .map(|c| c as u8),
+            stream: form.bool("stream")?,
+            partial_images: form
+                .int("partial_images", 0, u64::from(MAX_PREVIEWS))?
+                .map(|p| p as u32),
+            quality: form.choice("quality")?,
+            background: form.choice("background")?,
+            moderation: form.choice("moderation")?,
+            input_fidelity: form.choice("input_fidelity")?,
+            sampling: Sampling::read(form)?,
+        })
+    }
+}
+
+/// `POST /v1/images/edits`: a multipart form with the images to edit.
+#[derive(Debug, Clone, ToSchema)]
+pub struct EditImageRequest {
+    /// The images to edit (PNG, JPEG or WebP): one `image` part, or up to 16 as `image[]`
+    /// (models may take fewer). The output's size follows the last one.
+    #[schema(schema_with = image_parts)]
+    pub image: Vec<Upload>,
+    /// A PNG whose transparent pixels mark what to change.
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub mask: Option<Upload>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub edit: CreateImageRequest,
+}
+
+impl EditImageRequest {
+    pub fn read(form: &Form) -> Result<Self, ApiError> {
+        let edit = CreateImageRequest::read(form)?;
+        let images: Vec<Upload> = form.uploads("image").cloned().collect();
+        if images.is_empty() {
+            return Err(ApiError::invalid(
+                "image",
+                "`image` is required: upload one image as `image` or up to 16 as `image[]`.",
+            )
+            .code("missing_required_parameter"));
+        }
+        if images.len() > MAX_EDIT_IMAGES {
+            return Err(ApiError::invalid(
+                "image",
+                format!(
+                    "At most {MAX_EDIT_IMAGES} input images are allowed per edit; got {}.",
+                    images.len()
+                ),
+            ));
+        }
+        let image = images.into_iter().map(|u| image("image", u)).collect::<Result<_, _>>()?;
+        let mask = match form.uploads("mask").next() {
+            Some(mask) if mask.media_type != Some("image/png") => {
+                return Err(ApiError::invalid(
+                    "mask",
+                    "`mask` must be a PNG image with an alpha channel.",
+                ));
+            }
+            mask => mask.cloned(),
+        };
+        Ok(EditImageRequest { image, mask, edit })
+    }
+}
+
+/// One to [`MAX_EDIT_IMAGES`] file parts.
+fn image_parts() -> utoipa::openapi::Array {
+    use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+    let file = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)));
+    utoipa::openapi::ArrayBuilder::new()
+        .items(file)
+        .min_items(Some(1))
+        .max_items(Some(MAX_EDIT_IMAGES))
+        .build()
+}
+
+fn prompt(form: &Form, key: &str, required: bool) -> Result<Option<String>, ApiError> {
+    let p = form.str(key)?;
+    match &p {
+        None if required => Err(ApiError::invalid(key, format!("`{key}` is required."))
+            .code("missing_required_parameter")),
+        Some(s) if required && s.trim().is_empty() => {
+            Err(ApiError::invalid(key, format!("`{key}` must not be empty.")))
+        }
+        Some(s) if s.len() > MAX_PROMPT_CHARS && s.chars().count() > MAX_PROMPT_CHARS => {
+            Err(ApiError::invalid(
+                key,
+                format!(
+                    "`{key}` must be at most {MAX_PROMPT_CHARS} characters; got {}.",
+                    s.chars().count()
+                ),
+            ))
+        }
+        _ => Ok(p),
+    }
+}
+
+/// `up` if it is a PNG, JPEG or WebP image (by its bytes).
+fn image(param: &str, up: Upload) -> Result<Upload, ApiError> {
+    match up.media_type {
+        Some(t) if IMAGE_TYPES.contains(&t) => Ok(up),
+        other => Err(ApiError::invalid(
+            param,
+            format!(
+                "`{param}` must be a PNG, JPEG or WebP image; got {}.",
+                other.map_or("bytes of an unknown format".into(), |t| format!("a {t} file"))
+            ),
+        )),
+    }
+}
