@@ -50,12 +50,35 @@ def test_cancel_releases_the_dit_worker_within_one_step(client, cluster):
     assert done.status == "completed", done.error
 
 
+def step_seconds(client, cluster, **job):
+    """Runs a short clean job and returns its DiT's mean seconds per denoising step, measured on this
+    machine as it is loaded now, and the finished video."""
+    steps = 3
+    before = {r: cluster.stage(T2V, "dit", r).metrics() for r in (0, 1)}
+    done = client.videos.create_and_poll(model=T2V, prompt="no crash", poll_interval_ms=100,
+                                         extra_body={"num_inference_steps": steps}, **job)
+    assert done.status == "completed", done.error
+    rank = done.model_extra["x2v"]["ranks"]["dit"]
+    after = cluster.stage(T2V, "dit", rank).metrics()
+    spent = after["x2v_stage_step_seconds_sum"] - before[rank]["x2v_stage_step_seconds_sum"]
+    ran = after["x2v_stage_step_seconds_count"] - before[rank]["x2v_stage_step_seconds_count"]
+    assert ran == steps, (ran, steps)
+    return spent / ran, done
+
+
+# Seconds of denoising the crash job should take on the surviving rank, whatever the machine's speed:
+# long enough that the kill lands mid-job, short enough to end far inside the stage deadline.
+CRASH_JOB_SECONDS = 8.0
+
+
 def test_killed_dit_worker_hands_its_job_to_the_other_rank(client, cluster):
-    clean = client.videos.create_and_poll(model=T2V, prompt="no crash", size="256x256", seconds="2",
-                                          poll_interval_ms=100, extra_body={"num_inference_steps": 2})
-    assert clean.status == "completed", clean.error
-    video = client.videos.create(prompt="survive a crash", extra_body={"num_inference_steps": 40, "seed": 2},
-                                 **SLOW)
+    job = {"size": "256x256", "seconds": "2"}
+    step_s, clean = step_seconds(client, cluster, **job)
+    # The job's length follows the measured step time, so a slower (or busier) machine runs fewer
+    # steps rather than hitting the stage deadline.
+    steps = max(8, min(400, round(CRASH_JOB_SECONDS / step_s)))
+    video = client.videos.create(model=T2V, prompt="survive a crash",
+                                 extra_body={"num_inference_steps": steps, "seed": 2}, **job)
     v = wait_in_dit(client, video.id, min_step=1)
     rank = v.model_extra["x2v"]["ranks"]["dit"]
     victim = cluster.stage(T2V, "dit", rank)
@@ -64,7 +87,7 @@ def test_killed_dit_worker_hands_its_job_to_the_other_rank(client, cluster):
     try:
         done = wait_for(lambda: (r := retrieve(client, video.id)).status in ("completed", "failed") and r,
                         timeout=240, what="the job to end after the SIGKILL", every=0.2)
-        assert done.status == "completed", done.error
+        assert done.status == "completed", (done.error, f"{steps} steps of {step_s:.3f} s")
         x = done.model_extra["x2v"]
         assert x["ranks"]["dit"] != rank, "the job must have moved to the surviving DiT rank"
         # The stage claims of a clean run, plus the DiT stage's redelivery.

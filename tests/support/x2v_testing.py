@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
 
 
-def cargo_build(*args, **env) -> Path:
-    """`cargo build -q ARGS` in the workspace (into `TARGET`, with `env` added); returns the debug
-    output directory."""
-    subprocess.run(["cargo", "build", "-q", *args], cwd=ROOT,
-                   env=dict(os.environ, CARGO_TARGET_DIR=str(TARGET), **env), check=True)
+def cargo_build() -> Path:
+    """Builds the workspace exactly as `make test-rust` does (`cargo test --workspace --all-targets
+    --no-run`, the same profile and feature set), so that after it this is a no-op and every crate
+    compiles once per run; returns the output directory of the binaries and examples."""
+    env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET), LIBTORCH_USE_PYTORCH="1")
+    subprocess.run(["cargo", "test", "-q", "--workspace", "--all-targets", "--no-run"], cwd=ROOT,
+                   env=env, check=True, stdout=subprocess.DEVNULL)
     return TARGET / "debug"
 
 
