@@ -2,8 +2,8 @@
 `x2v dit` and `x2v decoder` process per stage (two DiT ranks for text-to-video), on tiny
 random-initialised demo models written by `x2v demo-model`, driven by the official openai client.
 
-Run: make test (or ~/.cache/x2v/venv/bin/python -m pytest tests/e2e -q; builds the workspace as
-`make test-rust` does first; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
+Run: make test (or ~/.cache/x2v/venv/bin/python -m pytest tests/e2e -q; builds the binaries first,
+reusing what `make test-rust` built; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
 """
 
 import os
@@ -26,7 +26,7 @@ LEASE_MS, HEARTBEAT_TTL_MS = 2000, 1500
 
 @pytest.fixture(scope="session")
 def x2v_bin() -> Path:
-    return cargo_build() / "x2v"
+    return cargo_build()["x2v"]
 
 
 def model_entry(name, task):

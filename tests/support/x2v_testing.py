@@ -18,14 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/x2v/target"))
 
 
-def cargo_build() -> Path:
-    """Builds the workspace exactly as `make test-rust` does (`cargo test --workspace --all-targets
-    --no-run`, the same profile and feature set), so that after it this is a no-op and every crate
-    compiles once per run; returns the output directory of the binaries and examples."""
+def cargo_build() -> dict:
+    """Builds the workspace's binaries and examples with the features `make test-rust` (`cargo test
+    --workspace --all-targets`) resolves, so that after it only the examples' own `main`s compile and
+    every crate compiles once per run. Returns the executables by target name."""
     env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET), LIBTORCH_USE_PYTORCH="1")
-    subprocess.run(["cargo", "test", "-q", "--workspace", "--all-targets", "--no-run"], cwd=ROOT,
-                   env=env, check=True, stdout=subprocess.DEVNULL)
-    return TARGET / "debug"
+    out = subprocess.run(["cargo", "build", "-q", "--workspace", "--bins", "--examples",
+                          "--message-format=json-render-diagnostics"], cwd=ROOT, env=env, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    executables = {}
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and not msg["profile"]["test"]:
+            executables[msg["target"]["name"]] = Path(msg["executable"])
+    return executables
 
 
 def write_config(path, config: dict) -> Path:

@@ -3,7 +3,7 @@ the x2v-gateway binary on port 0 and the test worker (the x2v-queue `test_worker
 completing jobs through the worker API.
 
 Run: ~/.cache/x2v/venv/bin/python -m pytest gateway/tests/py -q
-(builds the workspace first as `make test-rust` does; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
+(builds the binaries first, reusing what `make test-rust` built; CARGO_TARGET_DIR defaults to ~/.cache/x2v/target).
 """
 
 import os
@@ -18,8 +18,8 @@ API_KEY = "sk-x2v-test"
 
 @pytest.fixture(scope="session")
 def binaries():
-    debug = cargo_build()
-    return {"gateway": debug / "x2v-gateway", "worker": debug / "examples" / "test_worker"}
+    built = cargo_build()
+    return {"gateway": built["x2v-gateway"], "worker": built["test_worker"]}
 
 
 class Gateway:
