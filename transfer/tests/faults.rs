@@ -236,26 +236,9 @@ fn malformed_frames_and_bad_manifests_get_clear_errors() {
 
 #[test]
 fn shared_memory_chunk_announcements_are_bounds_checked() {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
     let rx = engine(1 << 20);
-    let mut tcp = TcpStream::connect(addr(&rx)).unwrap();
-    let ctx = Ctx::new("raw", Instant::now() + LONG, CancelFlag::default());
-    let info = auth::connect(&mut tcp, &Secret::new(SECRET).unwrap(), &ctx).unwrap();
-    let name = info.shm.expect("the engine serves shared memory");
-    let mut sock =
-        UnixStream::connect_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
-    auth::connect(&mut sock, &Secret::new(SECRET).unwrap(), &ctx).unwrap();
-    let _theirs = x2v_transfer::region::recv_fd(&sock).unwrap();
-    let ours = x2v_transfer::region::Region::create("x2v-test-raw", 4096).unwrap();
-    x2v_transfer::region::send_fd(&sock, ours.fd()).unwrap();
-    let begin = Frame::PushBegin {
-        job: *JobId::new().as_uuid().as_bytes(),
-        deadline_ms: 60_000,
-        chunk_crc: false,
-        leaf_bytes: blob(4096).leaf_bytes(),
-        tensors: blob(4096).manifest(),
-    };
+    let (mut sock, ctx, _pool) = raw_shm_client(&rx);
+    let begin = push_begin(blob(4096).leaf_bytes(), blob(4096).manifest());
     write_frame(&mut sock, &begin, &ctx, "test").unwrap();
     assert!(matches!(
         read_frame(&mut sock, &ctx, "test").unwrap(),
