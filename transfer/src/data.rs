@@ -33,6 +33,12 @@ use crate::wire::{Frame, MAX_CHUNK, MAX_LEAVES_PER_FRAME, read_frame, write_fram
 /// hand-off costs more than it overlaps.
 const INLINE_HASH_MAX: u64 = 1 << 20;
 
+/// Hashing threads for a payload of `total` bytes: none (the thread moving the bytes hashes) up to
+/// [`INLINE_HASH_MAX`], else `hash_threads`. Writer and receiver decide alike.
+fn hashers_for(total: u64, hash_threads: usize) -> usize {
+    if total <= INLINE_HASH_MAX { 0 } else { hash_threads }
+}
+
 /// Most bytes read from the socket at once while a chunk CRC32 is computed (read from cache).
 const CRC_PIECE: usize = 512 << 10;
 
@@ -90,7 +96,7 @@ pub fn send(
         }
         _ => None,
     };
-    let helpers = if payload.total_bytes() <= INLINE_HASH_MAX { 0 } else { hash_threads };
+    let helpers = hashers_for(payload.total_bytes(), hash_threads);
     let sent = std::thread::scope(|s| {
         let hashers = queue.as_ref().map(|q| q.spawn(s, helpers));
         let moved = match shm_offset {
@@ -299,7 +305,7 @@ fn recv_chunks(
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
         let total: u64 = metas.iter().map(|m| m.byte_len).sum();
-        let threads = if total <= INLINE_HASH_MAX { 0 } else { plan.hash_threads };
+        let threads = hashers_for(total, plan.hash_threads);
         let mut hashing = Hashing::start(s, metas, plan.leaf_bytes, threads, tx, &rx);
         loop {
             match next_frame(ch, plan, &filled, &theirs, crc_required, ctx)? {
