@@ -8,8 +8,7 @@ use tch::{Device, Kind, Tensor};
 use x2v_models::schedulers::UniPcConfig;
 use x2v_models::wan::demo::{DemoOptions, write_demo_model};
 use x2v_models::wan::pipeline::{
-    DenoiseSettings, Geometry, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
-    load_transformer,
+    DenoiseSettings, Geometry, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise, load_dit,
 };
 use x2v_models::wan::vae::AutoencoderKLWan;
 use x2v_models::weights::parameter_bytes;
@@ -18,10 +17,11 @@ use x2v_models::weights::parameter_bytes;
 fn generate(dir: &Path, task: Task, g: Geometry, image: Option<&Tensor>) -> Tensor {
     let encoder = WanEncoder::load(dir, task, Device::Cpu, Kind::Float).unwrap();
     let phase1 = encoder.encode("A cat walks on the grass.", None, image, g, 5.0).unwrap();
-    let dit = load_transformer(dir, Device::Cpu, Kind::Float).unwrap();
+    let dit = load_dit(dir, Device::Cpu, Kind::Float).unwrap();
     let settings = DenoiseSettings {
         steps: 2,
         guidance_scale: 5.0,
+        guidance_scale_2: None,
         seed: 1,
         scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(3.0)),
         batch_cfg: true,
@@ -50,7 +50,7 @@ fn assert_varied_frames(frames: &Tensor, g: Geometry) {
 #[test]
 fn t2v_demo_runs_through_the_three_stages() {
     let tmp = tempfile::tempdir().unwrap();
-    write_demo_model(tmp.path(), &DemoOptions { seed: 0, i2v: false }).unwrap();
+    write_demo_model(tmp.path(), &DemoOptions { seed: 0, i2v: false, two_experts: false }).unwrap();
     let g = Geometry { frames: 9, height: 64, width: 96 };
     assert_varied_frames(&generate(tmp.path(), Task::T2v, g, None), g);
     // A T2V directory has no image encoder.
@@ -67,7 +67,7 @@ fn t2v_demo_runs_through_the_three_stages() {
 #[test]
 fn i2v_demo_runs_through_the_three_stages() {
     let tmp = tempfile::tempdir().unwrap();
-    write_demo_model(tmp.path(), &DemoOptions { seed: 5, i2v: true }).unwrap();
+    write_demo_model(tmp.path(), &DemoOptions { seed: 5, i2v: true, two_experts: false }).unwrap();
     let g = Geometry { frames: 5, height: 64, width: 64 };
     let ramp = Tensor::arange(64 * 64 * 3, (Kind::Int64, Device::Cpu)).remainder(251);
     let image = ramp.to_kind(Kind::Uint8).view([64, 64, 3]);
@@ -78,7 +78,7 @@ fn i2v_demo_runs_through_the_three_stages() {
 fn one_seed_writes_identical_files() {
     let (a, b, c) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let opts = DemoOptions { seed: 11, i2v: true };
+    let opts = DemoOptions { seed: 11, i2v: true, two_experts: false };
     write_demo_model(a.path(), &opts).unwrap();
     write_demo_model(b.path(), &opts).unwrap();
     let (fa, fb) = (

@@ -8,7 +8,7 @@ use std::cell::Cell;
 use tch::{Device, Kind};
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
 use x2v_models::wan::pipeline::{
-    DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, initial_noise,
+    DenoiseSettings, Geometry, Phase1, SchedulerChoice, WanDit, denoise, initial_noise,
 };
 use x2v_models::wan::transformer::WanTransformer3DModel;
 
@@ -27,16 +27,15 @@ struct Settings {
     shift: Option<f64>,
 }
 
-fn setup()
--> (WanTransformer3DModel, Phase1, DenoiseSettings, std::collections::HashMap<String, tch::Tensor>)
-{
+fn setup() -> (WanDit, Phase1, DenoiseSettings, std::collections::HashMap<String, tch::Tensor>) {
     let fx = common::fixture("wan_dit");
     let s: Settings =
         serde_json::from_str(&std::fs::read_to_string(fx.join("denoise_t2v.json")).unwrap())
             .unwrap();
     let want = common::tensors(&fx.join("denoise_t2v.safetensors"));
-    let dit =
-        WanTransformer3DModel::load(&fx.join("t2v_diffusers"), Device::Cpu, Kind::Float).unwrap();
+    let dit = WanDit::from(
+        WanTransformer3DModel::load(&fx.join("t2v_diffusers"), Device::Cpu, Kind::Float).unwrap(),
+    );
     let geometry = Geometry { frames: s.frames, height: s.height, width: s.width };
     let phase1 = Phase1 {
         geometry,
@@ -48,6 +47,7 @@ fn setup()
     let settings = DenoiseSettings {
         steps: s.steps,
         guidance_scale: s.guidance_scale,
+        guidance_scale_2: None,
         seed: s.seed,
         scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(3.0)),
         batch_cfg: true,
@@ -87,8 +87,9 @@ fn i2v_denoise_matches_wan_image_to_video_pipeline() {
         serde_json::from_str(&std::fs::read_to_string(fx.join("denoise_i2v.json")).unwrap())
             .unwrap();
     let want = common::tensors(&fx.join("denoise_i2v.safetensors"));
-    let dit =
-        WanTransformer3DModel::load(&fx.join("i2v_original"), Device::Cpu, Kind::Float).unwrap();
+    let dit = WanDit::from(
+        WanTransformer3DModel::load(&fx.join("i2v_original"), Device::Cpu, Kind::Float).unwrap(),
+    );
     let phase1 = Phase1 {
         geometry: Geometry { frames: s.frames, height: s.height, width: s.width },
         prompt_embeds: want["prompt_embeds"].shallow_clone(),
@@ -99,6 +100,7 @@ fn i2v_denoise_matches_wan_image_to_video_pipeline() {
     let settings = DenoiseSettings {
         steps: s.steps,
         guidance_scale: s.guidance_scale,
+        guidance_scale_2: None,
         seed: s.seed,
         scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(s.shift.unwrap())),
         batch_cfg: true,
@@ -127,8 +129,9 @@ fn step_distilled_euler_without_guidance_matches_wan_pipeline() {
         serde_json::from_str(&std::fs::read_to_string(fx.join("denoise_t2v_euler4.json")).unwrap())
             .unwrap();
     let want = common::tensors(&fx.join("denoise_t2v_euler4.safetensors"));
-    let dit =
-        WanTransformer3DModel::load(&fx.join("t2v_diffusers"), Device::Cpu, Kind::Float).unwrap();
+    let dit = WanDit::from(
+        WanTransformer3DModel::load(&fx.join("t2v_diffusers"), Device::Cpu, Kind::Float).unwrap(),
+    );
     let phase1 = Phase1 {
         geometry: Geometry { frames: s.frames, height: s.height, width: s.width },
         prompt_embeds: want["prompt_embeds"].shallow_clone(),
@@ -139,6 +142,7 @@ fn step_distilled_euler_without_guidance_matches_wan_pipeline() {
     let settings = DenoiseSettings {
         steps: s.steps,
         guidance_scale: s.guidance_scale,
+        guidance_scale_2: None,
         seed: s.seed,
         scheduler: SchedulerChoice::Euler(FlowMatchEulerConfig {
             shift: s.shift.unwrap(),

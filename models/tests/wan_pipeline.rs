@@ -1,6 +1,7 @@
-//! Whole-pipeline parity: x2v's encode → denoise → decode stages on tiny complete Wan2.1 model
-//! directories (diffusers layout) against diffusers' `WanPipeline` / `WanImageToVideoPipeline`
-//! run end to end with the same prompts, seed and settings (`tools/fixtures/wan_pipeline.py`).
+//! Whole-pipeline parity: x2v's encode → denoise → decode stages on tiny complete Wan2.1 and Wan2.2
+//! A14B model directories (diffusers layout) against diffusers' `WanPipeline` /
+//! `WanImageToVideoPipeline` run end to end with the same prompts, seed and settings
+//! (`tools/fixtures/wan_pipeline.py`, `tools/fixtures/wan22_pipeline.py`).
 
 mod common;
 
@@ -9,8 +10,8 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use x2v_models::schedulers::UniPcConfig;
 use x2v_models::wan::pipeline::{
-    DenoiseSettings, Geometry, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
-    load_transformer,
+    DenoiseSettings, Expert, Geometry, Phase1, SchedulerChoice, Task, WanDecoder, WanDit,
+    WanEncoder, denoise, load_dit,
 };
 use x2v_models::wan::tokenizer::T5Tokenizer;
 
@@ -20,11 +21,35 @@ use common::{
 
 /// Runs the three x2v stages on `dir` and returns the frames `uint8 [F, H, W, 3]`.
 fn generate(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Tensor {
+    generate_with_experts(dir, task, s, image).0
+}
+
+/// The encoder stage's output for `s`.
+fn encode(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Phase1 {
     let geometry = Geometry { frames: s.frames, height: s.height, width: s.width };
     let encoder = WanEncoder::load(dir, task, Device::Cpu, Kind::Float).unwrap();
-    let phase1 = encoder
-        .encode(&s.prompt, Some(&s.negative_prompt), image, geometry, s.guidance_scale)
-        .unwrap();
+    encoder.encode(&s.prompt, Some(&s.negative_prompt), image, geometry, s.guidance_scale).unwrap()
+}
+
+fn denoise_settings(s: &Settings) -> DenoiseSettings {
+    DenoiseSettings {
+        steps: s.steps,
+        guidance_scale: s.guidance_scale,
+        guidance_scale_2: s.guidance_scale_2,
+        seed: s.seed,
+        scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(s.shift)),
+        batch_cfg: true,
+    }
+}
+
+/// [`generate`], also returning the expert that ran each step.
+fn generate_with_experts(
+    dir: &Path,
+    task: Task,
+    s: &Settings,
+    image: Option<&Tensor>,
+) -> (Tensor, Vec<Expert>) {
+    let phase1 = encode(dir, task, s, image);
     assert_eq!(phase1.prompt_embeds.kind(), Kind::Float);
     // Exact-length embeddings: one row per token (`</s>` included), no padding to 512.
     let tokenizer = T5Tokenizer::from_file(&dir.join("tokenizer")).unwrap();
@@ -35,19 +60,14 @@ fn generate(dir: &Path, task: Task, s: &Settings, image: Option<&Tensor>) -> Ten
         let len = tokenizer.encode(text).unwrap().len() as i64;
         assert_eq!(embeds.size(), [1, len, 48], "{text:?}");
     }
-    let dit = load_transformer(dir, Device::Cpu, Kind::Float).unwrap();
-    let settings = DenoiseSettings {
-        steps: s.steps,
-        guidance_scale: s.guidance_scale,
-        seed: s.seed,
-        scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(s.shift)),
-        batch_cfg: true,
-    };
-    let phase2 = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
+    let dit = load_dit(dir, Device::Cpu, Kind::Float).unwrap();
+    let mut experts = vec![];
+    let phase2 =
+        denoise(&dit, &phase1, &denoise_settings(s), |p| experts.push(p.expert), || false).unwrap();
     let frames = WanDecoder::load(dir, Device::Cpu, Kind::Float).unwrap().decode(&phase2).unwrap();
     assert_eq!(frames.kind(), Kind::Uint8);
     assert_eq!(frames.size(), [s.frames, s.height, s.width, 3]);
-    frames
+    (frames, experts)
 }
 
 #[test]
@@ -92,4 +112,91 @@ fn encoder_rejects_mismatched_inputs() {
     let i2v = WanEncoder::load(&fx.join("i2v"), Task::I2v, Device::Cpu, Kind::Float).unwrap();
     let err = i2v.encode("a cat", None, None, g, 5.0).unwrap_err();
     assert!(err.to_string().contains("needs an image"), "{err}");
+}
+
+#[test]
+fn wan22_a14b_t2v_frames_match_wan_pipeline_with_two_experts() {
+    let fx = common::fixture("wan22_pipeline");
+    let s = pipeline_settings(&fx, "t2v");
+    assert!(s.guidance_scale_2.is_some_and(|g| g != s.guidance_scale));
+    let want = common::tensors(&fx.join("t2v.safetensors"));
+    let (frames, experts) = generate_with_experts(&fx.join("t2v"), Task::T2v, &s, None);
+    // t = 1000, 900 on the high-noise expert, 750, 500 on the low-noise one (boundary 875).
+    assert_eq!(experts, [Expert::High, Expert::High, Expert::Low, Expert::Low]);
+    assert_frames_match("wan2.2 t2v frames", &frames, &want["frames_u8"]);
+
+    // The check can fail: the high-noise scale on both experts gives other frames.
+    let one_scale = Settings { guidance_scale_2: None, ..s };
+    let other = generate(&fx.join("t2v"), Task::T2v, &one_scale, None);
+    let (_, within) = frame_agreement(&other, &want["frames_u8"]);
+    assert!(within < common::MIN_MATCH, "one guidance scale still matches ({within})");
+}
+
+#[test]
+fn wan22_a14b_i2v_frames_match_without_clip() {
+    let fx = common::fixture("wan22_pipeline");
+    let s = pipeline_settings(&fx, "i2v");
+    let want = common::tensors(&fx.join("i2v.safetensors"));
+    let dir = fx.join("i2v");
+    // No image encoder in the directory, and none needed: the experts take the latents alone.
+    assert!(!dir.join("image_encoder").exists());
+    let phase1 = encode(&dir, Task::I2v, &s, Some(&want["image"]));
+    assert!(phase1.image_embeds.is_none());
+    assert_eq!(phase1.condition.as_ref().unwrap().size(), [1, 20, 2, 8, 8]);
+    let (frames, experts) = generate_with_experts(&dir, Task::I2v, &s, Some(&want["image"]));
+    assert_eq!(experts, [Expert::High, Expert::High, Expert::Low, Expert::Low]);
+    assert_frames_match("wan2.2 i2v frames", &frames, &want["frames_u8"]);
+}
+
+#[test]
+fn wan22_original_expert_folders_load_as_the_diffusers_layout() {
+    let fx = common::fixture("wan22_pipeline");
+    for (task, name) in [(Task::T2v, "t2v"), (Task::I2v, "i2v")] {
+        let s = pipeline_settings(&fx, name);
+        let want = common::tensors(&fx.join(format!("{name}.safetensors")));
+        let image = (task == Task::I2v).then(|| &want["image"]);
+        let phase1 = encode(&fx.join(name), task, &s, image);
+        let diffusers = load_dit(&fx.join(name), Device::Cpu, Kind::Float).unwrap();
+        let original =
+            load_dit(&fx.join(format!("{name}_original")), Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(original.components(), ["transformer", "transformer_2"]);
+        assert_eq!(original.boundary_timestep(), diffusers.boundary_timestep(), "{name}");
+        // Wan2.2's original I2V config says `model_type = "i2v"` like Wan2.1's; its checkpoint
+        // has no CLIP branch, and the loader follows the checkpoint.
+        assert!(!original.high().config().takes_image_embeds());
+        let run =
+            |dit: &WanDit| denoise(dit, &phase1, &denoise_settings(&s), |_| {}, || false).unwrap();
+        let (a, b) = (run(&diffusers).latents, run(&original).latents);
+        assert!(a.equal(&b), "{name}: the original layout denoises differently");
+    }
+}
+
+#[test]
+fn two_expert_settings_and_directories_are_checked() {
+    let fx = common::fixture("wan22_pipeline");
+    let wan21 = common::fixture("wan_pipeline");
+    let s = pipeline_settings(&wan21, "t2v");
+    // guidance_scale_2 on a one-transformer model names what it is for.
+    let phase1 = encode(&wan21.join("t2v"), Task::T2v, &s, None);
+    let dit = load_dit(&wan21.join("t2v"), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(dit.components(), ["transformer"]);
+    let two = DenoiseSettings { guidance_scale_2: Some(2.0), ..denoise_settings(&s) };
+    let err = denoise(&dit, &phase1, &two, |_| {}, || false).unwrap_err().to_string();
+    assert!(err.contains("guidance_scale_2") && err.contains("one transformer"), "{err}");
+
+    // A boundary without its second expert, a boundary out of range, TI2V-5B.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("transformer")).unwrap();
+    std::fs::copy(fx.join("t2v/transformer/config.json"), dir.join("transformer/config.json"))
+        .unwrap();
+    for (index, needle) in [
+        (r#"{"boundary_ratio": 0.875}"#, "transformer_2/config.json"),
+        (r#"{"boundary_ratio": 1.5}"#, "boundary_ratio must lie in (0, 1), got 1.5"),
+        (r#"{"expand_timesteps": true}"#, "TI2V-5B"),
+    ] {
+        std::fs::write(dir.join("model_index.json"), index).unwrap();
+        let err = load_dit(dir, Device::Cpu, Kind::Float).unwrap_err().to_string();
+        assert!(err.contains(needle), "{index}: {err}");
+    }
 }

@@ -126,6 +126,9 @@ pub struct PipelineSettings {
     pub width: i64,
     pub steps: usize,
     pub guidance_scale: f64,
+    /// Wan2.2 A14B: the low-noise expert's scale.
+    #[serde(default)]
+    pub guidance_scale_2: Option<f64>,
     pub seed: u64,
     pub shift: f64,
 }

@@ -165,9 +165,17 @@ impl Config {
         self.num_attention_heads * self.attention_head_dim
     }
 
-    /// Whether the model takes CLIP image features (I2V).
-    pub fn is_i2v(&self) -> bool {
+    /// Whether the model takes CLIP image features (Wan2.1 I2V). Wan2.2's I2V experts condition on
+    /// the image latents alone (`in_channels` 36, no image attention).
+    pub fn takes_image_embeds(&self) -> bool {
         self.added_kv_proj_dim.is_some()
+    }
+
+    /// The same model without the CLIP image attention: an original-layout `model_type = "i2v"`
+    /// config of Wan2.2, whose checkpoint has no `img_emb` (the config file cannot tell the two
+    /// releases apart).
+    pub fn without_image_attention(self) -> Self {
+        Config { image_dim: None, added_kv_proj_dim: None, ..self }
     }
 
     /// Reads `config.json` in either layout and says which one it is.
@@ -283,7 +291,7 @@ mod tests {
         assert_eq!((c.dim(), c.ffn_dim, c.num_layers), (1536, 8960, 30));
         assert_eq!(Config::wan21_t2v_14b().dim(), 5120);
         let i2v = Config::wan21_i2v_14b();
-        assert!(i2v.is_i2v() && i2v.in_channels == 36);
+        assert!(i2v.takes_image_embeds() && i2v.in_channels == 36);
         for c in [Config::wan21_t2v_1_3b(), Config::wan21_t2v_14b(), i2v] {
             c.validate().unwrap();
         }

@@ -223,6 +223,9 @@ pub struct WanTransformer3DModel {
 /// RoPE tables kept per token grid; a server sees few distinct resolutions.
 const ROPE_CACHE_ENTRIES: usize = 8;
 
+/// A parameter only a DiT with CLIP image attention (Wan2.1 I2V) has, by its diffusers name.
+const IMAGE_EMBEDDER_KEY: &str = "condition_embedder.image_embedder.norm1.weight";
+
 impl WanTransformer3DModel {
     /// Loads a DiT from a directory holding `config.json` and its safetensors weights (a single
     /// file or a shard index), in the diffusers or the original layout.
@@ -232,6 +235,15 @@ impl WanTransformer3DModel {
         let ckpt = match layout {
             Layout::Diffusers => ckpt.remap(diffusers_key),
             Layout::Original => ckpt.remap(remap_key),
+        };
+        // Wan2.1 and Wan2.2 I2V share `model_type = "i2v"`; only Wan2.1's has the CLIP branch.
+        let config = if layout == Layout::Original
+            && config.takes_image_embeds()
+            && !ckpt.contains(IMAGE_EMBEDDER_KEY)
+        {
+            config.without_image_attention()
+        } else {
+            config
         };
         Self::from_checkpoint(config, &ckpt, device, kind)
     }

@@ -18,7 +18,7 @@ use crate::error::{Component, Error};
 use crate::qwen_image::latents::{initial_noise, pack, timestep_input, true_cfg, unpack};
 use crate::qwen_image::transformer::QwenImageTransformer;
 use crate::schedulers::{FlowMatchDynamicConfig, FlowMatchEulerScheduler, Scheduler};
-use crate::wan::pipeline::Progress;
+use crate::wan::pipeline::{Expert, Progress};
 
 /// Per-request sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -272,6 +272,8 @@ pub fn denoise_with_previews(
             step: b * settings.steps + step,
             total: batches * settings.steps,
             timestep: t,
+            // One transformer.
+            expert: Expert::High,
         };
         let out =
             run.batch(latents, first, &mut |s, t| progress(report(s, t)), &mut preview, || {

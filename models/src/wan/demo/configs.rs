@@ -17,7 +17,8 @@ pub(super) const FLOW_SHIFT: f64 = 3.0;
 pub(super) const DIFFUSERS_VERSION: &str = "0.35.1";
 
 /// The DiT: 2 heads × 32, 2 blocks; I2V adds the CLIP projection and 20 condition channels.
-pub(super) fn transformer_config(i2v: bool) -> Config {
+pub(super) fn transformer_config(i2v: bool, two_experts: bool) -> Config {
+    let clip = i2v && !two_experts;
     Config {
         patch_size: [1, 2, 2],
         num_attention_heads: 2,
@@ -31,8 +32,8 @@ pub(super) fn transformer_config(i2v: bool) -> Config {
         cross_attn_norm: true,
         qk_norm: Some("rms_norm_across_heads".into()),
         eps: 1e-6,
-        image_dim: i2v.then_some(CLIP_DIM),
-        added_kv_proj_dim: i2v.then_some(64),
+        image_dim: clip.then_some(CLIP_DIM),
+        added_kv_proj_dim: clip.then_some(64),
         rope_max_seq_len: 1024,
         pos_embed_seq_len: None,
     }
@@ -87,7 +88,10 @@ pub(super) fn scheduler_config() -> Value {
     })
 }
 
-pub(super) fn model_index(i2v: bool) -> Value {
+/// Where the demo's low-noise expert takes over: Wan2.2 T2V A14B's published boundary.
+const DEMO_BOUNDARY_RATIO: f64 = 0.875;
+
+pub(super) fn model_index(i2v: bool, two_experts: bool) -> Value {
     let mut index = json!({
         "_class_name": if i2v { "WanImageToVideoPipeline" } else { "WanPipeline" },
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -97,7 +101,10 @@ pub(super) fn model_index(i2v: bool) -> Value {
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     });
-    if i2v {
+    if two_experts {
+        index["transformer_2"] = json!(["diffusers", "WanTransformer3DModel"]);
+        index["boundary_ratio"] = json!(DEMO_BOUNDARY_RATIO);
+    } else if i2v {
         index["image_encoder"] = json!(["transformers", "CLIPVisionModel"]);
         index["image_processor"] = json!(["transformers", "CLIPImageProcessor"]);
     }

@@ -40,8 +40,12 @@ use vocab::write_tokenizer;
 pub struct DemoOptions {
     /// Seed of every weight.
     pub seed: u64,
-    /// Write an image-to-video model (`image_encoder/`, `image_processor/`, a 36-channel DiT).
+    /// Write an image-to-video model (a 36-channel DiT; with one transformer also
+    /// `image_encoder/` and `image_processor/`, as Wan2.1 I2V).
     pub i2v: bool,
+    /// Write Wan2.2 A14B's shape: a high-noise `transformer/` and a low-noise `transformer_2/`
+    /// (other weights) with `boundary_ratio` in `model_index.json`, and no CLIP for I2V.
+    pub two_experts: bool,
 }
 
 /// Writes the demo model into `dir` (created if needed; files already there are overwritten).
@@ -49,15 +53,18 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<(), Error> {
     create_dir(dir)?;
     let vocab = write_tokenizer(&dir.join("tokenizer"))?;
     write_text_encoder(&dir.join("text_encoder"), vocab, opts.seed)?;
-    write_transformer(&dir.join("transformer"), opts)?;
+    write_transformer(&dir.join("transformer"), opts, opts.seed)?;
+    if opts.two_experts {
+        write_transformer(&dir.join("transformer_2"), opts, opts.seed.wrapping_add(1))?;
+    }
     write_vae(&dir.join("vae"), opts.seed)?;
     write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler_config())?;
-    if opts.i2v {
+    if opts.i2v && !opts.two_experts {
         write_image_encoder(&dir.join("image_encoder"), opts.seed)?;
         write_json(&dir.join("image_processor/preprocessor_config.json"), &processor_config())?;
     }
     // Last: its presence is what marks the directory as a diffusers model.
-    write_json(&dir.join("model_index.json"), &model_index(opts.i2v))
+    write_json(&dir.join("model_index.json"), &model_index(opts.i2v, opts.two_experts))
 }
 
 fn write_text_encoder(dir: &Path, vocab_size: i64, seed: u64) -> Result<(), Error> {
@@ -104,14 +111,14 @@ fn write_text_encoder(dir: &Path, vocab_size: i64, seed: u64) -> Result<(), Erro
     write_component(dir, &config, "model.safetensors", &shapes_of(model.var_store()), seed)
 }
 
-fn write_transformer(dir: &Path, opts: &DemoOptions) -> Result<(), Error> {
-    let cfg = transformer_config(opts.i2v);
+fn write_transformer(dir: &Path, opts: &DemoOptions, seed: u64) -> Result<(), Error> {
+    let cfg = transformer_config(opts.i2v, opts.two_experts);
     cfg.validate().map_err(build_err("transformer"))?;
     let mut config = serde_json::to_value(&cfg).expect("the DiT config serialises");
     config["_class_name"] = "WanTransformer3DModel".into();
     config["_diffusers_version"] = DIFFUSERS_VERSION.into();
     let shapes = WanTransformer3DModel::parameter_shapes(&cfg);
-    write_component(dir, &config, "diffusion_pytorch_model.safetensors", &shapes, opts.seed)
+    write_component(dir, &config, "diffusion_pytorch_model.safetensors", &shapes, seed)
 }
 
 fn write_vae(dir: &Path, seed: u64) -> Result<(), Error> {

@@ -4,9 +4,13 @@
 //! Initial noise: fp32 `randn([1, 16, (F−1)/4+1, H/8, W/8])` from a CPU generator seeded with the
 //! job seed, as the reference draws it with `torch.Generator("cpu").manual_seed(seed)`.
 //! Guidance: `v = v_u + g·(v_c − v_u)` in the model dtype, cond and uncond run as one batch of 2.
+//! Wan2.2 A14B: each step runs on the expert its timestep falls to ([`WanDit::expert_at`]), with
+//! `guidance_scale` on the high-noise expert and `guidance_scale_2` on the low-noise one; whether
+//! guidance runs at all follows `guidance_scale` alone, as in diffusers.
 
 use tch::{Device, Kind, Tensor};
 
+use super::dit::{Expert, WanDit};
 use super::{Geometry, Phase1, Phase2, TEXT_LEN};
 use crate::error::{Component, Error};
 use crate::schedulers::{
@@ -30,6 +34,9 @@ pub struct DenoiseSettings {
     pub steps: usize,
     /// Classifier-free guidance scale; guidance is on when > 1.
     pub guidance_scale: f64,
+    /// Wan2.2 A14B: the low-noise expert's guidance scale; `None` takes `guidance_scale`.
+    /// Refused for a one-transformer model.
+    pub guidance_scale_2: Option<f64>,
     /// Seed of the initial noise.
     pub seed: u64,
     pub scheduler: SchedulerChoice,
@@ -43,6 +50,7 @@ impl DenoiseSettings {
         DenoiseSettings {
             steps: 50,
             guidance_scale: 5.0,
+            guidance_scale_2: None,
             seed,
             scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(flow_shift)),
             batch_cfg: true,
@@ -58,6 +66,8 @@ pub struct Progress {
     pub total: usize,
     /// The timestep the step evaluated.
     pub timestep: f64,
+    /// The expert that evaluated it ([`Expert::High`] on one-transformer models).
+    pub expert: Expert,
 }
 
 /// How the conditioning is evaluated per step.
@@ -121,7 +131,7 @@ impl Conditioning {
         } else {
             None
         };
-        let image = match (cfg.is_i2v(), &phase1.image_embeds) {
+        let image = match (cfg.takes_image_embeds(), &phase1.image_embeds) {
             (true, Some(img)) => Some(img.to_device(dev)),
             (true, None) => return Err(bad("this I2V model needs image_embeds".into())),
             (false, Some(_)) => return Err(bad("this T2V model takes no image_embeds".into())),
@@ -213,7 +223,7 @@ fn scheduler(settings: &DenoiseSettings) -> Result<Box<dyn Scheduler>, Error> {
 /// `progress` is called after every step; `cancelled` is polled before every step and stops the
 /// loop with [`Error::Cancelled`].
 pub fn denoise(
-    dit: &WanTransformer3DModel,
+    dit: &WanDit,
     phase1: &Phase1,
     settings: &DenoiseSettings,
     mut progress: impl FnMut(Progress),
@@ -222,28 +232,52 @@ pub fn denoise(
     let _guard = tch::no_grad_guard();
     let geometry = phase1.geometry;
     geometry.validate().map_err(|m| Error::input(Component::Denoise, m))?;
-    if settings.guidance_scale.is_nan() {
-        return Err(Error::input(Component::Denoise, "guidance_scale is NaN"));
-    }
+    let scale_2 = guidance_scale_2(dit, settings)?;
     let guided = settings.guidance_scale > 1.0;
-    let conditioning = Conditioning::check(dit, phase1, guided, geometry.latent_shape())?;
+    let conditioning = Conditioning::check(dit.high(), phase1, guided, geometry.latent_shape())?;
     let mut scheduler = scheduler(settings)?;
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len();
-    let guidance = Guidance::prepare(dit, &conditioning, settings.batch_cfg)?;
+    // Each expert projects the conditioning with its own weights, once, when it first runs.
+    let mut prepared: [Option<Guidance>; 2] = [None, None];
 
     let mut latents = initial_noise(&geometry, settings.seed, dit.device());
     for (i, &t) in timesteps.iter().enumerate() {
         if cancelled() {
             return Err(Error::Cancelled { completed: i, total });
         }
+        let expert = dit.expert_at(t);
+        let (model, scale) = match expert {
+            Expert::High => (dit.high(), settings.guidance_scale),
+            Expert::Low => (dit.expert(Expert::Low), scale_2),
+        };
+        let guidance = match &mut prepared[expert as usize] {
+            Some(g) => g,
+            slot => slot.insert(Guidance::prepare(model, &conditioning, settings.batch_cfg)?),
+        };
         let input = match &conditioning.y {
             Some(y) => Tensor::cat(&[&latents, y], 1),
             None => latents.shallow_clone(),
         };
-        let v = guidance.velocity(dit, &input, t, settings.guidance_scale)?;
+        let v = guidance.velocity(model, &input, t, scale)?;
         latents = scheduler.step(&v, &latents)?.to_kind(Kind::Float);
-        progress(Progress { step: i + 1, total, timestep: t });
+        progress(Progress { step: i + 1, total, timestep: t, expert });
     }
     Ok(Phase2 { geometry, latents })
+}
+
+/// The low-noise expert's scale: `guidance_scale_2`, else `guidance_scale` (diffusers' rule).
+fn guidance_scale_2(dit: &WanDit, settings: &DenoiseSettings) -> Result<f64, Error> {
+    let bad = |m: &str| Err(Error::input(Component::Denoise, m));
+    if settings.guidance_scale.is_nan() || settings.guidance_scale_2.is_some_and(f64::is_nan) {
+        return bad("guidance_scale is NaN");
+    }
+    match settings.guidance_scale_2 {
+        Some(_) if dit.low().is_none() => bad(
+            "guidance_scale_2 applies to the low-noise expert of a two-expert model (Wan2.2 A14B); \
+             this model has one transformer",
+        ),
+        Some(g) => Ok(g),
+        None => Ok(settings.guidance_scale),
+    }
 }

@@ -1,12 +1,12 @@
-//! The Wan2.1 encoder stage: prompt → UMT5 embeddings, and for I2V the first frame → CLIP
+//! The Wan encoder stage: prompt → UMT5 embeddings, and for I2V the first frame → CLIP
 //! features and the VAE conditioning tensor, as diffusers' `WanPipeline` /
 //! `WanImageToVideoPipeline` compute them before denoising.
 //!
 //! Boundary: `encode(prompt, negative, image uint8 [H, W, 3]?, geometry, guidance)` → [`Phase1`]
 //! with `prompt_embeds [1, L, text_dim]` fp32 (`L` ≤ 512 the prompt's tokens, `</s>` included: no
 //! padding travels to the DiT stage, which zero-pads to 512 rows), the negative the same only when
-//! guidance is on (> 1), and for I2V `image_embeds [1, N, clip_dim]` fp32 and
-//! `condition [1, 20, T, H/8, W/8]` fp32.
+//! guidance is on (> 1), and for I2V `condition [1, 20, T, H/8, W/8]` fp32 with, for Wan2.1,
+//! `image_embeds [1, N, clip_dim]` fp32 (Wan2.2 A14B's I2V experts take no CLIP features).
 
 use std::path::Path;
 
@@ -21,7 +21,7 @@ use crate::wan::tokenizer::T5Tokenizer;
 use crate::wan::vae::{AutoencoderKLWan, VaeParts};
 use crate::weights;
 
-/// Which Wan2.1 task a model directory serves.
+/// Which Wan task a model directory serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
     /// Text to video.
@@ -45,13 +45,14 @@ impl std::str::FromStr for Task {
 /// The I2V part of the encoder stage.
 #[derive(Debug)]
 struct ImageBranch {
-    clip: ClipVisionModel,
-    preprocess: ClipPreprocess,
+    /// Wan2.1 I2V's CLIP features; Wan2.2 A14B I2V has none.
+    clip: Option<(ClipVisionModel, ClipPreprocess)>,
     /// The encoder half only (the I2V conditioning).
     vae: AutoencoderKLWan,
 }
 
-/// The encoder stage's models: tokenizer + UMT5, plus CLIP and the VAE for I2V.
+/// The encoder stage's models: tokenizer + UMT5, plus the VAE encoder (and for Wan2.1 CLIP) for
+/// I2V.
 #[derive(Debug)]
 pub struct WanEncoder {
     task: Task,
@@ -97,21 +98,29 @@ impl WanEncoder {
         let te_path = dir.text_encoder()?;
         let image_paths = match task {
             Task::T2v => None,
-            Task::I2v => Some((dir.image_encoder()?, dir.vae()?)),
+            Task::I2v => {
+                let clip = if dir.uses_clip()? { Some(dir.image_encoder()?) } else { None };
+                Some((clip, dir.vae()?))
+            }
         };
         let tokenizer = T5Tokenizer::from_file(&tok_path)?;
         let text_encoder = UMT5EncoderModel::load(&te_path, None, device, kind)?;
         let image = match image_paths {
             None => None,
             Some((clip_path, vae_path)) => {
-                let preprocess = match dir.image_processor() {
-                    Some(p) => read_processor(&p)?,
-                    None => ClipPreprocess::default(),
+                let clip = match clip_path {
+                    None => None,
+                    Some(path) => {
+                        let preprocess = match dir.image_processor() {
+                            Some(p) => read_processor(&p)?,
+                            None => ClipPreprocess::default(),
+                        };
+                        Some((ClipVisionModel::load(&path, None, device, kind)?, preprocess))
+                    }
                 };
-                let clip = ClipVisionModel::load(&clip_path, None, device, kind)?;
                 let vae =
                     AutoencoderKLWan::load_parts(&vae_path, None, device, kind, VaeParts::Encoder)?;
-                Some(ImageBranch { clip, preprocess, vae })
+                Some(ImageBranch { clip, vae })
             }
         };
         Ok(WanEncoder { task, tokenizer, text_encoder, image })
@@ -121,9 +130,23 @@ impl WanEncoder {
         self.task
     }
 
+    /// The loaded components, by their diffusers folder names.
+    pub fn components(&self) -> Vec<&'static str> {
+        let mut names = vec!["tokenizer", "text_encoder"];
+        if let Some(branch) = &self.image {
+            if branch.clip.is_some() {
+                names.push("image_encoder");
+            }
+            names.push("vae.encoder");
+        }
+        names
+    }
+
     /// Bytes held by the loaded parameters (UMT5, plus CLIP and the VAE encoder for I2V).
     pub fn parameter_bytes(&self) -> u64 {
-        let image = self.image.iter().flat_map(|b| [b.clip.var_store(), b.vae.var_store()]);
+        let image = self.image.iter().flat_map(|b| {
+            b.clip.iter().map(|(clip, _)| clip.var_store()).chain([b.vae.var_store()])
+        });
         std::iter::once(self.text_encoder.var_store())
             .chain(image)
             .map(weights::parameter_bytes)
@@ -165,7 +188,7 @@ impl WanEncoder {
             }
             (Some(branch), Some(img)) => {
                 let (embeds, cond) = Self::encode_image(branch, img, geometry)?;
-                (Some(embeds), Some(cond))
+                (embeds, Some(cond))
             }
         };
         Ok(Phase1 { geometry, prompt_embeds, negative_prompt_embeds, image_embeds, condition })
@@ -175,7 +198,7 @@ impl WanEncoder {
         branch: &ImageBranch,
         image: &Tensor,
         geometry: Geometry,
-    ) -> Result<(Tensor, Tensor), Error> {
+    ) -> Result<(Option<Tensor>, Tensor), Error> {
         let size = image.size();
         if size.len() != 3 || size[2] != 3 || image.kind() != Kind::Uint8 || size.contains(&0) {
             return Err(Error::input(
@@ -184,8 +207,12 @@ impl WanEncoder {
             ));
         }
         // encode_image: CLIPImageProcessor → CLIPVisionModel hidden_states[-2].
-        let pixels = branch.preprocess.apply(image)?;
-        let image_embeds = branch.clip.penultimate(&pixels)?.to_kind(Kind::Float);
+        let image_embeds = match &branch.clip {
+            Some((clip, preprocess)) => {
+                Some(clip.penultimate(&preprocess.apply(image)?)?.to_kind(Kind::Float))
+            }
+            None => None,
+        };
         // VideoProcessor.preprocess(image, height, width): [1, 3, H, W] in [-1, 1].
         let (h, w) = (geometry.height, geometry.width);
         let x = image.permute([2, 0, 1]).unsqueeze(0).to_kind(Kind::Float);

@@ -1,10 +1,12 @@
-//! The Wan2.1 stage pipeline: the encoder stage ([`WanEncoder`]), the payload it sends the DiT
-//! stage (Phase1), the denoising loop ([`denoise()`]) with the DiT loader ([`load_transformer`]),
+//! The Wan stage pipeline (Wan2.1, Wan2.2 A14B): the encoder stage ([`WanEncoder`]), the payload it
+//! sends the DiT stage (Phase1), the denoising loop ([`denoise()`]) with the DiT loader
+//! ([`load_dit`]: one transformer or two experts),
 //! the payload the DiT stage hands the decoder stage (Phase2), and the decoder stage
 //! ([`WanDecoder`]). Model directories are located by [`ModelDir`] in either published layout.
 
 pub mod decode;
 pub mod denoise;
+pub mod dit;
 pub mod encode;
 pub mod model_dir;
 
@@ -12,8 +14,9 @@ use tch::Tensor;
 
 pub use decode::WanDecoder;
 pub use denoise::{DenoiseSettings, Progress, SchedulerChoice, denoise, initial_noise};
+pub use dit::{Expert, LowNoiseExpert, WanDit};
 pub use encode::{Task, WanEncoder};
-pub use model_dir::{Layout, ModelDir, load_transformer};
+pub use model_dir::{DitDirs, Layout, ModelDir, load_dit};
 
 /// Latent channels of the Wan2.1 VAE.
 pub const LATENT_CHANNELS: i64 = 16;

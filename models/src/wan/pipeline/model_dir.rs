@@ -5,13 +5,45 @@
 //! - the original release: `models_t5_umt5-xxl-enc-bf16.pth`, tokenizer folder `google/umt5-xxl/`,
 //!   `config.json` + safetensors for the DiT at the top level, `Wan2.1_VAE.pth`, and
 //!   `models_clip_*.pth` (I2V).
+//!
+//! Wan2.2 A14B splits the DiT into two experts: `transformer/` (high noise) and `transformer_2/`
+//! (low noise) with `boundary_ratio` in `model_index.json` (diffusers), or `high_noise_model/` and
+//! `low_noise_model/` (original release, whose boundary is fixed per task: 0.875 for T2V, 0.9 for
+//! I2V). Its I2V model conditions on the image latents alone: no CLIP image encoder.
 
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind};
 
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::wan::transformer::WanTransformer3DModel;
+
+use super::dit::{LowNoiseExpert, WanDit};
+
+/// The `model_index.json` fields that shape a Wan pipeline.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+struct ModelIndex {
+    /// Wan2.2 A14B: `transformer_2` takes over below `boundary_ratio · 1000`.
+    #[serde(default)]
+    boundary_ratio: Option<f64>,
+    /// Wan2.2 TI2V-5B: per-token timesteps with the first frame kept clean.
+    #[serde(default)]
+    expand_timesteps: bool,
+}
+
+/// The published Wan2.2 A14B boundaries of the original release (its `wan/configs/`).
+const ORIGINAL_BOUNDARY_T2V: f64 = 0.875;
+const ORIGINAL_BOUNDARY_I2V: f64 = 0.9;
+
+/// Where a model's DiT weights are: one transformer, or Wan2.2 A14B's two experts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DitDirs {
+    /// `transformer/` (or the top level / `high_noise_model/` of the original release): every step,
+    /// or with a low-noise expert the steps with `t ≥ boundary_ratio · 1000`.
+    pub high: PathBuf,
+    /// `transformer_2/` (`low_noise_model/`) and the boundary ratio where it takes over.
+    pub low: Option<(PathBuf, f64)>,
+}
 
 /// Which layout a model directory uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,12 +54,13 @@ pub enum Layout {
     Original,
 }
 
-/// Why a component could not be located.
 /// A located model directory.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     root: PathBuf,
     layout: Layout,
+    /// `model_index.json` (diffusers layout).
+    index: ModelIndex,
 }
 
 impl ModelDir {
@@ -36,12 +69,49 @@ impl ModelDir {
         if !root.is_dir() {
             return Err(Error::NotADirectory(root.to_owned()));
         }
-        let layout = if root.join("model_index.json").is_file() {
-            Layout::Diffusers
+        let index_path = root.join("model_index.json");
+        let (layout, index) = if index_path.is_file() {
+            let bad =
+                |message: String| Error::config(Component::Transformer, Some(&index_path), message);
+            let text = std::fs::read_to_string(&index_path).map_err(|e| bad(e.to_string()))?;
+            let index: ModelIndex = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            if let Some(r) = index.boundary_ratio
+                && !(r > 0.0 && r < 1.0)
+            {
+                return Err(bad(format!("boundary_ratio must lie in (0, 1), got {r}")));
+            }
+            if index.expand_timesteps {
+                return Err(bad(
+                    "expand_timesteps (Wan2.2 TI2V-5B) is not supported yet; x2v serves Wan2.1 and \
+                     Wan2.2 A14B"
+                        .into(),
+                ));
+            }
+            (Layout::Diffusers, index)
         } else {
-            Layout::Original
+            (Layout::Original, ModelIndex::default())
         };
-        Ok(ModelDir { root: root.to_owned(), layout })
+        Ok(ModelDir { root: root.to_owned(), layout, index })
+    }
+
+    /// Whether this is the original release of Wan2.2 A14B (two expert folders).
+    fn original_experts(&self) -> bool {
+        self.layout == Layout::Original && self.root.join("high_noise_model/config.json").is_file()
+    }
+
+    /// Whether the I2V path encodes the image with CLIP. A one-transformer model is Wan2.1, whose
+    /// I2V always does (a directory without `image_encoder/` is then incomplete); a two-expert
+    /// model follows its DiT's config as diffusers does (`image_dim` set: CLIP attention), and
+    /// Wan2.2 A14B has none: it conditions on the image latents alone.
+    pub fn uses_clip(&self) -> Result<bool, Error> {
+        if self.original_experts() {
+            return Ok(false);
+        }
+        if self.index.boundary_ratio.is_none() {
+            return Ok(true);
+        }
+        let config = self.dits()?.high.join("config.json");
+        Ok(crate::wan::config::Config::from_file(&config)?.0.takes_image_embeds())
     }
 
     pub fn root(&self) -> &Path {
@@ -124,27 +194,58 @@ impl ModelDir {
     }
 
     /// The DiT folder: `transformer/` (diffusers) or the top level (original, `config.json`).
+    /// For Wan2.2 A14B this is the high-noise expert; [`ModelDir::dits`] names both.
     pub fn transformer(&self) -> Result<PathBuf, Error> {
-        let dir = match self.layout {
-            Layout::Diffusers => self.root.join("transformer"),
-            Layout::Original => self.root.clone(),
+        Ok(self.dits()?.high)
+    }
+
+    /// The DiT folders: one, or Wan2.2 A14B's high- and low-noise experts with their boundary.
+    pub fn dits(&self) -> Result<DitDirs, Error> {
+        let config_in = |folder: &str| -> Result<PathBuf, Error> {
+            let dir = if folder.is_empty() { self.root.clone() } else { self.root.join(folder) };
+            if dir.join("config.json").is_file() {
+                Ok(dir)
+            } else {
+                Err(self.missing("DiT", dir.join("config.json").display().to_string()))
+            }
         };
-        if dir.join("config.json").is_file() {
-            Ok(dir)
-        } else {
-            Err(self.missing("DiT", dir.join("config.json").display().to_string()))
+        match self.layout {
+            Layout::Diffusers => Ok(DitDirs {
+                high: config_in("transformer")?,
+                low: match self.index.boundary_ratio {
+                    Some(ratio) => Some((config_in("transformer_2")?, ratio)),
+                    None => None,
+                },
+            }),
+            Layout::Original if self.original_experts() => {
+                let high = config_in("high_noise_model")?;
+                let low = config_in("low_noise_model")?;
+                let (config, _) = crate::wan::config::Config::from_file(&high.join("config.json"))?;
+                let ratio = if config.in_channels == config.out_channels {
+                    ORIGINAL_BOUNDARY_T2V
+                } else {
+                    ORIGINAL_BOUNDARY_I2V
+                };
+                Ok(DitDirs { high, low: Some((low, ratio)) })
+            }
+            Layout::Original => Ok(DitDirs { high: config_in("")?, low: None }),
         }
     }
 }
 
-/// Loads only the DiT of a model directory (either layout) in `kind`.
-pub fn load_transformer(
-    model_dir: &Path,
-    device: Device,
-    kind: Kind,
-) -> Result<WanTransformer3DModel, Error> {
-    let dir = ModelDir::open(model_dir)?.transformer()?;
-    WanTransformer3DModel::load(&dir, device, kind)
+/// Loads only the DiT of a model directory (either layout) in `kind`: one transformer, or both
+/// experts of Wan2.2 A14B.
+pub fn load_dit(model_dir: &Path, device: Device, kind: Kind) -> Result<WanDit, Error> {
+    let dirs = ModelDir::open(model_dir)?.dits()?;
+    let high = WanTransformer3DModel::load(&dirs.high, device, kind)?;
+    let low = match dirs.low {
+        None => None,
+        Some((dir, boundary_ratio)) => {
+            let model = WanTransformer3DModel::load(&dir, device, kind)?;
+            Some(LowNoiseExpert { model, boundary_ratio })
+        }
+    };
+    WanDit::new(high, low)
 }
 
 #[cfg(test)]

@@ -1,0 +1,118 @@
+//! The DiT a Wan model denoises with: one transformer (Wan2.1), or Wan2.2 A14B's two experts, the
+//! high-noise `transformer` for the steps with `t ≥ boundary_ratio · 1000` and the low-noise
+//! `transformer_2` for the rest, each with its own guidance scale (diffusers' `WanPipeline`).
+//!
+//! Both experts live in one DiT stage: a job switches expert once, between two steps, without
+//! leaving the process (the README's design notes say why one rank holds both).
+
+use tch::Device;
+
+use crate::error::{Component, Error};
+use crate::wan::transformer::WanTransformer3DModel;
+
+/// Train timesteps of every Wan scheduler: the boundary timestep is `boundary_ratio` of these.
+const NUM_TRAIN_TIMESTEPS: f64 = 1000.0;
+
+/// Wan2.2 A14B's low-noise expert and where it takes over.
+#[derive(Debug)]
+pub struct LowNoiseExpert {
+    /// `transformer_2` (`low_noise_model/`).
+    pub model: WanTransformer3DModel,
+    /// Steps with `t < boundary_ratio · 1000` run on this expert.
+    pub boundary_ratio: f64,
+}
+
+/// Which expert evaluates a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expert {
+    /// `transformer`: every step of a one-transformer model, the high-noise steps of Wan2.2 A14B.
+    High,
+    /// `transformer_2`: the low-noise steps of Wan2.2 A14B.
+    Low,
+}
+
+/// One transformer, or two experts that share config, device and dtype.
+#[derive(Debug)]
+pub struct WanDit {
+    high: WanTransformer3DModel,
+    low: Option<LowNoiseExpert>,
+}
+
+impl From<WanTransformer3DModel> for WanDit {
+    fn from(model: WanTransformer3DModel) -> Self {
+        WanDit { high: model, low: None }
+    }
+}
+
+impl WanDit {
+    /// Pairs two experts; they must take the same inputs on the same device.
+    pub fn new(high: WanTransformer3DModel, low: Option<LowNoiseExpert>) -> Result<Self, Error> {
+        if let Some(l) = &low {
+            let bad = |m: String| Error::config(Component::Transformer, None, m);
+            if !(l.boundary_ratio > 0.0 && l.boundary_ratio < 1.0) {
+                return Err(bad(format!(
+                    "boundary_ratio must lie in (0, 1), got {}",
+                    l.boundary_ratio
+                )));
+            }
+            let (h, lc) = (high.config(), l.model.config());
+            let same = (h.in_channels, h.out_channels, h.text_dim, h.patch_size)
+                == (lc.in_channels, lc.out_channels, lc.text_dim, lc.patch_size)
+                && h.takes_image_embeds() == lc.takes_image_embeds();
+            if !same {
+                return Err(bad(
+                    "the two experts differ in their inputs (in/out channels, text_dim, patch \
+                     size or image attention)"
+                        .into(),
+                ));
+            }
+            if high.device() != l.model.device() {
+                return Err(bad("the two experts are on different devices".into()));
+            }
+        }
+        Ok(WanDit { high, low })
+    }
+
+    /// The transformer of [`Expert::High`] (the only one of a one-transformer model).
+    pub fn high(&self) -> &WanTransformer3DModel {
+        &self.high
+    }
+
+    pub fn low(&self) -> Option<&LowNoiseExpert> {
+        self.low.as_ref()
+    }
+
+    /// The boundary timestep `boundary_ratio · 1000`, when there are two experts.
+    pub fn boundary_timestep(&self) -> Option<f64> {
+        self.low.as_ref().map(|l| l.boundary_ratio * NUM_TRAIN_TIMESTEPS)
+    }
+
+    /// Which expert evaluates timestep `t` (diffusers: `t >= boundary_timestep` is high noise).
+    pub fn expert_at(&self, t: f64) -> Expert {
+        match self.boundary_timestep() {
+            Some(b) if t < b => Expert::Low,
+            _ => Expert::High,
+        }
+    }
+
+    pub fn expert(&self, which: Expert) -> &WanTransformer3DModel {
+        match (which, &self.low) {
+            (Expert::Low, Some(l)) => &l.model,
+            _ => &self.high,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.high.device()
+    }
+
+    /// Bytes of every expert's parameters.
+    pub fn parameter_bytes(&self) -> u64 {
+        self.high.parameter_bytes() + self.low.as_ref().map_or(0, |l| l.model.parameter_bytes())
+    }
+
+    /// The component names of the loaded experts (diffusers folder names).
+    pub fn components(&self) -> &'static [&'static str] {
+        if self.low.is_some() { &["transformer", "transformer_2"] } else { &["transformer"] }
+    }
+}
