@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use x2v_models::schedulers::UniPcConfig;
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, ModelDir, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
-    load_transformer,
+    load_dit,
 };
 
 #[derive(clap::Args, Debug)]
@@ -52,6 +52,9 @@ pub struct Args {
     /// with norm rescale for Qwen-Image (default 4).
     #[arg(long)]
     pub(crate) guidance: Option<f64>,
+    /// Wan2.2 A14B: guidance scale of the low-noise expert (default: `--guidance`).
+    #[arg(long)]
+    pub(crate) guidance_2: Option<f64>,
     /// Flow shift of the UniPC sampler; default: the model's `scheduler/scheduler_config.json`,
     /// else 3.0 up to 480p and 5.0 above.
     #[arg(long)]
@@ -106,6 +109,7 @@ struct Job {
     geometry: Geometry,
     shift: f64,
     guidance: f64,
+    pub(crate) guidance_2: Option<f64>,
     image: Option<Tensor>,
 }
 
@@ -155,7 +159,10 @@ fn validate(a: &Args, task: Task) -> Result<Job> {
             5.0
         }),
     };
-    Ok(Job { task, geometry, shift, guidance, image })
+    if let Some(g) = a.guidance_2.filter(|g| !g.is_finite()) {
+        bail!("--guidance-2 must be a finite number, got {g}");
+    }
+    Ok(Job { task, geometry, shift, guidance, guidance_2: a.guidance_2, image })
 }
 
 /// `flow_shift` of a diffusers `scheduler/scheduler_config.json`, if any.
@@ -228,10 +235,11 @@ fn generate(a: &Args, job: Job) -> Result<()> {
         )?
     };
     let phase2 = {
-        let dit = load_transformer(&a.model_dir, device, kind)?;
+        let dit = load_dit(&a.model_dir, device, kind)?;
         let settings = DenoiseSettings {
             steps: a.steps,
             guidance_scale: job.guidance,
+            guidance_scale_2: job.guidance_2,
             seed: a.seed,
             scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(job.shift)),
             batch_cfg: true,

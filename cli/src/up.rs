@@ -68,9 +68,14 @@ pub struct DemoModelArgs {
     /// `wan` (video, as `x2v-demo`) or `qwen-image` (images and edits, as `x2v-demo-image`).
     #[arg(long, value_enum, default_value_t = Family::Wan)]
     family: Family,
-    /// A Wan image-to-video model (CLIP image encoder, 36-channel DiT) instead of text-to-video.
+    /// A Wan image-to-video model (36-channel DiT, and a CLIP image encoder unless
+    /// `--two-experts`) instead of text-to-video.
     #[arg(long)]
     i2v: bool,
+    /// A Wan2.2 A14B-shaped model: high- and low-noise experts (`transformer/`,
+    /// `transformer_2/`) switched at `boundary_ratio`.
+    #[arg(long)]
+    two_experts: bool,
     /// Seed of every weight: the same seed writes the same model.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -87,15 +92,24 @@ pub enum Family {
 pub fn demo_model(args: &DemoModelArgs) -> ExitCode {
     let written = match args.family {
         Family::Wan => {
-            let options = x2v_models::wan::demo::DemoOptions { seed: args.seed, i2v: args.i2v };
-            let task = if args.i2v { "i2v" } else { "t2v" };
+            let options = x2v_models::wan::demo::DemoOptions {
+                seed: args.seed,
+                i2v: args.i2v,
+                two_experts: args.two_experts,
+            };
+            let task = match (args.i2v, args.two_experts) {
+                (false, false) => "t2v",
+                (true, false) => "i2v",
+                (false, true) => "two-expert t2v",
+                (true, true) => "two-expert i2v",
+            };
             x2v_models::wan::demo::write_demo_model(&args.out, &options)
                 .map(|()| format!("the {task} demo model"))
         }
-        Family::QwenImage if args.i2v => {
+        Family::QwenImage if args.i2v || args.two_experts => {
             eprintln!(
-                "x2v demo-model: --i2v is for --family wan; --family qwen-image writes a \
-                 text-to-image and an edit model"
+                "x2v demo-model: --i2v and --two-experts are for --family wan; --family \
+                 qwen-image writes a text-to-image and an edit model"
             );
             return ExitCode::from(2);
         }
@@ -132,15 +146,15 @@ pub fn run(args: &Args) -> ExitCode {
 /// Whether the model directory's transformer takes image embeddings (image-to-video).
 fn is_i2v(model_dir: &Path) -> Result<bool> {
     let dir = x2v_models::wan::pipeline::ModelDir::open(model_dir)?;
-    let config = dir.transformer()?.join("config.json");
-    let config = if config.exists() { config } else { model_dir.join("config.json") };
-    let text = std::fs::read_to_string(&config)
-        .with_context(|| format!("reading {}", config.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
-    let image_dim = v.get("image_dim").or_else(|| v.get("image_embed_dim"));
-    Ok(image_dim.is_some_and(|d| !d.is_null())
-        || v.get("model_type").and_then(|t| t.as_str()) == Some("i2v"))
+    let (config, _) =
+        x2v_models::wan::config::Config::from_file(&dir.transformer()?.join("config.json"))?;
+    // Image to video concatenates the mask and the image latents to the noise (36 channels in).
+    Ok(config.in_channels != config.out_channels)
+}
+
+/// Whether the model has Wan2.2 A14B's two experts.
+fn has_two_experts(model_dir: &Path) -> Result<bool> {
+    Ok(x2v_models::wan::pipeline::ModelDir::open(model_dir)?.dits()?.low.is_some())
 }
 
 /// What the gateway allows for the video demo model: small sizes, short clips, few steps.
@@ -155,6 +169,7 @@ fn demo_model_config() -> ModelConfig {
         default_steps: 4,
         max_steps: 50,
         default_guidance_scale: 5.0,
+        default_guidance_scale_2: None,
         default_shift: 3.0,
         max_n: 1,
         max_input_images: 0,
@@ -260,10 +275,17 @@ fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
         .with_context(|| format!("--model-dir {}", dir.display()))?;
     let (name, tasks, base) = match family {
         ModelFamily::Wan => {
-            if is_i2v(dir).with_context(|| format!("--model-dir {}", dir.display()))? {
-                ("wan2.1-i2v", vec![Task::I2v], ModelConfig::wan21_i2v_14b_480p())
-            } else {
-                ("wan2.1-t2v", vec![Task::T2v, Task::T2i], ModelConfig::wan21_t2v_1_3b())
+            let context = || format!("--model-dir {}", dir.display());
+            match (is_i2v(dir).with_context(context)?, has_two_experts(dir).with_context(context)?)
+            {
+                (true, false) => ("wan2.1-i2v", vec![Task::I2v], ModelConfig::wan21_i2v_14b_480p()),
+                (false, false) => {
+                    ("wan2.1-t2v", vec![Task::T2v, Task::T2i], ModelConfig::wan21_t2v_1_3b())
+                }
+                (true, true) => ("wan2.2-i2v", vec![Task::I2v], ModelConfig::wan22_i2v_a14b()),
+                (false, true) => {
+                    ("wan2.2-t2v", vec![Task::T2v, Task::T2i], ModelConfig::wan22_t2v_a14b())
+                }
             }
         }
         ModelFamily::QwenImage => {
@@ -292,7 +314,7 @@ fn demo_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
         eprintln!("x2v up: writing the video demo model to {}", wan.display());
         x2v_models::wan::demo::write_demo_model(
             &wan,
-            &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false },
+            &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false, two_experts: false },
         )
         .context("writing the video demo model")?;
     }

@@ -1,6 +1,7 @@
-//! The Wan2.1 DiT stage: rebuilds Phase1 from the encoder's payload, draws the initial noise as
-//! diffusers' Wan pipelines do (CPU generator seeded with the job seed), denoises with UniPC or
-//! flow-match Euler, and sends the final latents as Phase2.
+//! The Wan DiT stage (Wan2.1, and Wan2.2 A14B with both experts): rebuilds Phase1 from the
+//! encoder's payload, draws the initial noise as diffusers' Wan pipelines do (CPU generator seeded
+//! with the job seed), denoises with UniPC or flow-match Euler, and sends the final latents as
+//! Phase2.
 
 use std::path::PathBuf;
 
@@ -9,9 +10,8 @@ use x2v_core::JobErrorCode;
 use x2v_handoff::Handoff;
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
 use x2v_models::wan::pipeline::{
-    DenoiseSettings, Geometry, Phase1, SchedulerChoice, denoise, load_transformer,
+    DenoiseSettings, Geometry, Phase1, SchedulerChoice, WanDit, denoise, load_dit,
 };
-use x2v_models::wan::transformer::WanTransformer3DModel;
 use x2v_queue::JobRecord;
 use x2v_stage::StageConfig;
 use x2v_stage::config::Scheduler;
@@ -47,12 +47,14 @@ impl Dit {
         Ok(Dit { model: config.model.clone(), model_dir, device, kind, sampler })
     }
 
-    pub fn load(&self) -> Result<(WanTransformer3DModel, Vec<LoadedModel>), StageError> {
-        let dit = load_transformer(&self.model_dir, self.device, self.kind)
+    /// Loads the transformer, or both experts of Wan2.2 A14B: one rank holds both, so a job
+    /// switches expert between two steps without leaving the process.
+    pub fn load(&self) -> Result<(WanDit, Vec<LoadedModel>), StageError> {
+        let dit = load_dit(&self.model_dir, self.device, self.kind)
             .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let loaded = LoadedModel::new(
             &self.model,
-            &["transformer"],
+            dit.components(),
             &self.device,
             &self.kind,
             dit.parameter_bytes(),
@@ -62,7 +64,7 @@ impl Dit {
 
     pub fn run(
         &self,
-        dit: &mut WanTransformer3DModel,
+        dit: &mut WanDit,
         job: &JobRecord,
         mut inputs: JobInputs,
         ctx: &mut RunCtx<'_>,
@@ -94,6 +96,7 @@ impl Dit {
         DenoiseSettings {
             steps: spec.num_inference_steps as usize,
             guidance_scale: f64::from(spec.guidance_scale),
+            guidance_scale_2: spec.guidance_scale_2.map(f64::from),
             seed: spec.seed,
             scheduler: match self.sampler {
                 Sampler::UniPc => SchedulerChoice::UniPc(UniPcConfig::wan(shift)),

@@ -1,5 +1,5 @@
-//! The Wan2.1 encoder stage: UMT5 for the prompt and negative prompt and, for image-to-video,
-//! CLIP and the VAE encoder for the uploaded first frame; sends the Phase1 tensors. The
+//! The Wan encoder stage: UMT5 for the prompt and negative prompt and, for image-to-video, the VAE
+//! encoder (and for Wan2.1 CLIP) for the uploaded first frame; sends the Phase1 tensors. The
 //! transformer and the VAE decoder stay on disk.
 
 use std::path::PathBuf;
@@ -45,13 +45,9 @@ impl Encoder {
     pub fn load(&self) -> Result<(WanEncoder, Vec<LoadedModel>), StageError> {
         let enc = WanEncoder::load(&self.model_dir, self.task, self.device, self.kind)
             .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
-        let components: &[&str] = match self.task {
-            Task::I2v => &["tokenizer", "text_encoder", "image_encoder", "vae.encoder"],
-            Task::T2v => &["tokenizer", "text_encoder"],
-        };
         let loaded = LoadedModel::new(
             &self.model,
-            components,
+            &enc.components(),
             &self.device,
             &self.kind,
             enc.parameter_bytes(),

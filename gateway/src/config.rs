@@ -91,6 +91,10 @@ pub struct ModelConfig {
     pub default_steps: u32,
     pub max_steps: u32,
     pub default_guidance_scale: f32,
+    /// Two-expert models (Wan2.2 A14B): the low-noise expert's guidance scale when a request
+    /// gives no `guidance_scale_2`. Set, the model accepts `guidance_scale_2`; unset, a request
+    /// that sends one is refused (the model has one transformer).
+    pub default_guidance_scale_2: Option<f32>,
     pub default_shift: f32,
     /// Most images per request.
     pub max_n: u32,
@@ -168,6 +172,7 @@ impl ModelConfig {
             default_steps: 50,
             max_steps: 100,
             default_guidance_scale: 5.0,
+            default_guidance_scale_2: None,
             default_shift: 5.0,
             max_n: 1,
             max_input_images: 0,
@@ -182,6 +187,32 @@ impl ModelConfig {
             tasks: vec![Task::I2v],
             default_shift: 3.0,
             ..Self::wan21_t2v_1_3b()
+        }
+    }
+
+    /// Wan2.2 text-to-video A14B (two experts): the original release's defaults, 40 steps, guidance
+    /// 4.0 on the high-noise and 3.0 on the low-noise expert, shift 12; 480p and 720p.
+    pub fn wan22_t2v_a14b() -> Self {
+        ModelConfig {
+            name: "wan2.2-t2v-a14b".into(),
+            sizes: vec!["1280x720".into(), "720x1280".into(), "832x480".into(), "480x832".into()],
+            default_steps: 40,
+            default_guidance_scale: 4.0,
+            default_guidance_scale_2: Some(3.0),
+            default_shift: 12.0,
+            ..Self::wan21_t2v_1_3b()
+        }
+    }
+
+    /// Wan2.2 image-to-video A14B (two experts): 40 steps, guidance 3.5 on both experts, shift 5.
+    pub fn wan22_i2v_a14b() -> Self {
+        ModelConfig {
+            name: "wan2.2-i2v-a14b".into(),
+            tasks: vec![Task::I2v],
+            default_guidance_scale: 3.5,
+            default_guidance_scale_2: Some(3.5),
+            default_shift: 5.0,
+            ..Self::wan22_t2v_a14b()
         }
     }
 
@@ -204,6 +235,7 @@ impl ModelConfig {
             default_steps: 50,
             max_steps: 100,
             default_guidance_scale: 4.0,
+            default_guidance_scale_2: None,
             default_shift: 3.0,
             max_n: 4,
             max_input_images: 3,

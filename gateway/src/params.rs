@@ -40,9 +40,13 @@ pub struct Sampling {
     /// Denoising steps, up to the model's `max_steps`.
     #[schema(minimum = 1)]
     pub num_inference_steps: Option<u64>,
-    /// Classifier-free guidance scale.
+    /// Classifier-free guidance scale (of the high-noise expert on two-expert models).
     #[schema(minimum = 0, maximum = 30)]
     pub guidance_scale: Option<f64>,
+    /// Two-expert models (Wan2.2 A14B): the low-noise expert's guidance scale; absent, the
+    /// model's default. Refused by one-transformer models.
+    #[schema(minimum = 0, maximum = 30)]
+    pub guidance_scale_2: Option<f64>,
     /// Shift of the flow-matching noise schedule.
     #[schema(minimum = 0.01, maximum = 100)]
     pub shift: Option<f64>,
@@ -67,6 +71,7 @@ impl Sampling {
             seed: form.int("seed", 0, MAX_SEED)?,
             num_inference_steps: form.int_from("num_inference_steps", 1)?,
             guidance_scale: form.float("guidance_scale", GUIDANCE_SCALE.0, GUIDANCE_SCALE.1)?,
+            guidance_scale_2: form.float("guidance_scale_2", GUIDANCE_SCALE.0, GUIDANCE_SCALE.1)?,
             shift: form.float("shift", SHIFT.0, SHIFT.1)?,
             encoder_engine_rank: rank("encoder_engine_rank")?,
             dit_engine_rank: rank("dit_engine_rank")?,

@@ -130,6 +130,20 @@ fn common(
 ) -> Result<JobSpec, ApiError> {
     let steps =
         within("num_inference_steps", sampling.num_inference_steps, 1, model.max_steps.into())?;
+    let guidance_scale_2 = match (sampling.guidance_scale_2, model.default_guidance_scale_2) {
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                "guidance_scale_2",
+                format!(
+                    "`guidance_scale_2` is the low-noise expert's guidance scale of two-expert \
+                     models (Wan2.2 A14B); `{}` has one transformer.",
+                    model.name
+                ),
+            ));
+        }
+        (Some(g), Some(_)) => Some(g as f32),
+        (None, default) => default,
+    };
     Ok(JobSpec {
         model: model.name.clone(),
         task,
@@ -141,6 +155,7 @@ fn common(
         seconds: 0,
         num_inference_steps: steps.map_or(model.default_steps, |s| s as u32),
         guidance_scale: sampling.guidance_scale.map_or(model.default_guidance_scale, |g| g as f32),
+        guidance_scale_2,
         shift: sampling.shift.map_or(model.default_shift, |s| s as f32),
         seed: sampling.seed.unwrap_or_else(|| rand::random::<u64>() >> 11),
         n: 1,
@@ -356,6 +371,25 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some(param), "{body}");
             assert!(e.message.contains(says), "{body}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn guidance_scale_2_is_for_two_expert_models() {
+        let mut models = GatewayConfig::default().models;
+        // One transformer: refused, naming the parameter and the model.
+        let e = video_of(r#"{"prompt": "x", "guidance_scale_2": 3}"#, &models).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("guidance_scale_2"));
+        assert!(e.message.contains("wan2.1-t2v-1.3b") && e.message.contains("one transformer"));
+        assert_eq!(video_of(r#"{"prompt": "x"}"#, &models).unwrap().spec.guidance_scale_2, None);
+
+        // Two experts: the request's scale, else the model's default; bounds as guidance_scale.
+        models[0].default_guidance_scale_2 = Some(3.0);
+        let v = video_of(r#"{"prompt": "x", "guidance_scale": 4}"#, &models).unwrap();
+        assert_eq!((v.spec.guidance_scale, v.spec.guidance_scale_2), (4.0, Some(3.0)));
+        let v = video_of(r#"{"prompt": "x", "guidance_scale_2": 1.5}"#, &models).unwrap();
+        assert_eq!(v.spec.guidance_scale_2, Some(1.5));
+        let e = video_of(r#"{"prompt": "x", "guidance_scale_2": 31}"#, &models).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("guidance_scale_2"));
     }
 
     #[test]

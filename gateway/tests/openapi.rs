@@ -141,10 +141,13 @@ fn documented_bounds_are_the_ones_validation_enforces() {
         assert_eq!(body["negative_prompt"]["maxLength"], MAX_PROMPT_CHARS);
         assert_eq!(bounds(&body["seed"]), (Some(0.0), Some(MAX_SEED as f64)));
         assert_eq!(bounds(&body["num_inference_steps"]).0, Some(1.0));
-        assert_eq!(
-            bounds(&body["guidance_scale"]),
-            (Some(GUIDANCE_SCALE.0), Some(GUIDANCE_SCALE.1))
-        );
+        for scale in ["guidance_scale", "guidance_scale_2"] {
+            assert_eq!(
+                bounds(&body[scale]),
+                (Some(GUIDANCE_SCALE.0), Some(GUIDANCE_SCALE.1)),
+                "{scale}"
+            );
+        }
         assert_eq!(bounds(&body["shift"]), (Some(SHIFT.0), Some(SHIFT.1)));
         for rank in ["encoder_engine_rank", "dit_engine_rank", "decoder_engine_rank"] {
             assert_eq!(bounds(&body[rank]), (Some(0.0), Some(MAX_ENGINE_RANK as f64)), "{rank}");

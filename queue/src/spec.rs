@@ -222,6 +222,9 @@ pub struct JobSpec {
     pub seconds: u32,
     pub num_inference_steps: u32,
     pub guidance_scale: f32,
+    /// Wan2.2 A14B: the low-noise expert's guidance scale; absent, `guidance_scale` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_scale_2: Option<f32>,
     pub shift: f32,
     pub seed: u64,
     /// Images to produce (1 for videos).

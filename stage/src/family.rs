@@ -10,7 +10,8 @@ use crate::config::StageConfig;
 /// The model families the stage services know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelFamily {
-    /// Wan2.1 text- and image-to-video (diffusers `Wan*Pipeline`, or the original release).
+    /// Wan2.1 and Wan2.2 A14B text- and image-to-video (diffusers `Wan*Pipeline`, or the
+    /// original release).
     Wan,
     /// Qwen-Image text to image and image editing (diffusers `QwenImagePipeline`,
     /// `QwenImageEditPipeline`, `QwenImageEditPlusPipeline`).

@@ -89,9 +89,9 @@ fn port_of(addr: &str, what: &str, path: &Path) -> u16 {
 }
 
 #[test]
-fn both_topologies_are_shipped_complete() {
+fn every_topology_is_shipped_complete() {
     let topologies = topologies();
-    for name in ["wan2.1-t2v-1.3b", "wan2.1-i2v-14b-480p"] {
+    for name in ["wan2.1-t2v-1.3b", "wan2.1-i2v-14b-480p", "wan2.2-t2v-a14b", "qwen-image"] {
         let files = topologies.get(name).unwrap_or_else(|| panic!("configs/{name}/ is missing"));
         let names: BTreeSet<String> = files
             .iter()

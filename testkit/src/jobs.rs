@@ -21,6 +21,7 @@ pub fn t2v(prompt: &str) -> JobSpec {
         seconds: 5,
         num_inference_steps: 50,
         guidance_scale: 5.0,
+        guidance_scale_2: None,
         shift: 5.0,
         seed: 1,
         n: 1,
@@ -44,6 +45,7 @@ pub fn t2i(prompt: &str) -> JobSpec {
         seconds: 0,
         num_inference_steps: 2,
         guidance_scale: 4.0,
+        guidance_scale_2: None,
         shift: 3.0,
         output_format: "png".into(),
         ..t2v(prompt)

@@ -65,3 +65,44 @@ def png_size(b64: str) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         return img.size
+
+
+def test_x2v_up_serves_a_two_expert_model_as_x2v_generate_makes_it(x2v_bin, tmp_path):
+    """A Wan2.2 A14B-shaped model (high- and low-noise experts): served through `x2v up` with a
+    guidance scale per expert, the MP4 equals `x2v generate`'s with the same settings; the same
+    settings with one scale give another video, and a one-transformer model refuses the second."""
+    model = tmp_path / "a14b"
+    subprocess.run([str(x2v_bin), "demo-model", "--out", str(model), "--two-experts", "--seed", "3"],
+                   check=True, capture_output=True)
+    port = free_port()
+    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "up"),
+                        "--device", "cpu", "--model-dir", str(model)],
+                 dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
+    try:
+        base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["wan2.2-t2v"]
+        settings = {"seed": 21, "num_inference_steps": 4, "guidance_scale": 5.0, "guidance_scale_2": 2.0,
+                    "shift": 3.0, "negative_prompt": "blurry"}
+        videos = {}
+        for name, extra in [("two", settings), ("one", dict(settings, guidance_scale_2=5.0))]:
+            video = client.videos.create_and_poll(model="wan2.2-t2v", prompt="a heron", size="832x480",
+                                                  extra_body=dict(extra, num_frames=5), poll_interval_ms=100)
+            assert video.status == "completed", video.error
+            videos[name] = tmp_path / f"{name}.mp4"
+            client.videos.download_content(video.id).write_to_file(videos[name])
+        assert ffprobe(videos["two"]) == ("h264", 832, 480, 5, 16)
+        local = tmp_path / "local.mp4"
+        subprocess.run(
+            [str(x2v_bin), "generate", "--model-dir", str(model), "--task", "t2v", "--prompt", "a heron",
+             "--negative-prompt", "blurry", "--size", "832x480", "--frames", "5", "--steps", "4",
+             "--guidance", "5", "--guidance-2", "2", "--shift", "3", "--seed", "21", "--fps", "16",
+             "--out", str(local)],
+            check=True, capture_output=True,
+        )
+        assert videos["two"].read_bytes() == local.read_bytes(), "the served MP4 differs from x2v generate's"
+        assert videos["one"].read_bytes() != local.read_bytes(), "guidance_scale_2 made no difference"
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(timeout=30) == 0, up.log()
+    finally:
+        up.kill()

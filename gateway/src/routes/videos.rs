@@ -461,6 +461,9 @@ pub async fn remix(
     ] {
         form.fields.entry(k).or_insert(v);
     }
+    if let Some(g) = s.guidance_scale_2 {
+        form.fields.entry("guidance_scale_2").or_insert(json!(g));
+    }
     for input in &s.inputs {
         let bytes = state.storage.get(&input.key).await?;
         form.uploads.push(crate::request::Upload {
