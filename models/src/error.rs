@@ -95,6 +95,9 @@ pub enum Error {
     Write { path: PathBuf, message: String },
     #[error("cannot build the demo {what}: {message}")]
     DemoBuild { what: &'static str, message: String },
+    /// A LoRA adapter that cannot be read or does not fit the model.
+    #[error("LoRA adapter `{adapter}`: {message}")]
+    Lora { adapter: String, message: String },
 }
 
 fn at(path: &Option<PathBuf>) -> String {
@@ -105,6 +108,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Input { .. }
+            | Error::Lora { .. }
             | Error::Tokenize { .. }
             | Error::NoPrompts
             | Error::MissingKey { .. }

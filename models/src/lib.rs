@@ -13,6 +13,7 @@ pub mod cuda_driver;
 mod demo;
 pub mod device;
 pub mod error;
+pub mod lora;
 pub mod nn;
 pub mod qwen_image;
 pub mod schedulers;

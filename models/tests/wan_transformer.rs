@@ -117,3 +117,106 @@ fn bad_inputs_are_rejected_with_a_message() {
     let err = model.forward(&x, &t, &ctx, Some(&img)).unwrap_err();
     assert!(err.to_string().contains("takes no image context"), "{err}");
 }
+
+/// LoRA parity: adapters in the diffusers/PEFT and the original Wan key formats, alone and
+/// composed with weights, against diffusers' `load_lora_weights` + `set_adapters`
+/// (`tools/fixtures/wan_lora.py`); clearing them gives the base model back bit for bit.
+#[test]
+fn lora_adapters_match_diffusers_and_leave_the_base_untouched() {
+    use std::sync::Arc;
+    use x2v_models::wan::lora::{active_deltas, clear_loras, load_adapter, set_loras};
+
+    let fx = common::fixture("wan_lora");
+    let io = common::tensors(&fx.join("io.safetensors"));
+    let dit =
+        WanTransformer3DModel::load(&fx.join("transformer"), Device::Cpu, Kind::Float).unwrap();
+    let forward = || {
+        dit.forward(&io["hidden_states"], &io["timestep"], &io["encoder_hidden_states"], None)
+            .unwrap()
+    };
+    let base = forward();
+    common::assert_close("base", &base, &io["base"], FP32_TOL);
+    let style = Arc::new(load_adapter("style", &fx.join("loras/style.safetensors")).unwrap());
+    let motion = Arc::new(load_adapter("motion", &fx.join("loras/motion.safetensors")).unwrap());
+    // PEFT: 2 blocks x 5 layers, no alpha; original: 2 blocks x 4 layers, alpha 1 at rank 2.
+    assert_eq!(style.layers().len(), 10);
+    assert_eq!(motion.layers().len(), 8);
+    assert!(motion.layers().values().all(|l| l.alpha_scale() == 0.5));
+
+    set_loras(&dit, &[(style.clone(), 0.8)]).unwrap();
+    common::assert_close("style at 0.8", &forward(), &io["style"], FP32_TOL);
+    set_loras(&dit, &[(style.clone(), 0.8), (motion.clone(), 1.5)]).unwrap();
+    assert_eq!(active_deltas(&dit), 18);
+    let both = forward();
+    common::assert_close("style 0.8 + motion 1.5", &both, &io["both"], FP32_TOL);
+    // The check can fail: another weight is another output.
+    set_loras(&dit, &[(style.clone(), 0.8), (motion.clone(), 1.0)]).unwrap();
+    let (diff, _) = common::max_abs_diff(&forward(), &io["both"]);
+    assert!(diff > 1e-2, "motion's weight made no difference ({diff})");
+
+    clear_loras(&dit);
+    assert_eq!(active_deltas(&dit), 0);
+    assert!(forward().equal(&base), "the base model changed after its adapters were cleared");
+
+    // An adapter made for another model is refused whole, naming it and the layer, and the
+    // adapters active before stay as they were.
+    set_loras(&dit, &[(style.clone(), 0.8)]).unwrap();
+    let misfit = Arc::new(load_adapter("misfit", &fx.join("loras/misfit.safetensors")).unwrap());
+    let err = set_loras(&dit, &[(misfit, 1.0)]).unwrap_err().to_string();
+    assert!(err.contains("`misfit`") && err.contains("blocks.0.attn1.to_q"), "{err}");
+    common::assert_close("style kept", &forward(), &io["style"], FP32_TOL);
+    let err = set_loras(&dit, &[(style, f64::NAN)]).unwrap_err().to_string();
+    assert!(err.contains("finite"), "{err}");
+}
+
+#[test]
+fn lora_files_that_are_not_adapters_are_refused_by_key() {
+    use x2v_models::wan::lora::load_adapter;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |name: &str, tensors: &[(&str, Tensor)]| {
+        let path = tmp.path().join(name);
+        Tensor::write_safetensors(tensors, &path).unwrap();
+        path
+    };
+    let t = |dims: &[i64]| Tensor::ones(dims, (Kind::Float, Device::Cpu));
+    let cases = [
+        (
+            write("diff.safetensors", &[("diffusion_model.blocks.0.self_attn.q.diff_b", t(&[4]))]),
+            "diffusion_model.blocks.0.self_attn.q.diff_b",
+        ),
+        (
+            write(
+                "unknown.safetensors",
+                &[
+                    ("transformer.blocks.0.attn9.to_q.lora_A.weight", t(&[2, 4])),
+                    ("transformer.blocks.0.attn9.to_q.lora_B.weight", t(&[4, 2])),
+                ],
+            ),
+            "",
+        ),
+        (
+            write("half.safetensors", &[("transformer.proj_out.lora_A.weight", t(&[2, 4]))]),
+            "lacks its down or up",
+        ),
+        (
+            write(
+                "rank.safetensors",
+                &[
+                    ("transformer.proj_out.lora_A.weight", t(&[2, 4])),
+                    ("transformer.proj_out.lora_B.weight", t(&[4, 3])),
+                ],
+            ),
+            "rank-r pair",
+        ),
+    ];
+    for (path, needle) in cases {
+        match load_adapter("x", &path) {
+            Err(e) => assert!(e.to_string().contains(needle), "{}: {e}", path.display()),
+            // Module names the DiT does not have are caught when the adapter meets the model.
+            Ok(a) => assert!(needle.is_empty() && a.layers().contains_key("blocks.0.attn9.to_q")),
+        }
+    }
+    let err = load_adapter("x", &tmp.path().join("missing.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("missing.safetensors"), "{err}");
+}

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod embeddings;
 pub mod norm;
 
+use std::cell::RefCell;
 use std::ops::Div;
 
 use tch::{Device, Kind, Tensor, nn};
@@ -79,27 +80,86 @@ impl<'a, T: std::string::ToString> Div<T> for Builder<'a> {
     }
 }
 
-/// A dense layer `y = x·Wᵀ + b` with PyTorch's `nn.Linear` keys (`weight` `[out, in]`, `bias`).
+/// A dense layer `y = x·Wᵀ + b` with PyTorch's `nn.Linear` keys (`weight` `[out, in]`, `bias`),
+/// plus the low-rank deltas of the LoRA adapters active on it ([`Linear::set_lora`]).
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Applied at run time on top of the untouched weight, in order: `y[.., rows] += s·B(A x)`.
+    lora: RefCell<Vec<LoraDelta>>,
+}
+
+/// One adapter's low-rank update of (a row range of) a [`Linear`]'s output.
+#[derive(Debug)]
+pub struct LoraDelta {
+    /// `lora_A` / `lora_down`: `[rank, in]`, in the layer's dtype and device.
+    pub down: Tensor,
+    /// `lora_B` / `lora_up`: `[rows, rank]`.
+    pub up: Tensor,
+    /// `alpha / rank` times the adapter's weight in the request.
+    pub scale: f64,
+    /// First output row the update adds to (a fused layer holds several targets).
+    pub row: i64,
 }
 
 impl Linear {
+    fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, lora: RefCell::new(Vec::new()) }
+    }
+
     pub fn new(b: Builder, d_in: i64, d_out: i64) -> Self {
         let weight = b.param("weight", &[d_out, d_in]);
         let bias = Some(b.param("bias", &[d_out]));
-        Linear { weight, bias }
+        Linear::from_parts(weight, bias)
     }
 
     /// `nn.Linear(..., bias=False)`.
     pub fn no_bias(b: Builder, d_in: i64, d_out: i64) -> Self {
-        Linear { weight: b.param("weight", &[d_out, d_in]), bias: None }
+        Linear::from_parts(b.param("weight", &[d_out, d_in]), None)
+    }
+
+    /// `(in, out)` features.
+    pub fn dims(&self) -> (i64, i64) {
+        let s = self.weight.size();
+        (s[1], s[0])
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        let deltas = self.lora.borrow();
+        if deltas.is_empty() {
+            return y;
+        }
+        let _guard = tch::no_grad_guard();
+        let (_, out) = self.dims();
+        let mut y = y;
+        for d in deltas.iter() {
+            let update = x.linear::<Tensor>(&d.down, None).linear::<Tensor>(&d.up, None) * d.scale;
+            let rows = d.up.size()[0];
+            if rows == out {
+                y += update;
+            } else {
+                let _ = y.narrow(-1, d.row, rows).g_add_(&update);
+            }
+        }
+        y
+    }
+
+    /// Replaces the LoRA deltas applied on top of the weight (none: the plain layer). The weight
+    /// itself is never modified, so clearing them restores the base layer exactly.
+    pub fn set_lora(&self, deltas: Vec<LoraDelta>) {
+        *self.lora.borrow_mut() = deltas;
+    }
+
+    /// Adds one adapter's delta after those already set.
+    pub fn push_lora(&self, delta: LoraDelta) {
+        self.lora.borrow_mut().push(delta);
+    }
+
+    /// How many adapter deltas the layer applies.
+    pub fn lora_count(&self) -> usize {
+        self.lora.borrow().len()
     }
 
     /// Concatenates the output rows of several layers into one, so one GEMM replaces several.
@@ -120,7 +180,7 @@ impl Linear {
             }
             row += n;
         }
-        Linear { weight, bias }
+        Linear::from_parts(weight, bias)
     }
 }
 
@@ -181,8 +241,8 @@ impl Gelu {
 /// diffusers' `FeedForward`: `net.2(GELU(net.0.proj(x)))` (`net.1` is a parameterless dropout).
 #[derive(Debug)]
 pub struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
+    pub proj_in: Linear,
+    pub proj_out: Linear,
     act: Gelu,
 }
 

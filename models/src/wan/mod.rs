@@ -5,6 +5,7 @@
 pub mod config;
 pub mod demo;
 pub mod image_encoder;
+pub mod lora;
 pub mod pipeline;
 pub mod rope;
 pub mod text_encoder;

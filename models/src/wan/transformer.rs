@@ -220,6 +220,14 @@ pub struct WanTransformer3DModel {
     vs: nn::VarStore,
 }
 
+/// The fused layer and the first row of a target in it, or the target's own layer before fusion.
+fn pick<'m>(fused: Option<&'m Linear>, unfused: &'m Linear, row: i64) -> (&'m Linear, i64) {
+    match fused {
+        Some(f) => (f, row),
+        None => (unfused, 0),
+    }
+}
+
 /// RoPE tables kept per token grid; a server sees few distinct resolutions.
 const ROPE_CACHE_ENTRIES: usize = 8;
 
@@ -333,6 +341,57 @@ impl WanTransformer3DModel {
     /// Bytes held by the loaded parameters.
     pub fn parameter_bytes(&self) -> u64 {
         crate::weights::parameter_bytes(&self.vs)
+    }
+
+    /// The layer a LoRA target (a diffusers module name, e.g. `blocks.3.attn1.to_k`) runs on, the
+    /// first of its output rows there and how many rows are its own (q, k and v run fused in one
+    /// layer). Targets are the blocks' attention projections and feed-forward layers and the
+    /// output projection.
+    pub(crate) fn lora_target(&self, module: &str) -> Option<(&Linear, i64, i64)> {
+        if module == "proj_out" {
+            return Some((&self.proj_out, 0, self.proj_out.dims().1));
+        }
+        let (index, rest) = module.strip_prefix("blocks.")?.split_once('.')?;
+        let block = self.blocks.get(index.parse::<usize>().ok()?)?;
+        let dim = self.config.dim();
+        let (attn, name) = match rest.split_once('.')? {
+            ("ffn", "net.0.proj") => {
+                return Some((&block.ffn.proj_in, 0, block.ffn.proj_in.dims().1));
+            }
+            ("ffn", "net.2") => return Some((&block.ffn.proj_out, 0, block.ffn.proj_out.dims().1)),
+            ("attn1", name) => (&block.attn1, name),
+            ("attn2", name) => (&block.attn2, name),
+            _ => return None,
+        };
+        // Self-attention fuses q|k|v, cross-attention k|v (its q reads the latents, not the text).
+        let self_attn = std::ptr::eq(attn, &block.attn1);
+        let fused = attn.fused.as_ref();
+        let (linear, row) = match name {
+            "to_q" if self_attn => pick(fused, &attn.to_q, 0),
+            "to_q" => (&attn.to_q, 0),
+            "to_k" => pick(fused, &attn.to_k, if self_attn { dim } else { 0 }),
+            "to_v" => pick(fused, &attn.to_v, if self_attn { 2 * dim } else { dim }),
+            "to_out.0" => (&attn.to_out, 0),
+            "add_k_proj" => pick(attn.fused_added.as_ref(), &attn.added.as_ref()?.0, 0),
+            "add_v_proj" => pick(attn.fused_added.as_ref(), &attn.added.as_ref()?.1, dim),
+            _ => return None,
+        };
+        // Every attention projection has `dim` outputs, fused or not.
+        Some((linear, row, dim))
+    }
+
+    /// Every layer a LoRA target can land on (see [`Self::lora_target`]).
+    pub(crate) fn lora_layers(&self) -> Vec<&Linear> {
+        let mut layers = vec![&self.proj_out];
+        for b in &self.blocks {
+            for attn in [&b.attn1, &b.attn2] {
+                layers.extend([&attn.to_q, &attn.to_k, &attn.to_v, &attn.to_out]);
+                layers.extend(attn.fused.iter().chain(&attn.fused_added));
+                layers.extend(attn.added.iter().flat_map(|(k, v, _)| [k, v]));
+            }
+            layers.extend([&b.ffn.proj_in, &b.ffn.proj_out]);
+        }
+        layers
     }
 
     /// Predicts the flow velocity. `timestep` is `[B]` (any numeric dtype) or a scalar;
