@@ -8,11 +8,13 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 use x2v_models::schedulers::UniPcConfig;
+use x2v_models::wan::lora::load_adapter;
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, ModelDir, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
     load_dit,
@@ -69,6 +71,14 @@ pub struct Args {
     /// Frames per second of an `.mp4` output.
     #[arg(long, default_value_t = 16)]
     fps: u32,
+    /// A LoRA adapter on the Wan DiT, `NAME[:SCALE]` (scale 1 by default): `NAME.safetensors` in
+    /// `--lora-dir`, or a path to a `.safetensors` file. Repeat to compose several, applied in
+    /// order.
+    #[arg(long = "lora", value_name = "NAME[:SCALE]")]
+    pub(crate) loras: Vec<String>,
+    /// Where `--lora NAME` adapters are (default: `loras/` in `--model-dir`).
+    #[arg(long)]
+    lora_dir: Option<PathBuf>,
     /// Output file: a video as `.mp4` (H.264) or `.npy` (`uint8 [F, H, W, 3]`, lossless); an
     /// image as `.png` or `.npy` (`uint8 [H, W, 3]`).
     #[arg(long)]
@@ -96,6 +106,36 @@ fn parse_task(s: &str) -> Result<CliTask, String> {
     }
 }
 
+/// `--lora NAME[:SCALE]` → (file, name, scale).
+fn parse_lora(spec: &str, a: &Args) -> Result<(PathBuf, String, f64)> {
+    let (name, scale) = match spec.rsplit_once(':') {
+        Some((name, scale)) => {
+            let s: f64 = scale.parse().ok().filter(|s: &f64| s.is_finite()).with_context(|| {
+                format!("--lora {spec}: scale `{scale}` is not a finite number")
+            })?;
+            (name, s)
+        }
+        None => (spec, 1.0),
+    };
+    if name.ends_with(".safetensors") || name.contains('/') {
+        let path = PathBuf::from(name);
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or(name).to_owned();
+        return Ok((path, stem, scale));
+    }
+    x2v_models::lora::check_name(name).map_err(|e| anyhow::anyhow!("--lora {spec}: {e}"))?;
+    let dir = a.lora_dir.clone().unwrap_or_else(|| a.model_dir.join("loras"));
+    let path = dir.join(format!("{name}.safetensors"));
+    if !path.is_file() {
+        let known = x2v_models::lora::list_names(&dir);
+        bail!(
+            "--lora {spec}: no adapter `{name}` in {} (available: {})",
+            dir.display(),
+            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        );
+    }
+    Ok((path, name.to_owned(), scale))
+}
+
 /// `WxH` → (width, height).
 pub(crate) fn parse_size(s: &str) -> Result<(i64, i64)> {
     let bad = || anyhow::anyhow!("--size must be WxH (e.g. 832x480), got `{s}`");
@@ -109,7 +149,9 @@ struct Job {
     geometry: Geometry,
     shift: f64,
     guidance: f64,
-    pub(crate) guidance_2: Option<f64>,
+    guidance_2: Option<f64>,
+    /// `(file, adapter name, scale)` per `--lora`.
+    loras: Vec<(PathBuf, String, f64)>,
     image: Option<Tensor>,
 }
 
@@ -162,7 +204,8 @@ fn validate(a: &Args, task: Task) -> Result<Job> {
     if let Some(g) = a.guidance_2.filter(|g| !g.is_finite()) {
         bail!("--guidance-2 must be a finite number, got {g}");
     }
-    Ok(Job { task, geometry, shift, guidance, guidance_2: a.guidance_2, image })
+    let loras = a.loras.iter().map(|spec| parse_lora(spec, a)).collect::<Result<_>>()?;
+    Ok(Job { task, geometry, shift, guidance, guidance_2: a.guidance_2, loras, image })
 }
 
 /// `flow_shift` of a diffusers `scheduler/scheduler_config.json`, if any.
@@ -236,6 +279,12 @@ fn generate(a: &Args, job: Job) -> Result<()> {
     };
     let phase2 = {
         let dit = load_dit(&a.model_dir, device, kind)?;
+        let adapters = job
+            .loras
+            .iter()
+            .map(|(path, name, scale)| Ok((Rc::new(load_adapter(name, path)?), *scale)))
+            .collect::<Result<Vec<_>>>()?;
+        dit.set_loras(&adapters)?;
         let settings = DenoiseSettings {
             steps: a.steps,
             guidance_scale: job.guidance,

@@ -66,6 +66,9 @@ fn validate(a: &Args) -> Result<Job> {
         bail!("--n must be from 1 to {MAX_IMAGES}, got {}", a.n);
     }
     let guidance = a.guidance.unwrap_or(4.0);
+    if !a.loras.is_empty() {
+        bail!("--lora applies to the Wan DiT; Qwen-Image adapters are not supported yet");
+    }
     if a.guidance_2.is_some() {
         bail!("--guidance-2 is the low-noise expert's scale of Wan2.2 A14B; Qwen-Image has one");
     }

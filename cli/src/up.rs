@@ -171,6 +171,7 @@ fn demo_model_config() -> ModelConfig {
         default_guidance_scale: 5.0,
         default_guidance_scale_2: None,
         default_shift: 3.0,
+        lora_dir: String::new(),
         max_n: 1,
         max_input_images: 0,
         max_queued_jobs: 0,
@@ -197,6 +198,15 @@ struct StageSet {
     name: String,
     tasks: Vec<Task>,
     rank: u32,
+}
+
+impl StageSet {
+    /// `loras/` in a Wan model directory: its LoRA adapters, served when present.
+    fn lora_dir(&self) -> Option<PathBuf> {
+        let dir = self.dir.join("loras");
+        let wan = matches!(ModelFamily::detect(&self.dir), Ok(ModelFamily::Wan));
+        (wan && dir.is_dir()).then_some(dir)
+    }
 }
 
 /// What `x2v up` serves: the stage sets and the served model names.
@@ -301,8 +311,9 @@ fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
         }
     };
     let name = args.model.clone().unwrap_or_else(|| name.into());
-    gateway.models = vec![ModelConfig { name: name.clone(), tasks: tasks.clone(), ..base }];
-    let set = StageSet { dir: dir.clone(), name: name.clone(), tasks, rank: 0 };
+    let set = StageSet { dir: dir.clone(), name: name.clone(), tasks: tasks.clone(), rank: 0 };
+    let lora_dir = set.lora_dir().map(|d| d.display().to_string()).unwrap_or_default();
+    gateway.models = vec![ModelConfig { name: name.clone(), tasks, lora_dir, ..base }];
     Ok(Served { sets: vec![set], names: vec![name] })
 }
 
@@ -365,6 +376,10 @@ fn stage_config(args: &Args, set: &StageSet) -> StageConfig {
         model_dir: set.dir.display().to_string(),
         tasks: set.tasks.clone(),
         device: args.device,
+        lora: x2v_stage::config::LoraSection {
+            dir: set.lora_dir().map(|d| d.display().to_string()).unwrap_or_default(),
+            ..Default::default()
+        },
         grpc: Default::default(),
         http: Default::default(),
         ..StageConfig::default()

@@ -6,12 +6,14 @@
 //! - [`telemetry`]: tracing subscriber (text or JSON) with an optional OTLP exporter.
 //! - [`propagation`]: W3C trace-context inject/extract for HTTP headers, gRPC metadata and string maps.
 //! - [`secret`]: strings that configs hold but logs must not show.
+//! - [`lora`]: the LoRA adapters a job asks for, and the rule for their names.
 //! - [`metrics`]: a Prometheus registry with the service's constant labels and text encoding.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;
 pub mod id;
+pub mod lora;
 pub mod metrics;
 pub mod propagation;
 pub mod secret;

@@ -9,7 +9,6 @@ pub mod qwen_image;
 pub mod wan;
 
 use x2v_core::JobErrorCode;
-use x2v_models::wan::pipeline::WanDit;
 use x2v_queue::{JobRecord, Stage};
 use x2v_stage::StageConfig;
 use x2v_stage::family::ModelFamily;
@@ -28,7 +27,7 @@ pub enum DitRunner {
 /// size of its variants does not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum DitModel {
-    Wan(WanDit),
+    Wan(wan::WanModel),
     QwenImage(qwen_image::QwenDit),
 }
 

@@ -54,6 +54,9 @@ impl Dit {
     /// Reads the scheduler config of the model directory; the `scheduler` setting of the stage
     /// config does not apply (Qwen-Image samples with its own flow-match Euler schedule).
     pub fn new(config: &StageConfig, model_dir: PathBuf) -> Result<Self, String> {
+        if !config.lora.dir.is_empty() {
+            return Err("lora.dir: LoRA adapters are served for Wan models only".into());
+        }
         let device = x2v_models::device::parse_device(&config.device.to_string())?;
         let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
         let dir = ModelDir::open(&model_dir).map_err(|e| e.to_string())?;

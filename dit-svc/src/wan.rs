@@ -4,11 +4,14 @@
 //! Phase2.
 
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use tch::{Device, Kind};
 use x2v_core::JobErrorCode;
 use x2v_handoff::Handoff;
+use x2v_models::lora::{LoraAdapter, LoraStore};
 use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
+use x2v_models::wan::lora::load_adapter;
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, Phase1, SchedulerChoice, WanDit, denoise, load_dit,
 };
@@ -19,6 +22,15 @@ use x2v_stage::job::{JobGeometry, JobInputs};
 use x2v_stage::runner::{RunCtx, StageError};
 use x2v_stage::state::LoadedModel;
 use x2v_transfer::TensorPart;
+
+/// Takes a job's adapters off the DiT when dropped.
+struct ClearLoras<'a>(&'a WanDit);
+
+impl Drop for ClearLoras<'_> {
+    fn drop(&mut self) {
+        self.0.clear_loras();
+    }
+}
 
 /// Which sampler the worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +46,15 @@ pub struct Dit {
     device: Device,
     kind: Kind,
     sampler: Sampler,
+    /// The adapter directory jobs may name adapters of (`lora.dir`) and the bytes of adapters
+    /// kept in memory.
+    loras: Option<(PathBuf, u64)>,
+}
+
+/// The loaded DiT and the adapters in memory, on the device thread.
+pub struct WanModel {
+    dit: WanDit,
+    loras: Option<LoraStore>,
 }
 
 impl Dit {
@@ -44,12 +65,19 @@ impl Dit {
             Scheduler::Unipc => Sampler::UniPc,
             Scheduler::Euler => Sampler::Euler,
         };
-        Ok(Dit { model: config.model.clone(), model_dir, device, kind, sampler })
+        let loras = match config.lora.dir.as_str() {
+            "" => None,
+            dir if !std::path::Path::new(dir).is_dir() => {
+                return Err(format!("lora.dir: {dir} is not a directory"));
+            }
+            dir => Some((PathBuf::from(dir), config.lora.cache_mib.saturating_mul(1 << 20))),
+        };
+        Ok(Dit { model: config.model.clone(), model_dir, device, kind, sampler, loras })
     }
 
     /// Loads the transformer, or both experts of Wan2.2 A14B: one rank holds both, so a job
     /// switches expert between two steps without leaving the process.
-    pub fn load(&self) -> Result<(WanDit, Vec<LoadedModel>), StageError> {
+    pub fn load(&self) -> Result<(WanModel, Vec<LoadedModel>), StageError> {
         let dit = load_dit(&self.model_dir, self.device, self.kind)
             .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let loaded = LoadedModel::new(
@@ -59,12 +87,19 @@ impl Dit {
             &self.kind,
             dit.parameter_bytes(),
         );
-        Ok((dit, vec![loaded]))
+        let loras = match &self.loras {
+            None => None,
+            Some((dir, budget)) => Some(
+                LoraStore::new(dir, *budget, load_adapter)
+                    .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?,
+            ),
+        };
+        Ok((WanModel { dit, loras }, vec![loaded]))
     }
 
     pub fn run(
         &self,
-        dit: &mut WanDit,
+        model: &mut WanModel,
         job: &JobRecord,
         mut inputs: JobInputs,
         ctx: &mut RunCtx<'_>,
@@ -76,6 +111,16 @@ impl Dit {
             .map_err(|e| StageError::new(JobErrorCode::InvalidPayload, e.to_string()))?;
         drop(payload);
         let settings = self.settings(job);
+        let adapters = self.adapters(model.loras.as_ref(), job)?;
+        let dit = &model.dit;
+        dit.set_loras(&adapters).map_err(crate::denoise_error)?;
+        if !adapters.is_empty() {
+            let names: Vec<String> =
+                adapters.iter().map(|(a, s)| format!("{}:{s}", a.name())).collect();
+            tracing::info!(job = %job.id, loras = ?names, "LoRA adapters applied");
+        }
+        // The adapters come off again whatever happens: the next job sees the base weights.
+        let _clear = ClearLoras(dit);
         let progress = &mut *ctx.progress;
         let cancelled = ctx.cancelled;
         let phase2 = denoise(
@@ -87,6 +132,28 @@ impl Dit {
         )
         .map_err(crate::denoise_error)?;
         phase2.to_parts().map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))
+    }
+
+    /// The adapters `job` asks for, with their weights.
+    fn adapters(
+        &self,
+        store: Option<&LoraStore>,
+        job: &JobRecord,
+    ) -> Result<Vec<(Rc<LoraAdapter>, f64)>, StageError> {
+        let wanted = &job.spec.loras;
+        if wanted.is_empty() {
+            return Ok(vec![]);
+        }
+        let store = store.ok_or_else(|| {
+            StageError::new(
+                JobErrorCode::InvalidRequest,
+                format!("model `{}` has no LoRA adapters here (lora.dir is unset)", self.model),
+            )
+        })?;
+        wanted
+            .iter()
+            .map(|l| Ok((store.get(&l.name).map_err(crate::denoise_error)?, f64::from(l.scale))))
+            .collect()
     }
 
     /// The sampling settings `job` asks for.

@@ -96,6 +96,10 @@ pub struct ModelConfig {
     /// that sends one is refused (the model has one transformer).
     pub default_guidance_scale_2: Option<f32>,
     pub default_shift: f32,
+    /// The model's LoRA adapters: a directory of `NAME.safetensors` files, the same one its DiT
+    /// stage reads (`lora.dir`). Requests may name them in `lora`; `/v1/models` lists them.
+    /// Empty: the model serves no adapters.
+    pub lora_dir: String,
     /// Most images per request.
     pub max_n: u32,
     /// Most input images of an edit (`image` / `image[]`); the API allows 16.
@@ -160,6 +164,14 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// The adapter names in [`ModelConfig::lora_dir`] (none without one).
+    pub fn loras(&self) -> Vec<String> {
+        if self.lora_dir.is_empty() {
+            return vec![];
+        }
+        x2v_core::lora::list_names(std::path::Path::new(&self.lora_dir))
+    }
+
     /// Wan2.1 text-to-video 1.3B: 480p, 16 fps, up to 81 frames (5 s).
     pub fn wan21_t2v_1_3b() -> Self {
         ModelConfig {
@@ -174,6 +186,7 @@ impl ModelConfig {
             default_guidance_scale: 5.0,
             default_guidance_scale_2: None,
             default_shift: 5.0,
+            lora_dir: String::new(),
             max_n: 1,
             max_input_images: 0,
             max_queued_jobs: 0,
@@ -237,6 +250,7 @@ impl ModelConfig {
             default_guidance_scale: 4.0,
             default_guidance_scale_2: None,
             default_shift: 3.0,
+            lora_dir: String::new(),
             max_n: 4,
             max_input_images: 3,
             max_queued_jobs: 0,

@@ -50,6 +50,10 @@ pub struct Sampling {
     /// Shift of the flow-matching noise schedule.
     #[schema(minimum = 0.01, maximum = 100)]
     pub shift: Option<f64>,
+    /// LoRA adapters of the model to apply, in order: `[{"name": "style", "scale": 0.8}]`
+    /// (`scale` 1 when absent); names are listed by `/v1/models` (`x2v.loras`).
+    #[schema(value_type = Option<Vec<LoraParam>>, max_items = 8)]
+    pub lora: Option<Vec<x2v_core::lora::LoraRef>>,
     /// Text-encoder engine rank to run on (a live worker's).
     #[schema(minimum = 0, maximum = 1048576)]
     pub encoder_engine_rank: Option<u32>,
@@ -73,11 +77,73 @@ impl Sampling {
             guidance_scale: form.float("guidance_scale", GUIDANCE_SCALE.0, GUIDANCE_SCALE.1)?,
             guidance_scale_2: form.float("guidance_scale_2", GUIDANCE_SCALE.0, GUIDANCE_SCALE.1)?,
             shift: form.float("shift", SHIFT.0, SHIFT.1)?,
+            lora: loras(form)?,
             encoder_engine_rank: rank("encoder_engine_rank")?,
             dit_engine_rank: rank("dit_engine_rank")?,
             decoder_engine_rank: rank("decoder_engine_rank")?,
         })
     }
+}
+
+/// One LoRA adapter of a request.
+#[derive(Debug, Clone, ToSchema)]
+#[allow(dead_code)]
+pub struct LoraParam {
+    /// An adapter of the model (`/v1/models`: `x2v.loras`).
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
+    pub name: String,
+    /// Its weight; 1 when absent.
+    #[schema(minimum = -10, maximum = 10)]
+    pub scale: Option<f64>,
+}
+
+/// `lora`: a list of `{"name", "scale"}` objects, each name once.
+fn loras(form: &Form) -> Result<Option<Vec<x2v_core::lora::LoraRef>>, ApiError> {
+    use x2v_core::lora::{LoraRef, MAX_LORAS, SCALE, check_name};
+    let bad = |m: String| ApiError::invalid("lora", m);
+    let Some(value) = form.json("lora")? else { return Ok(None) };
+    let serde_json::Value::Array(items) = value else {
+        return Err(bad("`lora` must be a list of {\"name\", \"scale\"} objects.".into()));
+    };
+    if items.len() > MAX_LORAS {
+        return Err(bad(format!(
+            "`lora` takes at most {MAX_LORAS} adapters; got {}.",
+            items.len()
+        )));
+    }
+    let mut out: Vec<LoraRef> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let serde_json::Value::Object(o) = item else {
+            return Err(bad(format!("`lora[{i}]` must be an object {{\"name\", \"scale\"}}.")));
+        };
+        if let Some(k) = o.keys().find(|k| !matches!(k.as_str(), "name" | "scale")) {
+            return Err(bad(format!("`lora[{i}]` has an unknown field `{k}` (name, scale).")));
+        }
+        let name = o
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| bad(format!("`lora[{i}].name` must be a string.")))?;
+        check_name(name).map_err(|e| bad(format!("`lora[{i}].name`: {e}.")))?;
+        let scale = match o.get("scale") {
+            None | Some(serde_json::Value::Null) => 1.0,
+            // Multipart forms carry numbers as text.
+            Some(v) => v
+                .as_f64()
+                .or_else(|| v.as_str().and_then(|t| t.trim().parse().ok()))
+                .filter(|s: &f64| s.is_finite() && (SCALE.0..=SCALE.1).contains(s))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`lora[{i}].scale` must be a number from {} to {}; got {v}.",
+                        SCALE.0, SCALE.1
+                    ))
+                })?,
+        };
+        if out.iter().any(|l| l.name == name) {
+            return Err(bad(format!("`lora` names `{name}` twice.")));
+        }
+        out.push(LoraRef { name: name.to_owned(), scale: scale as f32 });
+    }
+    Ok(Some(out))
 }
 
 /// `POST /v1/videos` and `POST /v1/videos/{video_id}/remix` (where absent fields take the

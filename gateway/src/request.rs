@@ -26,6 +26,8 @@ pub struct Upload {
 pub struct Form {
     pub fields: Map<String, Value>,
     pub uploads: Vec<Upload>,
+    /// Multipart `key[][sub]` values while the body is read: key → sub → values in order.
+    lists: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 /// The media type of well-known image and video formats, from magic bytes.
@@ -47,7 +49,7 @@ impl Form {
             return Ok(Form::default());
         }
         match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(fields)) => Ok(Form { fields, uploads: vec![] }),
+            Ok(Value::Object(fields)) => Ok(Form { fields, ..Form::default() }),
             Ok(other) => Err(ApiError::invalid(
                 "body",
                 format!("The request body must be a JSON object; got {}.", kind_of(&other)),
@@ -77,10 +79,60 @@ impl Form {
                 let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
                     ApiError::invalid(&name, format!("Form field `{name}` is not UTF-8 text."))
                 })?;
-                form.fields.insert(name, Value::String(text));
+                form.insert_text(name, text);
             }
         }
+        form.finish_lists()?;
         Ok(form)
+    }
+
+    /// A multipart text field. `key[][sub]` parts are how the OpenAI clients send a list of
+    /// objects in a form: they are collected per `sub`, in order, and [`Form::finish_lists`]
+    /// zips them into the list `key`. Any other name is one field, the last value winning.
+    fn insert_text(&mut self, name: String, text: String) {
+        let list_part = name
+            .strip_suffix(']')
+            .and_then(|n| n.split_once("[]["))
+            .filter(|(k, s)| !k.is_empty() && !s.is_empty() && !s.contains(['[', ']']));
+        match list_part {
+            Some((key, sub)) => {
+                let subs = self.lists.entry(key.to_owned()).or_default();
+                subs.entry(sub.to_owned()).or_default().push(text);
+            }
+            None => {
+                self.fields.insert(name, Value::String(text));
+            }
+        }
+    }
+
+    /// Builds the lists of objects of `key[][sub]` parts: object `i` takes the `i`-th value of
+    /// every `sub`. The clients send all values of one `sub` before the next, so an object
+    /// without some field cannot be placed: every object must then carry the same fields.
+    fn finish_lists(&mut self) -> Result<(), ApiError> {
+        for (key, subs) in std::mem::take(&mut self.lists) {
+            let n = subs.values().map(Vec::len).max().unwrap_or(0);
+            if let Some((sub, _)) = subs.iter().find(|(_, v)| v.len() != n) {
+                return Err(ApiError::invalid(
+                    &key,
+                    format!(
+                        "In a multipart body every `{key}` item needs the same fields (`{sub}` is \
+                         given for some items only); give each item every field, or send `{key}` \
+                         as one part of JSON text."
+                    ),
+                ));
+            }
+            let items = (0..n)
+                .map(|i| {
+                    Value::Object(
+                        subs.iter()
+                            .map(|(sub, v)| (sub.clone(), Value::String(v[i].clone())))
+                            .collect(),
+                    )
+                })
+                .collect();
+            self.fields.insert(key, Value::Array(items));
+        }
+        Ok(())
     }
 
     /// Reads JSON or multipart by `Content-Type` (JSON when absent).
@@ -173,6 +225,17 @@ impl Form {
             return Err(ApiError::invalid(key, format!("`{key}` must be {}; got {v}.", what())));
         }
         Ok(Some(v))
+    }
+
+    /// A JSON value as sent (in multipart, a part's text parsed as JSON).
+    pub fn json(&self, key: &str) -> Result<Option<Value>, ApiError> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => serde_json::from_str(s)
+                .map(Some)
+                .map_err(|e| ApiError::invalid(key, format!("`{key}` must be JSON; {e}."))),
+            Some(v) => Ok(Some(v.clone())),
+        }
     }
 
     pub fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
@@ -345,6 +408,42 @@ mod tests {
         let mut mp = Form::default();
         mp.fields.insert("input_reference[image_url]".into(), Value::String("data:y".into()));
         assert_eq!(mp.nested("input_reference", "image_url").unwrap().as_deref(), Some("data:y"));
+    }
+
+    #[test]
+    fn multipart_lists_of_objects_are_rebuilt_in_order() {
+        // What the openai clients send for `lora=[{name: a, scale: 0.5}, {name: b, scale: 2}]` in
+        // a multipart body: every name, then every scale.
+        let mut mp = Form::default();
+        for (k, v) in [
+            ("lora[][name]", "a"),
+            ("lora[][name]", "b"),
+            ("lora[][scale]", "0.5"),
+            ("lora[][scale]", "2"),
+            ("prompt", "x"),
+        ] {
+            mp.insert_text(k.into(), v.into());
+        }
+        mp.finish_lists().unwrap();
+        assert_eq!(
+            mp.json("lora").unwrap().unwrap(),
+            serde_json::json!([{"name": "a", "scale": "0.5"}, {"name": "b", "scale": "2"}])
+        );
+        assert_eq!(mp.str("prompt").unwrap().as_deref(), Some("x"));
+        // A field only some items have cannot be placed: refused, naming the list.
+        let mut partial = Form::default();
+        for (k, v) in [("lora[][name]", "a"), ("lora[][name]", "b"), ("lora[][scale]", "2")] {
+            partial.insert_text(k.into(), v.into());
+        }
+        let e = partial.finish_lists().unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("lora"));
+        assert!(e.message.contains("`scale`"), "{}", e.message);
+        // The same list as JSON text in one part reads as JSON.
+        let mut text = Form::default();
+        text.insert_text("lora".into(), r#"[{"name": "a"}]"#.into());
+        assert_eq!(text.json("lora").unwrap().unwrap(), serde_json::json!([{"name": "a"}]));
+        text.insert_text("bad".into(), "[{".into());
+        assert_eq!(text.json("bad").unwrap_err().param.as_deref(), Some("bad"));
     }
 
     #[test]

@@ -144,7 +144,32 @@ fn common(
         (Some(g), Some(_)) => Some(g as f32),
         (None, default) => default,
     };
+    let loras = match sampling.lora {
+        None => vec![],
+        Some(loras) => {
+            if !loras.is_empty() && model.lora_dir.is_empty() {
+                return Err(ApiError::invalid(
+                    "lora",
+                    format!("`{}` serves no LoRA adapters.", model.name),
+                ));
+            }
+            let known = model.loras();
+            if let Some(l) = loras.iter().find(|l| !known.contains(&l.name)) {
+                return Err(ApiError::invalid(
+                    "lora",
+                    format!(
+                        "`{}` has no LoRA adapter `{}`; it has: {}.",
+                        model.name,
+                        l.name,
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    ),
+                ));
+            }
+            loras
+        }
+    };
     Ok(JobSpec {
+        loras,
         model: model.name.clone(),
         task,
         prompt,
@@ -390,6 +415,45 @@ mod tests {
         assert_eq!(v.spec.guidance_scale_2, Some(1.5));
         let e = video_of(r#"{"prompt": "x", "guidance_scale_2": 31}"#, &models).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("guidance_scale_2"));
+    }
+
+    #[test]
+    fn lora_names_are_checked_against_the_models_adapters() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["style.safetensors", "motion.safetensors"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let mut models = GatewayConfig::default().models;
+        let body =
+            r#"{"prompt": "x", "lora": [{"name": "style", "scale": 0.5}, {"name": "motion"}]}"#;
+        let e = video_of(body, &models).err().unwrap();
+        assert!(e.message.contains("serves no LoRA adapters"), "{}", e.message);
+
+        models[0].lora_dir = dir.path().display().to_string();
+        let v = video_of(body, &models).unwrap();
+        let got: Vec<(&str, f32)> =
+            v.spec.loras.iter().map(|l| (l.name.as_str(), l.scale)).collect();
+        assert_eq!(got, [("style", 0.5), ("motion", 1.0)]);
+        assert!(video_of(r#"{"prompt": "x"}"#, &models).unwrap().spec.loras.is_empty());
+        let cases = [
+            (r#"[{"name": "sketch"}]"#, "no LoRA adapter `sketch`; it has: motion, style"),
+            (r#"[{"name": "style"}, {"name": "style"}]"#, "names `style` twice"),
+            (r#"[{"name": "style", "scale": 11}]"#, "from -10 to 10"),
+            (r#"[{"name": "style", "weight": 1}]"#, "unknown field `weight`"),
+            (r#"[{"name": "../style"}]"#, "must be"),
+            (r#"[{"scale": 1}]"#, "`lora[0].name` must be a string"),
+            (r#"{"name": "style"}"#, "must be a list"),
+            (
+                r#"[{"name":"a"},{"name":"b"},{"name":"c"},{"name":"d"},{"name":"e"},{"name":"f"},{"name":"g"},{"name":"h"},{"name":"i"}]"#,
+                "at most 8",
+            ),
+        ];
+        for (lora, says) in cases {
+            let body = format!(r#"{{"prompt": "x", "lora": {lora}}}"#);
+            let e = video_of(&body, &models).err().unwrap_or_else(|| panic!("{lora} accepted"));
+            assert_eq!(e.param.as_deref(), Some("lora"), "{lora}");
+            assert!(e.message.contains(says), "{lora}: {}", e.message);
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use tch::{Kind, Tensor};
 
@@ -150,6 +151,78 @@ impl LoraAdapter {
     pub fn bytes(&self) -> u64 {
         let size = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
         self.layers.values().map(|l| size(&l.down) + size(&l.up)).sum()
+    }
+}
+
+pub use x2v_core::lora::{check_name, list_names};
+
+/// The adapters of a directory (`NAME.safetensors`), loaded on first use and kept in memory up to
+/// a byte budget, least recently used first out. It lives on the thread that runs the model (the
+/// tensors are not shared across threads); an adapter a running job holds stays valid after its
+/// eviction, which only drops it from the cache.
+#[derive(Debug)]
+pub struct LoraStore {
+    dir: PathBuf,
+    budget_bytes: u64,
+    loader: fn(&str, &Path) -> Result<LoraAdapter, Error>,
+    /// Most recently used last.
+    cache: std::cell::RefCell<Vec<Rc<LoraAdapter>>>,
+}
+
+impl LoraStore {
+    /// A store over `dir`, reading adapters with `loader` (the model family's key mapping).
+    pub fn new(
+        dir: &Path,
+        budget_bytes: u64,
+        loader: fn(&str, &Path) -> Result<LoraAdapter, Error>,
+    ) -> Result<Self, Error> {
+        if !dir.is_dir() {
+            return Err(Error::NotADirectory(dir.to_owned()));
+        }
+        Ok(LoraStore { dir: dir.to_owned(), budget_bytes, loader, cache: Default::default() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The adapter names in the directory, sorted.
+    pub fn names(&self) -> Vec<String> {
+        list_names(&self.dir)
+    }
+
+    /// Adapter `name`, from the cache or read from its file.
+    pub fn get(&self, name: &str) -> Result<Rc<LoraAdapter>, Error> {
+        let bad = |message: String| Error::Lora { adapter: name.to_owned(), message };
+        check_name(name).map_err(bad)?;
+        let mut cache = self.cache.borrow_mut();
+        if let Some(i) = cache.iter().position(|a| a.name() == name) {
+            let hit = cache.remove(i);
+            cache.push(hit.clone());
+            return Ok(hit);
+        }
+        let path = self.dir.join(format!("{name}.safetensors"));
+        if !path.is_file() {
+            let known = list_names(&self.dir);
+            return Err(bad(format!(
+                "no such adapter in {} (available: {})",
+                self.dir.display(),
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            )));
+        }
+        let adapter = Rc::new((self.loader)(name, &path)?);
+        cache.push(adapter.clone());
+        let mut total: u64 = cache.iter().map(|a| a.bytes()).sum();
+        while total > self.budget_bytes && cache.len() > 1 {
+            total -= cache.remove(0).bytes();
+        }
+        Ok(adapter)
+    }
+
+    /// Names of the adapters in memory, least recently used first.
+    pub fn cached(&self) -> Vec<String> {
+        let cache = self.cache.borrow();
+        cache.iter().map(|a| a.name().to_owned()).collect()
     }
 }
 

@@ -123,7 +123,7 @@ fn bad_inputs_are_rejected_with_a_message() {
 /// (`tools/fixtures/wan_lora.py`); clearing them gives the base model back bit for bit.
 #[test]
 fn lora_adapters_match_diffusers_and_leave_the_base_untouched() {
-    use std::sync::Arc;
+    use std::rc::Rc;
     use x2v_models::wan::lora::{active_deltas, clear_loras, load_adapter, set_loras};
 
     let fx = common::fixture("wan_lora");
@@ -136,8 +136,8 @@ fn lora_adapters_match_diffusers_and_leave_the_base_untouched() {
     };
     let base = forward();
     common::assert_close("base", &base, &io["base"], FP32_TOL);
-    let style = Arc::new(load_adapter("style", &fx.join("loras/style.safetensors")).unwrap());
-    let motion = Arc::new(load_adapter("motion", &fx.join("loras/motion.safetensors")).unwrap());
+    let style = Rc::new(load_adapter("style", &fx.join("loras/style.safetensors")).unwrap());
+    let motion = Rc::new(load_adapter("motion", &fx.join("loras/motion.safetensors")).unwrap());
     // PEFT: 2 blocks x 5 layers, no alpha; original: 2 blocks x 4 layers, alpha 1 at rank 2.
     assert_eq!(style.layers().len(), 10);
     assert_eq!(motion.layers().len(), 8);
@@ -161,7 +161,7 @@ fn lora_adapters_match_diffusers_and_leave_the_base_untouched() {
     // An adapter made for another model is refused whole, naming it and the layer, and the
     // adapters active before stay as they were.
     set_loras(&dit, &[(style.clone(), 0.8)]).unwrap();
-    let misfit = Arc::new(load_adapter("misfit", &fx.join("loras/misfit.safetensors")).unwrap());
+    let misfit = Rc::new(load_adapter("misfit", &fx.join("loras/misfit.safetensors")).unwrap());
     let err = set_loras(&dit, &[(misfit, 1.0)]).unwrap_err().to_string();
     assert!(err.contains("`misfit`") && err.contains("blocks.0.attn1.to_q"), "{err}");
     common::assert_close("style kept", &forward(), &io["style"], FP32_TOL);
@@ -219,4 +219,34 @@ fn lora_files_that_are_not_adapters_are_refused_by_key() {
     }
     let err = load_adapter("x", &tmp.path().join("missing.safetensors")).unwrap_err();
     assert!(err.to_string().contains("missing.safetensors"), "{err}");
+}
+
+#[test]
+fn the_adapter_store_reads_on_demand_and_evicts_least_recently_used() {
+    use x2v_models::lora::LoraStore;
+    use x2v_models::wan::lora::load_adapter;
+
+    let fx = common::fixture("wan_lora");
+    let dir = fx.join("loras");
+    let style_bytes = load_adapter("style", &dir.join("style.safetensors")).unwrap().bytes();
+    // Room for `style` and not for `style` and `motion` together.
+    let store = LoraStore::new(&dir, style_bytes + 1, load_adapter).unwrap();
+    assert_eq!(store.names(), ["misfit", "motion", "style"]);
+    let style = store.get("style").unwrap();
+    assert!(
+        std::rc::Rc::ptr_eq(&style, &store.get("style").unwrap()),
+        "a hit reads the file again"
+    );
+    store.get("motion").unwrap();
+    assert_eq!(store.cached(), ["motion"]);
+    // Evicted, yet still whole for whoever holds it; asked again, it is read again.
+    assert_eq!(style.layers().len(), 10);
+    assert!(!std::rc::Rc::ptr_eq(&style, &store.get("style").unwrap()));
+    assert_eq!(store.cached(), ["style"]);
+
+    let err = store.get("sketch").unwrap_err().to_string();
+    assert!(err.contains("`sketch`") && err.contains("misfit, motion, style"), "{err}");
+    let err = store.get("../style").unwrap_err().to_string();
+    assert!(err.contains("must be"), "{err}");
+    assert!(LoraStore::new(&dir.join("none"), 1, load_adapter).is_err());
 }

@@ -237,6 +237,9 @@ pub struct JobSpec {
     pub pins: Ranks,
     /// The video this one remixes.
     pub remixed_from: Option<String>,
+    /// LoRA adapters of the served model's adapter directory to apply, in order, with weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<x2v_core::lora::LoraRef>,
     /// Previews per image to record while the image is denoised (a streamed image request's
     /// `partial_images`, 0 to 3).
     #[serde(default)]

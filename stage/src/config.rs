@@ -38,6 +38,8 @@ pub struct StageConfig {
     /// Decoder stage: where the VAE decode runs (TensorRT / ONNX Runtime engines from a catalog,
     /// or libtorch) and the engines' memory budget.
     pub vae: x2v_trt::EngineConfig,
+    /// DiT stage of a Wan model: the LoRA adapters jobs may ask for.
+    pub lora: LoraSection,
     pub queue: QueueSection,
     pub transfer: TransferSection,
     pub storage: StorageConfig,
@@ -205,6 +207,24 @@ pub struct WorkerSection {
     pub drain_timeout_s: u64,
 }
 
+/// The DiT stage's LoRA adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSection {
+    /// Directory of `NAME.safetensors` adapters (diffusers/PEFT or original Wan key format), the
+    /// same one as the gateway's `lora_dir` for the model. Empty: no adapters.
+    pub dir: String,
+    /// Adapters kept in memory after use, MiB (least recently used first out); an adapter is read
+    /// again from its file when it is asked for after eviction.
+    pub cache_mib: u64,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection { dir: String::new(), cache_mib: 2048 }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenSection {
@@ -226,6 +246,7 @@ impl Default for StageConfig {
             image_batch: 0,
             previews: true,
             vae: x2v_trt::EngineConfig::default(),
+            lora: LoraSection::default(),
             queue: QueueSection::default(),
             transfer: TransferSection::default(),
             storage: StorageConfig::default(),

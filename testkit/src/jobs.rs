@@ -31,6 +31,7 @@ pub fn t2v(prompt: &str) -> JobSpec {
         pins: Ranks::default(),
         remixed_from: None,
         partial_images: 0,
+        loras: vec![],
     }
 }
 

@@ -8,9 +8,13 @@ import os
 import re
 import signal
 import subprocess
+import types
 
+import numpy as np
 import openai
+import pytest
 from PIL import Image
+from safetensors.numpy import save_file
 
 from test_pipeline import ffprobe
 from x2v_testing import Process, free_port
@@ -67,42 +71,104 @@ def png_size(b64: str) -> tuple[int, int]:
         return img.size
 
 
-def test_x2v_up_serves_a_two_expert_model_as_x2v_generate_makes_it(x2v_bin, tmp_path):
-    """A Wan2.2 A14B-shaped model (high- and low-noise experts): served through `x2v up` with a
-    guidance scale per expert, the MP4 equals `x2v generate`'s with the same settings; the same
-    settings with one scale give another video, and a one-transformer model refuses the second."""
-    model = tmp_path / "a14b"
+@pytest.fixture(scope="module")
+def a14b(x2v_bin, tmp_path_factory):
+    """`x2v up` serving a Wan2.2 A14B-shaped demo model (two experts) with two LoRA adapters in
+    its `loras/`: `detail` (diffusers/PEFT keys) and `motion` (original Wan keys with alpha)."""
+    tmp = tmp_path_factory.mktemp("a14b")
+    model = tmp / "model"
     subprocess.run([str(x2v_bin), "demo-model", "--out", str(model), "--two-experts", "--seed", "3"],
                    check=True, capture_output=True)
+    write_adapters(model / "loras")
     port = free_port()
-    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "up"),
+    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp / "up"),
                         "--device", "cpu", "--model-dir", str(model)],
                  dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
     try:
         base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
         client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-        assert [m.id for m in client.models.list()] == ["wan2.2-t2v"]
-        settings = {"seed": 21, "num_inference_steps": 4, "guidance_scale": 5.0, "guidance_scale_2": 2.0,
-                    "shift": 3.0, "negative_prompt": "blurry"}
-        videos = {}
-        for name, extra in [("two", settings), ("one", dict(settings, guidance_scale_2=5.0))]:
-            video = client.videos.create_and_poll(model="wan2.2-t2v", prompt="a heron", size="832x480",
-                                                  extra_body=dict(extra, num_frames=5), poll_interval_ms=100)
-            assert video.status == "completed", video.error
-            videos[name] = tmp_path / f"{name}.mp4"
-            client.videos.download_content(video.id).write_to_file(videos[name])
-        assert ffprobe(videos["two"]) == ("h264", 832, 480, 5, 16)
-        local = tmp_path / "local.mp4"
-        subprocess.run(
-            [str(x2v_bin), "generate", "--model-dir", str(model), "--task", "t2v", "--prompt", "a heron",
-             "--negative-prompt", "blurry", "--size", "832x480", "--frames", "5", "--steps", "4",
-             "--guidance", "5", "--guidance-2", "2", "--shift", "3", "--seed", "21", "--fps", "16",
-             "--out", str(local)],
-            check=True, capture_output=True,
-        )
-        assert videos["two"].read_bytes() == local.read_bytes(), "the served MP4 differs from x2v generate's"
-        assert videos["one"].read_bytes() != local.read_bytes(), "guidance_scale_2 made no difference"
+        yield types.SimpleNamespace(client=client, model=model, bin=x2v_bin, tmp=tmp, up=up)
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(timeout=30) == 0, up.log()
     finally:
         up.kill()
+
+
+def write_adapters(loras):
+    """Two adapters that fit the demo DiT (width 64, FFN 128, 2 blocks), one per key format."""
+    loras.mkdir()
+    rng = np.random.default_rng(5)
+    detail = {}
+    for i in range(2):
+        for target in ("attn1.to_q", "attn1.to_v", "attn2.to_out.0"):
+            detail[f"transformer.blocks.{i}.{target}.lora_A.weight"] = rng.normal(0, 0.5, (4, 64)).astype(np.float32)
+            detail[f"transformer.blocks.{i}.{target}.lora_B.weight"] = rng.normal(0, 0.5, (64, 4)).astype(np.float32)
+    save_file(detail, str(loras / "detail.safetensors"))
+    motion = {}
+    for i in range(2):
+        prefix = f"diffusion_model.blocks.{i}.ffn.2"
+        motion[f"{prefix}.lora_down.weight"] = rng.normal(0, 0.5, (2, 128)).astype(np.float32)
+        motion[f"{prefix}.lora_up.weight"] = rng.normal(0, 0.5, (64, 2)).astype(np.float32)
+        motion[f"{prefix}.alpha"] = np.array(1.0, dtype=np.float32)
+    save_file(motion, str(loras / "motion.safetensors"))
+
+
+SETTINGS = {"seed": 21, "num_inference_steps": 4, "guidance_scale": 5.0, "shift": 3.0, "negative_prompt": "blurry"}
+
+
+def serve(a14b, name, **extra):
+    video = a14b.client.videos.create_and_poll(model="wan2.2-t2v", prompt="a heron", size="832x480",
+                                               extra_body=dict(SETTINGS, num_frames=5, **extra),
+                                               poll_interval_ms=100)
+    assert video.status == "completed", video.error
+    path = a14b.tmp / f"{name}.mp4"
+    a14b.client.videos.download_content(video.id).write_to_file(path)
+    return path
+
+
+def generate(a14b, name, *args):
+    path = a14b.tmp / f"{name}.mp4"
+    subprocess.run(
+        [str(a14b.bin), "generate", "--model-dir", str(a14b.model), "--task", "t2v", "--prompt", "a heron",
+         "--negative-prompt", "blurry", "--size", "832x480", "--frames", "5", "--steps", "4", "--guidance", "5",
+         "--shift", "3", "--seed", "21", "--fps", "16", "--out", str(path), *args],
+        check=True, capture_output=True,
+    )
+    return path
+
+
+def test_x2v_up_serves_a_two_expert_model_as_x2v_generate_makes_it(a14b):
+    """A Wan2.2 A14B-shaped model (high- and low-noise experts): served with a guidance scale per
+    expert, the MP4 equals `x2v generate`'s with the same settings; one scale for both experts
+    gives another video; the model is listed with its adapters."""
+    models = a14b.client.models.list().data
+    assert [m.id for m in models] == ["wan2.2-t2v"]
+    assert models[0].model_extra["x2v"]["loras"] == ["detail", "motion"]
+    two = serve(a14b, "two", guidance_scale_2=2.0)
+    one = serve(a14b, "one", guidance_scale_2=5.0)
+    assert ffprobe(two) == ("h264", 832, 480, 5, 16)
+    local = generate(a14b, "local", "--guidance-2", "2")
+    assert two.read_bytes() == local.read_bytes(), "the served MP4 differs from x2v generate's"
+    assert one.read_bytes() != local.read_bytes(), "guidance_scale_2 made no difference"
+
+
+def test_lora_jobs_compose_adapters_and_leave_the_base_model_untouched(a14b):
+    """Adapters per request, composed with weights: the served video equals `x2v generate --lora`;
+    a job without adapters after one with them equals one before them, byte for byte; an unknown
+    adapter is refused with a 400 naming it."""
+    # guidance_scale_2 left to the model's default (3.0, the Wan2.2 T2V A14B preset's).
+    before = serve(a14b, "before")
+    with_loras = serve(a14b, "with", lora=[{"name": "detail", "scale": 0.8}, {"name": "motion", "scale": 1.5}])
+    after = serve(a14b, "after")
+    assert with_loras.read_bytes() != before.read_bytes(), "the adapters made no difference"
+    assert after.read_bytes() == before.read_bytes(), "a job after a LoRA job differs from one before it"
+    local = generate(a14b, "local-lora", "--guidance-2", "3", "--lora", "detail:0.8", "--lora", "motion:1.5")
+    assert with_loras.read_bytes() == local.read_bytes(), "the served LoRA video differs from x2v generate's"
+    for lora, says in [([{"name": "sketch"}], "no LoRA adapter `sketch`"),
+                       ([{"name": "detail"}, {"name": "detail"}], "twice"),
+                       ([{"name": "detail", "scale": 99}], "scale"),
+                       ([{"name": "../detail"}], "must be")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            a14b.client.videos.create(model="wan2.2-t2v", prompt="a heron", size="832x480",
+                                      extra_body={"lora": lora, "num_frames": 5})
+        assert e.value.body["param"] == "lora" and says in e.value.body["message"], e.value.body

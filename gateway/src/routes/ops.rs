@@ -93,6 +93,8 @@ pub struct ModelDetail<'a> {
     pub tasks: Vec<Task>,
     /// Live worker ranks per stage.
     pub ranks: BTreeMap<&'static str, Vec<u32>>,
+    /// Its LoRA adapters, usable in a request's `lora`.
+    pub loras: Vec<String>,
     /// The gateway's limits for it (null: not configured here).
     #[schema(value_type = Option<ModelConfig>)]
     pub limits: Option<&'a ModelConfig>,
@@ -131,7 +133,12 @@ pub async fn models(State(state): State<AppState>) -> Result<Response, ApiError>
                 object: "model",
                 created: 0,
                 owned_by: "x2v",
-                x2v: ModelDetail { tasks, ranks, limits },
+                x2v: ModelDetail {
+                    tasks,
+                    ranks,
+                    loras: limits.map(ModelConfig::loras).unwrap_or_default(),
+                    limits,
+                },
             }
         })
         .collect();

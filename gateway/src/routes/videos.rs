@@ -464,6 +464,9 @@ pub async fn remix(
     if let Some(g) = s.guidance_scale_2 {
         form.fields.entry("guidance_scale_2").or_insert(json!(g));
     }
+    if !s.loras.is_empty() {
+        form.fields.entry("lora").or_insert(json!(s.loras));
+    }
     for input in &s.inputs {
         let bytes = state.storage.get(&input.key).await?;
         form.uploads.push(crate::request::Upload {

@@ -10,7 +10,7 @@
 //! them ([`clear_loras`]) gives the base model back exactly.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use super::transformer::{WanTransformer3DModel, remap_key};
 use crate::error::Error;
@@ -58,7 +58,7 @@ pub fn check_fits(dit: &WanTransformer3DModel, adapter: &LoraAdapter) -> Result<
 /// copied to the DiT's device and dtype.
 pub fn set_loras(
     dit: &WanTransformer3DModel,
-    adapters: &[(Arc<LoraAdapter>, f64)],
+    adapters: &[(Rc<LoraAdapter>, f64)],
 ) -> Result<(), Error> {
     for (adapter, weight) in adapters {
         if !weight.is_finite() {

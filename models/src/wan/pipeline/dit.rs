@@ -5,9 +5,13 @@
 //! Both experts live in one DiT stage: a job switches expert once, between two steps, without
 //! leaving the process (the README's design notes say why one rank holds both).
 
+use std::rc::Rc;
+
 use tch::Device;
 
 use crate::error::{Component, Error};
+use crate::lora::LoraAdapter;
+use crate::wan::lora;
 use crate::wan::transformer::WanTransformer3DModel;
 
 /// Train timesteps of every Wan scheduler: the boundary timestep is `boundary_ratio` of these.
@@ -109,6 +113,32 @@ impl WanDit {
     /// Bytes of every expert's parameters.
     pub fn parameter_bytes(&self) -> u64 {
         self.high.parameter_bytes() + self.low.as_ref().map_or(0, |l| l.model.parameter_bytes())
+    }
+
+    /// Every expert, high noise first.
+    pub fn experts(&self) -> impl Iterator<Item = &WanTransformer3DModel> {
+        std::iter::once(&self.high).chain(self.low.as_ref().map(|l| &l.model))
+    }
+
+    /// Applies `adapters` (each with its weight) to every expert, in place of whatever was
+    /// active; all are checked against every expert first, so on an error nothing changes.
+    /// x2v applies an adapter to both experts of a two-expert model (diffusers loads into
+    /// `transformer` alone unless told `load_into_transformer_2`).
+    pub fn set_loras(&self, adapters: &[(Rc<LoraAdapter>, f64)]) -> Result<(), Error> {
+        for expert in self.experts() {
+            for (adapter, _) in adapters {
+                lora::check_fits(expert, adapter)?;
+            }
+        }
+        for expert in self.experts() {
+            lora::set_loras(expert, adapters)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every adapter: the experts compute with their own weights alone again.
+    pub fn clear_loras(&self) {
+        self.experts().for_each(lora::clear_loras);
     }
 
     /// The component names of the loaded experts (diffusers folder names).
