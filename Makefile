@@ -38,10 +38,13 @@ test-rust:
 	cargo test --workspace --all-targets --no-fail-fast
 
 # End-to-end tests with the official openai client against the real binaries and redis-server:
-# the gateway against a test worker, then the whole multi-process pipeline (tests/e2e).
+# the gateway against a test worker, then the whole multi-process pipeline (tests/e2e), then the
+# same binaries in containers of docker/compose.cpu.yml, faults injected with Docker
+# (tests/containers; skipped, with the reason, where no Docker Engine runs).
 test-python:
 	$(X2V_PYTHON) -m pytest -q gateway/tests/py
 	$(X2V_PYTHON) -m pytest -q tests/e2e
+	$(X2V_PYTHON) -m pytest -q tests/containers
 
 # The test profile, so clippy shares build-script runs (libtorch bindings) with `make test`.
 lint:
