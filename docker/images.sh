@@ -12,9 +12,10 @@
 #   docker/images.sh [--bin-dir DIR] [--cuda]
 #
 # --bin-dir DIR takes x2v and x2v-gateway from DIR (e.g. what the tests built) instead of building
-# them with `cargo build --release`. The libtorch libraries come from the venv's torch wheel, the one
-# the binary was linked against (VENV, default ~/.cache/x2v/venv). X2V_IMAGE, X2V_GATEWAY_IMAGE and
-# X2V_REDIS_IMAGE name the images (the compose files read the same variables).
+# them with `cargo build --release`. The libtorch libraries come from the venv's torch wheel, the
+# one the binary was linked against (VENV, default ~/.cache/x2v/venv). X2V_IMAGE,
+# X2V_GATEWAY_IMAGE and X2V_REDIS_IMAGE name the images (the compose files read the same
+# variables).
 #
 # Warm, it only re-copies what changed: the base is bootstrapped again only when its package list
 # or recipe changes (its tag carries their hash), the Redis layer likewise, and docker's layer cache
@@ -77,8 +78,8 @@ mmdebstrap_opts=(
     --dpkgopt='path-exclude=/usr/share/lintian/*'
 )
 
-# bootstrap OUT.tar PACKAGES: a root file system tarball from Debian's mirrors (bookworm, its updates
-# and security fixes). SOURCE_DATE_EPOCH makes it byte-for-byte reproducible for the same package
+# bootstrap OUT.tar PACKAGES: a root file system tarball from Debian's mirrors (bookworm, its
+# updates and security fixes). SOURCE_DATE_EPOCH makes it byte-for-byte reproducible for the same package
 # versions.
 bootstrap() {
     local out="$1" include="$2"
@@ -130,7 +131,7 @@ else
     ctx="$work/context/redis"
     rm -rf "$ctx" && mkdir -p "$ctx"
     if [ ! -f "$base_tar" ]; then
-        # The base was imported earlier and its tarball since removed: the image holds the same files.
+        # The base was imported earlier and its tarball removed since: the image has the same files.
         id="$(docker create "$base")"
         docker export "$id" > "$base_tar.partial" && docker rm "$id" >/dev/null
         mv "$base_tar.partial" "$base_tar"

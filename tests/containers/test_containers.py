@@ -136,7 +136,7 @@ def test_decoder_cut_off_its_network_finishes_the_job_once_back(stack, client, s
 def test_redis_restart_with_jobs_queued(stack, client, step_s):
     # Three jobs for two DiT ranks: two run, one waits in Redis when Redis goes down (SIGTERM: it
     # writes its append-only file and stops; the AOF brings the queue back).
-    steps = held_steps(step_s, 3.0)
+    steps = held_steps(step_s, 2.0)
     ids = [client.videos.create(prompt=f"queued {i}", extra_body={"num_inference_steps": steps, "seed": i},
                                 **SHORT).id for i in range(3)]
     wait_in_dit(client, ids[0])
@@ -151,7 +151,7 @@ def test_redis_restart_with_jobs_queued(stack, client, step_s):
 
 
 def test_gateway_restart_under_a_polling_client(stack, client, step_s, tmp_path):
-    steps = held_steps(step_s, 5.0)
+    steps = held_steps(step_s, 3.0)
     video = client.videos.create(prompt="keep polling", extra_body={"num_inference_steps": steps}, **SHORT)
     wait_in_dit(client, video.id)
     restarted = {}
