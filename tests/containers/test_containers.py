@@ -56,7 +56,13 @@ def assert_video(client, tmp_path, video, name, frames=9):
 
 @pytest.fixture(scope="module")
 def step_s(stack, client):
-    """Mean seconds per DiT step of the demo model in a container, measured on a clean job."""
+    """Mean seconds per DiT step of the demo model in a container, measured on a clean job after a
+    job on each rank (a rank's first steps are slower: they would make the held jobs short)."""
+    for rank in DIT_SERVICES:
+        warm = client.videos.create_and_poll(prompt="warm up", poll_interval_ms=100,
+                                             extra_body={"num_inference_steps": 2, "dit_engine_rank": rank},
+                                             **SHORT)
+        assert warm.status == "completed", warm.error
     steps = 3
     before = {s: stack.metrics(s) for s in DIT_SERVICES.values()}
     done = client.videos.create_and_poll(prompt="measure", poll_interval_ms=100,
@@ -71,7 +77,7 @@ def step_s(stack, client):
 
 
 def held_steps(step_s, seconds=HELD_JOB_SECONDS):
-    return max(8, min(1000, round(seconds / step_s)))
+    return max(20, min(1000, round(seconds / step_s)))
 
 
 def test_video_and_image_jobs_through_the_containers(stack, client, tmp_path):
