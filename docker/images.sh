@@ -53,13 +53,19 @@ say() { printf 'images: %s\n' "$*"; }
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 packages() { { grep -vE '^\s*(#|$)' "$1" || true; } | tr '\n' ' ' | sed 's/ $//'; }
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
-# build_image TAG CONTEXT: the context's Dockerfile on the base; quiet unless it fails.
+# build_image TAG CONTEXT: the context's Dockerfile on the base; quiet unless it fails. The image
+# TAG named before is removed once no tag names it any more, so rebuilds (a new binary every test
+# run) leave no untagged images behind; `docker image rm` refuses one a container still runs.
 build_image() {
-    local out
+    local out old
+    old="$(docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true)"
     if ! out="$(nice -n 19 docker build -q --build-arg "BASE=$base" -t "$1" "$2" 2>&1)"; then
         printf '%s\n' "$out" >&2
         echo "images: building $1 failed" >&2
         exit 1
+    fi
+    if [ -n "$old" ] && [ "$(docker image inspect -f '{{len .RepoTags}}' "$old" 2>/dev/null)" = 0 ]; then
+        docker image rm "$old" >/dev/null 2>&1 || true
     fi
 }
 
