@@ -1,6 +1,7 @@
 # x2v: two commands on a fresh machine.
-#   make up    run the system (installs what it needs first)
-#   make test  run every test (installs what it needs first)
+#   make up      run the system (installs what it needs first)
+#   make test    run every test (installs what it needs first)
+# and `make images`: the container images, from Debian's mirrors and the binaries built here (docker/).
 # Heavy caches (Python venv with torch, cargo target directory) live outside the clone, in $(CACHE).
 
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(VENV)/bin:$(PATH)
 export X2V_PYTHON := $(VENV)/bin/python
 
-.PHONY: setup build up test test-rust test-python lint fmt doctor
+.PHONY: setup build up images test test-rust test-python lint fmt doctor
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -24,6 +25,10 @@ up: setup
 	cargo build --release -p x2v
 	$(CARGO_TARGET_DIR)/release/x2v up $(ARGS)
 
+# x2v-base, x2v-redis, x2v-gateway and x2v:cpu without a registry; ARGS=--cuda adds x2v:cuda.
+images: setup
+	bash docker/images.sh $(ARGS)
+
 doctor: setup
 	cargo run -q -p x2v -- doctor $(ARGS)
 
@@ -33,10 +38,13 @@ test-rust:
 	cargo test --workspace --all-targets --no-fail-fast
 
 # End-to-end tests with the official openai client against the real binaries and redis-server:
-# the gateway against a test worker, then the whole multi-process pipeline (tests/e2e).
+# the gateway against a test worker, then the whole multi-process pipeline (tests/e2e), then the
+# same binaries in containers of docker/compose.cpu.yml, faults injected with Docker
+# (tests/containers; skipped, with the reason, where no Docker Engine runs).
 test-python:
 	$(X2V_PYTHON) -m pytest -q gateway/tests/py
 	$(X2V_PYTHON) -m pytest -q tests/e2e
+	$(X2V_PYTHON) -m pytest -q tests/containers
 
 # The test profile, so clippy shares build-script runs (libtorch bindings) with `make test`.
 lint:

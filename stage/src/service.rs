@@ -76,13 +76,8 @@ pub fn start_engine(config: &StageConfig) -> anyhow::Result<Network> {
     cfg.transport = transport;
     cfg.chunk_crc = t.chunk_crc;
     let engine = Engine::start(cfg).context("starting the transfer engine")?;
-    let advertise = if t.advertise.is_empty() {
-        engine.local_addr()
-    } else {
-        t.advertise
-            .parse()
-            .with_context(|| format!("transfer.advertise `{}` is not host:port", t.advertise))?
-    };
+    let advertise =
+        if t.advertise.is_empty() { engine.local_addr() } else { resolve_advertise(&t.advertise)? };
     if advertise.ip().is_unspecified() {
         bail!(
             "transfer.listen {} binds every interface: set transfer.advertise to the address other \
@@ -91,6 +86,24 @@ pub fn start_engine(config: &StageConfig) -> anyhow::Result<Network> {
         );
     }
     Ok(Network::new(engine, advertise, Duration::from_secs(t.retain_s)))
+}
+
+/// `transfer.advertise` as the address peers dial: an `ip:port` as it is, a `host:port` (a compose
+/// service name, say) resolved once, here at start, preferring IPv4. A container keeps its address
+/// while it runs, and a restarted one resolves its new address when it starts again.
+fn resolve_advertise(advertise: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = advertise.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("transfer.advertise `{advertise}` is not host:port");
+    let (_, port) = advertise.rsplit_once(':').with_context(bad)?;
+    port.parse::<u16>().ok().with_context(bad)?;
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(advertise)
+        .with_context(|| format!("transfer.advertise `{advertise}`: cannot resolve the host"))?
+        .collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().with_context(|| {
+        format!("transfer.advertise `{advertise}`: the host resolves to no address")
+    })
 }
 
 /// The limits of the `[worker]` and `[transfer]` sections.
@@ -236,5 +249,26 @@ async fn serve<R: StageRunner>(
             on_ready();
             serve.await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertise_takes_an_address_or_resolves_a_host_name() {
+        let ip = |s: &str| resolve_advertise(s).unwrap();
+        assert_eq!(ip("10.0.0.5:9112"), "10.0.0.5:9112".parse().unwrap());
+        assert_eq!(ip("[::1]:9112"), "[::1]:9112".parse().unwrap());
+        // A name, as the compose files advertise their service names.
+        let local = ip("localhost:9112");
+        assert!(local.ip().is_loopback() && local.port() == 9112, "{local}");
+        for bad in ["dit-0", "dit-0:port", "dit-0:70000"] {
+            let e = resolve_advertise(bad).unwrap_err().to_string();
+            assert!(e.contains("is not host:port"), "{bad}: {e}");
+        }
+        let e = resolve_advertise("no-such-host.invalid:9112").unwrap_err().to_string();
+        assert!(e.contains("cannot resolve"), "{e}");
     }
 }

@@ -2,29 +2,15 @@
 separate process, jobs in Redis, payloads over x2v-transfer, driven by the official openai client."""
 
 import io
-import json
-import shutil
 import subprocess
 
 import pytest
 from PIL import Image
 
 from conftest import I2V, T2V
+from x2v_testing import ffprobe
 
 FPS = 8
-
-
-def ffprobe(path):
-    """(codec, width, height, frame count, fps) of the first video stream, counted by decoding."""
-    assert shutil.which("ffprobe"), "ffprobe must be on PATH (apt-get install ffmpeg)"
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
-         "stream=codec_name,width,height,nb_read_frames,r_frame_rate", "-of", "json", str(path)],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    s = json.loads(out)["streams"][0]
-    num, den = s["r_frame_rate"].split("/")
-    return s["codec_name"], s["width"], s["height"], int(s["nb_read_frames"]), int(num) / int(den)
 
 
 def run(client, tmp_path, name, **kwargs):

@@ -16,8 +16,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from test_pipeline import ffprobe
-from x2v_testing import Process, free_port
+from x2v_testing import Process, ffprobe, free_port
 
 
 def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):

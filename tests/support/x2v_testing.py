@@ -1,6 +1,6 @@
-"""Helpers shared by x2v's Python test suites (gateway/tests/py, tests/e2e): building the binaries,
-free ports, polling, service processes with a ready line, config files and a real `redis-server` on a
-free port."""
+"""Helpers shared by x2v's Python test suites (gateway/tests/py, tests/e2e, tests/containers): building
+the binaries, free ports, polling, service processes with a ready line, config files, a real
+`redis-server` on a free port and `ffprobe` of a video."""
 
 import json
 import os
@@ -146,3 +146,16 @@ class Process:
             self.proc.kill()
             self.proc.wait()
             raise
+
+
+def ffprobe(path):
+    """(codec, width, height, frame count, fps) of the first video stream, counted by decoding."""
+    assert shutil.which("ffprobe"), "ffprobe must be on PATH (apt-get install ffmpeg)"
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries",
+         "stream=codec_name,width,height,nb_read_frames,r_frame_rate", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    s = json.loads(out)["streams"][0]
+    num, den = s["r_frame_rate"].split("/")
+    return s["codec_name"], s["width"], s["height"], int(s["nb_read_frames"]), int(num) / int(den)
