@@ -107,9 +107,10 @@ pub fn demo_model(args: &DemoModelArgs) -> ExitCode {
                 .map(|()| format!("the {task} demo model"))
         }
         Family::QwenImage if args.i2v || args.two_experts => {
+            let flag = if args.i2v { "--i2v" } else { "--two-experts" };
             eprintln!(
-                "x2v demo-model: --i2v and --two-experts are for --family wan; --family \
-                 qwen-image writes a text-to-image and an edit model"
+                "x2v demo-model: {flag} is for --family wan; --family qwen-image writes a \
+                 text-to-image and an edit model"
             );
             return ExitCode::from(2);
         }

@@ -95,6 +95,18 @@ fn i2v_is_only_for_wan() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--i2v is for --family wan"), "{err}");
     assert!(!out.exists(), "nothing is written");
+    let o = x2v(&[
+        "demo-model",
+        "--family",
+        "qwen-image",
+        "--two-experts",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--two-experts is for --family wan"), "{err}");
+    assert!(!out.exists(), "nothing is written");
     let o = x2v(&["demo-model", "--family", "flux", "--out", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("qwen-image"));

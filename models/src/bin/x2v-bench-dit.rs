@@ -2,7 +2,13 @@
 //! inputs, fp32, same thread count. Prints a table (median of several runs); not a test.
 //!
 //! `cargo run --release -p x2v-models --bin x2v-bench-dit -- [--heads 12] [--layers 2]
-//! [--ffn 8960] [--latent F H W] [--runs 3] [--rounds 2] [--threads 2]`; needs `$X2V_PYTHON` with diffusers.
+//! [--ffn 8960] [--latent F H W] [--runs 3] [--rounds 2] [--threads 2] [--lora-rank 32]`; needs
+//! `$X2V_PYTHON` with diffusers.
+//!
+//! The last rows time the same denoise-loop step with a LoRA adapter of `--lora-rank` on every
+//! attention projection (q, k, v, o of self- and cross-attention) and both feed-forward layers of
+//! every block, the usual targets of published Wan LoRAs, applied at run time as x2v serves them,
+//! and the cost of putting the adapter on and taking it off.
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -21,6 +27,7 @@ struct Args {
     runs: i64,
     rounds: i64,
     threads: i64,
+    lora_rank: i64,
 }
 
 fn parse() -> Result<Args, String> {
@@ -32,6 +39,7 @@ fn parse() -> Result<Args, String> {
         runs: 3,
         rounds: 2,
         threads: 2,
+        lora_rank: 32,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let value = |i: usize| -> Result<i64, String> {
@@ -47,6 +55,7 @@ fn parse() -> Result<Args, String> {
             "--runs" => &mut a.runs,
             "--rounds" => &mut a.rounds,
             "--threads" => &mut a.threads,
+            "--lora-rank" => &mut a.lora_rank,
             "--latent" => {
                 for k in 0..3 {
                     a.latent[k] = value(i + 1 + k)?;
@@ -59,8 +68,8 @@ fn parse() -> Result<Args, String> {
         *field = value(i + 1)?;
         i += 2;
     }
-    if a.runs < 1 || a.rounds < 1 || a.threads < 1 {
-        return Err("--runs, --rounds and --threads must be positive".into());
+    if a.runs < 1 || a.rounds < 1 || a.threads < 1 || a.lora_rank < 1 {
+        return Err("--runs, --rounds, --threads and --lora-rank must be positive".into());
     }
     Ok(a)
 }
@@ -131,6 +140,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             step_times.push(t0.elapsed().as_secs_f64());
         }
     }
+    let lora = lora_timings(&model, &dir, &args, (x, t, c))?;
     let diff = (&out - &io["output"]).abs().max().double_value(&[]);
     let scale = io["output"].abs().max().double_value(&[]);
     let _ = std::fs::remove_dir_all(&dir);
@@ -161,5 +171,75 @@ fn main() -> Result<(), Box<dyn Error>> {
         x2v / reference,
         step / reference
     );
+    let (with_lora, apply, clear) = lora;
+    println!(
+        "| x2v denoise-loop step with a rank-{} LoRA on {} layers | {:.3} | {:.3} |",
+        args.lora_rank,
+        args.layers * 10,
+        median(&mut with_lora.clone()),
+        min(&with_lora)
+    );
+    println!(
+        "LoRA: step overhead {:+.1}% (medians); putting the adapter on {:.1} ms, taking it off {:.2} ms",
+        (median(&mut with_lora.clone()) / step - 1.0) * 100.0,
+        apply * 1e3,
+        clear * 1e3
+    );
     Ok(())
+}
+
+/// Denoise-loop step times with a synthetic rank-`lora_rank` adapter on every attention
+/// projection and both FFN layers of every block, and the seconds to apply and to clear it.
+fn lora_timings(
+    model: &WanTransformer3DModel,
+    dir: &Path,
+    args: &Args,
+    (x, t, c): (&Tensor, &Tensor, &Tensor),
+) -> Result<(Vec<f64>, f64, f64), Box<dyn Error>> {
+    let dim = args.heads * 128;
+    let r = args.lora_rank;
+    let mut tensors = Vec::new();
+    for b in 0..args.layers {
+        for attn in ["attn1", "attn2"] {
+            for p in ["to_q", "to_k", "to_v", "to_out.0"] {
+                tensors.push((format!("transformer.blocks.{b}.{attn}.{p}"), dim, dim));
+            }
+        }
+        tensors.push((format!("transformer.blocks.{b}.ffn.net.0.proj"), dim, args.ffn));
+        tensors.push((format!("transformer.blocks.{b}.ffn.net.2"), args.ffn, dim));
+    }
+    let named: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .flat_map(|(m, d_in, d_out)| {
+            [
+                (
+                    format!("{m}.lora_A.weight"),
+                    Tensor::randn([r, d_in], (Kind::Float, Device::Cpu)) * 0.01,
+                ),
+                (
+                    format!("{m}.lora_B.weight"),
+                    Tensor::randn([d_out, r], (Kind::Float, Device::Cpu)) * 0.01,
+                ),
+            ]
+        })
+        .collect();
+    let path = dir.join("lora.safetensors");
+    Tensor::write_safetensors(&named, &path)?;
+    let adapter = std::rc::Rc::new(x2v_models::wan::lora::load_adapter("bench", &path)?);
+    let t0 = Instant::now();
+    x2v_models::wan::lora::set_loras(model, &[(adapter, 1.0)])?;
+    let apply = t0.elapsed().as_secs_f64();
+    // Cross-attention keys and values depend on the adapter: prepared after it is on.
+    let ctx = model.prepare_context(c, None)?;
+    drop(model.forward_prepared(x, t, &ctx)?); // warm-up
+    let mut times = Vec::new();
+    for _ in 0..args.runs * args.rounds {
+        let t0 = Instant::now();
+        drop(model.forward_prepared(x, t, &ctx)?);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let t0 = Instant::now();
+    x2v_models::wan::lora::clear_loras(model);
+    let clear = t0.elapsed().as_secs_f64();
+    Ok((times, apply, clear))
 }
