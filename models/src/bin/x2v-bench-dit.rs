@@ -180,7 +180,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         min(&with_lora)
     );
     println!(
-        "LoRA: step overhead {:+.1}% (medians); putting the adapter on {:.1} ms, taking it off {:.2} ms",
+        "LoRA: step overhead {:+.1}% (medians); putting the adapter on {:.2} ms, taking it off {:.2} ms",
         (median(&mut with_lora.clone()) / step - 1.0) * 100.0,
         apply * 1e3,
         clear * 1e3
