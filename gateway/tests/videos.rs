@@ -123,6 +123,25 @@ async fn unknown_routes_methods_and_ids_use_the_envelope() {
 }
 
 #[tokio::test]
+async fn video_endpoints_x2v_does_not_serve_say_so() {
+    let h = harness(config());
+    for (path, says) in [
+        ("/v1/videos/characters", "characters"),
+        ("/v1/videos/extensions", "not supported yet"),
+        ("/v1/videos/edits", "not supported yet"),
+    ] {
+        let req = Request::post(path)
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"prompt": "x"}"#))
+            .unwrap();
+        let (s, v, _) = h.json(req).await;
+        assert_eq!(s, 404, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "unsupported_endpoint", "{path}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(says), "{path}: {v}");
+    }
+}
+
+#[tokio::test]
 async fn idempotency_key_returns_the_same_job() {
     let h = harness(config());
     let req = || {

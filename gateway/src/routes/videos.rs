@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
-use x2v_core::JobId;
+use x2v_core::{ErrorKind, JobId};
 use x2v_queue::{JobRecord, JobStatus, ListQuery, Order, Ranks, Resource, Size, Stage};
 
 use crate::error::ApiError;
@@ -202,6 +202,24 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
             )),
         },
     }
+}
+
+/// `POST /v1/videos/characters`, `/v1/videos/extensions`, `/v1/videos/edits`: endpoints of the
+/// OpenAI video API that x2v does not serve; 404 `unsupported_endpoint`, saying so.
+pub async fn not_served(uri: axum::http::Uri) -> ApiError {
+    const CHARACTERS: &str = "Reusable characters (`POST /v1/videos/characters`) are not \
+        supported: no model x2v serves takes a character reference.";
+    const EXTENSIONS: &str = "Video extensions (`POST /v1/videos/extensions`) are not supported \
+        yet; continue a video with image-to-video from its last frame (`POST /v1/videos` with \
+        `input_reference`).";
+    const EDITS: &str = "Video-to-video edits (`POST /v1/videos/edits`) are not supported yet; \
+        remix a generated video with `POST /v1/videos/{video_id}/remix`.";
+    let what = match uri.path().rsplit('/').next().unwrap_or_default() {
+        "characters" => CHARACTERS,
+        "extensions" => EXTENSIONS,
+        _ => EDITS,
+    };
+    ApiError::new(ErrorKind::NotFound, what).code("unsupported_endpoint")
 }
 
 /// Create a video job.

@@ -8,7 +8,7 @@
 //! The last rows time the same denoise-loop step with a LoRA adapter of `--lora-rank` on every
 //! attention projection (q, k, v, o of self- and cross-attention) and both feed-forward layers of
 //! every block, the usual targets of published Wan LoRAs, applied at run time as x2v serves them,
-//! and the cost of putting the adapter on and taking it off.
+//! and the cost of putting the adapter on and taking it off; and the same step in bf16 (x2v only).
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -141,6 +141,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         }
     }
     let lora = lora_timings(&model, &dir, &args, (x, t, c))?;
+    let bf16 = bf16_step_times(&dir, &args, (x, t, c))?;
     let diff = (&out - &io["output"]).abs().max().double_value(&[]);
     let scale = io["output"].abs().max().double_value(&[]);
     let _ = std::fs::remove_dir_all(&dir);
@@ -171,31 +172,63 @@ fn main() -> Result<(), Box<dyn Error>> {
         x2v / reference,
         step / reference
     );
-    let (with_lora, apply, clear) = lora;
+    let mut bf16 = bf16;
     println!(
-        "| x2v denoise-loop step with a rank-{} LoRA on {} layers | {:.3} | {:.3} |",
+        "| x2v denoise-loop step, bf16 weights and activations | {:.3} | {:.3} |",
+        median(&mut bf16),
+        min(&bf16)
+    );
+    println!("bf16 / fp32 = {:.3} (denoise-loop step, medians)", median(&mut bf16) / step);
+    let (mut without, mut with_lora, apply, clear) = lora;
+    let (base, lora) = (median(&mut without), median(&mut with_lora));
+    println!(
+        "| x2v denoise-loop step, alternating with the next row | {base:.3} | {:.3} |",
+        min(&without)
+    );
+    println!(
+        "| x2v denoise-loop step with a rank-{} LoRA on {} layers | {lora:.3} | {:.3} |",
         args.lora_rank,
         args.layers * 10,
-        median(&mut with_lora.clone()),
         min(&with_lora)
     );
     println!(
-        "LoRA: step overhead {:+.1}% (medians); putting the adapter on {:.2} ms, taking it off {:.2} ms",
-        (median(&mut with_lora.clone()) / step - 1.0) * 100.0,
+        "LoRA: step overhead {:+.1}% (medians of alternating runs); putting the adapter on {:.2} ms, taking it off {:.2} ms",
+        (lora / base - 1.0) * 100.0,
         apply * 1e3,
         clear * 1e3
     );
     Ok(())
 }
 
-/// Denoise-loop step times with a synthetic rank-`lora_rank` adapter on every attention
-/// projection and both FFN layers of every block, and the seconds to apply and to clear it.
+/// Denoise-loop step times of the same DiT loaded in bf16 (oneDNN's bf16 kernels on a CPU that
+/// has them).
+fn bf16_step_times(
+    dir: &Path,
+    args: &Args,
+    (x, t, c): (&Tensor, &Tensor, &Tensor),
+) -> Result<Vec<f64>, Box<dyn Error>> {
+    let model = WanTransformer3DModel::load(&dir.join("transformer"), Device::Cpu, Kind::BFloat16)?;
+    let (x, c) = (x.to_kind(Kind::BFloat16), c.to_kind(Kind::BFloat16));
+    let ctx = model.prepare_context(&c, None)?;
+    drop(model.forward_prepared(&x, t, &ctx)?); // warm-up
+    let mut times = Vec::new();
+    for _ in 0..args.runs * args.rounds {
+        let t0 = Instant::now();
+        drop(model.forward_prepared(&x, t, &ctx)?);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+/// Denoise-loop step times without and with a synthetic rank-`lora_rank` adapter on every
+/// attention projection and both FFN layers of every block (alternating), and the median seconds
+/// to apply and to clear it.
 fn lora_timings(
     model: &WanTransformer3DModel,
     dir: &Path,
     args: &Args,
     (x, t, c): (&Tensor, &Tensor, &Tensor),
-) -> Result<(Vec<f64>, f64, f64), Box<dyn Error>> {
+) -> Result<(Vec<f64>, Vec<f64>, f64, f64), Box<dyn Error>> {
     let dim = args.heads * 128;
     let r = args.lora_rank;
     let mut tensors = Vec::new();
@@ -226,20 +259,27 @@ fn lora_timings(
     let path = dir.join("lora.safetensors");
     Tensor::write_safetensors(&named, &path)?;
     let adapter = std::rc::Rc::new(x2v_models::wan::lora::load_adapter("bench", &path)?);
-    let t0 = Instant::now();
-    x2v_models::wan::lora::set_loras(model, &[(adapter, 1.0)])?;
-    let apply = t0.elapsed().as_secs_f64();
-    // Cross-attention keys and values depend on the adapter: prepared after it is on.
-    let ctx = model.prepare_context(c, None)?;
-    drop(model.forward_prepared(x, t, &ctx)?); // warm-up
-    let mut times = Vec::new();
+    let base_ctx = model.prepare_context(c, None)?;
+    // Runs alternate without and with the adapter, so that drift hits both alike. Cross-attention
+    // keys and values depend on the adapter: its context is prepared while it is on.
+    x2v_models::wan::lora::set_loras(model, &[(adapter.clone(), 1.0)])?;
+    let lora_ctx = model.prepare_context(c, None)?;
+    drop(model.forward_prepared(x, t, &lora_ctx)?); // warm-up
+    let (mut without, mut with, mut apply, mut clear) = (vec![], vec![], vec![], vec![]);
     for _ in 0..args.runs * args.rounds {
         let t0 = Instant::now();
-        drop(model.forward_prepared(x, t, &ctx)?);
-        times.push(t0.elapsed().as_secs_f64());
+        x2v_models::wan::lora::clear_loras(model);
+        clear.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        drop(model.forward_prepared(x, t, &base_ctx)?);
+        without.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        x2v_models::wan::lora::set_loras(model, &[(adapter.clone(), 1.0)])?;
+        apply.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        drop(model.forward_prepared(x, t, &lora_ctx)?);
+        with.push(t0.elapsed().as_secs_f64());
     }
-    let t0 = Instant::now();
     x2v_models::wan::lora::clear_loras(model);
-    let clear = t0.elapsed().as_secs_f64();
-    Ok((times, apply, clear))
+    Ok((without, with, median(&mut apply), median(&mut clear)))
 }
