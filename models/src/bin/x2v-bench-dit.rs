@@ -179,7 +179,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         min(&bf16)
     );
     println!("bf16 / fp32 = {:.3} (denoise-loop step, medians)", median(&mut bf16) / step);
-    let (mut without, mut with_lora, apply, clear) = lora;
+    let LoraTimes { mut without, with: mut with_lora, apply, clear } = lora;
     let (base, lora) = (median(&mut without), median(&mut with_lora));
     println!(
         "| x2v denoise-loop step, alternating with the next row | {base:.3} | {:.3} |",
@@ -220,6 +220,15 @@ fn bf16_step_times(
     Ok(times)
 }
 
+/// Step seconds without and with the adapter (alternating runs), and the median seconds to put it
+/// on and to take it off.
+struct LoraTimes {
+    without: Vec<f64>,
+    with: Vec<f64>,
+    apply: f64,
+    clear: f64,
+}
+
 /// Denoise-loop step times without and with a synthetic rank-`lora_rank` adapter on every
 /// attention projection and both FFN layers of every block (alternating), and the median seconds
 /// to apply and to clear it.
@@ -228,7 +237,7 @@ fn lora_timings(
     dir: &Path,
     args: &Args,
     (x, t, c): (&Tensor, &Tensor, &Tensor),
-) -> Result<(Vec<f64>, Vec<f64>, f64, f64), Box<dyn Error>> {
+) -> Result<LoraTimes, Box<dyn Error>> {
     let dim = args.heads * 128;
     let r = args.lora_rank;
     let mut tensors = Vec::new();
@@ -281,5 +290,5 @@ fn lora_timings(
         with.push(t0.elapsed().as_secs_f64());
     }
     x2v_models::wan::lora::clear_loras(model);
-    Ok((without, with, median(&mut apply), median(&mut clear)))
+    Ok(LoraTimes { without, with, apply: median(&mut apply), clear: median(&mut clear) })
 }
