@@ -173,6 +173,7 @@ fn demo_model_config() -> ModelConfig {
         default_guidance_scale_2: None,
         default_shift: 3.0,
         lora_dir: String::new(),
+        base_loras: vec![],
         max_n: 1,
         max_input_images: 0,
         max_queued_jobs: 0,

@@ -100,6 +100,11 @@ pub struct ModelConfig {
     /// stage reads (`lora.dir`). Requests may name them in `lora`; `/v1/models` lists them.
     /// Empty: the model serves no adapters.
     pub lora_dir: String,
+    /// Adapters in `lora_dir` that every job of the model runs with, before the request's own
+    /// `lora`: e.g. a step-distillation LoRA (LightX2V's 4-step Wan LoRAs), served with
+    /// `default_steps = 4`, `default_guidance_scale = 1` and the DiT's `scheduler = "euler"`.
+    #[schema(value_type = Vec<Object>)]
+    pub base_loras: Vec<x2v_core::lora::LoraRef>,
     /// Most images per request.
     pub max_n: u32,
     /// Most input images of an edit (`image` / `image[]`); the API allows 16.
@@ -187,6 +192,7 @@ impl ModelConfig {
             default_guidance_scale_2: None,
             default_shift: 5.0,
             lora_dir: String::new(),
+            base_loras: vec![],
             max_n: 1,
             max_input_images: 0,
             max_queued_jobs: 0,
@@ -251,6 +257,7 @@ impl ModelConfig {
             default_guidance_scale_2: None,
             default_shift: 3.0,
             lora_dir: String::new(),
+            base_loras: vec![],
             max_n: 4,
             max_input_images: 3,
             max_queued_jobs: 0,

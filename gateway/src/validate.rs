@@ -2,6 +2,8 @@
 //! become a typed [`JobSpec`], or a 400 whose message says what is allowed and what was given.
 //! Nothing is stored before this passes.
 
+use x2v_core::ErrorKind;
+use x2v_core::lora::LoraRef;
 use x2v_queue::{JobSpec, Ranks, Size, Task};
 
 use crate::config::ModelConfig;
@@ -120,6 +122,51 @@ fn auto_edit_size(image: &Upload) -> Result<Size, ApiError> {
         .map_err(|e: String| ApiError::invalid("size", e))
 }
 
+/// The adapters a job runs with: the model's `base_loras`, then the request's, each once, every one
+/// an adapter of the model's `lora_dir`.
+fn loras(model: &ModelConfig, asked: Vec<LoraRef>) -> Result<Vec<LoraRef>, ApiError> {
+    if asked.is_empty() && model.base_loras.is_empty() {
+        return Ok(vec![]);
+    }
+    if !asked.is_empty() && model.lora_dir.is_empty() {
+        return Err(ApiError::invalid(
+            "lora",
+            format!("`{}` serves no LoRA adapters.", model.name),
+        ));
+    }
+    let known = model.loras();
+    if let Some(l) = model.base_loras.iter().find(|l| !known.contains(&l.name)) {
+        return Err(ApiError::new(
+            ErrorKind::Internal,
+            format!(
+                "`{}` is configured with the base adapter `{}`, which its lora_dir lacks.",
+                model.name, l.name
+            ),
+        ));
+    }
+    if let Some(l) = asked.iter().find(|l| model.base_loras.iter().any(|b| b.name == l.name)) {
+        return Err(ApiError::invalid(
+            "lora",
+            format!(
+                "`{}` is one of `{}`'s base adapters, which every job has.",
+                l.name, model.name
+            ),
+        ));
+    }
+    if let Some(l) = asked.iter().find(|l| !known.contains(&l.name)) {
+        return Err(ApiError::invalid(
+            "lora",
+            format!(
+                "`{}` has no LoRA adapter `{}`; it has: {}.",
+                model.name,
+                l.name,
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+            ),
+        ));
+    }
+    Ok(model.base_loras.iter().cloned().chain(asked).collect())
+}
+
 /// The spec of a job: sampling parameters shared by videos and images, with the model's defaults.
 fn common(
     sampling: Sampling,
@@ -144,30 +191,7 @@ fn common(
         (Some(g), Some(_)) => Some(g as f32),
         (None, default) => default,
     };
-    let loras = match sampling.lora {
-        None => vec![],
-        Some(loras) => {
-            if !loras.is_empty() && model.lora_dir.is_empty() {
-                return Err(ApiError::invalid(
-                    "lora",
-                    format!("`{}` serves no LoRA adapters.", model.name),
-                ));
-            }
-            let known = model.loras();
-            if let Some(l) = loras.iter().find(|l| !known.contains(&l.name)) {
-                return Err(ApiError::invalid(
-                    "lora",
-                    format!(
-                        "`{}` has no LoRA adapter `{}`; it has: {}.",
-                        model.name,
-                        l.name,
-                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
-                    ),
-                ));
-            }
-            loras
-        }
-    };
+    let loras = loras(model, sampling.lora.unwrap_or_default())?;
     Ok(JobSpec {
         loras,
         model: model.name.clone(),
@@ -454,6 +478,20 @@ mod tests {
             assert_eq!(e.param.as_deref(), Some("lora"), "{lora}");
             assert!(e.message.contains(says), "{lora}: {}", e.message);
         }
+
+        // Base adapters (a step-distillation LoRA): first in every job, not to be asked again.
+        models[0].base_loras = vec![LoraRef { name: "motion".into(), scale: 1.0 }];
+        let v = video_of(r#"{"prompt": "x", "lora": [{"name": "style"}]}"#, &models).unwrap();
+        let names: Vec<&str> = v.spec.loras.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["motion", "style"]);
+        let v = video_of(r#"{"prompt": "x"}"#, &models).unwrap();
+        assert_eq!(v.spec.loras, [LoraRef { name: "motion".into(), scale: 1.0 }]);
+        let e =
+            video_of(r#"{"prompt": "x", "lora": [{"name": "motion"}]}"#, &models).err().unwrap();
+        assert!(e.message.contains("base adapters"), "{}", e.message);
+        models[0].base_loras = vec![LoraRef { name: "gone".into(), scale: 1.0 }];
+        let e = video_of(r#"{"prompt": "x"}"#, &models).err().unwrap();
+        assert_eq!(e.http_status(), axum::http::StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]
