@@ -88,8 +88,6 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// Applied at run time on top of the untouched weight, in order: `y[.., rows] += s·B(A x)`.
     lora: RefCell<Vec<LoraDelta>>,
-    /// Every delta's `down` stacked (`[Σ rank, in]`), so one GEMM projects `x` for all of them.
-    lora_down: RefCell<Option<Tensor>>,
 }
 
 /// One adapter's low-rank update of (a row range of) a [`Linear`]'s output.
@@ -107,7 +105,7 @@ pub struct LoraDelta {
 
 impl Linear {
     fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias, lora: RefCell::new(Vec::new()), lora_down: RefCell::new(None) }
+        Linear { weight, bias, lora: RefCell::new(Vec::new()) }
     }
 
     pub fn new(b: Builder, d_in: i64, d_out: i64) -> Self {
@@ -135,17 +133,9 @@ impl Linear {
         }
         let _guard = tch::no_grad_guard();
         let (_, out) = self.dims();
-        let stacked = self.lora_down.borrow();
-        let h = match stacked.as_ref() {
-            Some(down) => x.linear::<Tensor>(down, None),
-            None => x.linear::<Tensor>(&deltas[0].down, None),
-        };
         let mut y = y;
-        let mut first = 0;
         for d in deltas.iter() {
-            let rank = d.down.size()[0];
-            let update = h.narrow(-1, first, rank).linear::<Tensor>(&d.up, None) * d.scale;
-            first += rank;
+            let update = x.linear::<Tensor>(&d.down, None).linear::<Tensor>(&d.up, None) * d.scale;
             let rows = d.up.size()[0];
             if rows == out {
                 y += update;
@@ -156,26 +146,15 @@ impl Linear {
         y
     }
 
-    /// Re-stacks the deltas' `down` matrices after a change.
-    fn restack(&self) {
-        let deltas = self.lora.borrow();
-        *self.lora_down.borrow_mut() = (deltas.len() > 1).then(|| {
-            let _guard = tch::no_grad_guard();
-            Tensor::cat(&deltas.iter().map(|d| &d.down).collect::<Vec<_>>(), 0)
-        });
-    }
-
     /// Replaces the LoRA deltas applied on top of the weight (none: the plain layer). The weight
     /// itself is never modified, so clearing them restores the base layer exactly.
     pub fn set_lora(&self, deltas: Vec<LoraDelta>) {
         *self.lora.borrow_mut() = deltas;
-        self.restack();
     }
 
     /// Adds one adapter's delta after those already set.
     pub fn push_lora(&self, delta: LoraDelta) {
         self.lora.borrow_mut().push(delta);
-        self.restack();
     }
 
     /// How many adapter deltas the layer applies.
