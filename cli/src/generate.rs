@@ -1,4 +1,4 @@
-//! `x2v generate`: one Wan2.1 video (`--task t2v|i2v`) or one Qwen-Image image
+//! `x2v generate`: one Wan video (`--task t2v|i2v|v2v`) or one Qwen-Image image
 //! (`--task t2i|edit`, [`crate::generate_image`]) in this process — encoder, DiT and decoder
 //! stages in turn. A video is written as an H.264 MP4 (the decoder service's encoder, so the
 //! bytes match a served job's) or losslessly as `uint8 [F, H, W, 3]` to a `.npy` file.
@@ -26,8 +26,9 @@ pub struct Args {
     /// (diffusers layout) for t2i/edit.
     #[arg(long)]
     pub(crate) model_dir: PathBuf,
-    /// `t2v` (text to video), `i2v` (first frame + text to video), `t2i` (text to image) or
-    /// `edit` (input images + text to image).
+    /// `t2v` (text to video), `i2v` (first frame + text to video), `v2v` (input video + text to
+    /// video, on a text-to-video model), `t2i` (text to image) or `edit` (input images + text to
+    /// image).
     #[arg(long, default_value = "t2v", value_parser = parse_task)]
     pub(crate) task: CliTask,
     /// The prompt.
@@ -40,6 +41,14 @@ pub struct Args {
     /// several images (Qwen-Image-Edit-2509 and later).
     #[arg(long)]
     pub(crate) image: Vec<PathBuf>,
+    /// v2v: the input video, an H.264 MP4; its first `--frames` frames as shown at `--fps` are
+    /// edited (resized to `--size`).
+    #[arg(long)]
+    pub(crate) video: Option<PathBuf>,
+    /// v2v: how far the input video is noised, in (0, 1]; the last `int(steps × strength)` steps
+    /// run.
+    #[arg(long, default_value_t = 0.8)]
+    strength: f64,
     /// Output size `WxH`, both multiples of 16 (default: 832x480 video, 1024x1024 t2i, the
     /// ~1 MP size at the last input image's aspect for edit).
     #[arg(long)]
@@ -88,8 +97,10 @@ pub struct Args {
 /// What `x2v generate` makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CliTask {
-    /// A Wan2.1 video.
+    /// A Wan video from text or a first frame.
     Video(Task),
+    /// A Wan video from an input video (video-to-video on a text-to-video model).
+    VideoToVideo,
     /// Qwen-Image text to image.
     TextToImage,
     /// Qwen-Image edit (one or more input images).
@@ -100,9 +111,10 @@ fn parse_task(s: &str) -> Result<CliTask, String> {
     match s {
         "t2v" => Ok(CliTask::Video(Task::T2v)),
         "i2v" => Ok(CliTask::Video(Task::I2v)),
+        "v2v" => Ok(CliTask::VideoToVideo),
         "t2i" => Ok(CliTask::TextToImage),
         "edit" => Ok(CliTask::Edit),
-        other => Err(format!("unknown task `{other}` (expected t2v, i2v, t2i or edit)")),
+        other => Err(format!("unknown task `{other}` (expected t2v, i2v, v2v, t2i or edit)")),
     }
 }
 
@@ -153,9 +165,16 @@ struct Job {
     /// `(file, adapter name, scale)` per `--lora`.
     loras: Vec<(PathBuf, String, f64)>,
     image: Option<Tensor>,
+    /// v2v: the input video `uint8 [F, H, W, 3]` and the strength.
+    video: Option<(Tensor, f64)>,
 }
 
-fn validate(a: &Args, task: Task) -> Result<Job> {
+fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
+    let task = match cli_task {
+        CliTask::Video(task) => task,
+        _ => Task::T2v,
+    };
+    let v2v = cli_task == CliTask::VideoToVideo;
     let size = a.size.as_deref().unwrap_or("832x480");
     let (width, height) = parse_size(size)?;
     for (name, v) in [("width", width), ("height", height)] {
@@ -182,6 +201,12 @@ fn validate(a: &Args, task: Task) -> Result<Job> {
     if a.fps == 0 || a.fps > x2v_media::MAX_FPS {
         bail!("--fps must be from 1 to {}, got {}", x2v_media::MAX_FPS, a.fps);
     }
+    let video = match (v2v, &a.video) {
+        (true, None) => bail!("--task v2v needs --video FILE (an H.264 MP4)"),
+        (false, Some(p)) => bail!("--video {} is only used with --task v2v", p.display()),
+        (true, Some(p)) => Some((read_video(p, a.fps, a.frames)?, check_strength(a)?)),
+        (false, None) => None,
+    };
     let image = match (task, a.image.as_slice()) {
         (Task::I2v, []) => bail!("--task i2v needs --image FILE (the first frame)"),
         (Task::T2v, [p, ..]) => {
@@ -205,7 +230,35 @@ fn validate(a: &Args, task: Task) -> Result<Job> {
         bail!("--guidance-2 must be a finite number, got {g}");
     }
     let loras = a.loras.iter().map(|spec| parse_lora(spec, a)).collect::<Result<_>>()?;
-    Ok(Job { task, geometry, shift, guidance, guidance_2: a.guidance_2, loras, image })
+    Ok(Job { task, geometry, shift, guidance, guidance_2: a.guidance_2, loras, image, video })
+}
+
+/// `--strength`, in (0, 1] and leaving at least one of `--steps` to run.
+fn check_strength(a: &Args) -> Result<f64> {
+    let s = a.strength;
+    if !(s > 0.0 && s <= 1.0) {
+        bail!("--strength must be above 0 and at most 1, got {s}");
+    }
+    if (a.steps as f64 * s) < 1.0 {
+        bail!("--strength {s} leaves none of the {} steps to run (steps × strength ≥ 1)", a.steps);
+    }
+    Ok(s)
+}
+
+/// The first `frames` frames of an MP4 as shown at `fps`, RGB `uint8 [F, H, W, 3]`.
+fn read_video(path: &Path, fps: u32, frames: i64) -> Result<Tensor> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("--video {}: cannot read", path.display()))?;
+    let v = x2v_media::decode_mp4(&bytes, fps.max(1), frames.max(1) as usize)
+        .with_context(|| format!("--video {}", path.display()))?;
+    if (v.frames as i64) < frames {
+        bail!(
+            "--video {}: {} frames at {fps} fps, fewer than --frames {frames}",
+            path.display(),
+            v.frames
+        );
+    }
+    Ok(Tensor::from_slice(&v.data).view([v.frames as i64, v.height as i64, v.width as i64, 3]))
 }
 
 /// `flow_shift` of a diffusers `scheduler/scheduler_config.json`, if any.
@@ -268,14 +321,19 @@ fn generate(a: &Args, job: Job) -> Result<()> {
     let (device, kind) = device_and_kind();
     eprintln!("x2v generate: {:?} on {device:?}", job.geometry);
     let phase1 = {
-        let encoder = WanEncoder::load(&a.model_dir, job.task, device, kind)?;
-        encoder.encode(
+        let v2v = job.video.is_some();
+        let encoder = WanEncoder::load_with(&a.model_dir, job.task, v2v, device, kind)?;
+        let mut phase1 = encoder.encode(
             &a.prompt,
             a.negative_prompt.as_deref(),
             job.image.as_ref(),
             job.geometry,
             job.guidance,
-        )?
+        )?;
+        if let Some((video, _)) = &job.video {
+            phase1.video_latents = Some(encoder.encode_video(video, job.geometry)?);
+        }
+        phase1
     };
     let phase2 = {
         let dit = load_dit(&a.model_dir, device, kind)?;
@@ -292,8 +350,12 @@ fn generate(a: &Args, job: Job) -> Result<()> {
             seed: a.seed,
             scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(job.shift)),
             batch_cfg: true,
+            strength: job.video.as_ref().map(|(_, s)| *s),
         };
-        let bar = progress_bar(a.steps);
+        let bar = progress_bar(match settings.strength {
+            Some(s) => (a.steps as f64 * s) as usize,
+            None => a.steps,
+        });
         let out = denoise(&dit, &phase1, &settings, |_| bar.inc(1), || false);
         bar.finish();
         out?
@@ -327,7 +389,9 @@ pub(crate) fn device_and_kind() -> (Device, Kind) {
 
 pub fn run(a: &Args) -> ExitCode {
     match a.task {
-        CliTask::Video(task) => finish(validate(a, task), |job| generate(a, job)),
+        CliTask::Video(_) | CliTask::VideoToVideo => {
+            finish(validate(a, a.task), |job| generate(a, job))
+        }
         CliTask::TextToImage | CliTask::Edit => crate::generate_image::run(a),
     }
 }

@@ -162,7 +162,7 @@ fn has_two_experts(model_dir: &Path) -> Result<bool> {
 fn demo_model_config() -> ModelConfig {
     ModelConfig {
         name: DEMO_MODEL.into(),
-        tasks: vec![Task::T2v, Task::T2i],
+        tasks: vec![Task::T2v, Task::V2v, Task::T2i],
         sizes: vec!["256x256".into(), "320x192".into(), "192x320".into()],
         fps: 8,
         max_frames: 33,
@@ -291,13 +291,17 @@ fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
             match (is_i2v(dir).with_context(context)?, has_two_experts(dir).with_context(context)?)
             {
                 (true, false) => ("wan2.1-i2v", vec![Task::I2v], ModelConfig::wan21_i2v_14b_480p()),
-                (false, false) => {
-                    ("wan2.1-t2v", vec![Task::T2v, Task::T2i], ModelConfig::wan21_t2v_1_3b())
-                }
+                (false, false) => (
+                    "wan2.1-t2v",
+                    vec![Task::T2v, Task::V2v, Task::T2i],
+                    ModelConfig::wan21_t2v_1_3b(),
+                ),
                 (true, true) => ("wan2.2-i2v", vec![Task::I2v], ModelConfig::wan22_i2v_a14b()),
-                (false, true) => {
-                    ("wan2.2-t2v", vec![Task::T2v, Task::T2i], ModelConfig::wan22_t2v_a14b())
-                }
+                (false, true) => (
+                    "wan2.2-t2v",
+                    vec![Task::T2v, Task::V2v, Task::T2i],
+                    ModelConfig::wan22_t2v_a14b(),
+                ),
             }
         }
         ModelFamily::QwenImage => {
@@ -347,7 +351,7 @@ fn demo_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
     };
     Ok(Served {
         sets: vec![
-            set(wan, DEMO_MODEL, vec![Task::T2v, Task::T2i], 0),
+            set(wan, DEMO_MODEL, vec![Task::T2v, Task::V2v, Task::T2i], 0),
             set(t2i, DEMO_IMAGE_MODEL, vec![Task::T2i], 1),
             set(edit, DEMO_IMAGE_MODEL, vec![Task::Edit], 2),
         ],

@@ -146,6 +146,8 @@ pub enum JobErrorCode {
     InvalidRequest,
     /// An uploaded image could not be decoded.
     InvalidImage,
+    /// An input video could not be decoded.
+    InvalidVideo,
     /// An uploaded input could not be read back from storage.
     InputUnavailable,
     /// The stage could not load its model.
@@ -174,9 +176,10 @@ pub enum JobErrorCode {
 
 impl JobErrorCode {
     /// Every code, for exhaustive tests.
-    pub const ALL: [JobErrorCode; 14] = [
+    pub const ALL: [JobErrorCode; 15] = [
         JobErrorCode::InvalidRequest,
         JobErrorCode::InvalidImage,
+        JobErrorCode::InvalidVideo,
         JobErrorCode::InputUnavailable,
         JobErrorCode::ModelLoadFailed,
         JobErrorCode::InvalidPayload,
@@ -196,6 +199,7 @@ impl JobErrorCode {
         match self {
             JobErrorCode::InvalidRequest => "invalid_request",
             JobErrorCode::InvalidImage => "invalid_image",
+            JobErrorCode::InvalidVideo => "invalid_video",
             JobErrorCode::InputUnavailable => "input_unavailable",
             JobErrorCode::ModelLoadFailed => "model_load_failed",
             JobErrorCode::InvalidPayload => "invalid_payload",
@@ -220,7 +224,9 @@ impl JobErrorCode {
     /// client's input is `InvalidRequest`; a broken hand-over between stages is x2v's own failure.
     pub fn kind(self) -> ErrorKind {
         match self {
-            JobErrorCode::InvalidRequest | JobErrorCode::InvalidImage => ErrorKind::InvalidRequest,
+            JobErrorCode::InvalidRequest
+            | JobErrorCode::InvalidImage
+            | JobErrorCode::InvalidVideo => ErrorKind::InvalidRequest,
             JobErrorCode::InputUnavailable
             | JobErrorCode::PayloadUnavailable
             | JobErrorCode::TransferFailed
@@ -296,7 +302,12 @@ mod tests {
     #[test]
     fn only_input_failures_are_the_clients_fault() {
         for code in JobErrorCode::ALL {
-            let client = matches!(code, JobErrorCode::InvalidRequest | JobErrorCode::InvalidImage);
+            let client = matches!(
+                code,
+                JobErrorCode::InvalidRequest
+                    | JobErrorCode::InvalidImage
+                    | JobErrorCode::InvalidVideo
+            );
             assert_eq!(code.kind() == ErrorKind::InvalidRequest, client, "{code}");
         }
         assert_eq!(JobErrorCode::InternalError.kind().http_status(), 500);

@@ -173,6 +173,7 @@ impl Dit {
                 }),
             },
             batch_cfg: true,
+            strength: spec.strength,
         }
     }
 }

@@ -116,7 +116,7 @@ pub fn check_task(variant: Variant, task: Task) -> Result<(), String> {
     let does = match task {
         Task::T2i => !variant.is_edit(),
         Task::Edit => variant.is_edit(),
-        Task::T2v | Task::I2v => false,
+        Task::T2v | Task::I2v | Task::V2v => false,
     };
     if does {
         return Ok(());

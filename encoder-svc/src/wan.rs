@@ -1,6 +1,7 @@
-//! The Wan encoder stage: UMT5 for the prompt and negative prompt and, for image-to-video, the VAE
-//! encoder (and for Wan2.1 CLIP) for the uploaded first frame; sends the Phase1 tensors. The
-//! transformer and the VAE decoder stay on disk.
+//! The Wan encoder stage: UMT5 for the prompt and negative prompt; for image-to-video the VAE
+//! encoder (and for Wan2.1 CLIP) for the uploaded first frame; for video-to-video the VAE encoder
+//! for the input video (decoded from its MP4 at the job's frame rate); sends the Phase1 tensors.
+//! The transformer and the VAE decoder stay on disk.
 
 use std::path::PathBuf;
 
@@ -17,12 +18,16 @@ use x2v_transfer::TensorPart;
 
 /// The upload an image-to-video job starts from.
 const FIRST_FRAME: &str = "input_reference";
+/// The upload a video-to-video job edits.
+const INPUT_VIDEO: &str = "video";
 
 /// The Wan encoder stage of one served model.
 pub struct Encoder {
     model: String,
     model_dir: PathBuf,
     task: Task,
+    /// Whether this worker serves video-to-video (`v2v` in its tasks): it loads the VAE encoder.
+    video_to_video: bool,
     device: Device,
     kind: Kind,
 }
@@ -32,19 +37,32 @@ impl Encoder {
         let device = x2v_models::device::parse_device(&config.device.to_string())?;
         let kind = x2v_models::device::parse_dtype(config.dtype.as_str(), device)?;
         let task = if config.tasks.contains(&x2v_queue::Task::I2v) { Task::I2v } else { Task::T2v };
-        Ok(Encoder { model: config.model.clone(), model_dir, task, device, kind })
+        let video_to_video = config.tasks.contains(&x2v_queue::Task::V2v);
+        if video_to_video && task == Task::I2v {
+            return Err(
+                "tasks: v2v runs on a text-to-video model; this worker is set to i2v".into()
+            );
+        }
+        Ok(Encoder { model: config.model.clone(), model_dir, task, video_to_video, device, kind })
     }
 
     pub fn upload_roles(&self) -> &'static [&'static str] {
-        match self.task {
-            Task::I2v => &[FIRST_FRAME],
-            Task::T2v => &[],
+        match (self.task, self.video_to_video) {
+            (Task::I2v, _) => &[FIRST_FRAME],
+            (Task::T2v, true) => &[INPUT_VIDEO],
+            (Task::T2v, false) => &[],
         }
     }
 
     pub fn load(&self) -> Result<(WanEncoder, Vec<LoadedModel>), StageError> {
-        let enc = WanEncoder::load(&self.model_dir, self.task, self.device, self.kind)
-            .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
+        let enc = WanEncoder::load_with(
+            &self.model_dir,
+            self.task,
+            self.video_to_video,
+            self.device,
+            self.kind,
+        )
+        .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
         let loaded = LoadedModel::new(
             &self.model,
             &enc.components(),
@@ -70,7 +88,16 @@ impl Encoder {
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());
         }
-        let phase1 = enc
+        let video = match spec.task {
+            x2v_queue::Task::V2v => Some(input_video(inputs, spec)?),
+            _ => None,
+        };
+        if (ctx.cancelled)() {
+            return Err(StageError::cancelled());
+        }
+        let invalid =
+            |e: x2v_models::Error| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e);
+        let mut phase1 = enc
             .encode(
                 &spec.prompt,
                 Some(spec.negative_prompt.as_deref().unwrap_or("")),
@@ -78,7 +105,10 @@ impl Encoder {
                 geometry(job),
                 f64::from(spec.guidance_scale),
             )
-            .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
+            .map_err(invalid)?;
+        if let Some(video) = video {
+            phase1.video_latents = Some(enc.encode_video(&video, geometry(job)).map_err(invalid)?);
+        }
         let parts = phase1
             .to_parts()
             .map_err(|e| StageError::new(JobErrorCode::InternalError, e.to_string()))?;
@@ -111,4 +141,27 @@ fn first_frame(inputs: &JobInputs) -> Result<Tensor, StageError> {
         .to_rgb8();
     let (w, h) = img.dimensions();
     Ok(Tensor::from_slice(img.as_raw()).view([i64::from(h), i64::from(w), 3]))
+}
+
+/// The input video of a video-to-video job as RGB `uint8 [F, H, W, 3]`: its first `num_frames`
+/// frames as shown at the job's frame rate (the gateway sized the job from the video's header).
+fn input_video(inputs: &JobInputs, spec: &x2v_queue::JobSpec) -> Result<Tensor, StageError> {
+    let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
+        StageError::new(JobErrorCode::InvalidRequest, "video-to-video needs a `video` input")
+    })?;
+    let frames = spec.num_frames as usize;
+    let v = x2v_media::decode_mp4(&upload.bytes, spec.fps, frames).map_err(|e| {
+        StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
+    })?;
+    if v.frames < frames {
+        return Err(StageError::new(
+            JobErrorCode::InvalidVideo,
+            format!(
+                "`video` decodes to {} frames at {} fps; the job needs {frames}",
+                v.frames, spec.fps
+            ),
+        ));
+    }
+    let shape = [v.frames as i64, v.height as i64, v.width as i64, 3];
+    Ok(Tensor::from_slice(&v.data).view(shape))
 }

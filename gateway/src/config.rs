@@ -181,7 +181,7 @@ impl ModelConfig {
     pub fn wan21_t2v_1_3b() -> Self {
         ModelConfig {
             name: "wan2.1-t2v-1.3b".into(),
-            tasks: vec![Task::T2v],
+            tasks: vec![Task::T2v, Task::V2v],
             sizes: vec!["832x480".into(), "480x832".into()],
             fps: 16,
             max_frames: 81,

@@ -208,6 +208,102 @@ impl CreateVideoRequest {
     }
 }
 
+/// Bounds of `strength` (video-to-video): above 0, at most 1.
+pub const STRENGTH: (f64, f64) = (0.0, 1.0);
+/// `strength` when a video edit gives none (diffusers' `WanVideoToVideoPipeline` default).
+pub const DEFAULT_STRENGTH: f64 = 0.8;
+
+/// The input video of an edit: an uploaded MP4, or a completed video of this gateway by id.
+#[derive(Debug, Clone)]
+pub enum VideoSource {
+    Upload(Upload),
+    Id(String),
+}
+
+/// `POST /v1/videos/edits`: video-to-video, the input video noised to `strength`, then denoised
+/// toward the prompt. The output keeps the input's length (at the model's frame rate, up to its
+/// `max_frames`) and, absent `size`, the model size nearest the input's aspect.
+#[derive(Debug, Clone, ToSchema)]
+pub struct EditVideoRequest {
+    /// What the edited video should show.
+    #[schema(min_length = 1, max_length = 32000, pattern = r"\S")]
+    pub prompt: String,
+    /// The video to edit: an H.264 MP4 file part, or `{"id": "video_..."}` of a completed video
+    /// (multipart: `video[id]`).
+    #[schema(value_type = Object)]
+    pub video: VideoSource,
+    /// A served model that does video-to-video; absent, the first configured one.
+    pub model: Option<String>,
+    /// `WIDTHxHEIGHT`, one of the model's sizes; absent, the one nearest the input's aspect.
+    pub size: Option<String>,
+    /// Length to keep from the start of the input, in whole seconds; absent, all of it (up to the
+    /// model's `max_frames`).
+    #[schema(value_type = Option<String>, pattern = "^[0-9]+$")]
+    pub seconds: Option<u64>,
+    /// How far the input is noised before denoising, in (0, 1]: low keeps it, 1 redraws it; the
+    /// last `int(num_inference_steps · strength)` steps run. Absent: 0.8.
+    #[schema(exclusive_minimum = 0, maximum = 1)]
+    pub strength: Option<f64>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub sampling: Sampling,
+}
+
+impl EditVideoRequest {
+    pub fn read(form: &Form) -> Result<Self, ApiError> {
+        let prompt = prompt(form, "prompt", true)?.unwrap_or_default();
+        let mut files: Vec<Upload> = form.uploads("video").cloned().collect();
+        let id = form.nested("video", "id")?;
+        let video = match (files.len(), id) {
+            (0, Some(id)) => VideoSource::Id(id),
+            (1, None) => {
+                let up = files.pop().expect("one upload");
+                if up.media_type != Some("video/mp4") {
+                    return Err(ApiError::invalid(
+                        "video",
+                        format!(
+                            "`video` must be an MP4 (H.264); got {}.",
+                            up.media_type.map_or("bytes of an unknown format".into(), |t| format!(
+                                "a {t} file"
+                            ))
+                        ),
+                    ));
+                }
+                VideoSource::Upload(up)
+            }
+            (0, None) => {
+                return Err(ApiError::invalid(
+                    "video",
+                    "`video` is required: an MP4 file part, or {\"id\": \"video_...\"} of a \
+                     completed video.",
+                ));
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "video",
+                    "Send one `video`: a single MP4 file part or one `{\"id\"}`, not both.",
+                ));
+            }
+        };
+        let strength = form.float("strength", STRENGTH.0, STRENGTH.1)?;
+        if strength == Some(0.0) {
+            return Err(ApiError::invalid(
+                "strength",
+                "`strength` must be above 0 and at most 1; got 0.",
+            ));
+        }
+        Ok(EditVideoRequest {
+            prompt,
+            video,
+            model: form.str("model")?,
+            size: form.str("size")?,
+            seconds: form.int_from("seconds", 1)?,
+            strength,
+            sampling: Sampling::read(form)?,
+        })
+    }
+}
+
 choice_enum!(
     /// How finished images are answered.
     ResponseFormat {

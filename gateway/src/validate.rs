@@ -9,8 +9,8 @@ use x2v_queue::{JobSpec, Ranks, Size, Task};
 use crate::config::ModelConfig;
 use crate::error::ApiError;
 use crate::params::{
-    CreateImageRequest, CreateVideoRequest, EditImageRequest, OutputFormat, ResponseFormat,
-    Sampling,
+    CreateImageRequest, CreateVideoRequest, DEFAULT_STRENGTH, EditImageRequest, EditVideoRequest,
+    OutputFormat, ResponseFormat, Sampling,
 };
 use crate::request::{Choice, Upload, check_int};
 
@@ -218,6 +218,7 @@ fn common(
         },
         remixed_from: None,
         partial_images: 0,
+        strength: None,
     })
 }
 
@@ -254,6 +255,68 @@ pub fn video(req: CreateVideoRequest, models: &[ModelConfig]) -> Result<Validate
     let inputs =
         req.input_reference.into_iter().map(|u| ("input_reference".to_owned(), u)).collect();
     Ok(Validated { spec, inputs, seed_given })
+}
+
+/// The input video of an edit, read: its bytes (stored as the job's `video` input) and header.
+pub struct SourceVideo {
+    pub upload: Upload,
+    pub info: x2v_media::VideoInfo,
+}
+
+/// The model size nearest the input's aspect ratio (the first of equals).
+fn nearest_size(model: &ModelConfig, info: &x2v_media::VideoInfo) -> Result<Size, ApiError> {
+    let aspect = (f64::from(info.width) / f64::from(info.height)).ln();
+    model
+        .sizes
+        .iter()
+        .filter_map(|s| s.parse::<Size>().ok())
+        .min_by(|a, b| {
+            let d = |s: &Size| ((f64::from(s.width) / f64::from(s.height)).ln() - aspect).abs();
+            d(a).total_cmp(&d(b))
+        })
+        .ok_or_else(|| {
+            ApiError::new(ErrorKind::Internal, format!("`{}` lists no video sizes.", model.name))
+        })
+}
+
+/// `POST /v1/videos/edits`: the output keeps the input's length at the model's frame rate (or the
+/// first `seconds` of it), as `4k+1` frames up to the model's `max_frames`.
+pub fn video_edit(
+    req: EditVideoRequest,
+    source: SourceVideo,
+    models: &[ModelConfig],
+) -> Result<Validated, ApiError> {
+    let model = model_for(models, req.model.as_deref(), Task::V2v)?;
+    let size = match req.size.as_deref() {
+        Some(_) => size(req.size.as_deref(), model, None)?,
+        None => nearest_size(model, &source.info)?,
+    };
+    let fps = model.fps.max(1);
+    let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
+    let seconds = within("seconds", req.seconds, 1, max_seconds.into())?;
+    let mut available = source.info.frames_at(fps).min(model.max_frames);
+    if let Some(s) = seconds {
+        available = available.min(s as u32 * fps + 1);
+    }
+    let frames = (available.max(1) - 1) / 4 * 4 + 1;
+    let strength = req.strength.unwrap_or(DEFAULT_STRENGTH);
+    let seed_given = req.sampling.seed.is_some();
+    let mut spec = common(req.sampling, model, Task::V2v, size, req.prompt)?;
+    if (f64::from(spec.num_inference_steps) * strength) < 1.0 {
+        return Err(ApiError::invalid(
+            "strength",
+            format!(
+                "`strength` {strength} leaves none of the {} steps to run; raise `strength` or \
+                 `num_inference_steps` (steps × strength ≥ 1).",
+                spec.num_inference_steps
+            ),
+        ));
+    }
+    spec.num_frames = frames;
+    spec.fps = fps;
+    spec.seconds = (frames - 1).div_ceil(fps).max(1);
+    spec.strength = Some(strength);
+    Ok(Validated { spec, inputs: vec![("video".to_owned(), source.upload)], seed_given })
 }
 
 /// Image-specific answer options.

@@ -125,11 +125,9 @@ async fn unknown_routes_methods_and_ids_use_the_envelope() {
 #[tokio::test]
 async fn video_endpoints_x2v_does_not_serve_say_so() {
     let h = harness(config());
-    for (path, says) in [
-        ("/v1/videos/characters", "characters"),
-        ("/v1/videos/extensions", "not supported yet"),
-        ("/v1/videos/edits", "not supported yet"),
-    ] {
+    for (path, says) in
+        [("/v1/videos/characters", "characters"), ("/v1/videos/extensions", "not supported yet")]
+    {
         let req = Request::post(path)
             .header("content-type", "application/json")
             .body(Body::from(r#"{"prompt": "x"}"#))
@@ -218,7 +216,7 @@ async fn a_job_completes_and_its_content_downloads_with_ranges() {
     assert_eq!(&part[..], b"ftyp");
     assert_eq!(resp.headers()["content-range"], format!("bytes 4-7/{}", bytes.len()));
     let bad = Request::get(format!("/v1/videos/{id}/content"))
-        .header("range", "bytes=999-")
+        .header("range", format!("bytes={}-", bytes.len()))
         .body(Body::empty())
         .unwrap();
     assert_eq!(h.send(bad).await.0.status(), 416);
@@ -344,4 +342,194 @@ async fn events_stream_status_and_progress_until_done() {
     assert!(text.contains("event: video.progress"), "{text}");
     assert!(text.contains("\"stage\":\"dit\""), "{text}");
     assert!(text.trim_end().ends_with("}") && text.contains("\"status\":\"completed\""), "{text}");
+}
+
+#[tokio::test]
+async fn video_edits_take_an_upload_and_keep_its_length_and_aspect() {
+    let h = harness(config());
+    // 33 frames at 16 fps (2.06 s), landscape: 33 frames at the model's 16 fps, 832x480.
+    let mp4 = tiny_mp4(33, 64, 48, 16);
+    let (status, v, resp) = h
+        .json(multipart(
+            "/v1/videos/edits",
+            &[("prompt", "make it snow")],
+            &[("video", "in.mp4", &mp4)],
+        ))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(resp.headers()["openai-poll-after-ms"], "50");
+    assert_eq!(
+        (v["model"].as_str(), v["size"].as_str()),
+        (Some("wan2.1-t2v-1.3b"), Some("832x480"))
+    );
+    assert_eq!(
+        (v["x2v"]["task"].as_str(), v["x2v"]["strength"].as_f64()),
+        (Some("v2v"), Some(0.8))
+    );
+    assert_eq!((v["x2v"]["num_frames"].as_u64(), v["seconds"].as_str()), (Some(33), Some("2")));
+    // The upload is stored as the job's `video` input.
+    let id = x2v_core::JobId::parse_prefixed(v["id"].as_str().unwrap(), "video").unwrap();
+    let rec = h.state.queue.get(id).await.unwrap();
+    assert_eq!(rec.spec.inputs.len(), 1);
+    assert_eq!(
+        (rec.spec.inputs[0].role.as_str(), rec.spec.inputs[0].content_type.as_str()),
+        ("video", "video/mp4")
+    );
+    assert_eq!(&h.state.storage.get(&rec.spec.inputs[0].key).await.unwrap()[..], &mp4[..]);
+
+    // Portrait picks the portrait size; `seconds` keeps the start; 4k+1 frames; strength given.
+    let tall = tiny_mp4(40, 48, 64, 16);
+    let (status, v, _) = h
+        .json(multipart(
+            "/v1/videos/edits",
+            &[("prompt", "x"), ("seconds", "1"), ("strength", "0.5"), ("seed", "3")],
+            &[("video", "in.mp4", &tall)],
+        ))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["size"], "480x832");
+    assert_eq!((v["x2v"]["num_frames"].as_u64(), v["seconds"].as_str()), (Some(17), Some("1")));
+    assert_eq!(v["x2v"]["strength"].as_f64(), Some(0.5));
+    // 40 frames at 16 fps: 37 (4k+1); an explicit size wins.
+    let (status, v, _) = h
+        .json(multipart(
+            "/v1/videos/edits",
+            &[("prompt", "x"), ("size", "832x480")],
+            &[("video", "in.mp4", &tall)],
+        ))
+        .await;
+    assert_eq!(
+        (status, v["size"].as_str(), v["x2v"]["num_frames"].as_u64()),
+        (200, Some("832x480"), Some(37)),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn video_edits_of_a_completed_video_by_id() {
+    let h = harness(config());
+    h.start_worker();
+    let (_, v, _) =
+        h.json(post_json("/v1/videos", json!({"prompt": "a cat", "seconds": "1"}))).await;
+    let source = v["id"].as_str().unwrap().to_owned();
+    // Not completed yet, or unknown: 400 naming `video`.
+    let (status, v, _) = h
+        .json(post_json(
+            "/v1/videos/edits",
+            json!({"prompt": "x", "video": {"id": "video_0190f3a0b1c27d4e8f9a0b1c2d3e4f50"}}),
+        ))
+        .await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("video")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("does not exist"), "{v}");
+    assert_eq!(h.wait_video(&source).await["status"], "completed");
+    // JSON `{"id"}` and multipart `video[id]` (what the clients send for a reference).
+    for req in [
+        post_json("/v1/videos/edits", json!({"prompt": "make it blue", "video": {"id": source}})),
+        multipart("/v1/videos/edits", &[("prompt", "make it blue"), ("video[id]", &source)], &[]),
+    ] {
+        let (status, v, _) = h.json(req).await;
+        assert_eq!(status, 200, "{v}");
+        // The worker's MP4: 9 frames at 8 fps (1.125 s) → 18 at the model's 16 fps → 17 (4k+1).
+        assert_eq!(
+            (v["x2v"]["task"].as_str(), v["x2v"]["num_frames"].as_u64()),
+            (Some("v2v"), Some(17))
+        );
+        let done = h.wait_video(v["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+}
+
+#[tokio::test]
+async fn bad_video_edits_are_400s_that_name_the_field_and_store_nothing() {
+    let mut cfg = config();
+    cfg.models[1].name = "wan2.1-i2v-14b-480p".into();
+    let h = harness(cfg);
+    let mp4 = tiny_mp4(9, 64, 48, 16);
+    let broken = {
+        let mut b = mp4.clone();
+        b.truncate(40);
+        b
+    };
+    let cases: Vec<(Request<Body>, &str, &str)> = vec![
+        (post_json("/v1/videos/edits", json!({"prompt": "x"})), "video", "required"),
+        (
+            multipart("/v1/videos/edits", &[("prompt", "x")], &[("video", "a.png", PNG)]),
+            "video",
+            "image/png",
+        ),
+        (
+            multipart("/v1/videos/edits", &[("prompt", "x")], &[("video", "a.mp4", &broken)]),
+            "video",
+            "not usable",
+        ),
+        (
+            multipart(
+                "/v1/videos/edits",
+                &[("prompt", "x"), ("video[id]", "video_x")],
+                &[("video", "a.mp4", &mp4)],
+            ),
+            "video",
+            "not both",
+        ),
+        (
+            multipart("/v1/videos/edits", &[("prompt", "x"), ("video[id]", "nope")], &[]),
+            "video",
+            "video id",
+        ),
+        (
+            multipart(
+                "/v1/videos/edits",
+                &[("prompt", "x"), ("strength", "0")],
+                &[("video", "a.mp4", &mp4)],
+            ),
+            "strength",
+            "above 0",
+        ),
+        (
+            multipart(
+                "/v1/videos/edits",
+                &[("prompt", "x"), ("strength", "1.5")],
+                &[("video", "a.mp4", &mp4)],
+            ),
+            "strength",
+            "from 0 to 1",
+        ),
+        (
+            multipart(
+                "/v1/videos/edits",
+                &[("prompt", "x"), ("strength", "0.2"), ("num_inference_steps", "4")],
+                &[("video", "a.mp4", &mp4)],
+            ),
+            "strength",
+            "leaves none of the 4 steps",
+        ),
+        (
+            multipart(
+                "/v1/videos/edits",
+                &[("prompt", "x"), ("model", "wan2.1-i2v-14b-480p")],
+                &[("video", "a.mp4", &mp4)],
+            ),
+            "model",
+            "does not serve v2v",
+        ),
+        (
+            multipart(
+                "/v1/videos/edits",
+                &[("prompt", "x"), ("size", "64x48")],
+                &[("video", "a.mp4", &mp4)],
+            ),
+            "size",
+            "must be one of",
+        ),
+        (multipart("/v1/videos/edits", &[], &[("video", "a.mp4", &mp4)]), "prompt", "prompt"),
+    ];
+    for (req, param, says) in cases {
+        let (status, v, _) = h.json(req).await;
+        assert_eq!(status, 400, "{param}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(says), "{says}: {v}");
+    }
+    let (_, list, _) = h.json(get("/v1/videos")).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "nothing stored: {list}");
 }

@@ -1,4 +1,5 @@
-//! The Wan stage payloads: [`Phase1`] (encoder → DiT: prompt embeddings, I2V conditioning) and
+//! The Wan stage payloads: [`Phase1`] (encoder → DiT: prompt embeddings, I2V conditioning, V2V
+//! input latents) and
 //! [`Phase2`] (DiT → decoder: final latents), by tensor name.
 
 use tch::Device;
@@ -17,6 +18,7 @@ impl Handoff for Phase1 {
             ("negative_prompt_embeds", &self.negative_prompt_embeds),
             ("image_embeds", &self.image_embeds),
             ("condition", &self.condition),
+            ("video_latents", &self.video_latents),
         ];
         let present = optional.into_iter().filter_map(|(n, t)| t.as_ref().map(|t| (n, t)));
         std::iter::once(("prompt_embeds", &self.prompt_embeds))
@@ -38,6 +40,7 @@ impl Handoff for Phase1 {
             negative_prompt_embeds: named.take("negative_prompt_embeds"),
             image_embeds: named.take("image_embeds"),
             condition: named.take("condition"),
+            video_latents: named.take("video_latents"),
         })
     }
 }
@@ -79,10 +82,14 @@ mod tests {
             negative_prompt_embeds: Some(bf(&[1, 3, 32])),
             image_embeds: None,
             condition: Some(Tensor::randn([1, 20, 2, 8, 8], (Kind::Float, Device::Cpu))),
+            video_latents: Some(Tensor::randn([1, 16, 2, 8, 8], (Kind::Float, Device::Cpu))),
         };
         let parts = p1.to_parts().unwrap();
         let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["prompt_embeds", "negative_prompt_embeds", "condition"]);
+        assert_eq!(
+            names,
+            ["prompt_embeds", "negative_prompt_embeds", "condition", "video_latents"]
+        );
         let metas: Vec<TensorMeta> = parts.iter().map(meta).collect();
         let pairs = metas.iter().zip(&parts).map(|(m, p)| (m, &p.bytes[..]));
         let back = Phase1::from_parts(g, pairs, Device::Cpu).unwrap();
@@ -93,6 +100,7 @@ mod tests {
         assert!(neg.equal(p1.negative_prompt_embeds.as_ref().unwrap()));
         assert!(back.image_embeds.is_none());
         assert!(back.condition.unwrap().equal(p1.condition.as_ref().unwrap()));
+        assert!(back.video_latents.unwrap().equal(p1.video_latents.as_ref().unwrap()));
 
         // Without prompt_embeds, or with a foreign or repeated name, the payload is refused.
         let missing = metas.iter().zip(&parts).skip(1).map(|(m, p)| (m, &p.bytes[..]));

@@ -1,6 +1,6 @@
 //! The one error type of x2v-media.
 
-/// Why a media encode failed.
+/// Why a media encode (or an input video's decode) failed.
 ///
 /// Every variant names the value that was wrong. [`MediaError::is_invalid_input`] tells callers
 /// whether the request (sizes, fps, options) was at fault or the encoder itself failed, which is
@@ -51,6 +51,14 @@ pub enum MediaError {
     #[error("encoded video is too large for the MP4 writer: {what} = {value}")]
     Mp4TooLarge { what: &'static str, value: u64 },
 
+    /// An input video is not an MP4 with a readable H.264 track.
+    #[error("{message}")]
+    Mp4 { message: String },
+
+    /// openh264 could not decode an input video's frame.
+    #[error("H.264 decoding failed at frame {frame}: {message}")]
+    H264Decode { frame: u32, message: String },
+
     /// The `image` crate failed to write an image.
     #[error("{format} encoding failed: {source}")]
     Image {
@@ -70,7 +78,9 @@ impl MediaError {
             | MediaError::OddSize { .. }
             | MediaError::Fps { .. }
             | MediaError::Option { .. }
-            | MediaError::UnknownImageFormat(_) => true,
+            | MediaError::UnknownImageFormat(_)
+            | MediaError::Mp4 { .. }
+            | MediaError::H264Decode { .. } => true,
             MediaError::H264 { .. }
             | MediaError::DroppedFrame { .. }
             | MediaError::Mp4TooLarge { .. }

@@ -25,6 +25,7 @@ fn generate(dir: &Path, task: Task, g: Geometry, image: Option<&Tensor>) -> Tens
         seed: 1,
         scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(3.0)),
         batch_cfg: true,
+        strength: None,
     };
     let phase2 = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
     let decoder = WanDecoder::load(dir, Device::Cpu, Kind::Float).unwrap();

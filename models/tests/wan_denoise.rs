@@ -43,6 +43,7 @@ fn setup() -> (WanDit, Phase1, DenoiseSettings, std::collections::HashMap<String
         negative_prompt_embeds: Some(want["negative_prompt_embeds"].shallow_clone()),
         image_embeds: None,
         condition: None,
+        video_latents: None,
     };
     let settings = DenoiseSettings {
         steps: s.steps,
@@ -51,6 +52,7 @@ fn setup() -> (WanDit, Phase1, DenoiseSettings, std::collections::HashMap<String
         seed: s.seed,
         scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(3.0)),
         batch_cfg: true,
+        strength: None,
     };
     (dit, phase1, settings, want)
 }
@@ -96,6 +98,7 @@ fn i2v_denoise_matches_wan_image_to_video_pipeline() {
         negative_prompt_embeds: Some(want["negative_prompt_embeds"].shallow_clone()),
         image_embeds: Some(want["image_embeds"].shallow_clone()),
         condition: Some(want["condition"].shallow_clone()),
+        video_latents: None,
     };
     let settings = DenoiseSettings {
         steps: s.steps,
@@ -104,6 +107,7 @@ fn i2v_denoise_matches_wan_image_to_video_pipeline() {
         seed: s.seed,
         scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(s.shift.unwrap())),
         batch_cfg: true,
+        strength: None,
     };
     common::assert_close(
         "i2v initial noise",
@@ -138,6 +142,7 @@ fn step_distilled_euler_without_guidance_matches_wan_pipeline() {
         negative_prompt_embeds: None,
         image_embeds: None,
         condition: None,
+        video_latents: None,
     };
     let settings = DenoiseSettings {
         steps: s.steps,
@@ -149,6 +154,7 @@ fn step_distilled_euler_without_guidance_matches_wan_pipeline() {
             num_train_timesteps: 1000,
         }),
         batch_cfg: true,
+        strength: None,
     };
     let out = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
     let (diff, scale) = common::max_abs_diff(&out.latents, &want["latents"]);

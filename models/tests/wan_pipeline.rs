@@ -39,6 +39,7 @@ fn denoise_settings(s: &Settings) -> DenoiseSettings {
         seed: s.seed,
         scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(s.shift)),
         batch_cfg: true,
+        strength: None,
     }
 }
 
@@ -199,4 +200,112 @@ fn two_expert_settings_and_directories_are_checked() {
         let err = load_dit(dir, Device::Cpu, Kind::Float).unwrap_err().to_string();
         assert!(err.contains(needle), "{index}: {err}");
     }
+}
+
+/// Settings of a `wan_v2v` fixture case: the pipeline's, plus the strength and the sampler.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct V2vCase {
+    #[serde(flatten)]
+    s: Settings,
+    strength: f64,
+    scheduler: String,
+}
+
+/// The video-to-video path: the input video's latents from the encoder stage, then denoise (from
+/// the strength's step) and decode.
+fn generate_v2v(dir: &Path, case: &V2vCase, video: &Tensor, strength: f64) -> (Tensor, Tensor) {
+    let s = &case.s;
+    let geometry = Geometry { frames: s.frames, height: s.height, width: s.width };
+    let encoder = WanEncoder::load_with(dir, Task::T2v, true, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(encoder.components(), ["tokenizer", "text_encoder", "vae.encoder"]);
+    let mut phase1 = encoder
+        .encode(&s.prompt, Some(&s.negative_prompt), None, geometry, s.guidance_scale)
+        .unwrap();
+    let latents = encoder.encode_video(video, geometry).unwrap();
+    phase1.video_latents = Some(latents.shallow_clone());
+    let scheduler = match case.scheduler.as_str() {
+        "unipc" => SchedulerChoice::UniPc(UniPcConfig::wan(s.shift)),
+        "euler" => SchedulerChoice::Euler(x2v_models::schedulers::FlowMatchEulerConfig {
+            shift: s.shift,
+            num_train_timesteps: 1000,
+        }),
+        other => panic!("unknown scheduler {other}"),
+    };
+    let settings = DenoiseSettings { scheduler, strength: Some(strength), ..denoise_settings(s) };
+    let dit = load_dit(dir, Device::Cpu, Kind::Float).unwrap();
+    let mut steps = vec![];
+    let phase2 =
+        denoise(&dit, &phase1, &settings, |p| steps.push((p.step, p.total)), || false).unwrap();
+    let run = (s.steps as f64 * strength) as usize;
+    assert_eq!(steps, (1..=run).map(|i| (i, run)).collect::<Vec<_>>());
+    let frames = WanDecoder::load(dir, Device::Cpu, Kind::Float).unwrap().decode(&phase2).unwrap();
+    (frames, latents)
+}
+
+#[test]
+fn v2v_frames_match_wan_video_to_video_pipeline() {
+    let fx = common::fixture("wan_v2v");
+    let dir = fx.join("model");
+    for name in ["unipc", "euler"] {
+        let text = std::fs::read_to_string(fx.join(format!("{name}.json"))).unwrap();
+        let case: V2vCase = serde_json::from_str(&text).unwrap();
+        let want = common::tensors(&fx.join(format!("{name}.safetensors")));
+        let (frames, latents) = generate_v2v(&dir, &case, &want["video"], case.strength);
+        common::assert_close(&format!("{name} input latents"), &latents, &want["latents"], 1e-4);
+        assert_frames_match(&format!("{name} v2v frames"), &frames, &want["frames_u8"]);
+
+        // The check can fail: another strength, or another input video, gives other frames.
+        let (other, _) = generate_v2v(&dir, &case, &want["video"], case.strength + 0.2);
+        let (_, within) = frame_agreement(&other, &want["frames_u8"]);
+        assert!(within < common::MIN_MATCH, "{name}: another strength still matches ({within})");
+        let inverted = (want["video"].to_kind(Kind::Int16) * -1 + 255).to_kind(Kind::Uint8);
+        let (other, _) = generate_v2v(&dir, &case, &inverted, case.strength);
+        let (_, within) = frame_agreement(&other, &want["frames_u8"]);
+        assert!(within < common::MIN_MATCH, "{name}: another video still matches ({within})");
+    }
+}
+
+#[test]
+fn v2v_settings_are_checked() {
+    let fx = common::fixture("wan_v2v");
+    let dir = fx.join("model");
+    let text = std::fs::read_to_string(fx.join("unipc.json")).unwrap();
+    let case: V2vCase = serde_json::from_str(&text).unwrap();
+    let s = &case.s;
+    let g = Geometry { frames: s.frames, height: s.height, width: s.width };
+    let want = common::tensors(&fx.join("unipc.safetensors"));
+
+    // Without the VAE encoder, a video cannot be encoded; with it, its frame count must match.
+    let plain = WanEncoder::load(&dir, Task::T2v, Device::Cpu, Kind::Float).unwrap();
+    let err = plain.encode_video(&want["video"], g).unwrap_err().to_string();
+    assert!(err.contains("without video-to-video"), "{err}");
+    let enc = WanEncoder::load_with(&dir, Task::T2v, true, Device::Cpu, Kind::Float).unwrap();
+    let err = enc.encode_video(&want["video"].narrow(0, 0, 5), g).unwrap_err().to_string();
+    assert!(err.contains("has 5 frames, the job 9"), "{err}");
+    // A video of another size is resized to the job's.
+    let big = want["video"].repeat([1, 2, 2, 1]);
+    assert_eq!(enc.encode_video(&big, g).unwrap().size(), [1, 16, 3, 8, 8]);
+
+    let mut phase1 = enc.encode(&s.prompt, None, None, g, 1.0).unwrap();
+    let dit = load_dit(&dir, Device::Cpu, Kind::Float).unwrap();
+    let base = DenoiseSettings { guidance_scale: 1.0, ..denoise_settings(s) };
+    let run = |p: &Phase1, strength: Option<f64>| {
+        let settings = DenoiseSettings { strength, ..base.clone() };
+        denoise(&dit, p, &settings, |_| {}, || false).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = run(&phase1, Some(0.5));
+    assert!(err.contains("strength applies to video-to-video"), "{err}");
+    phase1.video_latents = Some(enc.encode_video(&want["video"], g).unwrap());
+    for (strength, needle) in [
+        (None, "video-to-video needs a strength"),
+        (Some(0.0), "strength must be in (0, 1], got 0"),
+        (Some(1.5), "strength must be in (0, 1], got 1.5"),
+        (Some(0.1), "leaves none of the 6 steps"),
+    ] {
+        let err = run(&phase1, strength);
+        assert!(err.contains(needle), "{strength:?}: {err}");
+    }
+    phase1.video_latents = Some(Tensor::zeros([1, 16, 2, 8, 8], (Kind::Float, Device::Cpu)));
+    let err = run(&phase1, Some(0.5));
+    assert!(err.contains("video_latents must be [1, 16, 3, 8, 8]"), "{err}");
 }

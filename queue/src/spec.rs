@@ -17,6 +17,8 @@ pub enum Task {
     T2v,
     /// Image (plus text) to video.
     I2v,
+    /// Video (plus text) to video: an input video noised to a strength, then denoised.
+    V2v,
     /// Text to image.
     T2i,
     /// Image edit (input images plus text to image).
@@ -29,6 +31,7 @@ impl Task {
         match self {
             Task::T2v => "t2v",
             Task::I2v => "i2v",
+            Task::V2v => "v2v",
             Task::T2i => "t2i",
             Task::Edit => "edit",
         }
@@ -37,7 +40,7 @@ impl Task {
     /// The API resource the job is exposed as.
     pub fn resource(self) -> Resource {
         match self {
-            Task::T2v | Task::I2v => Resource::Video,
+            Task::T2v | Task::I2v | Task::V2v => Resource::Video,
             Task::T2i | Task::Edit => Resource::Image,
         }
     }
@@ -194,10 +197,10 @@ impl Ranks {
     }
 }
 
-/// An uploaded input (reference image, edit image, mask) held in output storage.
+/// An uploaded input (reference image, edit image, mask, input video) held in output storage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputRef {
-    /// Role of the input: `input_reference`, `image`, `mask`.
+    /// Role of the input: `input_reference`, `image`, `mask`, `video`.
     pub role: String,
     /// Storage key.
     pub key: String,
@@ -244,4 +247,8 @@ pub struct JobSpec {
     /// `partial_images`, 0 to 3).
     #[serde(default)]
     pub partial_images: u32,
+    /// Video-to-video: how far the input video is noised, in (0, 1]; the last
+    /// `int(num_inference_steps · strength)` steps run. Absent for other tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }

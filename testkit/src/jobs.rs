@@ -32,6 +32,7 @@ pub fn t2v(prompt: &str) -> JobSpec {
         remixed_from: None,
         partial_images: 0,
         loras: vec![],
+        strength: None,
     }
 }
 

@@ -35,6 +35,26 @@ def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):
         path = tmp_path / "fox.mp4"
         client.videos.download_content(video.id).write_to_file(path)
         assert ffprobe(path) == ("h264", 256, 256, 17, 8)
+        # Video-to-video: the official client uploads the MP4 ...
+        with open(path, "rb") as f:
+            edit = client.videos.edit(prompt="a fox in the snow", video=("fox.mp4", f, "video/mp4"),
+                                      extra_body={"num_inference_steps": 4, "strength": 0.5})
+        assert (edit.status, edit.model, edit.size, edit.seconds) == ("queued", "x2v-demo", "256x256", "2")
+        edit = client.videos.poll(edit.id, poll_interval_ms=100)
+        assert edit.status == "completed", edit.error
+        edited = tmp_path / "edited.mp4"
+        client.videos.download_content(edit.id).write_to_file(edited)
+        assert ffprobe(edited) == ("h264", 256, 256, 17, 8)
+        assert edited.read_bytes() != path.read_bytes()
+        # ... or names a completed video (JSON `{"id"}`: the Python client refuses a reference).
+        by_id = client.post("/videos/edits", cast_to=openai.types.Video,
+                            body={"prompt": "a fox at night", "video": {"id": video.id},
+                                  "num_inference_steps": 2, "strength": 1})
+        by_id = client.videos.poll(by_id.id, poll_interval_ms=100)
+        assert by_id.status == "completed", by_id.error
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.videos.edit(prompt="x", video=("a.png", inputs_png(), "image/png"))
+        assert bad.value.body["param"] == "video", bad.value.body
         image = client.images.generate(model="x2v-demo", prompt="a fox", size="256x256",
                                        extra_body={"num_inference_steps": 2})
         assert image.data[0].b64_json
@@ -59,6 +79,12 @@ def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):
         assert up.proc.wait(timeout=30) == 0, up.log()
     finally:
         up.kill()
+
+
+def inputs_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def png_size(b64: str) -> tuple[int, int]:

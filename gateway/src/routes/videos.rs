@@ -1,5 +1,5 @@
 //! `/v1/videos`: create (multipart or JSON), retrieve, list, delete (cancels work), content (with
-//! `Range`), remix, and the x2v `events` SSE stream.
+//! `Range`), remix, edits (video-to-video), and the x2v `events` SSE stream.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,7 +19,7 @@ use x2v_queue::{JobRecord, JobStatus, ListQuery, Order, Ranks, Resource, Size, S
 
 use crate::error::ApiError;
 use crate::openapi::ErrorResponses;
-use crate::params::CreateVideoRequest;
+use crate::params::{CreateVideoRequest, EditVideoRequest, VideoSource};
 use crate::request::{Choice, Form, choice, choice_enum};
 use crate::state::{AppState, Caller};
 use crate::validate;
@@ -104,6 +104,10 @@ pub struct VideoError<'a> {
 /// x2v's detail of a video job: its stage, step and the engines it runs on.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct VideoDetail {
+    /// `t2v`, `i2v` or `v2v` (an edit).
+    pub task: x2v_queue::Task,
+    /// An edit's strength (how far its input video was noised); null for other videos.
+    pub strength: Option<f64>,
     /// The stage the job waits for or runs in; null once finished.
     pub stage: Option<Stage>,
     /// Denoising step of the running stage.
@@ -147,6 +151,8 @@ impl<'a> Video<'a> {
                 .as_ref()
                 .map(|e| VideoError { code: e.code.as_str(), message: &e.message }),
             x2v: VideoDetail {
+                task: spec.task,
+                strength: spec.strength,
                 stage: rec.stage,
                 step: rec.step,
                 total_steps: rec.total_steps,
@@ -204,22 +210,83 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// `POST /v1/videos/characters`, `/v1/videos/extensions`, `/v1/videos/edits`: endpoints of the
-/// OpenAI video API that x2v does not serve; 404 `unsupported_endpoint`, saying so.
+/// `POST /v1/videos/characters`, `/v1/videos/extensions`: endpoints of the OpenAI video API that
+/// x2v does not serve; 404 `unsupported_endpoint`, saying so.
 pub async fn not_served(uri: axum::http::Uri) -> ApiError {
     const CHARACTERS: &str = "Reusable characters (`POST /v1/videos/characters`) are not \
         supported: no model x2v serves takes a character reference.";
     const EXTENSIONS: &str = "Video extensions (`POST /v1/videos/extensions`) are not supported \
         yet; continue a video with image-to-video from its last frame (`POST /v1/videos` with \
         `input_reference`).";
-    const EDITS: &str = "Video-to-video edits (`POST /v1/videos/edits`) are not supported yet; \
-        remix a generated video with `POST /v1/videos/{video_id}/remix`.";
     let what = match uri.path().rsplit('/').next().unwrap_or_default() {
         "characters" => CHARACTERS,
-        "extensions" => EXTENSIONS,
-        _ => EDITS,
+        _ => EXTENSIONS,
     };
     ApiError::new(ErrorKind::NotFound, what).code("unsupported_endpoint")
+}
+
+/// Edit a video (video-to-video).
+///
+/// The input video (an uploaded H.264 MP4, or a completed video by id) is encoded, noised to
+/// `strength` and denoised toward the prompt; the job is queued at once, like a create.
+#[utoipa::path(
+    post,
+    path = "/v1/videos/edits",
+    operation_id = "editVideo",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 256 visible ASCII characters")),
+    request_body(content(
+        (EditVideoRequest = "multipart/form-data"),
+        (EditVideoRequest = "application/json"),
+    )),
+    responses((status = 200, description = "The queued edit", body = Video), ErrorResponses),
+)]
+pub async fn edit(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let form = Form::read(&headers, req).await?;
+    let req = EditVideoRequest::read(&form)?;
+    let upload = match &req.video {
+        VideoSource::Upload(up) => up.clone(),
+        VideoSource::Id(id) => completed_video(&state, id).await?,
+    };
+    let bytes = upload.bytes.clone();
+    let info = tokio::task::spawn_blocking(move || x2v_media::probe_mp4(&bytes))
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("probing the video: {e}")))?
+        .map_err(|e| ApiError::invalid("video", format!("`video` is not usable: {e}.")))?;
+    let source = validate::SourceVideo { upload, info };
+    let v = validate::video_edit(req, source, &state.config.models)?;
+    let created = state.admit(v, key.as_deref(), &caller).await?;
+    Ok(with_poll(&state, &created.record))
+}
+
+/// The MP4 of completed video `id`, as an upload of a new job.
+async fn completed_video(state: &AppState, id: &str) -> Result<crate::request::Upload, ApiError> {
+    let bad = |m: String| ApiError::invalid("video", m);
+    let job = JobId::parse_prefixed(id, "video")
+        .map_err(|_| bad(format!("`video.id` must be a video id (video_...); got \"{id}\".")))?;
+    let rec = state.queue.get(job).await.map_err(|e| match e {
+        x2v_queue::QueueError::NotFound(_) => bad(format!("Video '{id}' does not exist.")),
+        other => other.into(),
+    })?;
+    if rec.status != JobStatus::Completed {
+        return Err(bad(format!(
+            "Video '{id}' is {}; only a completed video can be edited.",
+            status_text(rec.status)
+        )));
+    }
+    let out =
+        rec.output("video", 0).ok_or_else(|| bad(format!("Video '{id}' has no MP4 to edit.")))?;
+    let bytes = state.storage.get(&out.key).await?;
+    Ok(crate::request::Upload {
+        field: "video".into(),
+        media_type: crate::request::sniff(&bytes),
+        bytes,
+    })
 }
 
 /// Create a video job.

@@ -20,6 +20,20 @@ use x2v_queue::*;
 pub const PNG: &[u8] =
     b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
 
+/// A real H.264 MP4: `frames` frames of `width`x`height` at `fps`, a moving gradient.
+pub fn tiny_mp4(frames: usize, width: usize, height: usize, fps: u32) -> Vec<u8> {
+    let mut data = Vec::with_capacity(frames * width * height * 3);
+    for f in 0..frames {
+        for y in 0..height {
+            for x in 0..width {
+                data.extend([(x * 4 + f * 8) as u8, (y * 4) as u8, (f * 16) as u8]);
+            }
+        }
+    }
+    let frames = x2v_media::Frames::new(&data, frames, height, width).unwrap();
+    x2v_media::encode_mp4(&frames, fps, &x2v_media::Mp4Options::default()).unwrap()
+}
+
 pub struct Harness {
     pub app: Router,
     pub state: AppState,
@@ -60,14 +74,15 @@ impl Harness {
         (resp.status().as_u16(), v, resp)
     }
 
-    /// Starts one worker per stage that completes every job (`[hold]` prompts wait for cancel).
+    /// Starts one worker per stage that completes every job (`[hold]` prompts wait for cancel);
+    /// a video's content is a real 9-frame 64x48 MP4 at 8 fps.
     pub fn start_worker(&self) {
         for stage in Stage::ALL {
             let info = WorkerInfo {
                 stage,
                 rank: 0,
                 models: vec!["wan2.1-t2v-1.3b".into(), "qwen-image".into()],
-                tasks: vec![Task::T2v, Task::I2v, Task::T2i, Task::Edit],
+                tasks: vec![Task::T2v, Task::I2v, Task::V2v, Task::T2i, Task::Edit],
                 capacity: 1,
             };
             let w = StageWorker::new(
@@ -92,9 +107,16 @@ impl Harness {
                     let mut outputs = vec![];
                     if stage == Stage::Decoder {
                         if spec.task.resource() == Resource::Video {
-                            let body = format!("\0\0\0\x18ftypisom-video-{id}");
                             let key = format!("{id}/video.mp4");
-                            let size = storage.put(&key, Bytes::from(body)).await.unwrap();
+                            // The MP4 ends with a `free` box holding the job id (which video
+                            // a download returned).
+                            let mut mp4 = tiny_mp4(9, 64, 48, 8);
+                            let tag = format!("video-{id}");
+                            mp4.extend(((8 + tag.len()) as u32).to_be_bytes());
+                            mp4.extend(b"free");
+                            mp4.extend(tag.as_bytes());
+                            let body = Bytes::from(mp4);
+                            let size = storage.put(&key, body).await.unwrap();
                             outputs.push(OutputRef {
                                 variant: "video".into(),
                                 index: 0,

@@ -99,6 +99,12 @@ impl Scheduler for FlowMatchEulerScheduler {
         self.index
     }
 
+    fn start_at(&mut self, index: usize) -> Result<(), Error> {
+        super::check_start(self.index, index, self.timesteps.len())?;
+        self.index = index;
+        Ok(())
+    }
+
     /// `sample` may be fp32 or the model dtype: the update runs in fp32 (`dt·v` in `v`'s dtype,
     /// as torch computes it) and the result has `model_output`'s dtype.
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, Error> {

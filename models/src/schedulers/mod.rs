@@ -28,12 +28,45 @@ pub trait Scheduler {
     /// Advances `sample` (fp32) by one step given the model's velocity prediction.
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, Error>;
 
-    /// Steps taken so far.
+    /// Steps taken so far (the grid index of the next step).
     fn step_index(&self) -> usize;
+
+    /// Image/video-to-video: the run starts at grid index `index` instead of 0, before any step
+    /// (the multistep history starts empty there, as diffusers' does).
+    fn start_at(&mut self, index: usize) -> Result<(), Error>;
 
     fn num_steps(&self) -> usize {
         self.timesteps().len()
     }
+}
+
+/// diffusers' `index_for_timestep`: the grid index of timestep `t`; where `t` occurs more than
+/// once, the second occurrence (so that a run started mid-grid skips no sigma), and the last index
+/// where it does not occur.
+pub fn index_for_timestep(timesteps: &[f64], t: f64) -> usize {
+    let mut hits = timesteps.iter().enumerate().filter(|(_, v)| **v == t).map(|(i, _)| i);
+    match (hits.next(), hits.next()) {
+        (_, Some(second)) => second,
+        (Some(first), None) => first,
+        (None, None) => timesteps.len().saturating_sub(1),
+    }
+}
+
+/// The check shared by the schedulers' [`Scheduler::start_at`].
+pub(crate) fn check_start(taken: usize, index: usize, steps: usize) -> Result<(), Error> {
+    if taken != 0 {
+        return Err(Error::input(
+            crate::error::Component::Scheduler,
+            format!("a run can only be started mid-grid before its first step ({taken} taken)"),
+        ));
+    }
+    if index >= steps {
+        return Err(Error::input(
+            crate::error::Component::Scheduler,
+            format!("start index {index} is outside the {steps}-step grid"),
+        ));
+    }
+    Ok(())
 }
 
 /// `shift·s / (1 + (shift − 1)·s)`: the flow-matching time shift.

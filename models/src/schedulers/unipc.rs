@@ -170,6 +170,12 @@ impl Scheduler for UniPcScheduler {
         self.index
     }
 
+    fn start_at(&mut self, index: usize) -> Result<(), Error> {
+        super::check_start(self.index, index, self.timesteps.len())?;
+        self.index = index;
+        Ok(())
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor, Error> {
         let n = self.timesteps.len();
         if self.index >= n {

@@ -4,6 +4,9 @@
 //! Initial noise: fp32 `randn([1, 16, (F−1)/4+1, H/8, W/8])` from a CPU generator seeded with the
 //! job seed, as the reference draws it with `torch.Generator("cpu").manual_seed(seed)`.
 //! Guidance: `v = v_u + g·(v_c − v_u)` in the model dtype, cond and uncond run as one batch of 2.
+//! Video-to-video (`WanVideoToVideoPipeline`): of the `steps`-step grid the last
+//! `int(steps·strength)` steps run; the initial latents are the input video's latents noised to the
+//! first of them, `sigma·noise + (1 − sigma)·latents` (UniPC's `add_noise`, Euler's `scale_noise`).
 //! Wan2.2 A14B: each step runs on the expert its timestep falls to ([`WanDit::expert_at`]), with
 //! `guidance_scale` on the high-noise expert and `guidance_scale_2` on the low-noise one; whether
 //! guidance runs at all follows `guidance_scale` alone, as in diffusers.
@@ -15,6 +18,7 @@ use super::{Geometry, Phase1, Phase2, TEXT_LEN};
 use crate::error::{Component, Error};
 use crate::schedulers::{
     FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, UniPcConfig, UniPcScheduler,
+    index_for_timestep,
 };
 use crate::wan::transformer::{PreparedContext, WanTransformer3DModel};
 
@@ -42,6 +46,9 @@ pub struct DenoiseSettings {
     pub scheduler: SchedulerChoice,
     /// Run cond and uncond as one batch of 2 (faster) rather than two forwards.
     pub batch_cfg: bool,
+    /// Video-to-video only (required there, refused otherwise): how far the input video is
+    /// noised, in (0, 1]; the last `int(steps·strength)` steps of the grid run.
+    pub strength: Option<f64>,
 }
 
 impl DenoiseSettings {
@@ -54,6 +61,7 @@ impl DenoiseSettings {
             seed,
             scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(flow_shift)),
             batch_cfg: true,
+            strength: None,
         }
     }
 }
@@ -63,6 +71,7 @@ impl DenoiseSettings {
 pub struct Progress {
     /// Steps completed (1-based).
     pub step: usize,
+    /// Steps this run takes (for video-to-video, those its strength leaves).
     pub total: usize,
     /// The timestep the step evaluated.
     pub timestep: f64,
@@ -110,6 +119,8 @@ struct Conditioning {
     image: Option<Tensor>,
     /// I2V `y`, concatenated to the latents on the channel axis.
     y: Option<Tensor>,
+    /// V2V: the input video's latents, fp32 on the device.
+    video: Option<Tensor>,
 }
 
 impl Conditioning {
@@ -154,7 +165,17 @@ impl Conditioning {
             }
             None => None,
         };
-        Ok(Conditioning { cond: cond.to_device(dev), uncond, image, y })
+        let video = match &phase1.video_latents {
+            Some(v) if v.size() != latent_shape => {
+                return Err(bad(format!(
+                    "video_latents must be {latent_shape:?}, got {:?}",
+                    v.size()
+                )));
+            }
+            Some(v) => Some(v.to_device(dev).to_kind(Kind::Float)),
+            None => None,
+        };
+        Ok(Conditioning { cond: cond.to_device(dev), uncond, image, y, video })
     }
 }
 
@@ -236,12 +257,30 @@ pub fn denoise(
     let guided = settings.guidance_scale > 1.0;
     let conditioning = Conditioning::check(dit.high(), phase1, guided, geometry.latent_shape())?;
     let mut scheduler = scheduler(settings)?;
-    let timesteps = scheduler.timesteps().to_vec();
+    let noise = initial_noise(&geometry, settings.seed, dit.device());
+    let (first, mut latents) = match (&conditioning.video, settings.strength) {
+        (None, None) => (0, noise),
+        (Some(video), Some(strength)) => {
+            let first = first_step(settings.steps, strength)?;
+            let start = start_index(scheduler.as_mut(), first)?;
+            let sigma = scheduler.sigmas()[start];
+            (first, noised(video, &noise, sigma))
+        }
+        (None, Some(_)) => {
+            return Err(Error::input(
+                Component::Denoise,
+                "strength applies to video-to-video (video_latents) only",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(Error::input(Component::Denoise, "video-to-video needs a strength"));
+        }
+    };
+    let timesteps = scheduler.timesteps()[first..].to_vec();
     let total = timesteps.len();
     // Each expert projects the conditioning with its own weights, once, when it first runs.
     let mut prepared: [Option<Guidance>; 2] = [None, None];
 
-    let mut latents = initial_noise(&geometry, settings.seed, dit.device());
     for (i, &t) in timesteps.iter().enumerate() {
         if cancelled() {
             return Err(Error::Cancelled { completed: i, total });
@@ -264,6 +303,42 @@ pub fn denoise(
         progress(Progress { step: i + 1, total, timestep: t, expert });
     }
     Ok(Phase2 { geometry, latents })
+}
+
+/// `get_timesteps`: the grid index of the first step a video-to-video run takes, `steps −
+/// min(int(steps·strength), steps)`; at least one step must remain.
+pub fn first_step(steps: usize, strength: f64) -> Result<usize, Error> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::input(
+            Component::Denoise,
+            format!("strength must be in (0, 1], got {strength}"),
+        ));
+    }
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        return Err(Error::input(
+            Component::Denoise,
+            format!(
+                "strength {strength} leaves none of the {steps} steps to run (steps × strength < 1)"
+            ),
+        ));
+    }
+    Ok(steps - run)
+}
+
+/// Starts `scheduler` at the step of the grid's `first` timestep, found as diffusers finds it
+/// (`index_for_timestep`), and returns that index.
+fn start_index(scheduler: &mut dyn Scheduler, first: usize) -> Result<usize, Error> {
+    let index = index_for_timestep(scheduler.timesteps(), scheduler.timesteps()[first]);
+    scheduler.start_at(index)?;
+    Ok(index)
+}
+
+/// `(1 − sigma)·latents + sigma·noise` in fp32 (`alpha_t` and `sigma_t` fp32 tensors in diffusers).
+fn noised(latents: &Tensor, noise: &Tensor, sigma: f64) -> Tensor {
+    let sigma = sigma as f32;
+    let alpha = 1.0f32 - sigma;
+    latents * f64::from(alpha) + noise * f64::from(sigma)
 }
 
 /// The low-noise expert's scale: `guidance_scale_2`, else `guidance_scale` (diffusers' rule).

@@ -42,23 +42,17 @@ impl std::str::FromStr for Task {
     }
 }
 
-/// The I2V part of the encoder stage.
-#[derive(Debug)]
-struct ImageBranch {
-    /// Wan2.1 I2V's CLIP features; Wan2.2 A14B I2V has none.
-    clip: Option<(ClipVisionModel, ClipPreprocess)>,
-    /// The encoder half only (the I2V conditioning).
-    vae: AutoencoderKLWan,
-}
-
 /// The encoder stage's models: tokenizer + UMT5, plus the VAE encoder (and for Wan2.1 CLIP) for
-/// I2V.
+/// I2V, and the VAE encoder for video-to-video.
 #[derive(Debug)]
 pub struct WanEncoder {
     task: Task,
     tokenizer: T5Tokenizer,
     text_encoder: UMT5EncoderModel,
-    image: Option<ImageBranch>,
+    /// Wan2.1 I2V's CLIP features; T2V models and Wan2.2 A14B I2V have none.
+    clip: Option<(ClipVisionModel, ClipPreprocess)>,
+    /// The VAE's encoder half: I2V's conditioning and V2V's input latents.
+    vae: Option<AutoencoderKLWan>,
 }
 
 /// `CLIPImageProcessor`'s `preprocessor_config.json` fields the Wan path uses.
@@ -92,38 +86,46 @@ impl WanEncoder {
     /// Loads the encoder-stage components of `task` from a model directory (either layout).
     /// `kind` is the weights' dtype (fp32, or bf16/fp16 with the components' fp32 keep-lists).
     pub fn load(model_dir: &Path, task: Task, device: Device, kind: Kind) -> Result<Self, Error> {
+        Self::load_with(model_dir, task, false, device, kind)
+    }
+
+    /// [`WanEncoder::load`], and with `video_to_video` the VAE encoder for
+    /// [`WanEncoder::encode_video`] whatever the task (an I2V model loads it anyway).
+    pub fn load_with(
+        model_dir: &Path,
+        task: Task,
+        video_to_video: bool,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self, Error> {
         let dir = ModelDir::open(model_dir)?;
         // Locate every file first, so that a missing one is reported before any loading.
         let tok_path = dir.tokenizer()?;
         let te_path = dir.text_encoder()?;
-        let image_paths = match task {
-            Task::T2v => None,
-            Task::I2v => {
-                let clip = if dir.uses_clip()? { Some(dir.image_encoder()?) } else { None };
-                Some((clip, dir.vae()?))
-            }
+        let clip_path = match task {
+            Task::I2v if dir.uses_clip()? => Some(dir.image_encoder()?),
+            _ => None,
         };
+        let vae_path = if task == Task::I2v || video_to_video { Some(dir.vae()?) } else { None };
         let tokenizer = T5Tokenizer::from_file(&tok_path)?;
         let text_encoder = UMT5EncoderModel::load(&te_path, None, device, kind)?;
-        let image = match image_paths {
+        let clip = match clip_path {
             None => None,
-            Some((clip_path, vae_path)) => {
-                let clip = match clip_path {
-                    None => None,
-                    Some(path) => {
-                        let preprocess = match dir.image_processor() {
-                            Some(p) => read_processor(&p)?,
-                            None => ClipPreprocess::default(),
-                        };
-                        Some((ClipVisionModel::load(&path, None, device, kind)?, preprocess))
-                    }
+            Some(path) => {
+                let preprocess = match dir.image_processor() {
+                    Some(p) => read_processor(&p)?,
+                    None => ClipPreprocess::default(),
                 };
-                let vae =
-                    AutoencoderKLWan::load_parts(&vae_path, None, device, kind, VaeParts::Encoder)?;
-                Some(ImageBranch { clip, vae })
+                Some((ClipVisionModel::load(&path, None, device, kind)?, preprocess))
             }
         };
-        Ok(WanEncoder { task, tokenizer, text_encoder, image })
+        let vae = match vae_path {
+            None => None,
+            Some(path) => {
+                Some(AutoencoderKLWan::load_parts(&path, None, device, kind, VaeParts::Encoder)?)
+            }
+        };
+        Ok(WanEncoder { task, tokenizer, text_encoder, clip, vae })
     }
 
     pub fn task(&self) -> Task {
@@ -133,22 +135,20 @@ impl WanEncoder {
     /// The loaded components, by their diffusers folder names.
     pub fn components(&self) -> Vec<&'static str> {
         let mut names = vec!["tokenizer", "text_encoder"];
-        if let Some(branch) = &self.image {
-            if branch.clip.is_some() {
-                names.push("image_encoder");
-            }
+        if self.clip.is_some() {
+            names.push("image_encoder");
+        }
+        if self.vae.is_some() {
             names.push("vae.encoder");
         }
         names
     }
 
-    /// Bytes held by the loaded parameters (UMT5, plus CLIP and the VAE encoder for I2V).
+    /// Bytes held by the loaded parameters (UMT5, plus CLIP and the VAE encoder when loaded).
     pub fn parameter_bytes(&self) -> u64 {
-        let image = self.image.iter().flat_map(|b| {
-            b.clip.iter().map(|(clip, _)| clip.var_store()).chain([b.vae.var_store()])
-        });
         std::iter::once(self.text_encoder.var_store())
-            .chain(image)
+            .chain(self.clip.iter().map(|(clip, _)| clip.var_store()))
+            .chain(self.vae.iter().map(|vae| vae.var_store()))
             .map(weights::parameter_bytes)
             .sum()
     }
@@ -178,27 +178,67 @@ impl WanEncoder {
         let prompt_embeds = embed(prompt)?;
         let negative_prompt_embeds =
             if guidance_scale > 1.0 { Some(embed(negative_prompt.unwrap_or(""))?) } else { None };
-        let (image_embeds, condition) = match (&self.image, image) {
-            (None, None) => (None, None),
-            (None, Some(_)) => {
+        let (image_embeds, condition) = match (self.task, image) {
+            (Task::T2v, None) => (None, None),
+            (Task::T2v, Some(_)) => {
                 return Err(Error::input(Component::Encode, "a T2V model takes no image"));
             }
-            (Some(_), None) => {
+            (Task::I2v, None) => {
                 return Err(Error::input(Component::Encode, "an I2V model needs an image"));
             }
-            (Some(branch), Some(img)) => {
-                let (embeds, cond) = Self::encode_image(branch, img, geometry)?;
+            (Task::I2v, Some(img)) => {
+                let (embeds, cond) = self.encode_image(img, geometry)?;
                 (embeds, Some(cond))
             }
         };
-        Ok(Phase1 { geometry, prompt_embeds, negative_prompt_embeds, image_embeds, condition })
+        Ok(Phase1 {
+            geometry,
+            prompt_embeds,
+            negative_prompt_embeds,
+            image_embeds,
+            condition,
+            video_latents: None,
+        })
+    }
+
+    /// Video-to-video's input latents (`WanVideoToVideoPipeline.prepare_latents` before the
+    /// noise): `video` RGB `uint8 [F, H, W, 3]` with `F = geometry.frames`, each frame resized to
+    /// the geometry as [`WanEncoder::encode`] resizes an image, scaled to `[-1, 1]`, VAE-encoded
+    /// (posterior mode) and normalised by the VAE's latent statistics: `[1, 16, T, H/8, W/8]` fp32.
+    /// Needs the VAE encoder ([`WanEncoder::load_with`]).
+    pub fn encode_video(&self, video: &Tensor, geometry: Geometry) -> Result<Tensor, Error> {
+        geometry.validate().map_err(|m| Error::input(Component::Encode, m))?;
+        let vae = self.vae.as_ref().ok_or_else(|| {
+            Error::input(Component::Encode, "this encoder was loaded without video-to-video")
+        })?;
+        let size = video.size();
+        if size.len() != 4 || size[3] != 3 || video.kind() != Kind::Uint8 || size.contains(&0) {
+            return Err(Error::input(
+                Component::Encode,
+                format!(
+                    "the video must be RGB uint8 [F, H, W, 3], got {:?} {size:?}",
+                    video.kind()
+                ),
+            ));
+        }
+        if size[0] != geometry.frames {
+            return Err(Error::input(
+                Component::Encode,
+                format!("the video has {} frames, the job {}", size[0], geometry.frames),
+            ));
+        }
+        let _guard = tch::no_grad_guard();
+        let x = resized(&video.permute([0, 3, 1, 2]), geometry);
+        let x = (x / 255.0 * 2.0 - 1.0).permute([1, 0, 2, 3]).unsqueeze(0);
+        vae.encode_normalized(&x)
     }
 
     fn encode_image(
-        branch: &ImageBranch,
+        &self,
         image: &Tensor,
         geometry: Geometry,
     ) -> Result<(Option<Tensor>, Tensor), Error> {
+        let vae = self.vae.as_ref().expect("an I2V encoder holds the VAE encoder");
         let size = image.size();
         if size.len() != 3 || size[2] != 3 || image.kind() != Kind::Uint8 || size.contains(&0) {
             return Err(Error::input(
@@ -207,22 +247,28 @@ impl WanEncoder {
             ));
         }
         // encode_image: CLIPImageProcessor → CLIPVisionModel hidden_states[-2].
-        let image_embeds = match &branch.clip {
+        let image_embeds = match &self.clip {
             Some((clip, preprocess)) => {
                 Some(clip.penultimate(&preprocess.apply(image)?)?.to_kind(Kind::Float))
             }
             None => None,
         };
         // VideoProcessor.preprocess(image, height, width): [1, 3, H, W] in [-1, 1].
-        let (h, w) = (geometry.height, geometry.width);
-        let x = image.permute([2, 0, 1]).unsqueeze(0).to_kind(Kind::Float);
-        let x = if (size[0], size[1]) == (h, w) {
-            x
-        } else {
-            x.internal_upsample_bicubic2d_aa([h, w], false, None, None).round().clamp(0.0, 255.0)
-        };
-        let x = x / 255.0 * 2.0 - 1.0;
-        let condition = branch.vae.i2v_condition(&x, geometry.frames)?.to_kind(Kind::Float);
+        let x = resized(&image.permute([2, 0, 1]).unsqueeze(0), geometry) / 255.0 * 2.0 - 1.0;
+        let condition = vae.i2v_condition(&x, geometry.frames)?.to_kind(Kind::Float);
         Ok((image_embeds, condition))
+    }
+}
+
+/// `uint8 [N, 3, h, w]` images as fp32 `[N, 3, H, W]` in `[0, 255]` at the geometry's size:
+/// unchanged when they have it, else resized with antialiased bicubic interpolation and rounded.
+fn resized(images: &Tensor, geometry: Geometry) -> Tensor {
+    let (h, w) = (geometry.height, geometry.width);
+    let size = images.size();
+    let x = images.to_kind(Kind::Float);
+    if (size[2], size[3]) == (h, w) {
+        x
+    } else {
+        x.internal_upsample_bicubic2d_aa([h, w], false, None, None).round().clamp(0.0, 255.0)
     }
 }

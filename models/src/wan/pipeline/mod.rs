@@ -1,4 +1,4 @@
-//! The Wan stage pipeline (Wan2.1, Wan2.2 A14B): the encoder stage ([`WanEncoder`]), the payload it
+//! The Wan stage pipeline (Wan2.1, Wan2.2 A14B; text-, image- and video-to-video): the encoder stage ([`WanEncoder`]), the payload it
 //! sends the DiT stage (Phase1), the denoising loop ([`denoise()`]) with the DiT loader
 //! ([`load_dit`]: one transformer or two experts),
 //! the payload the DiT stage hands the decoder stage (Phase2), and the decoder stage
@@ -67,12 +67,15 @@ pub struct Phase1 {
     pub image_embeds: Option<Tensor>,
     /// I2V: `y = cat(mask 4, VAE latent 16)`, `[1, 20, T, H/8, W/8]`.
     pub condition: Option<Tensor>,
+    /// Video-to-video: the input video's normalised VAE latents (posterior mode),
+    /// `[1, 16, T, H/8, W/8]` fp32, which the DiT noises to the strength's timestep.
+    pub video_latents: Option<Tensor>,
 }
 
 impl Phase1 {
     /// The tensor names used on the wire.
-    pub const NAMES: [&'static str; 4] =
-        ["prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition"];
+    pub const NAMES: [&'static str; 5] =
+        ["prompt_embeds", "negative_prompt_embeds", "image_embeds", "condition", "video_latents"];
 }
 
 /// What the DiT stage sends the decoder stage.

@@ -305,15 +305,21 @@ impl AutoencoderKLWan {
             ],
             2,
         );
-        let mu = self.encode(&video)?.to_kind(Kind::Float);
-        let inv_std = self.latents_std.to_device(mu.device()).reciprocal();
-        // diffusers multiplies by 1/std here.
-        let cond = (mu - self.latents_mean.to_device(inv_std.device())) * inv_std;
+        let cond = self.encode_normalized(&video)?;
         let s = cond.size();
         let (t, lh, lw) = (s[2], s[3], s[4]);
         let mask = Tensor::zeros([b, tf, t, lh, lw], (Kind::Float, cond.device()));
         let _ = mask.narrow(2, 0, 1).fill_(1.0);
         Ok(Tensor::cat(&[mask, cond], 1))
+    }
+
+    /// The posterior mode of `video` (as [`AutoencoderKLWan::encode`]) normalised as diffusers' Wan
+    /// I2V and V2V pipelines normalise it, `(mu − mean) · (1/std)` in fp32 (one rounding more
+    /// than [`AutoencoderKLWan::normalize_latents`]' division).
+    pub fn encode_normalized(&self, video: &Tensor) -> Result<Tensor, Error> {
+        let mu = self.encode(video)?.to_kind(Kind::Float);
+        let inv_std = self.latents_std.to_device(mu.device()).reciprocal();
+        Ok((mu - self.latents_mean.to_device(inv_std.device())) * inv_std)
     }
 
     /// `(mu − mean) / std` per channel: the latents the DiT sees.
