@@ -142,6 +142,13 @@ impl StageRunner for DecoderRunner {
         Stage::Decoder
     }
 
+    fn upload_roles(&self) -> &'static [&'static str] {
+        match self {
+            DecoderRunner::Wan(r) => r.upload_roles(),
+            DecoderRunner::QwenImage(_) => &[],
+        }
+    }
+
     fn register_metrics(&self, metrics: &Metrics) {
         match self {
             DecoderRunner::Wan(r) => r.register_metrics(metrics),

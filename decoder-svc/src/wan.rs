@@ -1,12 +1,13 @@
-//! The Wan2.1 decoder stage: rebuilds Phase2 from the DiT's payload and decodes the latents with
-//! the Wan VAE decoder into `uint8` frames.
+//! The Wan decoder stage: rebuilds Phase2 from the DiT's payload and decodes the latents with the
+//! Wan VAE decoder into `uint8` frames. A video extension's frames follow the kept frames of its
+//! input video (decoded from the MP4 at the job's frame rate, resized to the job's size).
 
 use std::path::PathBuf;
 
 use tch::{Device, Kind, Tensor};
 use x2v_core::JobErrorCode;
 use x2v_handoff::Handoff;
-use x2v_models::wan::pipeline::{Geometry, Phase2, WanDecoder};
+use x2v_models::wan::pipeline::{Geometry, Phase2, WanDecoder, resize_frames};
 use x2v_queue::JobRecord;
 use x2v_stage::StageConfig;
 use x2v_stage::config::DtypeChoice;
@@ -18,6 +19,9 @@ use x2v_trt::{Backend, Fallback};
 
 use crate::Decoded;
 use crate::vae::VaeDecodes;
+
+/// The upload a video extension continues.
+const INPUT_VIDEO: &str = "video";
 
 /// The Wan decoder stage of one served model.
 pub struct Decoder {
@@ -73,6 +77,11 @@ impl Decoder {
         Ok((dec, vec![loaded]))
     }
 
+    /// A video extension's input video, whose kept frames come first.
+    pub fn upload_roles(&self) -> &'static [&'static str] {
+        &[INPUT_VIDEO]
+    }
+
     pub fn run(
         &self,
         dec: &mut WanDecoder,
@@ -94,8 +103,45 @@ impl Decoder {
             .decode(&phase2)
             .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
         self.vae.record(Backend::Torch, Some(Fallback::NotConfigured), started.elapsed());
+        let frames = match job.spec.extend_frames {
+            Some(kept) => after_kept_frames(&inputs, job, kept, &frames)?,
+            None => frames,
+        };
         let decoded = Decoded::new(&frames, vec![Backend::Torch])?;
         (ctx.progress)(1, 1);
         Ok(decoded)
     }
+}
+
+/// The extension's output: the first `kept` frames of its input video at the job's frame rate,
+/// resized to the generated frames' size, then the generated frames without the first (the
+/// conditioning frame, the last kept one, again).
+fn after_kept_frames(
+    inputs: &JobInputs,
+    job: &JobRecord,
+    kept: u32,
+    generated: &Tensor,
+) -> Result<Tensor, StageError> {
+    let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
+        StageError::new(JobErrorCode::InvalidRequest, "a video extension needs a `video` input")
+    })?;
+    let v = x2v_media::decode_mp4(&upload.bytes, job.spec.fps, kept as usize).map_err(|e| {
+        StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
+    })?;
+    if v.frames < kept as usize {
+        return Err(StageError::new(
+            JobErrorCode::InvalidVideo,
+            format!("`video` has {} frames at {} fps, not {kept}", v.frames, job.spec.fps),
+        ));
+    }
+    let source =
+        Tensor::from_slice(&v.data).view([v.frames as i64, v.height as i64, v.width as i64, 3]);
+    let [n, h, w, _] = generated.size()[..] else {
+        return Err(StageError::new(
+            JobErrorCode::InternalError,
+            "decoded frames are not [F, H, W, 3]",
+        ));
+    };
+    let source = resize_frames(&source, h, w);
+    Ok(Tensor::cat(&[source, generated.narrow(0, 1, n - 1)], 0))
 }

@@ -48,7 +48,8 @@ impl Encoder {
 
     pub fn upload_roles(&self) -> &'static [&'static str] {
         match (self.task, self.video_to_video) {
-            (Task::I2v, _) => &[FIRST_FRAME],
+            // A video extension starts from the last kept frame of its input video.
+            (Task::I2v, _) => &[FIRST_FRAME, INPUT_VIDEO],
             (Task::T2v, true) => &[INPUT_VIDEO],
             (Task::T2v, false) => &[],
         }
@@ -81,9 +82,10 @@ impl Encoder {
         ctx: &mut RunCtx<'_>,
     ) -> Result<Vec<TensorPart>, StageError> {
         let spec = &job.spec;
-        let image = match self.task {
-            Task::I2v => Some(first_frame(inputs)?),
-            Task::T2v => None,
+        let image = match (self.task, spec.extend_frames) {
+            (Task::I2v, Some(kept)) => Some(last_kept_frame(inputs, spec.fps, kept)?),
+            (Task::I2v, None) => Some(first_frame(inputs)?),
+            (Task::T2v, _) => None,
         };
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());
@@ -164,4 +166,17 @@ fn input_video(inputs: &JobInputs, spec: &x2v_queue::JobSpec) -> Result<Tensor, 
     }
     let shape = [v.frames as i64, v.height as i64, v.width as i64, 3];
     Ok(Tensor::from_slice(&v.data).view(shape))
+}
+
+/// A video extension's first frame: the last of the `kept` frames of its input video at `fps`
+/// (what the decoder stage puts before the generated frames), RGB `uint8 [H, W, 3]`.
+fn last_kept_frame(inputs: &JobInputs, fps: u32, kept: u32) -> Result<Tensor, StageError> {
+    let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
+        StageError::new(JobErrorCode::InvalidRequest, "a video extension needs a `video` input")
+    })?;
+    let index = (kept as usize).saturating_sub(1);
+    let v = x2v_media::decode_mp4_frame(&upload.bytes, fps, index).map_err(|e| {
+        StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
+    })?;
+    Ok(Tensor::from_slice(&v.data).view([v.height as i64, v.width as i64, 3]))
 }

@@ -150,15 +150,14 @@ pub fn api() -> Api {
         .routes(routes!(videos::content))
         .routes(routes!(videos::remix))
         .routes(routes!(videos::edit))
+        .routes(routes!(videos::extend))
         .routes(routes!(videos::events))
         .routes(routes!(images::content))
         .routes(routes!(ops::models))
         .split_for_parts();
-    // OpenAI video endpoints x2v does not serve: a clear answer instead of a method mismatch on
+    // The OpenAI video endpoint x2v does not serve: a clear answer instead of a method mismatch on
     // `/v1/videos/{video_id}`. Not in the OpenAPI document, which lists what is served.
-    let short = ["characters", "extensions"].iter().fold(short, |r, name| {
-        r.route(&format!("/v1/videos/{name}"), axum::routing::post(videos::not_served))
-    });
+    let short = short.route("/v1/videos/characters", axum::routing::post(videos::not_served));
     let (waits, waits_doc) = OpenApiRouter::new()
         .routes(routes!(images::generations))
         .routes(routes!(images::edits))

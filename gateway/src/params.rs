@@ -249,42 +249,41 @@ pub struct EditVideoRequest {
     pub sampling: Sampling,
 }
 
+/// The `video` of an edit or extension: one MP4 file part, or `{"id"}` (multipart `video[id]`).
+fn video_source(form: &Form) -> Result<VideoSource, ApiError> {
+    let mut files: Vec<Upload> = form.uploads("video").cloned().collect();
+    match (files.len(), form.nested("video", "id")?) {
+        (0, Some(id)) => Ok(VideoSource::Id(id)),
+        (1, None) => {
+            let up = files.pop().expect("one upload");
+            if up.media_type != Some("video/mp4") {
+                return Err(ApiError::invalid(
+                    "video",
+                    format!(
+                        "`video` must be an MP4 (H.264); got {}.",
+                        up.media_type
+                            .map_or("bytes of an unknown format".into(), |t| format!("a {t} file"))
+                    ),
+                ));
+            }
+            Ok(VideoSource::Upload(up))
+        }
+        (0, None) => Err(ApiError::invalid(
+            "video",
+            "`video` is required: an MP4 file part, or {\"id\": \"video_...\"} of a completed \
+             video.",
+        )),
+        _ => Err(ApiError::invalid(
+            "video",
+            "Send one `video`: a single MP4 file part or one `{\"id\"}`, not both.",
+        )),
+    }
+}
+
 impl EditVideoRequest {
     pub fn read(form: &Form) -> Result<Self, ApiError> {
         let prompt = prompt(form, "prompt", true)?.unwrap_or_default();
-        let mut files: Vec<Upload> = form.uploads("video").cloned().collect();
-        let id = form.nested("video", "id")?;
-        let video = match (files.len(), id) {
-            (0, Some(id)) => VideoSource::Id(id),
-            (1, None) => {
-                let up = files.pop().expect("one upload");
-                if up.media_type != Some("video/mp4") {
-                    return Err(ApiError::invalid(
-                        "video",
-                        format!(
-                            "`video` must be an MP4 (H.264); got {}.",
-                            up.media_type.map_or("bytes of an unknown format".into(), |t| format!(
-                                "a {t} file"
-                            ))
-                        ),
-                    ));
-                }
-                VideoSource::Upload(up)
-            }
-            (0, None) => {
-                return Err(ApiError::invalid(
-                    "video",
-                    "`video` is required: an MP4 file part, or {\"id\": \"video_...\"} of a \
-                     completed video.",
-                ));
-            }
-            _ => {
-                return Err(ApiError::invalid(
-                    "video",
-                    "Send one `video`: a single MP4 file part or one `{\"id\"}`, not both.",
-                ));
-            }
-        };
+        let video = video_source(form)?;
         let strength = form.float("strength", STRENGTH.0, STRENGTH.1)?;
         if strength == Some(0.0) {
             return Err(ApiError::invalid(
@@ -299,6 +298,44 @@ impl EditVideoRequest {
             size: form.str("size")?,
             seconds: form.int_from("seconds", 1)?,
             strength,
+            sampling: Sampling::read(form)?,
+        })
+    }
+}
+
+/// `POST /v1/videos/extensions`: continues a video with image-to-video from its last frame; the
+/// answer is the whole video, the input's frames (at the model's frame rate, resized to the
+/// output size) then the new ones, and its `seconds` is the total.
+#[derive(Debug, Clone, ToSchema)]
+pub struct ExtendVideoRequest {
+    /// What happens next.
+    #[schema(min_length = 1, max_length = 32000, pattern = r"\S")]
+    pub prompt: String,
+    /// Seconds to add, as text or a number; absent, the model's default clip length.
+    #[schema(value_type = Option<String>, pattern = "^[0-9]+$")]
+    pub seconds: Option<u64>,
+    /// The video to continue: an H.264 MP4 file part, or `{"id": "video_..."}` of a completed
+    /// video (multipart: `video[id]`).
+    #[schema(value_type = Object)]
+    pub video: VideoSource,
+    /// A served image-to-video model; absent, the first configured one.
+    pub model: Option<String>,
+    /// `WIDTHxHEIGHT`, one of the model's sizes; absent, the one nearest the input's aspect.
+    pub size: Option<String>,
+    #[serde(flatten)]
+    #[schema(inline)]
+    pub sampling: Sampling,
+}
+
+impl ExtendVideoRequest {
+    pub fn read(form: &Form) -> Result<Self, ApiError> {
+        let prompt = prompt(form, "prompt", true)?.unwrap_or_default();
+        Ok(ExtendVideoRequest {
+            prompt,
+            seconds: form.int_from("seconds", 1)?,
+            video: video_source(form)?,
+            model: form.str("model")?,
+            size: form.str("size")?,
             sampling: Sampling::read(form)?,
         })
     }

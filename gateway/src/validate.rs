@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::error::ApiError;
 use crate::params::{
     CreateImageRequest, CreateVideoRequest, DEFAULT_STRENGTH, EditImageRequest, EditVideoRequest,
-    OutputFormat, ResponseFormat, Sampling,
+    ExtendVideoRequest, OutputFormat, ResponseFormat, Sampling,
 };
 use crate::request::{Choice, Upload, check_int};
 
@@ -219,6 +219,7 @@ fn common(
         remixed_from: None,
         partial_images: 0,
         strength: None,
+        extend_frames: None,
     })
 }
 
@@ -316,6 +317,49 @@ pub fn video_edit(
     spec.fps = fps;
     spec.seconds = (frames - 1).div_ceil(fps).max(1);
     spec.strength = Some(strength);
+    Ok(Validated { spec, inputs: vec![("video".to_owned(), source.upload)], seed_given })
+}
+
+/// Most frames a video extension may have in all (input and new), in the model's `max_frames`.
+pub const MAX_EXTENDED_CLIPS: u32 = 4;
+
+/// `POST /v1/videos/extensions`: an image-to-video job from the input's last frame at the model's
+/// frame rate; the answer's `seconds` is the whole video's.
+pub fn video_extension(
+    req: ExtendVideoRequest,
+    source: SourceVideo,
+    models: &[ModelConfig],
+) -> Result<Validated, ApiError> {
+    let model = model_for(models, req.model.as_deref(), Task::I2v)?;
+    let size = match req.size.as_deref() {
+        Some(_) => size(req.size.as_deref(), model, None)?,
+        None => nearest_size(model, &source.info)?,
+    };
+    let fps = model.fps.max(1);
+    let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
+    let seconds = within("seconds", req.seconds, 1, max_seconds.into())?;
+    let s = seconds.map_or(model.default_seconds, |s| s as u32).min(max_seconds);
+    let new_frames = ((s * fps).div_ceil(4) * 4 + 1).min(model.max_frames);
+    let kept = source.info.frames_at(fps);
+    let total = u64::from(kept) + u64::from(new_frames) - 1;
+    let most = u64::from(model.max_frames) * u64::from(MAX_EXTENDED_CLIPS);
+    if total > most {
+        return Err(ApiError::invalid(
+            "video",
+            format!(
+                "The extended video would have {total} frames ({kept} of `video` at {fps} fps, then \
+                 {}); `{}` extends videos to at most {most}.",
+                new_frames - 1,
+                model.name
+            ),
+        ));
+    }
+    let seed_given = req.sampling.seed.is_some();
+    let mut spec = common(req.sampling, model, Task::I2v, size, req.prompt)?;
+    spec.num_frames = new_frames;
+    spec.fps = fps;
+    spec.seconds = ((total - 1) as u32).div_ceil(fps).max(1);
+    spec.extend_frames = Some(kept);
     Ok(Validated { spec, inputs: vec![("video".to_owned(), source.upload)], seed_given })
 }
 

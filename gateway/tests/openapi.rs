@@ -37,6 +37,7 @@ fn every_served_path_is_documented_with_its_methods() {
         ("/v1/videos/{video_id}/content", &["get"]),
         ("/v1/videos/{video_id}/remix", &["post"]),
         ("/v1/videos/edits", &["post"]),
+        ("/v1/videos/extensions", &["post"]),
         ("/v1/videos/{video_id}/events", &["get"]),
         ("/v1/images/generations", &["post"]),
         ("/v1/images/edits", &["post"]),

@@ -123,20 +123,16 @@ async fn unknown_routes_methods_and_ids_use_the_envelope() {
 }
 
 #[tokio::test]
-async fn video_endpoints_x2v_does_not_serve_say_so() {
+async fn video_characters_are_not_served_and_say_so() {
     let h = harness(config());
-    for (path, says) in
-        [("/v1/videos/characters", "characters"), ("/v1/videos/extensions", "not supported yet")]
-    {
-        let req = Request::post(path)
-            .header("content-type", "application/json")
-            .body(Body::from(r#"{"prompt": "x"}"#))
-            .unwrap();
-        let (s, v, _) = h.json(req).await;
-        assert_eq!(s, 404, "{path}: {v}");
-        assert_eq!(v["error"]["code"], "unsupported_endpoint", "{path}: {v}");
-        assert!(v["error"]["message"].as_str().unwrap().contains(says), "{path}: {v}");
-    }
+    let req = Request::post("/v1/videos/characters")
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"name": "x"}"#))
+        .unwrap();
+    let (s, v, _) = h.json(req).await;
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"]["code"], "unsupported_endpoint", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("characters"), "{v}");
 }
 
 #[tokio::test]
@@ -532,4 +528,61 @@ async fn bad_video_edits_are_400s_that_name_the_field_and_store_nothing() {
     }
     let (_, list, _) = h.json(get("/v1/videos")).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0, "nothing stored: {list}");
+}
+
+#[tokio::test]
+async fn video_extensions_continue_the_input_on_an_i2v_model() {
+    let h = harness(config());
+    // 33 frames at 16 fps (2.06 s) kept, then 2 s more (33 frames, the first dropped): 65 frames,
+    // 4 s, on the image-to-video model, at the size nearest the input's aspect.
+    let mp4 = tiny_mp4(33, 64, 48, 16);
+    let (status, v, _) = h
+        .json(multipart(
+            "/v1/videos/extensions",
+            &[("prompt", "the fox jumps"), ("seconds", "2")],
+            &[("video", "in.mp4", &mp4)],
+        ))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["model"].as_str(), v["size"].as_str()),
+        (Some("wan2.1-i2v-14b-480p"), Some("832x480"))
+    );
+    assert_eq!((v["x2v"]["task"].as_str(), v["seconds"].as_str()), (Some("i2v"), Some("4")));
+    assert_eq!(
+        (v["x2v"]["extend_frames"].as_u64(), v["x2v"]["num_frames"].as_u64()),
+        (Some(33), Some(33))
+    );
+    let id = x2v_core::JobId::parse_prefixed(v["id"].as_str().unwrap(), "video").unwrap();
+    let rec = h.state.queue.get(id).await.unwrap();
+    assert_eq!(rec.spec.inputs.iter().map(|i| i.role.as_str()).collect::<Vec<_>>(), ["video"]);
+    // An extension is not remixed (it would lose its input video).
+    let (status, v, _) = h
+        .json(post_json(
+            &format!("/v1/videos/{}/remix", v["id"].as_str().unwrap()),
+            json!({"prompt": "y"}),
+        ))
+        .await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("video_id")), "{v}");
+
+    // Too long in all: 81 · 4 frames at most.
+    let long = tiny_mp4(330, 64, 48, 16);
+    let (status, v, _) = h
+        .json(multipart("/v1/videos/extensions", &[("prompt", "x")], &[("video", "in.mp4", &long)]))
+        .await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("video")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("at most 324"), "{v}");
+    // A model that does not do image-to-video, a bad `seconds`, no video.
+    for (fields, param) in [
+        (vec![("prompt", "x"), ("model", "wan2.1-t2v-1.3b")], "model"),
+        (vec![("prompt", "x"), ("seconds", "60")], "seconds"),
+    ] {
+        let (status, v, _) =
+            h.json(multipart("/v1/videos/extensions", &fields, &[("video", "in.mp4", &mp4)])).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some(param)), "{v}");
+    }
+    let (status, v, _) = h.json(post_json("/v1/videos/extensions", json!({"prompt": "x"}))).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("video")), "{v}");
+    let (_, list, _) = h.json(get("/v1/videos")).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "only the one extension: {list}");
 }

@@ -179,6 +179,24 @@ pub fn decode_mp4(bytes: &[u8], fps: u32, max_frames: usize) -> Result<DecodedVi
     decode_picked(bytes, |sorted, duration_s| pick_frames(sorted, duration_s, fps, max_frames))
 }
 
+/// Frame `index` of an H.264 MP4 as shown at `fps` (frame `index` of [`decode_mp4`]'s answer),
+/// as a one-frame video, decoding no further than that frame.
+pub fn decode_mp4_frame(bytes: &[u8], fps: u32, index: usize) -> Result<DecodedVideo, MediaError> {
+    if fps == 0 {
+        return Err(MediaError::Option { option: "fps", value: "0".into(), allowed: "positive" });
+    }
+    let mut shown = 0;
+    let out = decode_picked(bytes, |sorted, duration_s| {
+        let picks = pick_frames(sorted, duration_s, fps, index + 1);
+        shown = picks.len();
+        vec![picks[picks.len() - 1]]
+    })?;
+    if shown <= index {
+        return Err(bad(format!("the video has {shown} frames at {fps} fps, not frame {index}")));
+    }
+    Ok(out)
+}
+
 /// The last frame an H.264 MP4 shows (in presentation order), as a one-frame video.
 pub fn decode_last_frame(bytes: &[u8]) -> Result<DecodedVideo, MediaError> {
     decode_picked(bytes, |sorted, _| vec![sorted.len() - 1])

@@ -21,7 +21,9 @@ mod still;
 mod video;
 mod yuv;
 
-pub use decode::{DecodedVideo, VideoInfo, decode_last_frame, decode_mp4, probe_mp4};
+pub use decode::{
+    DecodedVideo, VideoInfo, decode_last_frame, decode_mp4, decode_mp4_frame, probe_mp4,
+};
 pub use error::MediaError;
 pub use frames::{Frames, MAX_SIDE};
 pub use preview::{SpriteGrid, SpriteOptions, spritesheet_jpeg, thumbnail_webp};

@@ -122,3 +122,16 @@ fn the_last_frame_is_the_last_shown() {
         assert_eq!(&last.data[..], frame(&all.data, all.frames - 1, h, w));
     }
 }
+
+#[test]
+fn one_frame_at_a_rate_is_that_frame_of_the_whole() {
+    let mp4 = x264_mp4(24, 96, 64, 24);
+    let at16 = decode_mp4(&mp4, 16, 100).unwrap();
+    for i in [0, 5, 15] {
+        let one = x2v_media::decode_mp4_frame(&mp4, 16, i).unwrap();
+        assert_eq!(one.frames, 1);
+        assert_eq!(&one.data[..], frame(&at16.data, i, 64, 96), "frame {i}");
+    }
+    let err = x2v_media::decode_mp4_frame(&mp4, 16, 16).unwrap_err();
+    assert!(err.to_string().contains("16 frames at 16 fps, not frame 16"), "{err}");
+}

@@ -251,4 +251,9 @@ pub struct JobSpec {
     /// `int(num_inference_steps · strength)` steps run. Absent for other tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// A video extension (image-to-video from the last of them): the first frames of the `video`
+    /// input, as shown at `fps`, that the output starts with; the generated `num_frames` follow,
+    /// the first of them (the conditioning frame again) dropped. Absent for other jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extend_frames: Option<u32>,
 }

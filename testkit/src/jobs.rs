@@ -33,6 +33,7 @@ pub fn t2v(prompt: &str) -> JobSpec {
         partial_images: 0,
         loras: vec![],
         strength: None,
+        extend_frames: None,
     }
 }
 

@@ -29,9 +29,14 @@ def x2v_bin() -> Path:
     return cargo_build()["x2v"]
 
 
+def tasks_of(task):
+    """A task name, or a list of them (the T2V demo also does v2v: video edits)."""
+    return task if isinstance(task, list) else [task]
+
+
 def model_entry(name, task):
     return {
-        "name": name, "tasks": [task], "sizes": ["256x256", "512x512"], "fps": 8, "max_frames": 33,
+        "name": name, "tasks": tasks_of(task), "sizes": ["256x256", "512x512"], "fps": 8, "max_frames": 33,
         "default_seconds": 2, "default_steps": 4, "max_steps": 1000, "default_guidance_scale": 5.0,
         "default_shift": 3.0, "max_n": 1,
     }
@@ -43,7 +48,7 @@ class Stage(Process):
     @staticmethod
     def write_config(cluster, kind, model, model_dir, task, rank, transfer, extra=None):
         config = {
-            "rank": rank, "model": model, "model_dir": str(model_dir), "tasks": [task],
+            "rank": rank, "model": model, "model_dir": str(model_dir), "tasks": tasks_of(task),
             "device": "cpu", "capacity": 1,
             "queue": {"backend": "redis", "redis_url": cluster.redis.url, "prefix": cluster.prefix},
             "transfer": {"secret": SECRET, "timeout_s": 20, **(transfer or {})},
@@ -98,8 +103,9 @@ class Cluster:
         self.stages = {}
         # Ranks are unique per stage across models: T2V takes encoder 0, DiT 0 and 1 (the second
         # is where a killed rank's job goes), decoder 0; I2V encoder 1, DiT 2, decoder 1.
+        t2v = ["t2v", "v2v"]
         for kind, model, task, rank in [
-            ("encoder", T2V, "t2v", 0), ("dit", T2V, "t2v", 0), ("dit", T2V, "t2v", 1), ("decoder", T2V, "t2v", 0),
+            ("encoder", T2V, t2v, 0), ("dit", T2V, t2v, 0), ("dit", T2V, t2v, 1), ("decoder", T2V, t2v, 0),
             ("encoder", I2V, "i2v", 1), ("dit", I2V, "i2v", 2), ("decoder", I2V, "i2v", 1),
         ]:
             self.add_stage(kind, model, task, rank)
@@ -111,7 +117,7 @@ class Cluster:
             "storage": {"kind": "local", "path": self.storage},
             "auth": {"api_keys": [API_KEY]},
             "http": {"poll_after_ms": 50},
-            "models": [model_entry(T2V, "t2v"), model_entry(I2V, "i2v")],
+            "models": [model_entry(T2V, ["t2v", "v2v"]), model_entry(I2V, "i2v")],
             "telemetry": {"log_format": "text", "log_level": "warn"},
         }
         path = write_config(Path(self.dir) / "gateway.json", config)

@@ -4,11 +4,13 @@ separate process, jobs in Redis, payloads over x2v-transfer, driven by the offic
 import io
 import subprocess
 
+import numpy as np
+import openai
 import pytest
 from PIL import Image
 
 from conftest import I2V, T2V
-from x2v_testing import ffprobe
+from x2v_testing import decode_frames, ffprobe
 
 FPS = 8
 
@@ -47,6 +49,35 @@ def test_image_to_video_uses_the_uploaded_first_frame(client, tmp_path):
                       seconds="4", input_reference=("first.png", png, "image/png"),
                       extra_body={"seed": 3, "num_inference_steps": 2})
     assert ffprobe(path) == ("h264", 256, 256, 33, FPS)
+
+
+def test_a_video_is_extended_from_its_last_frame_and_edited(client, tmp_path):
+    source, src_path = run(client, tmp_path, "source", model=T2V, prompt="a red fox in the snow", size="256x256",
+                           seconds="2", extra_body={"seed": 5, "num_inference_steps": 2})
+    # Extension, with the official client's upload: the 17 frames of the source, then 16 new ones.
+    with open(src_path, "rb") as f:
+        ext = client.videos.extend(prompt="the fox runs away", seconds="2", video=("fox.mp4", f, "video/mp4"),
+                                   extra_body={"model": I2V, "seed": 6, "num_inference_steps": 2})
+    assert (ext.model, ext.seconds, ext.size) == (I2V, "4", "256x256")
+    ext = client.videos.poll(ext.id, poll_interval_ms=100)
+    assert ext.status == "completed", ext.error
+    path = tmp_path / "extended.mp4"
+    client.videos.download_content(ext.id).write_to_file(path)
+    assert ffprobe(path) == ("h264", 256, 256, 33, FPS)
+    src, out = decode_frames(src_path).astype(float), decode_frames(path).astype(float)
+    # The source's frames come first (re-encoded once more: the demo's noise-like frames lose ~8
+    # levels on average), then frames the source does not have (~60 levels from its last frame).
+    head = np.abs(out[:17] - src).mean()
+    tail = np.abs(out[17:] - src[-1]).mean()
+    assert head < 15 and tail > 4 * head, (head, tail)
+    # Edit of the extension by id (the JSON reference the Python client cannot send).
+    edit = client.post("/videos/edits", cast_to=openai.types.Video,
+                       body={"model": T2V, "prompt": "at night", "video": {"id": ext.id}, "strength": 0.5,
+                             "num_inference_steps": 4})
+    edit = client.videos.poll(edit.id, poll_interval_ms=100)
+    assert edit.status == "completed", edit.error
+    # The 33 frames at 8 fps fit the model's 33-frame limit whole.
+    assert edit.model_extra["x2v"]["num_frames"] == 33 and edit.seconds == "4"
 
 
 def test_served_video_equals_x2v_generate(client, cluster, tmp_path):

@@ -159,3 +159,15 @@ def ffprobe(path):
     s = json.loads(out)["streams"][0]
     num, den = s["r_frame_rate"].split("/")
     return s["codec_name"], s["width"], s["height"], int(s["nb_read_frames"]), int(num) / int(den)
+
+
+def decode_frames(path):
+    """The frames of a video as RGB uint8 `[F, H, W, 3]`, decoded by ffmpeg."""
+    import numpy as np
+
+    _, width, height, _, _ = ffprobe(path)
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"],
+        check=True, capture_output=True,
+    ).stdout
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, height, width, 3)

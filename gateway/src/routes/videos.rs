@@ -1,5 +1,5 @@
 //! `/v1/videos`: create (multipart or JSON), retrieve, list, delete (cancels work), content (with
-//! `Range`), remix, edits (video-to-video), and the x2v `events` SSE stream.
+//! `Range`), remix, edits (video-to-video), extensions, and the x2v `events` SSE stream.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -19,7 +19,7 @@ use x2v_queue::{JobRecord, JobStatus, ListQuery, Order, Ranks, Resource, Size, S
 
 use crate::error::ApiError;
 use crate::openapi::ErrorResponses;
-use crate::params::{CreateVideoRequest, EditVideoRequest, VideoSource};
+use crate::params::{CreateVideoRequest, EditVideoRequest, ExtendVideoRequest, VideoSource};
 use crate::request::{Choice, Form, choice, choice_enum};
 use crate::state::{AppState, Caller};
 use crate::validate;
@@ -108,6 +108,9 @@ pub struct VideoDetail {
     pub task: x2v_queue::Task,
     /// An edit's strength (how far its input video was noised); null for other videos.
     pub strength: Option<f64>,
+    /// An extension: the frames of its input video it starts with (`num_frames` new ones follow,
+    /// less the first); null for other videos.
+    pub extend_frames: Option<u32>,
     /// The stage the job waits for or runs in; null once finished.
     pub stage: Option<Stage>,
     /// Denoising step of the running stage.
@@ -153,6 +156,7 @@ impl<'a> Video<'a> {
             x2v: VideoDetail {
                 task: spec.task,
                 strength: spec.strength,
+                extend_frames: spec.extend_frames,
                 stage: rec.stage,
                 step: rec.step,
                 total_steps: rec.total_steps,
@@ -210,19 +214,15 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// `POST /v1/videos/characters`, `/v1/videos/extensions`: endpoints of the OpenAI video API that
-/// x2v does not serve; 404 `unsupported_endpoint`, saying so.
-pub async fn not_served(uri: axum::http::Uri) -> ApiError {
-    const CHARACTERS: &str = "Reusable characters (`POST /v1/videos/characters`) are not \
-        supported: no model x2v serves takes a character reference.";
-    const EXTENSIONS: &str = "Video extensions (`POST /v1/videos/extensions`) are not supported \
-        yet; continue a video with image-to-video from its last frame (`POST /v1/videos` with \
-        `input_reference`).";
-    let what = match uri.path().rsplit('/').next().unwrap_or_default() {
-        "characters" => CHARACTERS,
-        _ => EXTENSIONS,
-    };
-    ApiError::new(ErrorKind::NotFound, what).code("unsupported_endpoint")
+/// `POST /v1/videos/characters`: an endpoint of the OpenAI video API that x2v does not serve; 404
+/// `unsupported_endpoint`, saying so.
+pub async fn not_served() -> ApiError {
+    ApiError::new(
+        ErrorKind::NotFound,
+        "Reusable characters (`POST /v1/videos/characters`) are not supported: no model x2v \
+         serves takes a character reference.",
+    )
+    .code("unsupported_endpoint")
 }
 
 /// Edit a video (video-to-video).
@@ -249,22 +249,62 @@ pub async fn edit(
     let key = idempotency_key(&headers)?;
     let form = Form::read(&headers, req).await?;
     let req = EditVideoRequest::read(&form)?;
-    let upload = match &req.video {
+    let source = source_video(&state, &req.video).await?;
+    let v = validate::video_edit(req, source, &state.config.models)?;
+    let created = state.admit(v, key.as_deref(), &caller).await?;
+    Ok(with_poll(&state, &created.record))
+}
+
+/// Extend a video.
+///
+/// Continues the input video (an uploaded H.264 MP4, or a completed video by id) with
+/// image-to-video from its last frame; the result is the whole video, and its `seconds` the
+/// total. The job is queued at once, like a create.
+#[utoipa::path(
+    post,
+    path = "/v1/videos/extensions",
+    operation_id = "extendVideo",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 256 visible ASCII characters")),
+    request_body(content(
+        (ExtendVideoRequest = "multipart/form-data"),
+        (ExtendVideoRequest = "application/json"),
+    )),
+    responses((status = 200, description = "The queued extension", body = Video), ErrorResponses),
+)]
+pub async fn extend(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let form = Form::read(&headers, req).await?;
+    let req = ExtendVideoRequest::read(&form)?;
+    let source = source_video(&state, &req.video).await?;
+    let v = validate::video_extension(req, source, &state.config.models)?;
+    let created = state.admit(v, key.as_deref(), &caller).await?;
+    Ok(with_poll(&state, &created.record))
+}
+
+/// The input video of an edit or extension, with its header read (off the async threads).
+async fn source_video(
+    state: &AppState,
+    video: &VideoSource,
+) -> Result<validate::SourceVideo, ApiError> {
+    let upload = match video {
         VideoSource::Upload(up) => up.clone(),
-        VideoSource::Id(id) => completed_video(&state, id).await?,
+        VideoSource::Id(id) => completed_video(state, id).await?,
     };
     let bytes = upload.bytes.clone();
     let info = tokio::task::spawn_blocking(move || x2v_media::probe_mp4(&bytes))
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("probing the video: {e}")))?
         .map_err(|e| ApiError::invalid("video", format!("`video` is not usable: {e}.")))?;
-    let source = validate::SourceVideo { upload, info };
-    let v = validate::video_edit(req, source, &state.config.models)?;
-    let created = state.admit(v, key.as_deref(), &caller).await?;
-    Ok(with_poll(&state, &created.record))
+    Ok(validate::SourceVideo { upload, info })
 }
 
-/// The MP4 of completed video `id`, as an upload of a new job.
+/// The MP4 of completed video `id`, as an upload of a new job (a copy: deleting the source does
+/// not take it from the job).
 async fn completed_video(state: &AppState, id: &str) -> Result<crate::request::Upload, ApiError> {
     let bad = |m: String| ApiError::invalid("video", m);
     let job = JobId::parse_prefixed(id, "video")
@@ -275,7 +315,7 @@ async fn completed_video(state: &AppState, id: &str) -> Result<crate::request::U
     })?;
     if rec.status != JobStatus::Completed {
         return Err(bad(format!(
-            "Video '{id}' is {}; only a completed video can be edited.",
+            "Video '{id}' is {}; only a completed video can be edited or extended.",
             status_text(rec.status)
         )));
     }
@@ -529,6 +569,15 @@ pub async fn remix(
     req: Request,
 ) -> Result<Response, ApiError> {
     let source = state.queue.get(video_id(&id)?).await.map_err(|e| not_found_as(e, &id))?;
+    if source.spec.task == x2v_queue::Task::V2v || source.spec.extend_frames.is_some() {
+        return Err(ApiError::invalid(
+            "video_id",
+            format!(
+                "Video '{id}' is an edit or an extension of another video; remix re-runs text- and \
+                 image-to-video jobs. Edit or extend its source again instead."
+            ),
+        ));
+    }
     let key = idempotency_key(&headers)?;
     let mut form = Form::read(&headers, req).await?;
     // Start from the source's settings; the request overrides what it names.

@@ -260,6 +260,15 @@ impl WanEncoder {
     }
 }
 
+/// RGB frames `uint8 [N, h, w, 3]` at `height`×`width`, resized as the encoder resizes an input
+/// image or video (antialiased bicubic, rounded); unchanged when they have that size. A video
+/// extension resizes the frames it keeps with it, so that they meet the generated ones.
+pub fn resize_frames(frames: &Tensor, height: i64, width: i64) -> Tensor {
+    let geometry = Geometry { frames: 1, height, width };
+    let _guard = tch::no_grad_guard();
+    resized(&frames.permute([0, 3, 1, 2]), geometry).to_kind(Kind::Uint8).permute([0, 2, 3, 1])
+}
+
 /// `uint8 [N, 3, h, w]` images as fp32 `[N, 3, H, W]` in `[0, 255]` at the geometry's size:
 /// unchanged when they have it, else resized with antialiased bicubic interpolation and rounded.
 fn resized(images: &Tensor, geometry: Geometry) -> Tensor {

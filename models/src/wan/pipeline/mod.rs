@@ -15,7 +15,7 @@ use tch::Tensor;
 pub use decode::WanDecoder;
 pub use denoise::{DenoiseSettings, Progress, SchedulerChoice, denoise, initial_noise};
 pub use dit::{Expert, LowNoiseExpert, WanDit};
-pub use encode::{Task, WanEncoder};
+pub use encode::{Task, WanEncoder, resize_frames};
 pub use model_dir::{DitDirs, Layout, ModelDir, load_dit};
 
 /// Latent channels of the Wan2.1 VAE.
