@@ -13,7 +13,7 @@ use std::rc::Rc;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tch::{Device, Kind, Tensor};
-use x2v_models::schedulers::UniPcConfig;
+use x2v_models::schedulers::{FlowMatchEulerConfig, StepDistillConfig, UniPcConfig};
 use x2v_models::wan::lora::load_adapter;
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, ModelDir, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
@@ -56,11 +56,23 @@ pub struct Args {
     /// Frames, `4k+1` (video).
     #[arg(long, default_value_t = 81)]
     frames: i64,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
-    pub(crate) steps: usize,
-    /// Guidance scale, off at ≤ 1: classifier-free guidance for Wan (default 5), true CFG
-    /// with norm rescale for Qwen-Image (default 4).
+    /// Denoising steps (default 50; with `--sampler step-distill`, the count of
+    /// `--denoising-steps`).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Wan sampler: `unipc` (the default), `euler` (flow-matching Euler), or `step-distill`
+    /// (LightX2V's step-distilled models: the fixed `--denoising-steps`, no CFG by default).
+    #[arg(long, default_value = "unipc", value_parser = ["unipc", "euler", "step-distill"])]
+    sampler: String,
+    /// `--sampler step-distill`: the training timesteps evaluated, descending.
+    #[arg(long, value_delimiter = ',', default_value = "1000,750,500,250")]
+    denoising_steps: Vec<u32>,
+    /// `--sampler step-distill`: move along the prediction between steps (Wan2.2
+    /// distillations) instead of re-noising it (Wan2.1 distillations).
+    #[arg(long)]
+    no_renoise: bool,
+    /// Guidance scale, off at ≤ 1: classifier-free guidance for Wan (default 5, 1 with
+    /// `--sampler step-distill`), true CFG with norm rescale for Qwen-Image (default 4).
     #[arg(long)]
     pub(crate) guidance: Option<f64>,
     /// Wan2.2 A14B: guidance scale of the low-noise expert (default: `--guidance`).
@@ -92,6 +104,44 @@ pub struct Args {
     /// image as `.png` or `.npy` (`uint8 [H, W, 3]`).
     #[arg(long)]
     pub(crate) out: PathBuf,
+}
+
+impl Args {
+    /// `--steps`, or its default.
+    pub(crate) fn steps(&self) -> usize {
+        match (self.steps, self.sampler.as_str()) {
+            (Some(s), _) => s,
+            (None, "step-distill") => self.denoising_steps.len(),
+            (None, _) => 50,
+        }
+    }
+
+    /// The Wan sampler the arguments name, with `shift`.
+    fn scheduler(&self, shift: f64) -> Result<SchedulerChoice> {
+        Ok(match self.sampler.as_str() {
+            "euler" => {
+                SchedulerChoice::Euler(FlowMatchEulerConfig { shift, num_train_timesteps: 1000 })
+            }
+            "step-distill" => {
+                let c = StepDistillConfig {
+                    denoising_steps: self.denoising_steps.clone(),
+                    shift,
+                    renoise: !self.no_renoise,
+                };
+                c.validate().map_err(|e| anyhow::anyhow!("--denoising-steps: {e}"))?;
+                if self.steps() != c.denoising_steps.len() {
+                    bail!(
+                        "--steps {}: --sampler step-distill runs one step per --denoising-steps \
+                         timestep ({})",
+                        self.steps(),
+                        c.denoising_steps.len()
+                    );
+                }
+                SchedulerChoice::StepDistill(c)
+            }
+            _ => SchedulerChoice::UniPc(UniPcConfig::wan(shift)),
+        })
+    }
 }
 
 /// What `x2v generate` makes.
@@ -157,9 +207,9 @@ pub(crate) fn parse_size(s: &str) -> Result<(i64, i64)> {
 
 /// Everything checked, nothing loaded yet.
 struct Job {
+    scheduler: SchedulerChoice,
     task: Task,
     geometry: Geometry,
-    shift: f64,
     guidance: f64,
     guidance_2: Option<f64>,
     /// `(file, adapter name, scale)` per `--lora`.
@@ -187,10 +237,11 @@ fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
     }
     let geometry = Geometry { frames: a.frames, height, width };
     geometry.validate().map_err(anyhow::Error::msg)?;
-    if a.steps == 0 {
+    if a.steps() == 0 {
         bail!("--steps must be at least 1, got 0");
     }
-    let guidance = a.guidance.unwrap_or(5.0);
+    let distilled = a.sampler == "step-distill";
+    let guidance = a.guidance.unwrap_or(if distilled { 1.0 } else { 5.0 });
     if !guidance.is_finite() {
         bail!("--guidance must be a finite number, got {guidance}");
     }
@@ -220,6 +271,7 @@ fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
     let shift = match a.shift {
         Some(s) if s.is_finite() && s > 0.0 => s,
         Some(s) => bail!("--shift must be a positive number, got {s}"),
+        None if distilled => 5.0,
         None => configured_shift(dir.root()).unwrap_or(if height * width <= 480 * 832 {
             3.0
         } else {
@@ -230,7 +282,8 @@ fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
         bail!("--guidance-2 must be a finite number, got {g}");
     }
     let loras = a.loras.iter().map(|spec| parse_lora(spec, a)).collect::<Result<_>>()?;
-    Ok(Job { task, geometry, shift, guidance, guidance_2: a.guidance_2, loras, image, video })
+    let scheduler = a.scheduler(shift)?;
+    Ok(Job { scheduler, task, geometry, guidance, guidance_2: a.guidance_2, loras, image, video })
 }
 
 /// `--strength`, in (0, 1] and leaving at least one of `--steps` to run.
@@ -239,8 +292,11 @@ fn check_strength(a: &Args) -> Result<f64> {
     if !(s > 0.0 && s <= 1.0) {
         bail!("--strength must be above 0 and at most 1, got {s}");
     }
-    if (a.steps as f64 * s) < 1.0 {
-        bail!("--strength {s} leaves none of the {} steps to run (steps × strength ≥ 1)", a.steps);
+    if (a.steps() as f64 * s) < 1.0 {
+        bail!(
+            "--strength {s} leaves none of the {} steps to run (steps × strength ≥ 1)",
+            a.steps()
+        );
     }
     Ok(s)
 }
@@ -344,17 +400,17 @@ fn generate(a: &Args, job: Job) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         dit.set_loras(&adapters)?;
         let settings = DenoiseSettings {
-            steps: a.steps,
+            steps: a.steps(),
             guidance_scale: job.guidance,
             guidance_scale_2: job.guidance_2,
             seed: a.seed,
-            scheduler: SchedulerChoice::UniPc(UniPcConfig::wan(job.shift)),
+            scheduler: job.scheduler.clone(),
             batch_cfg: true,
             strength: job.video.as_ref().map(|(_, s)| *s),
         };
         let bar = progress_bar(match settings.strength {
-            Some(s) => (a.steps as f64 * s) as usize,
-            None => a.steps,
+            Some(s) => (a.steps() as f64 * s) as usize,
+            None => a.steps(),
         });
         let out = denoise(&dit, &phase1, &settings, |_| bar.inc(1), || false);
         bar.finish();

@@ -59,8 +59,8 @@ fn validate(a: &Args) -> Result<Job> {
             }
         }
     }
-    if a.steps == 0 || a.steps > 1000 {
-        bail!("--steps must be from 1 to 1000, got {}", a.steps);
+    if a.steps() == 0 || a.steps() > 1000 {
+        bail!("--steps must be from 1 to 1000, got {}", a.steps());
     }
     if !(1..=MAX_IMAGES).contains(&a.n) {
         bail!("--n must be from 1 to {MAX_IMAGES}, got {}", a.n);
@@ -135,9 +135,9 @@ fn generate(a: &Args, job: Job) -> Result<()> {
         let settings = DenoiseSettings {
             num_images: a.n,
             max_batch: a.n,
-            ..DenoiseSettings::single(a.steps, job.guidance, a.seed, job.scheduler.clone())
+            ..DenoiseSettings::single(a.steps(), job.guidance, a.seed, job.scheduler.clone())
         };
-        let bar = progress_bar(a.steps);
+        let bar = progress_bar(a.steps());
         let out = denoise(&dit, &phase1, &settings, |_| bar.inc(1), || false);
         bar.finish();
         out?

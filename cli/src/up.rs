@@ -57,6 +57,22 @@ pub struct Args {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// Serve a step-distilled Wan model (LightX2V's distillations, merged, or with
+    /// `--base-lora`): its DiT samples the fixed `--denoising-steps` and requests default to
+    /// them, no CFG (guidance 1) and shift 5.
+    #[arg(long)]
+    step_distill: bool,
+    /// `--step-distill`: the training timesteps evaluated, descending.
+    #[arg(long, value_delimiter = ',', default_value = "1000,750,500,250")]
+    denoising_steps: Vec<u32>,
+    /// `--step-distill`: move along the prediction between steps (Wan2.2 distillations) rather
+    /// than re-noise it (Wan2.1 distillations).
+    #[arg(long)]
+    no_renoise: bool,
+    /// An adapter of the model's `loras/` that every job runs with, `NAME[:SCALE]` (e.g. a
+    /// step-distillation LoRA); repeatable.
+    #[arg(long = "base-lora", value_name = "NAME[:SCALE]")]
+    base_loras: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -168,6 +184,7 @@ fn demo_model_config() -> ModelConfig {
         max_frames: 33,
         default_seconds: 2,
         default_steps: 4,
+        min_steps: 1,
         max_steps: 50,
         default_guidance_scale: 5.0,
         default_guidance_scale_2: None,
@@ -187,6 +204,7 @@ fn demo_image_model_config() -> ModelConfig {
         tasks: vec![Task::T2i, Task::Edit],
         sizes: vec!["256x256".into(), "320x192".into(), "192x320".into()],
         default_steps: 4,
+        min_steps: 1,
         max_steps: 50,
         max_n: DEMO_IMAGE_MAX_N,
         ..ModelConfig::qwen_image()
@@ -280,6 +298,9 @@ fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
         );
     }
     let Some(dir) = &args.model_dir else {
+        if args.step_distill || !args.base_loras.is_empty() {
+            bail!("--step-distill and --base-lora apply to a served --model-dir");
+        }
         return demo_models(args, gateway);
     };
     let family = ModelFamily::detect(dir)
@@ -319,8 +340,44 @@ fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
     let name = args.model.clone().unwrap_or_else(|| name.into());
     let set = StageSet { dir: dir.clone(), name: name.clone(), tasks: tasks.clone(), rank: 0 };
     let lora_dir = set.lora_dir().map(|d| d.display().to_string()).unwrap_or_default();
-    gateway.models = vec![ModelConfig { name: name.clone(), tasks, lora_dir, ..base }];
+    let mut model = ModelConfig { name: name.clone(), tasks, lora_dir, ..base };
+    if args.step_distill {
+        if family != ModelFamily::Wan {
+            bail!("--step-distill: {} is not a Wan model", dir.display());
+        }
+        let steps = args.denoising_steps.len() as u32;
+        model.default_steps = steps;
+        model.min_steps = steps;
+        model.max_steps = steps;
+        model.default_guidance_scale = 1.0;
+        model.default_guidance_scale_2 = model.default_guidance_scale_2.map(|_| 1.0);
+        model.default_shift = 5.0;
+    }
+    model.base_loras =
+        args.base_loras.iter().map(|spec| base_lora(spec, &model)).collect::<Result<_>>()?;
+    gateway.models = vec![model];
     Ok(Served { sets: vec![set], names: vec![name] })
+}
+
+/// `--base-lora NAME[:SCALE]`, an adapter of the model's `loras/`.
+fn base_lora(spec: &str, model: &ModelConfig) -> Result<x2v_core::lora::LoraRef> {
+    let (name, scale) = match spec.rsplit_once(':') {
+        Some((name, scale)) => {
+            let s: f32 = scale.parse().ok().filter(|s: &f32| s.is_finite()).with_context(|| {
+                format!("--base-lora {spec}: scale `{scale}` is not a finite number")
+            })?;
+            (name, s)
+        }
+        None => (spec, 1.0),
+    };
+    let known = model.loras();
+    if !known.iter().any(|k| k == name) {
+        bail!(
+            "--base-lora {spec}: the model's loras/ has no adapter `{name}` (available: {})",
+            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        );
+    }
+    Ok(x2v_core::lora::LoraRef { name: name.to_owned(), scale })
 }
 
 /// The demo models under the data directory, written on first use: the Wan model on rank 0, the
@@ -376,7 +433,18 @@ fn embed(args: &Args, gateway: &mut GatewayConfig) -> Result<(Arc<dyn Queue>, St
 
 /// One config for the three stages of a set: its rank, model and tasks, no admin listeners.
 fn stage_config(args: &Args, set: &StageSet) -> StageConfig {
+    let (scheduler, step_distill) = if args.step_distill {
+        let s = x2v_stage::config::StepDistillSection {
+            denoising_steps: args.denoising_steps.clone(),
+            renoise: !args.no_renoise,
+        };
+        (x2v_stage::config::Scheduler::StepDistill, s)
+    } else {
+        (x2v_stage::config::Scheduler::Unipc, Default::default())
+    };
     StageConfig {
+        scheduler,
+        step_distill,
         rank: set.rank,
         model: set.name.clone(),
         model_dir: set.dir.display().to_string(),

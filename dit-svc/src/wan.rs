@@ -10,7 +10,7 @@ use tch::{Device, Kind};
 use x2v_core::JobErrorCode;
 use x2v_handoff::Handoff;
 use x2v_models::lora::{LoraAdapter, LoraStore};
-use x2v_models::schedulers::{FlowMatchEulerConfig, UniPcConfig};
+use x2v_models::schedulers::{FlowMatchEulerConfig, StepDistillConfig, UniPcConfig};
 use x2v_models::wan::lora::load_adapter;
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, Phase1, SchedulerChoice, WanDit, denoise, load_dit,
@@ -33,10 +33,15 @@ impl Drop for ClearLoras<'_> {
 }
 
 /// Which sampler the worker runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Sampler {
     UniPc,
     Euler,
+    /// The fixed timesteps and the update rule of a step-distilled model.
+    StepDistill {
+        denoising_steps: Vec<u32>,
+        renoise: bool,
+    },
 }
 
 /// The Wan DiT stage of one served model.
@@ -64,6 +69,19 @@ impl Dit {
         let sampler = match config.scheduler {
             Scheduler::Unipc => Sampler::UniPc,
             Scheduler::Euler => Sampler::Euler,
+            Scheduler::StepDistill => {
+                let s = &config.step_distill;
+                let check = StepDistillConfig {
+                    denoising_steps: s.denoising_steps.clone(),
+                    shift: 5.0,
+                    renoise: s.renoise,
+                };
+                check.validate().map_err(|e| format!("step_distill: {e}"))?;
+                Sampler::StepDistill {
+                    denoising_steps: s.denoising_steps.clone(),
+                    renoise: s.renoise,
+                }
+            }
         };
         let loras = match config.lora.dir.as_str() {
             "" => None,
@@ -165,12 +183,19 @@ impl Dit {
             guidance_scale: f64::from(spec.guidance_scale),
             guidance_scale_2: spec.guidance_scale_2.map(f64::from),
             seed: spec.seed,
-            scheduler: match self.sampler {
+            scheduler: match &self.sampler {
                 Sampler::UniPc => SchedulerChoice::UniPc(UniPcConfig::wan(shift)),
                 Sampler::Euler => SchedulerChoice::Euler(FlowMatchEulerConfig {
                     shift,
                     num_train_timesteps: 1000,
                 }),
+                Sampler::StepDistill { denoising_steps, renoise } => {
+                    SchedulerChoice::StepDistill(StepDistillConfig {
+                        denoising_steps: denoising_steps.clone(),
+                        shift,
+                        renoise: *renoise,
+                    })
+                }
             },
             batch_cfg: true,
             strength: spec.strength,

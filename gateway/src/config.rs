@@ -89,6 +89,9 @@ pub struct ModelConfig {
     pub max_frames: u32,
     pub default_seconds: u32,
     pub default_steps: u32,
+    /// Fewest steps a request may ask for (a step-distilled model's sampler runs a fixed count:
+    /// `min_steps = max_steps = default_steps`, its `[step_distill]` timesteps' count).
+    pub min_steps: u32,
     pub max_steps: u32,
     pub default_guidance_scale: f32,
     /// Two-expert models (Wan2.2 A14B): the low-noise expert's guidance scale when a request
@@ -102,7 +105,8 @@ pub struct ModelConfig {
     pub lora_dir: String,
     /// Adapters in `lora_dir` that every job of the model runs with, before the request's own
     /// `lora`: e.g. a step-distillation LoRA (LightX2V's 4-step Wan LoRAs), served with
-    /// `default_steps = 4`, `default_guidance_scale = 1` and the DiT's `scheduler = "euler"`.
+    /// `min_steps = max_steps = default_steps = 4`, `default_guidance_scale = 1`,
+    /// `default_shift = 5` and the DiT's `scheduler = "step_distill"`.
     #[schema(value_type = Vec<Object>)]
     pub base_loras: Vec<x2v_core::lora::LoraRef>,
     /// Most images per request.
@@ -187,6 +191,7 @@ impl ModelConfig {
             max_frames: 81,
             default_seconds: 5,
             default_steps: 50,
+            min_steps: 1,
             max_steps: 100,
             default_guidance_scale: 5.0,
             default_guidance_scale_2: None,
@@ -252,6 +257,7 @@ impl ModelConfig {
             max_frames: 1,
             default_seconds: 0,
             default_steps: 50,
+            min_steps: 1,
             max_steps: 100,
             default_guidance_scale: 4.0,
             default_guidance_scale_2: None,

@@ -37,7 +37,7 @@ pub struct Sampling {
     /// Seed of the initial noise; drawn at random when absent.
     #[schema(minimum = 0, maximum = 9007199254740991_u64)]
     pub seed: Option<u64>,
-    /// Denoising steps, up to the model's `max_steps`.
+    /// Denoising steps, from the model's `min_steps` to its `max_steps`.
     #[schema(minimum = 1)]
     pub num_inference_steps: Option<u64>,
     /// Classifier-free guidance scale (of the high-noise expert on two-expert models).

@@ -175,8 +175,12 @@ fn common(
     size: Size,
     prompt: String,
 ) -> Result<JobSpec, ApiError> {
-    let steps =
-        within("num_inference_steps", sampling.num_inference_steps, 1, model.max_steps.into())?;
+    let steps = within(
+        "num_inference_steps",
+        sampling.num_inference_steps,
+        model.min_steps.into(),
+        model.max_steps.into(),
+    )?;
     let guidance_scale_2 = match (sampling.guidance_scale_2, model.default_guidance_scale_2) {
         (Some(_), None) => {
             return Err(ApiError::invalid(

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use x2v_models::schedulers::UniPcConfig;
+use x2v_models::schedulers::{Scheduler, StepDistillConfig, StepDistillScheduler, UniPcConfig};
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Expert, Geometry, Phase1, SchedulerChoice, Task, WanDecoder, WanDit,
     WanEncoder, denoise, load_dit,
@@ -308,4 +308,82 @@ fn v2v_settings_are_checked() {
     phase1.video_latents = Some(Tensor::zeros([1, 16, 2, 8, 8], (Kind::Float, Device::Cpu)));
     let err = run(&phase1, Some(0.5));
     assert!(err.contains("video_latents must be [1, 16, 3, 8, 8]"), "{err}");
+}
+
+/// A `wan_step_distill` fixture case.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct DistillCase {
+    prompt: String,
+    frames: i64,
+    height: i64,
+    width: i64,
+    seed: u64,
+    steps: Vec<u32>,
+    shift: f64,
+    renoise: bool,
+}
+
+fn generate_distilled(dir: &Path, c: &DistillCase, renoise: bool) -> Tensor {
+    let geometry = Geometry { frames: c.frames, height: c.height, width: c.width };
+    let encoder = WanEncoder::load(dir, Task::T2v, Device::Cpu, Kind::Float).unwrap();
+    let phase1 = encoder.encode(&c.prompt, None, None, geometry, 1.0).unwrap();
+    assert!(phase1.negative_prompt_embeds.is_none(), "no CFG, no negative prompt");
+    let config = StepDistillConfig { denoising_steps: c.steps.clone(), shift: c.shift, renoise };
+    let settings = DenoiseSettings {
+        steps: c.steps.len(),
+        guidance_scale: 1.0,
+        guidance_scale_2: None,
+        seed: c.seed,
+        scheduler: SchedulerChoice::StepDistill(config),
+        batch_cfg: true,
+        strength: None,
+    };
+    let dit = load_dit(dir, Device::Cpu, Kind::Float).unwrap();
+    let phase2 = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap();
+    WanDecoder::load(dir, Device::Cpu, Kind::Float).unwrap().decode(&phase2).unwrap()
+}
+
+#[test]
+fn step_distilled_sampling_matches_lightx2vs_sampler() {
+    let fx = common::fixture("wan_step_distill");
+    let dir = fx.join("model");
+    for name in ["renoise", "euler"] {
+        let text = std::fs::read_to_string(fx.join(format!("{name}.json"))).unwrap();
+        let c: DistillCase = serde_json::from_str(&text).unwrap();
+        let want = common::tensors(&fx.join(format!("{name}.safetensors")));
+        // The grid, exactly (fp32).
+        let config =
+            StepDistillConfig { denoising_steps: c.steps.clone(), shift: c.shift, renoise: false };
+        let grid = StepDistillScheduler::new(&config, vec![]).unwrap();
+        let n = c.steps.len();
+        let sigmas = Tensor::from_slice(&grid.sigmas()[..n]).to_kind(Kind::Float);
+        let timesteps = Tensor::from_slice(grid.timesteps()).to_kind(Kind::Float);
+        assert!(sigmas.equal(&want["sigmas"]), "{name}: sigmas {sigmas} vs {}", want["sigmas"]);
+        assert!(timesteps.equal(&want["timesteps"]), "{name}: timesteps {timesteps}");
+
+        let frames = generate_distilled(&dir, &c, c.renoise);
+        assert_frames_match(&format!("{name} step-distilled frames"), &frames, &want["frames_u8"]);
+        // The check can fail: the other update rule gives other frames.
+        let other = generate_distilled(&dir, &c, !c.renoise);
+        let (_, within) = frame_agreement(&other, &want["frames_u8"]);
+        assert!(within < common::MIN_MATCH, "{name}: the other update still matches ({within})");
+    }
+    // The step count is the list's.
+    let c: DistillCase =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("renoise.json")).unwrap()).unwrap();
+    let geometry = Geometry { frames: c.frames, height: c.height, width: c.width };
+    let encoder = WanEncoder::load(&dir, Task::T2v, Device::Cpu, Kind::Float).unwrap();
+    let phase1 = encoder.encode(&c.prompt, None, None, geometry, 1.0).unwrap();
+    let dit = load_dit(&dir, Device::Cpu, Kind::Float).unwrap();
+    let settings = DenoiseSettings {
+        steps: 8,
+        guidance_scale: 1.0,
+        guidance_scale_2: None,
+        seed: 1,
+        scheduler: SchedulerChoice::StepDistill(StepDistillConfig::wan21_4step()),
+        batch_cfg: true,
+        strength: None,
+    };
+    let err = denoise(&dit, &phase1, &settings, |_| {}, || false).unwrap_err().to_string();
+    assert!(err.contains("samples 4 steps (timesteps [1000, 750, 500, 250]), not 8"), "{err}");
 }

@@ -26,8 +26,11 @@ pub struct StageConfig {
     /// Jobs this worker holds at once (they share the one device thread; more than 1 overlaps
     /// transfers and media encoding with compute).
     pub capacity: u32,
-    /// Sampler for the DiT stage: `unipc` (the Wan default) or `euler` (step-distilled models).
+    /// Sampler for the DiT stage: `unipc` (the Wan default), `euler`, or `step_distill` (the
+    /// fixed timesteps of `[step_distill]`, for LightX2V's step-distilled models).
     pub scheduler: Scheduler,
+    /// `scheduler = "step_distill"`: the timesteps and update rule; the shift is the job's.
+    pub step_distill: StepDistillSection,
     /// Images of one request (`n`) the DiT stage runs per transformer forward: 0 runs all of
     /// them as one batch, 1 runs them back to back (the images are the same either way).
     pub image_batch: u32,
@@ -143,6 +146,8 @@ pub enum Scheduler {
     Unipc,
     /// Flow-matching Euler, for step-distilled models.
     Euler,
+    /// The fixed timesteps of LightX2V's step-distilled Wan models (`[step_distill]`).
+    StepDistill,
 }
 
 /// How payloads reach the next stage.
@@ -207,6 +212,24 @@ pub struct WorkerSection {
     pub drain_timeout_s: u64,
 }
 
+/// The step-distill sampler of a DiT stage (`scheduler = "step_distill"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StepDistillSection {
+    /// Training timesteps evaluated, descending (LightX2V's `denoising_step_list`); a job's
+    /// `num_inference_steps` must be their count.
+    pub denoising_steps: Vec<u32>,
+    /// Re-noise the prediction with fresh noise between steps (Wan2.1 distillations); false
+    /// moves along the prediction (Wan2.2 distillations).
+    pub renoise: bool,
+}
+
+impl Default for StepDistillSection {
+    fn default() -> Self {
+        StepDistillSection { denoising_steps: vec![1000, 750, 500, 250], renoise: true }
+    }
+}
+
 /// The DiT stage's LoRA adapters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -247,6 +270,7 @@ impl Default for StageConfig {
             previews: true,
             vae: x2v_trt::EngineConfig::default(),
             lora: LoraSection::default(),
+            step_distill: StepDistillSection::default(),
             queue: QueueSection::default(),
             transfer: TransferSection::default(),
             storage: StorageConfig::default(),
@@ -347,7 +371,7 @@ mod tests {
             ("X2V_DEVICE", "gpu0", "device", &["auto", "cpu", "cuda:N"][..]),
             ("X2V_DEVICE", "cuda:x", "device", &["cuda:N"]),
             ("X2V_DTYPE", "fp16", "dtype", &["auto", "f32", "bf16"]),
-            ("X2V_SCHEDULER", "ddim", "scheduler", &["unipc", "euler"]),
+            ("X2V_SCHEDULER", "ddim", "scheduler", &["unipc", "euler", "step_distill"]),
             ("X2V_TRANSFER__TRANSPORT", "udp", "transfer.transport", &["auto", "shm", "tcp"]),
             ("X2V_QUEUE__BACKEND", "sqlite", "queue.backend", &["redis", "memory"]),
         ];

@@ -197,3 +197,59 @@ def test_lora_jobs_compose_adapters_and_leave_the_base_model_untouched(a14b):
             a14b.client.videos.create(model="wan2.2-t2v", prompt="a heron", size="832x480",
                                       extra_body={"lora": lora, "num_frames": 5})
         assert e.value.body["param"] == "lora" and says in e.value.body["message"], e.value.body
+
+
+def test_x2v_up_serves_a_step_distilled_model_with_its_defaults(x2v_bin, tmp_path):
+    """`--step-distill --base-lora`: every job runs the distillation adapter and the fixed 4-step
+    sampler, with no CFG and shift 5 when the request does not say; the MP4 equals `x2v generate
+    --sampler step-distill` with the same adapter; another step count is refused before queueing."""
+    model = tmp_path / "model"
+    subprocess.run([str(x2v_bin), "demo-model", "--out", str(model), "--seed", "4"], check=True, capture_output=True)
+    loras = model / "loras"
+    loras.mkdir()
+    rng = np.random.default_rng(9)
+    distill = {}
+    for i in range(2):
+        for target in ("attn1.to_q", "ffn.net.0.proj"):
+            width = 128 if target.startswith("ffn") else 64
+            distill[f"transformer.blocks.{i}.{target}.lora_A.weight"] = rng.normal(0, 0.5, (4, 64)).astype(np.float32)
+            distill[f"transformer.blocks.{i}.{target}.lora_B.weight"] = rng.normal(0, 0.5, (width, 4)).astype(np.float32)
+    save_file(distill, str(loras / "distill.safetensors"))
+    port = free_port()
+    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "up"),
+                        "--device", "cpu", "--model-dir", str(model), "--step-distill", "--base-lora", "distill"],
+                 dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
+    try:
+        base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        video = client.videos.create_and_poll(model="wan2.1-t2v", prompt="a heron", size="832x480",
+                                              extra_body={"num_frames": 5, "seed": 8}, poll_interval_ms=100)
+        assert video.status == "completed", video.error
+        assert video.model_extra["x2v"]["num_inference_steps"] == 4
+        served = tmp_path / "served.mp4"
+        client.videos.download_content(video.id).write_to_file(served)
+        local = tmp_path / "local.mp4"
+        subprocess.run(
+            [str(x2v_bin), "generate", "--model-dir", str(model), "--task", "t2v", "--prompt", "a heron",
+             "--size", "832x480", "--frames", "5", "--sampler", "step-distill", "--lora", "distill",
+             "--seed", "8", "--fps", "16", "--out", str(local)],
+            check=True, capture_output=True,
+        )
+        assert served.read_bytes() == local.read_bytes(), "the served MP4 differs from x2v generate's"
+        # Without the adapter, or with the 50-step sampler, the video is another one.
+        plain = tmp_path / "plain.mp4"
+        subprocess.run(
+            [str(x2v_bin), "generate", "--model-dir", str(model), "--task", "t2v", "--prompt", "a heron",
+             "--size", "832x480", "--frames", "5", "--sampler", "step-distill", "--seed", "8", "--fps", "16",
+             "--out", str(plain)],
+            check=True, capture_output=True,
+        )
+        assert plain.read_bytes() != served.read_bytes()
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.videos.create(model="wan2.1-t2v", prompt="a heron", extra_body={"num_inference_steps": 8})
+        assert bad.value.body["param"] == "num_inference_steps", bad.value.body
+        assert "from 4 to 4" in bad.value.body["message"], bad.value.body
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(timeout=30) == 0, up.log()
+    finally:
+        up.kill()

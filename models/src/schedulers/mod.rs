@@ -1,17 +1,20 @@
 //! Flow-matching schedulers with diffusers' semantics: multistep UniPC (Wan's default) and
-//! Euler, with a fixed shift or with Qwen-Image's dynamic shift. A scheduler owns its timestep grid and the multistep history of one sampling run.
+//! Euler, with a fixed shift or with Qwen-Image's dynamic shift; and the step-distill sampler of
+//! LightX2V's distilled Wan models. A scheduler owns its timestep grid and the multistep history of one sampling run.
 //!
 //! Convention: the model predicts the flow velocity `v ≈ noise − x0`; `sigma` goes from ≈1
 //! (pure noise) to 0, and `sigma_N = 0` is appended to the grid.
 
 pub mod dynamic_shift;
 pub mod flow_euler;
+pub mod step_distill;
 pub mod unipc;
 
 use tch::Tensor;
 
 pub use dynamic_shift::{FlowMatchDynamicConfig, calculate_shift, default_sigmas};
 pub use flow_euler::{FlowMatchEulerConfig, FlowMatchEulerScheduler};
+pub use step_distill::{StepDistillConfig, StepDistillScheduler};
 pub use unipc::{UniPcConfig, UniPcScheduler};
 
 /// Why a scheduler could not be built or stepped.

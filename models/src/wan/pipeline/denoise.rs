@@ -17,8 +17,8 @@ use super::dit::{Expert, WanDit};
 use super::{Geometry, Phase1, Phase2, TEXT_LEN};
 use crate::error::{Component, Error};
 use crate::schedulers::{
-    FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, UniPcConfig, UniPcScheduler,
-    index_for_timestep,
+    FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, StepDistillConfig,
+    StepDistillScheduler, UniPcConfig, UniPcScheduler, index_for_timestep,
 };
 use crate::wan::transformer::{PreparedContext, WanTransformer3DModel};
 
@@ -29,6 +29,9 @@ pub enum SchedulerChoice {
     UniPc(UniPcConfig),
     /// Flow-matching Euler (e.g. step-distilled models).
     Euler(FlowMatchEulerConfig),
+    /// A step-distilled model's fixed timesteps (LightX2V's distillations); the step count must
+    /// equal the list's length.
+    StepDistill(StepDistillConfig),
 }
 
 /// Per-request sampling settings.
@@ -232,11 +235,39 @@ impl Guidance {
     }
 }
 
-fn scheduler(settings: &DenoiseSettings) -> Result<Box<dyn Scheduler>, Error> {
+/// The run's sampler; `fresh` holds the noise a re-noising sampler draws after the initial noise.
+fn scheduler(settings: &DenoiseSettings, fresh: Vec<Tensor>) -> Result<Box<dyn Scheduler>, Error> {
     Ok(match &settings.scheduler {
         SchedulerChoice::UniPc(c) => Box::new(UniPcScheduler::new(c, settings.steps)?),
         SchedulerChoice::Euler(c) => Box::new(FlowMatchEulerScheduler::new(c, settings.steps)?),
+        SchedulerChoice::StepDistill(c) => {
+            if settings.steps != c.denoising_steps.len() {
+                return Err(Error::input(
+                    Component::Scheduler,
+                    format!(
+                        "this step-distilled model samples {} steps (timesteps {:?}), not {}",
+                        c.denoising_steps.len(),
+                        c.denoising_steps,
+                        settings.steps
+                    ),
+                ));
+            }
+            Box::new(StepDistillScheduler::new(c, fresh)?)
+        }
     })
+}
+
+/// Noise tensors of the latents' shape: the initial noise, then `fresh` more, drawn in turn from
+/// one CPU generator seeded with `seed` (as `torch.Generator("cpu").manual_seed(seed)` draws them).
+fn draw_noise(geometry: &Geometry, seed: u64, fresh: usize, device: Device) -> Vec<Tensor> {
+    crate::device::with_cpu_seed(seed, || {
+        (0..=fresh)
+            .map(|_| Tensor::randn(geometry.latent_shape(), (Kind::Float, Device::Cpu)))
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .map(|t| t.to_device(device))
+    .collect()
 }
 
 /// Runs the sampling loop and returns the final latents.
@@ -256,8 +287,13 @@ pub fn denoise(
     let scale_2 = guidance_scale_2(dit, settings)?;
     let guided = settings.guidance_scale > 1.0;
     let conditioning = Conditioning::check(dit.high(), phase1, guided, geometry.latent_shape())?;
-    let mut scheduler = scheduler(settings)?;
-    let noise = initial_noise(&geometry, settings.seed, dit.device());
+    let fresh = match &settings.scheduler {
+        SchedulerChoice::StepDistill(c) => c.fresh_noises(),
+        _ => 0,
+    };
+    let mut noises = draw_noise(&geometry, settings.seed, fresh, dit.device());
+    let noise = noises.remove(0);
+    let mut scheduler = scheduler(settings, noises)?;
     let (first, mut latents) = match (&conditioning.video, settings.strength) {
         (None, None) => (0, noise),
         (Some(video), Some(strength)) => {
