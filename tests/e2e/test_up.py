@@ -38,7 +38,7 @@ def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):
         # Video-to-video: the official client uploads the MP4 ...
         with open(path, "rb") as f:
             edit = client.videos.edit(prompt="a fox in the snow", video=("fox.mp4", f, "video/mp4"),
-                                      extra_body={"num_inference_steps": 4, "strength": 0.5})
+                                      extra_body={"num_inference_steps": 4, "strength": 0.5, "seed": 5})
         assert (edit.status, edit.model, edit.size, edit.seconds) == ("queued", "x2v-demo", "256x256", "2")
         edit = client.videos.poll(edit.id, poll_interval_ms=100)
         assert edit.status == "completed", edit.error
@@ -46,6 +46,15 @@ def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):
         client.videos.download_content(edit.id).write_to_file(edited)
         assert ffprobe(edited) == ("h264", 256, 256, 17, 8)
         assert edited.read_bytes() != path.read_bytes()
+        local = tmp_path / "edited-local.mp4"
+        subprocess.run(
+            [str(x2v_bin), "generate", "--model-dir", str(tmp_path / "demo-model"), "--task", "v2v",
+             "--video", str(path), "--strength", "0.5", "--prompt", "a fox in the snow", "--size", "256x256",
+             "--frames", "17", "--fps", "8", "--steps", "4", "--guidance", "5", "--shift", "3", "--seed", "5",
+             "--out", str(local)],
+            check=True, capture_output=True,
+        )
+        assert edited.read_bytes() == local.read_bytes(), "the served edit differs from x2v generate --task v2v"
         # ... or names a completed video (JSON `{"id"}`: the Python client refuses a reference).
         by_id = client.post("/videos/edits", cast_to=openai.types.Video,
                             body={"prompt": "a fox at night", "video": {"id": video.id},
