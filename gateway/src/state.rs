@@ -82,7 +82,14 @@ pub struct AppState {
     /// Live workers as last read, for rank assignment (the registry changes slowly; loads are read
     /// fresh on every admission).
     workers: Arc<std::sync::Mutex<Option<CachedWorkers>>>,
+    /// The DiT rank each (model, requested LoRA adapters) last went to: the next job with the same
+    /// adapters goes there too while that rank is not busier than the others by more than
+    /// [`assign::AFFINITY_SLACK`], so adapters stay in few ranks' memory.
+    adapter_ranks: Arc<std::sync::Mutex<HashMap<(String, String), u32>>>,
 }
+
+/// Adapter sets remembered for rank affinity at most (the map is cleared beyond it).
+const MAX_ADAPTER_SETS: usize = 4096;
 
 /// When the live-worker list was read, and the list.
 type CachedWorkers = (std::time::Instant, Arc<[WorkerInfo]>);
@@ -108,6 +115,7 @@ impl AppState {
             limiter,
             keys,
             workers: Arc::default(),
+            adapter_ranks: Arc::default(),
         }
     }
 
@@ -124,7 +132,8 @@ impl AppState {
         }
     }
 
-    /// Engine ranks for a job: least outstanding work among live workers, pins honoured; refused
+    /// Engine ranks for a job: least outstanding work among live workers, pins honoured, a job's
+    /// LoRA adapters kept on the DiT rank that ran them last while it is not much busier; refused
     /// when the model's backlog is at its bound.
     async fn assign(&self, spec: &x2v_queue::JobSpec) -> Result<x2v_queue::Ranks, ApiError> {
         let mut workers = self.live_workers(false).await?;
@@ -139,7 +148,33 @@ impl AppState {
         let loads =
             if staffed.is_empty() { HashMap::new() } else { self.queue.loads(&staffed).await? };
         self.check_backlog(&spec.model, &workers, &loads)?;
-        Ok(assign::choose(&workers, &loads, &spec.model, spec.task, spec.pins)?)
+        let affinity = self.adapter_key(spec);
+        let prefer = affinity.as_ref().and_then(|k| {
+            self.adapter_ranks.lock().unwrap_or_else(|p| p.into_inner()).get(k).copied()
+        });
+        let ranks =
+            assign::choose_with(&workers, &loads, &spec.model, spec.task, spec.pins, prefer)?;
+        if let (Some(key), Some(rank)) = (affinity, ranks.dit) {
+            let mut map = self.adapter_ranks.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= MAX_ADAPTER_SETS && !map.contains_key(&key) {
+                map.clear();
+            }
+            map.insert(key, rank);
+        }
+        Ok(ranks)
+    }
+
+    /// (model, the adapters the request asked for beyond the model's base adapters, with their
+    /// scales), or `None` for a job without such adapters (every rank holds the base ones).
+    fn adapter_key(&self, spec: &x2v_queue::JobSpec) -> Option<(String, String)> {
+        let base = self.config.models.iter().find(|m| m.name == spec.model)?;
+        let asked: Vec<String> = spec
+            .loras
+            .iter()
+            .filter(|l| !base.base_loras.iter().any(|b| b.name == l.name))
+            .map(|l| format!("{}:{}", l.name, l.scale))
+            .collect();
+        (!asked.is_empty()).then(|| (spec.model.clone(), asked.join(",")))
     }
 
     /// Refuses a job of `model` when the outstanding work of its DiT ranks has reached the model's

@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::http::Request;
 use common::*;
 use serde_json::json;
+use x2v_queue::{Stage, Task, WorkerInfo};
 
 #[tokio::test]
 async fn multipart_create_returns_a_queued_video_with_headers() {
@@ -585,4 +586,55 @@ async fn video_extensions_continue_the_input_on_an_i2v_model() {
     assert_eq!((status, v["error"]["param"].as_str()), (400, Some("video")), "{v}");
     let (_, list, _) = h.json(get("/v1/videos")).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1, "only the one extension: {list}");
+}
+
+#[tokio::test]
+async fn jobs_with_the_same_adapters_go_to_the_dit_rank_that_ran_them() {
+    let loras = tempfile::tempdir().unwrap();
+    for name in ["style", "motion"] {
+        std::fs::write(loras.path().join(format!("{name}.safetensors")), b"{}").unwrap();
+    }
+    let mut cfg = config();
+    cfg.models[0].lora_dir = loras.path().display().to_string();
+    let h = harness(cfg);
+    // Two idle DiT ranks (and one encoder and decoder) of the model; nothing claims, so the jobs
+    // queued on a rank are its load.
+    for (stage, rank) in
+        [(Stage::Encoder, 0), (Stage::Dit, 0), (Stage::Dit, 1), (Stage::Decoder, 0)]
+    {
+        let info = WorkerInfo {
+            stage,
+            rank,
+            models: vec!["wan2.1-t2v-1.3b".into()],
+            tasks: vec![Task::T2v],
+            capacity: 1,
+        };
+        h.state.queue.heartbeat(&info, std::time::Duration::from_secs(60)).await.unwrap();
+    }
+    let dit_of = |v: &serde_json::Value| v["x2v"]["ranks"]["dit"].as_u64();
+    let create = |lora: serde_json::Value| {
+        post_json("/v1/videos", json!({"prompt": "a cat", "seconds": "1", "lora": lora}))
+    };
+    // Without adapters: least loaded first (0, then 1, then 0 again).
+    let (_, a, _) = h.json(create(json!([]))).await;
+    let (_, b, _) = h.json(create(json!([]))).await;
+    assert_eq!((dit_of(&a), dit_of(&b)), (Some(0), Some(1)), "{a} {b}");
+    // `style` lands on rank 0 (tied, lowest); the next `style` job follows it although rank 1 is as
+    // idle, and so does the one after (one job more than rank 1 is within the slack).
+    let (_, s1, _) = h.json(create(json!([{"name": "style"}]))).await;
+    let (_, s2, _) = h.json(create(json!([{"name": "style"}]))).await;
+    assert_eq!((dit_of(&s1), dit_of(&s2)), (Some(0), Some(0)), "{s1} {s2}");
+    // `motion` goes to the least loaded rank, 1, then stays there.
+    let (_, m1, _) = h.json(create(json!([{"name": "motion"}]))).await;
+    let (_, m2, _) = h.json(create(json!([{"name": "motion"}]))).await;
+    assert_eq!((dit_of(&m1), dit_of(&m2)), (Some(1), Some(1)), "{m1} {m2}");
+    // Loads are now 3 and 3. Another scale is another adapter set: the least loaded rank (a tie:
+    // rank 0), which then keeps `style` too while it is at most one job busier.
+    let (_, h1, _) = h.json(create(json!([{"name": "style", "scale": 0.5}]))).await;
+    assert_eq!(dit_of(&h1), Some(0), "{h1}");
+    let (_, s3, _) = h.json(create(json!([{"name": "style"}]))).await;
+    assert_eq!(dit_of(&s3), Some(0), "4 jobs against 3: {s3}");
+    // Beyond the slack the least loaded rank takes it.
+    let (_, s4, _) = h.json(create(json!([{"name": "style"}]))).await;
+    assert_eq!(dit_of(&s4), Some(1), "5 jobs against 3: {s4}");
 }
