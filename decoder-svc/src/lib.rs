@@ -149,6 +149,13 @@ impl StageRunner for DecoderRunner {
         }
     }
 
+    fn prepare(&self, job: &JobRecord, inputs: &mut JobInputs) -> Result<(), StageError> {
+        match self {
+            DecoderRunner::Wan(r) => r.prepare(job, inputs),
+            DecoderRunner::QwenImage(_) => Ok(()),
+        }
+    }
+
     fn register_metrics(&self, metrics: &Metrics) {
         match self {
             DecoderRunner::Wan(r) => r.register_metrics(metrics),

@@ -82,6 +82,25 @@ impl Decoder {
         &[INPUT_VIDEO]
     }
 
+    /// Decodes a video extension's kept frames off the device thread.
+    pub fn prepare(&self, job: &JobRecord, inputs: &mut JobInputs) -> Result<(), StageError> {
+        let Some(kept) = job.spec.extend_frames else { return Ok(()) };
+        let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
+            StageError::new(JobErrorCode::InvalidRequest, "a video extension needs a `video` input")
+        })?;
+        let v = x2v_media::decode_mp4(&upload.bytes, job.spec.fps, kept as usize).map_err(|e| {
+            StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
+        })?;
+        if v.frames < kept as usize {
+            return Err(StageError::new(
+                JobErrorCode::InvalidVideo,
+                format!("`video` has {} frames at {} fps, not {kept}", v.frames, job.spec.fps),
+            ));
+        }
+        inputs.prepared = Some(Box::new(v));
+        Ok(())
+    }
+
     pub fn run(
         &self,
         dec: &mut WanDecoder,
@@ -103,8 +122,11 @@ impl Decoder {
             .decode(&phase2)
             .map_err(|e| StageError::from_kind(e.kind(), JobErrorCode::InvalidRequest, e))?;
         self.vae.record(Backend::Torch, Some(Fallback::NotConfigured), started.elapsed());
-        let frames = match job.spec.extend_frames {
-            Some(kept) => after_kept_frames(&inputs, job, kept, &frames)?,
+        let frames = match inputs.take_prepared::<x2v_media::DecodedVideo>() {
+            Some(kept) => after_kept_frames(&kept, &frames)?,
+            None if job.spec.extend_frames.is_some() => {
+                return Err(StageError::internal("the extension's input video was not decoded"));
+            }
             None => frames,
         };
         let decoded = Decoded::new(&frames, vec![Backend::Torch])?;
@@ -113,34 +135,17 @@ impl Decoder {
     }
 }
 
-/// The extension's output: the first `kept` frames of its input video at the job's frame rate,
-/// resized to the generated frames' size, then the generated frames without the first (the
+/// The extension's output: its input video's kept frames (decoded by `prepare` at the job's frame
+/// rate), resized to the generated frames' size, then the generated frames without the first (the
 /// conditioning frame, the last kept one, again).
 fn after_kept_frames(
-    inputs: &JobInputs,
-    job: &JobRecord,
-    kept: u32,
+    kept: &x2v_media::DecodedVideo,
     generated: &Tensor,
 ) -> Result<Tensor, StageError> {
-    let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
-        StageError::new(JobErrorCode::InvalidRequest, "a video extension needs a `video` input")
-    })?;
-    let v = x2v_media::decode_mp4(&upload.bytes, job.spec.fps, kept as usize).map_err(|e| {
-        StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
-    })?;
-    if v.frames < kept as usize {
-        return Err(StageError::new(
-            JobErrorCode::InvalidVideo,
-            format!("`video` has {} frames at {} fps, not {kept}", v.frames, job.spec.fps),
-        ));
-    }
-    let source =
-        Tensor::from_slice(&v.data).view([v.frames as i64, v.height as i64, v.width as i64, 3]);
+    let shape = [kept.frames as i64, kept.height as i64, kept.width as i64, 3];
+    let source = Tensor::from_slice(&kept.data).view(shape);
     let [n, h, w, _] = generated.size()[..] else {
-        return Err(StageError::new(
-            JobErrorCode::InternalError,
-            "decoded frames are not [F, H, W, 3]",
-        ));
+        return Err(StageError::internal("decoded frames are not [F, H, W, 3]"));
     };
     let source = resize_frames(&source, h, w);
     Ok(Tensor::cat(&[source, generated.narrow(0, 1, n - 1)], 0))

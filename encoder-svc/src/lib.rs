@@ -59,6 +59,13 @@ impl StageRunner for EncoderRunner {
         }
     }
 
+    fn prepare(&self, job: &JobRecord, inputs: &mut JobInputs) -> Result<(), StageError> {
+        match self {
+            EncoderRunner::Wan(r) => r.prepare(job, inputs),
+            EncoderRunner::QwenImage(_) => Ok(()),
+        }
+    }
+
     fn load(&self) -> Result<(EncoderModel, Vec<LoadedModel>), StageError> {
         match self {
             EncoderRunner::Wan(r) => {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 use x2v_core::JobErrorCode;
 use x2v_handoff::Handoff;
+use x2v_media::DecodedVideo;
 use x2v_models::wan::pipeline::{Geometry, Task, WanEncoder};
 use x2v_queue::JobRecord;
 use x2v_stage::StageConfig;
@@ -74,6 +75,19 @@ impl Encoder {
         Ok((enc, vec![loaded]))
     }
 
+    /// Decodes the job's input video off the device thread: a video edit's frames at the job's
+    /// fps, or an extension's last kept frame.
+    pub fn prepare(&self, job: &JobRecord, inputs: &mut JobInputs) -> Result<(), StageError> {
+        let spec = &job.spec;
+        let decoded = match (self.task, spec.task, spec.extend_frames) {
+            (Task::I2v, _, Some(kept)) => Some(last_kept_frame(inputs, spec.fps, kept)?),
+            (Task::T2v, x2v_queue::Task::V2v, _) => Some(input_video(inputs, spec)?),
+            _ => None,
+        };
+        inputs.prepared = decoded.map(|d| Box::new(d) as Box<dyn std::any::Any + Send>);
+        Ok(())
+    }
+
     pub fn run(
         &self,
         enc: &mut WanEncoder,
@@ -82,8 +96,12 @@ impl Encoder {
         ctx: &mut RunCtx<'_>,
     ) -> Result<Vec<TensorPart>, StageError> {
         let spec = &job.spec;
+        let decoded = || {
+            let video = inputs.prepared.as_ref().and_then(|p| p.downcast_ref::<DecodedVideo>());
+            video.ok_or_else(|| StageError::internal("the job's video was not decoded"))
+        };
         let image = match (self.task, spec.extend_frames) {
-            (Task::I2v, Some(kept)) => Some(last_kept_frame(inputs, spec.fps, kept)?),
+            (Task::I2v, Some(_)) => Some(frames_tensor(decoded()?).squeeze_dim(0)),
             (Task::I2v, None) => Some(first_frame(inputs)?),
             (Task::T2v, _) => None,
         };
@@ -91,7 +109,7 @@ impl Encoder {
             return Err(StageError::cancelled());
         }
         let video = match spec.task {
-            x2v_queue::Task::V2v => Some(input_video(inputs, spec)?),
+            x2v_queue::Task::V2v => Some(frames_tensor(decoded()?)),
             _ => None,
         };
         if (ctx.cancelled)() {
@@ -147,7 +165,7 @@ fn first_frame(inputs: &JobInputs) -> Result<Tensor, StageError> {
 
 /// The input video of a video-to-video job as RGB `uint8 [F, H, W, 3]`: its first `num_frames`
 /// frames as shown at the job's frame rate (the gateway sized the job from the video's header).
-fn input_video(inputs: &JobInputs, spec: &x2v_queue::JobSpec) -> Result<Tensor, StageError> {
+fn input_video(inputs: &JobInputs, spec: &x2v_queue::JobSpec) -> Result<DecodedVideo, StageError> {
     let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
         StageError::new(JobErrorCode::InvalidRequest, "video-to-video needs a `video` input")
     })?;
@@ -164,19 +182,22 @@ fn input_video(inputs: &JobInputs, spec: &x2v_queue::JobSpec) -> Result<Tensor, 
             ),
         ));
     }
-    let shape = [v.frames as i64, v.height as i64, v.width as i64, 3];
-    Ok(Tensor::from_slice(&v.data).view(shape))
+    Ok(v)
+}
+
+/// Decoded frames as RGB `uint8 [F, H, W, 3]`.
+fn frames_tensor(v: &DecodedVideo) -> Tensor {
+    Tensor::from_slice(&v.data).view([v.frames as i64, v.height as i64, v.width as i64, 3])
 }
 
 /// A video extension's first frame: the last of the `kept` frames of its input video at `fps`
-/// (what the decoder stage puts before the generated frames), RGB `uint8 [H, W, 3]`.
-fn last_kept_frame(inputs: &JobInputs, fps: u32, kept: u32) -> Result<Tensor, StageError> {
+/// (what the decoder stage puts before the generated frames), as a one-frame video.
+fn last_kept_frame(inputs: &JobInputs, fps: u32, kept: u32) -> Result<DecodedVideo, StageError> {
     let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
         StageError::new(JobErrorCode::InvalidRequest, "a video extension needs a `video` input")
     })?;
     let index = (kept as usize).saturating_sub(1);
-    let v = x2v_media::decode_mp4_frame(&upload.bytes, fps, index).map_err(|e| {
+    x2v_media::decode_mp4_frame(&upload.bytes, fps, index).map_err(|e| {
         StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
-    })?;
-    Ok(Tensor::from_slice(&v.data).view([v.height as i64, v.width as i64, 3]))
+    })
 }

@@ -162,8 +162,17 @@ pub trait StageRunner: Send + Sync + 'static {
         &[]
     }
 
+    /// CPU work on a job's inputs before it reaches the device thread (decoding an uploaded
+    /// video, say), on a blocking thread; what it makes goes into [`JobInputs::prepared`]. The
+    /// default does nothing.
+    fn prepare(&self, job: &JobRecord, inputs: &mut JobInputs) -> Result<(), StageError> {
+        let _ = (job, inputs);
+        Ok(())
+    }
+
     /// Runs one job on the device thread. `inputs` holds the previous stage's payload (none for
-    /// the encoder stage) and the uploads of [`StageRunner::upload_roles`].
+    /// the encoder stage), the uploads of [`StageRunner::upload_roles`] and what
+    /// [`StageRunner::prepare`] made of them.
     fn run(
         &self,
         model: &mut Self::Model,

@@ -373,7 +373,20 @@ impl<R: StageRunner> JobRun<'_, R> {
             _ => Some(self.receive_payload().await?),
         };
         let uploads = self.receive_uploads().await?;
-        Ok(JobInputs { payload, uploads })
+        self.prepare(JobInputs { payload, uploads, prepared: None }).await
+    }
+
+    /// The runner's `prepare` on a blocking thread (CPU work kept off the device thread).
+    async fn prepare(&self, mut inputs: JobInputs) -> Result<JobInputs, Outcome> {
+        let (runner, record) = (self.runner.clone(), self.record.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            runner.prepare(&record, &mut inputs).map(|()| inputs)
+        });
+        match task.instrument(tracing::info_span!("prepare")).await {
+            Ok(Ok(inputs)) => Ok(inputs),
+            Ok(Err(e)) => Err(Outcome::Failed(e)),
+            Err(e) => Err(Outcome::Failed(StageError::internal(e))),
+        }
     }
 
     async fn receive_payload(&self) -> Result<Inputs, Outcome> {
