@@ -98,7 +98,7 @@ impl Dit {
     pub fn load(&self) -> Result<(WanModel, Vec<LoadedModel>), StageError> {
         let dit = load_dit(&self.model_dir, self.device, self.kind)
             .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?;
-        let loaded = LoadedModel::new(
+        let mut loaded = LoadedModel::new(
             &self.model,
             dit.components(),
             &self.device,
@@ -112,6 +112,9 @@ impl Dit {
                     .map_err(|e| StageError::new(JobErrorCode::ModelLoadFailed, e.to_string()))?,
             ),
         };
+        if let Some(store) = &loras {
+            loaded.unfit_loras = unfit_adapters(&dit, store);
+        }
         Ok((WanModel { dit, loras }, vec![loaded]))
     }
 
@@ -201,4 +204,19 @@ impl Dit {
             strength: spec.strength,
         }
     }
+}
+
+/// The adapters of `store`'s directory that cannot serve on `dit` (unreadable, or made for another
+/// model), each with the reason; each is read once here and not kept.
+fn unfit_adapters(dit: &WanDit, store: &LoraStore) -> std::collections::BTreeMap<String, String> {
+    let mut unfit = std::collections::BTreeMap::new();
+    for name in store.names() {
+        let path = store.dir().join(format!("{name}.safetensors"));
+        let checked = load_adapter(&name, &path).and_then(|adapter| dit.check_fits(&adapter));
+        if let Err(e) = checked {
+            tracing::warn!(adapter = %name, error = %e, "LoRA adapter does not fit the model");
+            unfit.insert(name, e.to_string());
+        }
+    }
+    unfit
 }

@@ -98,6 +98,24 @@ const WORKERS_CACHE: std::time::Duration = std::time::Duration::from_millis(1000
 /// `retry-after` of a create refused for its model's backlog: about a few denoising steps.
 const BACKLOG_RETRY_AFTER_S: u64 = 5;
 
+/// Refuses a job naming an adapter that a live DiT worker of its model found unfit (unreadable, or
+/// made for another model) when it loaded.
+fn refuse_unfit_loras(spec: &x2v_queue::JobSpec, workers: &[WorkerInfo]) -> Result<(), ApiError> {
+    let dit = workers.iter().filter(|w| w.stage == Stage::Dit && w.models.contains(&spec.model));
+    for w in dit {
+        if let Some((name, why)) =
+            spec.loras.iter().find_map(|l| w.unfit_loras.get_key_value(&l.name))
+        {
+            return Err(ApiError::invalid(
+                "lora",
+                format!("LoRA adapter `{name}` does not fit model `{}`: {why}", spec.model),
+            )
+            .code("lora_unfit"));
+        }
+    }
+    Ok(())
+}
+
 /// Who is calling: `key{index}` of the configured keys, or `anonymous` when auth is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller(pub Arc<str>);
@@ -143,6 +161,7 @@ impl AppState {
         if pinned_unknown {
             workers = self.live_workers(true).await?;
         }
+        refuse_unfit_loras(spec, &workers)?;
         let staffed: Vec<Stage> =
             Stage::ALL.into_iter().filter(|s| workers.iter().any(|w| w.stage == *s)).collect();
         let loads =

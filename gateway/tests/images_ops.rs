@@ -84,6 +84,7 @@ fn fail_every_job(h: &Harness, error: JobError) {
             models: vec!["qwen-image".into()],
             tasks: vec![x2v_queue::Task::T2i, x2v_queue::Task::Edit],
             capacity: 1,
+            unfit_loras: Default::default(),
         };
         loop {
             if let Some(l) = q.claim(&w, std::time::Duration::from_secs(30)).await.unwrap() {

@@ -37,6 +37,7 @@ async fn run_serves_jobs_from_redis_to_a_worker_and_back() {
             models: vec!["wan2.1-t2v-1.3b".into()],
             tasks: vec![Task::T2v],
             capacity: 1,
+            unfit_loras: Default::default(),
         };
         let w = StageWorker::new(
             queue.clone(),

@@ -608,6 +608,7 @@ async fn jobs_with_the_same_adapters_go_to_the_dit_rank_that_ran_them() {
             models: vec!["wan2.1-t2v-1.3b".into()],
             tasks: vec![Task::T2v],
             capacity: 1,
+            unfit_loras: Default::default(),
         };
         h.state.queue.heartbeat(&info, std::time::Duration::from_secs(60)).await.unwrap();
     }
@@ -637,4 +638,43 @@ async fn jobs_with_the_same_adapters_go_to_the_dit_rank_that_ran_them() {
     // Beyond the slack the least loaded rank takes it.
     let (_, s4, _) = h.json(create(json!([{"name": "style"}]))).await;
     assert_eq!(dit_of(&s4), Some(1), "5 jobs against 3: {s4}");
+}
+
+#[tokio::test]
+async fn an_adapter_a_dit_worker_found_unfit_is_refused_and_not_listed() {
+    let loras = tempfile::tempdir().unwrap();
+    for name in ["style", "wide"] {
+        std::fs::write(loras.path().join(format!("{name}.safetensors")), b"{}").unwrap();
+    }
+    let mut cfg = config();
+    cfg.models[0].lora_dir = loras.path().display().to_string();
+    let h = harness(cfg);
+    for stage in Stage::ALL {
+        let mut unfit = std::collections::BTreeMap::new();
+        if stage == Stage::Dit {
+            unfit.insert("wide".to_owned(), "made for a model of width 96".to_owned());
+        }
+        let info = WorkerInfo {
+            stage,
+            rank: 0,
+            models: vec!["wan2.1-t2v-1.3b".into()],
+            tasks: vec![Task::T2v],
+            capacity: 1,
+            unfit_loras: unfit,
+        };
+        h.state.queue.heartbeat(&info, std::time::Duration::from_secs(60)).await.unwrap();
+    }
+    let create = |lora: serde_json::Value| {
+        post_json("/v1/videos", json!({"prompt": "a cat", "seconds": "1", "lora": lora}))
+    };
+    let (status, v, _) = h.json(create(json!([{"name": "style"}, {"name": "wide"}]))).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("lora")), "{v}");
+    assert_eq!(v["error"]["code"], "lora_unfit", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`wide` does not fit model `wan2.1-t2v-1.3b`: made for"), "{v}");
+    let (status, v, _) = h.json(create(json!([{"name": "style"}]))).await;
+    assert_eq!(status, 200, "{v}");
+    let (_, models, _) = h.json(get("/v1/models")).await;
+    let model = models["data"].as_array().unwrap().iter().find(|m| m["id"] == "wan2.1-t2v-1.3b");
+    assert_eq!(model.unwrap()["x2v"]["loras"], json!(["style"]), "{models}");
 }

@@ -101,6 +101,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             models: models.clone(),
             tasks: vec![Task::T2v, Task::I2v, Task::T2i, Task::Edit],
             capacity: 1,
+            unfit_loras: Default::default(),
         };
         let worker = StageWorker::new(queue.clone(), info, timings.clone());
         worker.register(shutdown.clone()).await?;

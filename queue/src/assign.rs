@@ -86,7 +86,14 @@ mod tests {
     use super::*;
 
     fn w(stage: Stage, rank: u32) -> WorkerInfo {
-        WorkerInfo { stage, rank, models: vec!["m".into()], tasks: vec![Task::T2v], capacity: 1 }
+        WorkerInfo {
+            stage,
+            rank,
+            models: vec!["m".into()],
+            tasks: vec![Task::T2v],
+            capacity: 1,
+            unfit_loras: Default::default(),
+        }
     }
 
     #[test]

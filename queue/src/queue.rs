@@ -105,6 +105,10 @@ pub struct WorkerInfo {
     pub tasks: Vec<Task>,
     /// Jobs it runs at once.
     pub capacity: u32,
+    /// A DiT worker's LoRA adapters that do not fit its model (name → why): requests naming one
+    /// are refused at admission.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub unfit_loras: std::collections::BTreeMap<String, String>,
 }
 
 impl WorkerInfo {

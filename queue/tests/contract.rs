@@ -22,6 +22,7 @@ fn worker(stage: Stage, rank: u32) -> WorkerInfo {
         models: vec!["wan2.1-t2v-1.3b".into()],
         tasks: vec![Task::T2v],
         capacity: 1,
+        unfit_loras: Default::default(),
     }
 }
 

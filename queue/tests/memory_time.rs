@@ -18,6 +18,7 @@ fn info(rank: u32) -> WorkerInfo {
         models: vec!["m".into()],
         tasks: vec![Task::T2i],
         capacity: 1,
+        unfit_loras: Default::default(),
     }
 }
 

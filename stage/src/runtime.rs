@@ -122,8 +122,9 @@ impl<R: StageRunner> LoadedStage<R> {
 
     /// Registers the rank and serves jobs until `deps.state.drain` fires and in-flight work is
     /// finished or given back.
-    pub async fn serve(self, deps: StageDeps, info: WorkerInfo) -> Result<(), RuntimeError> {
+    pub async fn serve(self, deps: StageDeps, mut info: WorkerInfo) -> Result<(), RuntimeError> {
         let state = deps.state.clone();
+        info.unfit_loras = state.unfit_loras();
         let worker = StageWorker::new(deps.queue.clone(), info, deps.limits.timings.clone());
         let registration = CancellationToken::new();
         let heartbeat = worker.register(registration.clone()).await?;

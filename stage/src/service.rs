@@ -232,6 +232,7 @@ async fn serve<R: StageRunner>(
         models: vec![config.model.clone()],
         tasks: config.tasks.clone(),
         capacity: config.capacity.max(1),
+        unfit_loras: Default::default(),
     };
     let deps = StageDeps {
         queue: shared.queue,

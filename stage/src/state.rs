@@ -33,6 +33,9 @@ pub struct LoadedModel {
     pub dtype: String,
     /// Bytes of parameters held.
     pub parameter_bytes: u64,
+    /// LoRA adapters of the stage's directory that do not fit the model (name → why); the worker
+    /// registers them so that the gateway refuses jobs naming them.
+    pub unfit_loras: std::collections::BTreeMap<String, String>,
 }
 
 impl LoadedModel {
@@ -50,6 +53,7 @@ impl LoadedModel {
             device: format!("{device:?}"),
             dtype: format!("{dtype:?}"),
             parameter_bytes,
+            unfit_loras: Default::default(),
         }
     }
 }
@@ -187,6 +191,11 @@ impl ServiceState {
 
     pub fn set_loaded(&self, models: Vec<LoadedModel>) {
         *lock(&self.loaded) = models;
+    }
+
+    /// The adapters the loaded models found unfit (name → why), for the worker's registration.
+    pub fn unfit_loras(&self) -> std::collections::BTreeMap<String, String> {
+        lock(&self.loaded).iter().flat_map(|m| m.unfit_loras.clone()).collect()
     }
 
     pub fn set_transfer_endpoint(&self, endpoint: String) {

@@ -192,6 +192,7 @@ impl World {
             models: vec!["m".into()],
             tasks: vec![Task::T2v],
             capacity: 1,
+            unfit_loras: Default::default(),
         };
         let task = tokio::spawn(async move { loaded.serve(deps, info).await.unwrap() });
         (state, done, task)

@@ -108,7 +108,8 @@ def png_size(b64: str) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def a14b(x2v_bin, tmp_path_factory):
     """`x2v up` serving a Wan2.2 A14B-shaped demo model (two experts) with two LoRA adapters in
-    its `loras/`: `detail` (diffusers/PEFT keys) and `motion` (original Wan keys with alpha)."""
+    its `loras/`: `detail` (diffusers/PEFT keys) and `motion` (original Wan keys with alpha), and
+    `wide`, made for another model."""
     tmp = tmp_path_factory.mktemp("a14b")
     model = tmp / "model"
     subprocess.run([str(x2v_bin), "demo-model", "--out", str(model), "--two-experts", "--seed", "3"],
@@ -145,6 +146,10 @@ def write_adapters(loras):
         motion[f"{prefix}.lora_up.weight"] = rng.normal(0, 0.5, (64, 2)).astype(np.float32)
         motion[f"{prefix}.alpha"] = np.array(1.0, dtype=np.float32)
     save_file(motion, str(loras / "motion.safetensors"))
+    # `wide`: made for a model of width 96, which the DiT finds unfit when it loads.
+    wide = {"transformer.blocks.0.attn1.to_q.lora_A.weight": rng.normal(0, 0.5, (4, 96)).astype(np.float32),
+            "transformer.blocks.0.attn1.to_q.lora_B.weight": rng.normal(0, 0.5, (96, 4)).astype(np.float32)}
+    save_file(wide, str(loras / "wide.safetensors"))
 
 
 SETTINGS = {"seed": 21, "num_inference_steps": 4, "guidance_scale": 5.0, "shift": 3.0, "negative_prompt": "blurry"}
@@ -199,6 +204,7 @@ def test_lora_jobs_compose_adapters_and_leave_the_base_model_untouched(a14b):
     local = generate(a14b, "local-lora", "--guidance-2", "3", "--lora", "detail:0.8", "--lora", "motion:1.5")
     assert with_loras.read_bytes() == local.read_bytes(), "the served LoRA video differs from x2v generate's"
     for lora, says in [([{"name": "sketch"}], "no LoRA adapter `sketch`"),
+                       ([{"name": "wide"}], "`wide` does not fit model `wan2.2-t2v`"),
                        ([{"name": "detail"}, {"name": "detail"}], "twice"),
                        ([{"name": "detail", "scale": 99}], "scale"),
                        ([{"name": "../detail"}], "must be")]:

@@ -136,7 +136,13 @@ pub async fn models(State(state): State<AppState>) -> Result<Response, ApiError>
                 x2v: ModelDetail {
                     tasks,
                     ranks,
-                    loras: limits.map(ModelConfig::loras).unwrap_or_default(),
+                    // Adapters a DiT worker found unfit for the model are left out.
+                    loras: limits
+                        .map(ModelConfig::loras)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|l| !workers.iter().any(|w| w.unfit_loras.contains_key(l)))
+                        .collect(),
                     limits,
                 },
             }

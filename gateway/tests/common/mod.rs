@@ -84,6 +84,7 @@ impl Harness {
                 models: vec!["wan2.1-t2v-1.3b".into(), "qwen-image".into()],
                 tasks: vec![Task::T2v, Task::I2v, Task::V2v, Task::T2i, Task::Edit],
                 capacity: 1,
+                unfit_loras: Default::default(),
             };
             let w = StageWorker::new(
                 self.state.queue.clone(),

@@ -136,6 +136,12 @@ impl WanDit {
         Ok(())
     }
 
+    /// Checks that `adapter` fits every expert (each of its layers lands on one with matching
+    /// sizes), without applying it.
+    pub fn check_fits(&self, adapter: &LoraAdapter) -> Result<(), Error> {
+        self.experts().try_for_each(|expert| lora::check_fits(expert, adapter))
+    }
+
     /// Removes every adapter: the experts compute with their own weights alone again.
     pub fn clear_loras(&self) {
         self.experts().for_each(lora::clear_loras);
