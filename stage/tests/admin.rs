@@ -161,6 +161,7 @@ async fn loaded_models_reports_what_the_worker_loaded() {
         device: "cuda:0".into(),
         dtype: "bf16".into(),
         parameter_bytes: 2_838_000_000,
+        unfit_loras: Default::default(),
     }]);
     let after = admin.loaded_models(pb::LoadedModelsRequest {}).await.unwrap().into_inner();
     assert_eq!(
