@@ -90,6 +90,24 @@ fn bad_arguments_are_named() {
         (with(args.clone(), "--task", "i2v"), &["--task i2v needs --image"]),
         (with(args.clone(), "--image", "first.png"), &["--image first.png", "--task i2v"]),
         (with(args.clone(), "--model-dir", "/nonexistent/wan"), &["/nonexistent/wan"]),
+        (with(args.clone(), "--task", "v2v"), &["--task v2v needs --video"]),
+        (with(args.clone(), "--video", "in.mp4"), &["--video in.mp4", "--task v2v"]),
+        (
+            with(with(args.clone(), "--task", "v2v"), "--video", "/nonexistent/in.mp4"),
+            &["--video /nonexistent/in.mp4"],
+        ),
+        (
+            with(with(args.clone(), "--task", "v2v"), "--video", "Cargo.toml"),
+            &["--video Cargo.toml", "MP4"],
+        ),
+        (
+            with(with(args.clone(), "--sampler", "step-distill"), "--steps", "8"),
+            &["--steps 8", "--sampler step-distill", "(4)"],
+        ),
+        (
+            with(with(args.clone(), "--sampler", "step-distill"), "--denoising-steps", "500,750"),
+            &["--denoising-steps", "descending"],
+        ),
         (
             with(with(args.clone(), "--task", "i2v"), "--image", "/nonexistent/first.png"),
             &["--image /nonexistent/first.png"],
