@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tch::{Device, Kind, Tensor};
 use x2v_models::schedulers::{FlowMatchEulerConfig, StepDistillConfig, UniPcConfig};
 use x2v_models::wan::lora::load_adapter;
+use x2v_models::wan::pipeline::denoise::first_step;
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Geometry, ModelDir, SchedulerChoice, Task, WanDecoder, WanEncoder, denoise,
     load_dit,
@@ -168,17 +169,22 @@ fn parse_task(s: &str) -> Result<CliTask, String> {
     }
 }
 
-/// `--lora NAME[:SCALE]` → (file, name, scale).
-fn parse_lora(spec: &str, a: &Args) -> Result<(PathBuf, String, f64)> {
-    let (name, scale) = match spec.rsplit_once(':') {
+/// `NAME[:SCALE]` (scale 1 when absent) of the command-line flag `flag`.
+pub(crate) fn lora_name_and_scale<'a>(flag: &str, spec: &'a str) -> Result<(&'a str, f64)> {
+    match spec.rsplit_once(':') {
         Some((name, scale)) => {
             let s: f64 = scale.parse().ok().filter(|s: &f64| s.is_finite()).with_context(|| {
-                format!("--lora {spec}: scale `{scale}` is not a finite number")
+                format!("{flag} {spec}: scale `{scale}` is not a finite number")
             })?;
-            (name, s)
+            Ok((name, s))
         }
-        None => (spec, 1.0),
-    };
+        None => Ok((spec, 1.0)),
+    }
+}
+
+/// `--lora NAME[:SCALE]` → (file, name, scale).
+fn parse_lora(spec: &str, a: &Args) -> Result<(PathBuf, String, f64)> {
+    let (name, scale) = lora_name_and_scale("--lora", spec)?;
     if name.ends_with(".safetensors") || name.contains('/') {
         let path = PathBuf::from(name);
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or(name).to_owned();
@@ -286,34 +292,18 @@ fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
     Ok(Job { scheduler, task, geometry, guidance, guidance_2: a.guidance_2, loras, image, video })
 }
 
-/// `--strength`, in (0, 1] and leaving at least one of `--steps` to run.
+/// `--strength`, checked by the denoising loop's own rule (in (0, 1], at least one step left).
 fn check_strength(a: &Args) -> Result<f64> {
-    let s = a.strength;
-    if !(s > 0.0 && s <= 1.0) {
-        bail!("--strength must be above 0 and at most 1, got {s}");
-    }
-    if (a.steps() as f64 * s) < 1.0 {
-        bail!(
-            "--strength {s} leaves none of the {} steps to run (steps × strength ≥ 1)",
-            a.steps()
-        );
-    }
-    Ok(s)
+    first_step(a.steps(), a.strength).map_err(|e| anyhow::anyhow!("--strength: {e}"))?;
+    Ok(a.strength)
 }
 
 /// The first `frames` frames of an MP4 as shown at `fps`, RGB `uint8 [F, H, W, 3]`.
 fn read_video(path: &Path, fps: u32, frames: i64) -> Result<Tensor> {
     let bytes =
         std::fs::read(path).with_context(|| format!("--video {}: cannot read", path.display()))?;
-    let v = x2v_media::decode_mp4(&bytes, fps.max(1), frames.max(1) as usize)
-        .with_context(|| format!("--video {}", path.display()))?;
-    if (v.frames as i64) < frames {
-        bail!(
-            "--video {}: {} frames at {fps} fps, fewer than --frames {frames}",
-            path.display(),
-            v.frames
-        );
-    }
+    let v = x2v_media::decode_mp4_exact(&bytes, fps.max(1), frames.max(1) as usize)
+        .with_context(|| format!("--video {} (--frames {frames}, --fps {fps})", path.display()))?;
     Ok(Tensor::from_slice(&v.data).view([v.frames as i64, v.height as i64, v.width as i64, 3]))
 }
 

@@ -361,15 +361,11 @@ fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
 
 /// `--base-lora NAME[:SCALE]`, an adapter of the model's `loras/`.
 fn base_lora(spec: &str, model: &ModelConfig) -> Result<x2v_core::lora::LoraRef> {
-    let (name, scale) = match spec.rsplit_once(':') {
-        Some((name, scale)) => {
-            let s: f32 = scale.parse().ok().filter(|s: &f32| s.is_finite()).with_context(|| {
-                format!("--base-lora {spec}: scale `{scale}` is not a finite number")
-            })?;
-            (name, s)
-        }
-        None => (spec, 1.0),
-    };
+    let (name, scale) = crate::generate::lora_name_and_scale("--base-lora", spec)?;
+    let scale = scale as f32;
+    if !scale.is_finite() {
+        bail!("--base-lora {spec}: scale {scale} is out of range");
+    }
     let known = model.loras();
     if !known.iter().any(|k| k == name) {
         bail!(

@@ -88,15 +88,14 @@ impl Decoder {
         let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
             StageError::new(JobErrorCode::InvalidRequest, "a video extension needs a `video` input")
         })?;
-        let v = x2v_media::decode_mp4(&upload.bytes, job.spec.fps, kept as usize).map_err(|e| {
-            StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
-        })?;
-        if v.frames < kept as usize {
-            return Err(StageError::new(
-                JobErrorCode::InvalidVideo,
-                format!("`video` has {} frames at {} fps, not {kept}", v.frames, job.spec.fps),
-            ));
-        }
+        let v = x2v_media::decode_mp4_exact(&upload.bytes, job.spec.fps, kept as usize).map_err(
+            |e| {
+                StageError::new(
+                    JobErrorCode::InvalidVideo,
+                    format!("`video` cannot be decoded: {e}"),
+                )
+            },
+        )?;
         inputs.prepared = Some(Box::new(v));
         Ok(())
     }

@@ -169,20 +169,9 @@ fn input_video(inputs: &JobInputs, spec: &x2v_queue::JobSpec) -> Result<DecodedV
     let upload = inputs.upload(INPUT_VIDEO).ok_or_else(|| {
         StageError::new(JobErrorCode::InvalidRequest, "video-to-video needs a `video` input")
     })?;
-    let frames = spec.num_frames as usize;
-    let v = x2v_media::decode_mp4(&upload.bytes, spec.fps, frames).map_err(|e| {
+    x2v_media::decode_mp4_exact(&upload.bytes, spec.fps, spec.num_frames as usize).map_err(|e| {
         StageError::new(JobErrorCode::InvalidVideo, format!("`video` cannot be decoded: {e}"))
-    })?;
-    if v.frames < frames {
-        return Err(StageError::new(
-            JobErrorCode::InvalidVideo,
-            format!(
-                "`video` decodes to {} frames at {} fps; the job needs {frames}",
-                v.frames, spec.fps
-            ),
-        ));
-    }
-    Ok(v)
+    })
 }
 
 /// Decoded frames as RGB `uint8 [F, H, W, 3]`.

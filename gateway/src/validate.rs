@@ -227,14 +227,32 @@ fn common(
     })
 }
 
+/// The `seconds` a request may ask for at `fps` (whole seconds the model's `max_frames` hold,
+/// at least 1), checked.
+fn clip_seconds(
+    model: &ModelConfig,
+    fps: u32,
+    given: Option<u64>,
+) -> Result<(u32, Option<u32>), ApiError> {
+    let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
+    let seconds = within("seconds", given, 1, max_seconds.into())?;
+    Ok((max_seconds, seconds.map(|s| s as u32)))
+}
+
+/// The `4k+1` frames of a clip of `seconds` (the model's default when absent) at `fps`, up to the
+/// model's `max_frames`.
+fn clip_frames(model: &ModelConfig, fps: u32, max_seconds: u32, seconds: Option<u32>) -> u32 {
+    let s = seconds.unwrap_or(model.default_seconds).min(max_seconds);
+    ((s * fps).div_ceil(4) * 4 + 1).min(model.max_frames)
+}
+
 /// `POST /v1/videos` (and a remix).
 pub fn video(req: CreateVideoRequest, models: &[ModelConfig]) -> Result<Validated, ApiError> {
     let task = if req.input_reference.is_none() { Task::T2v } else { Task::I2v };
     let model = model_for(models, req.model.as_deref(), task)?;
     let size = size(req.size.as_deref(), model, None)?;
     let fps = req.fps.map_or(model.fps, |f| f as u32).max(1);
-    let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
-    let seconds = within("seconds", req.seconds, 1, max_seconds.into())?;
+    let (max_seconds, seconds) = clip_seconds(model, fps, req.seconds)?;
     let frames = match within("num_frames", req.num_frames, 1, model.max_frames.into())? {
         Some(f) if f % 4 != 1 => {
             return Err(ApiError::invalid(
@@ -246,12 +264,9 @@ pub fn video(req: CreateVideoRequest, models: &[ModelConfig]) -> Result<Validate
             ));
         }
         Some(f) => f as u32,
-        None => {
-            let s = seconds.map_or(model.default_seconds, |s| s as u32).min(max_seconds);
-            ((s * fps).div_ceil(4) * 4 + 1).min(model.max_frames)
-        }
+        None => clip_frames(model, fps, max_seconds, seconds),
     };
-    let seconds = seconds.map_or_else(|| (frames - 1).div_ceil(fps).max(1), |s| s as u32);
+    let seconds = seconds.unwrap_or_else(|| (frames - 1).div_ceil(fps).max(1));
     let seed_given = req.sampling.seed.is_some();
     let mut spec = common(req.sampling, model, task, size, req.prompt)?;
     spec.num_frames = frames;
@@ -268,8 +283,16 @@ pub struct SourceVideo {
     pub info: x2v_media::VideoInfo,
 }
 
-/// The model size nearest the input's aspect ratio (the first of equals).
-fn nearest_size(model: &ModelConfig, info: &x2v_media::VideoInfo) -> Result<Size, ApiError> {
+/// An edit's or extension's size: the request's (one of the model's), else the model size
+/// nearest the input's aspect ratio (the first of equals).
+fn input_video_size(
+    given: Option<&str>,
+    model: &ModelConfig,
+    info: &x2v_media::VideoInfo,
+) -> Result<Size, ApiError> {
+    if given.is_some() {
+        return size(given, model, None);
+    }
     let aspect = (f64::from(info.width) / f64::from(info.height)).ln();
     model
         .sizes
@@ -292,16 +315,12 @@ pub fn video_edit(
     models: &[ModelConfig],
 ) -> Result<Validated, ApiError> {
     let model = model_for(models, req.model.as_deref(), Task::V2v)?;
-    let size = match req.size.as_deref() {
-        Some(_) => size(req.size.as_deref(), model, None)?,
-        None => nearest_size(model, &source.info)?,
-    };
+    let size = input_video_size(req.size.as_deref(), model, &source.info)?;
     let fps = model.fps.max(1);
-    let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
-    let seconds = within("seconds", req.seconds, 1, max_seconds.into())?;
+    let (_, seconds) = clip_seconds(model, fps, req.seconds)?;
     let mut available = source.info.frames_at(fps).min(model.max_frames);
     if let Some(s) = seconds {
-        available = available.min(s as u32 * fps + 1);
+        available = available.min(s * fps + 1);
     }
     let frames = (available.max(1) - 1) / 4 * 4 + 1;
     let strength = req.strength.unwrap_or(DEFAULT_STRENGTH);
@@ -335,15 +354,10 @@ pub fn video_extension(
     models: &[ModelConfig],
 ) -> Result<Validated, ApiError> {
     let model = model_for(models, req.model.as_deref(), Task::I2v)?;
-    let size = match req.size.as_deref() {
-        Some(_) => size(req.size.as_deref(), model, None)?,
-        None => nearest_size(model, &source.info)?,
-    };
+    let size = input_video_size(req.size.as_deref(), model, &source.info)?;
     let fps = model.fps.max(1);
-    let max_seconds = (model.max_frames.saturating_sub(1) / fps).max(1);
-    let seconds = within("seconds", req.seconds, 1, max_seconds.into())?;
-    let s = seconds.map_or(model.default_seconds, |s| s as u32).min(max_seconds);
-    let new_frames = ((s * fps).div_ceil(4) * 4 + 1).min(model.max_frames);
+    let (max_seconds, seconds) = clip_seconds(model, fps, req.seconds)?;
+    let new_frames = clip_frames(model, fps, max_seconds, seconds);
     let kept = source.info.frames_at(fps);
     let total = u64::from(kept) + u64::from(new_frames) - 1;
     let most = u64::from(model.max_frames) * u64::from(MAX_EXTENDED_CLIPS);

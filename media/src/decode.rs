@@ -179,6 +179,18 @@ pub fn decode_mp4(bytes: &[u8], fps: u32, max_frames: usize) -> Result<DecodedVi
     decode_picked(bytes, |sorted, duration_s| pick_frames(sorted, duration_s, fps, max_frames))
 }
 
+/// [`decode_mp4`], refusing a video that has fewer than `frames` frames at `fps`.
+pub fn decode_mp4_exact(bytes: &[u8], fps: u32, frames: usize) -> Result<DecodedVideo, MediaError> {
+    let v = decode_mp4(bytes, fps, frames)?;
+    if v.frames < frames {
+        return Err(bad(format!(
+            "the video has {} frames at {fps} fps, fewer than the {frames} needed",
+            v.frames
+        )));
+    }
+    Ok(v)
+}
+
 /// Frame `index` of an H.264 MP4 as shown at `fps` (frame `index` of [`decode_mp4`]'s answer),
 /// as a one-frame video, decoding no further than that frame.
 pub fn decode_mp4_frame(bytes: &[u8], fps: u32, index: usize) -> Result<DecodedVideo, MediaError> {

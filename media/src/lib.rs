@@ -22,7 +22,8 @@ mod video;
 mod yuv;
 
 pub use decode::{
-    DecodedVideo, VideoInfo, decode_last_frame, decode_mp4, decode_mp4_frame, probe_mp4,
+    DecodedVideo, VideoInfo, decode_last_frame, decode_mp4, decode_mp4_exact, decode_mp4_frame,
+    probe_mp4,
 };
 pub use error::MediaError;
 pub use frames::{Frames, MAX_SIDE};

@@ -135,3 +135,13 @@ fn one_frame_at_a_rate_is_that_frame_of_the_whole() {
     let err = x2v_media::decode_mp4_frame(&mp4, 16, 16).unwrap_err();
     assert!(err.to_string().contains("16 frames at 16 fps, not frame 16"), "{err}");
 }
+
+#[test]
+fn exactly_the_frames_needed_or_an_error_saying_how_many_there_are() {
+    let mp4 = x2v_mp4(9, 64, 64, 8);
+    let v = x2v_media::decode_mp4_exact(&mp4, 8, 9).unwrap();
+    assert_eq!(v, decode_mp4(&mp4, 8, 9).unwrap());
+    let err = x2v_media::decode_mp4_exact(&mp4, 8, 10).unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
+    assert!(err.to_string().contains("has 9 frames at 8 fps, fewer than the 10 needed"), "{err}");
+}
