@@ -125,10 +125,8 @@ impl WanDit {
     /// x2v applies an adapter to both experts of a two-expert model (diffusers loads into
     /// `transformer` alone unless told `load_into_transformer_2`).
     pub fn set_loras(&self, adapters: &[(Rc<LoraAdapter>, f64)]) -> Result<(), Error> {
-        for expert in self.experts() {
-            for (adapter, _) in adapters {
-                lora::check_fits(expert, adapter)?;
-            }
+        for (adapter, _) in adapters {
+            self.check_fits(adapter)?;
         }
         for expert in self.experts() {
             lora::set_loras(expert, adapters)?;
