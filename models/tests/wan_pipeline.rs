@@ -185,7 +185,7 @@ fn two_expert_settings_and_directories_are_checked() {
     let err = denoise(&dit, &phase1, &two, |_| {}, || false).unwrap_err().to_string();
     assert!(err.contains("guidance_scale_2") && err.contains("one transformer"), "{err}");
 
-    // A boundary without its second expert, a boundary out of range, TI2V-5B.
+    // A boundary without its second expert, a boundary out of range, both A14B and TI2V-5B.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::create_dir_all(dir.join("transformer")).unwrap();
@@ -194,7 +194,7 @@ fn two_expert_settings_and_directories_are_checked() {
     for (index, needle) in [
         (r#"{"boundary_ratio": 0.875}"#, "transformer_2/config.json"),
         (r#"{"boundary_ratio": 1.5}"#, "boundary_ratio must lie in (0, 1), got 1.5"),
-        (r#"{"expand_timesteps": true}"#, "TI2V-5B"),
+        (r#"{"expand_timesteps": true, "boundary_ratio": 0.875}"#, "exclude each other"),
     ] {
         std::fs::write(dir.join("model_index.json"), index).unwrap();
         let err = load_dit(dir, Device::Cpu, Kind::Float).unwrap_err().to_string();

@@ -120,10 +120,14 @@ fn bad_inputs_are_named() {
     let err = frames_u8(&Tensor::zeros([2, 3, 4], (Kind::Float, Device::Cpu)), Quantize::Round)
         .unwrap_err();
     assert!(err.to_string().contains("[2, 3, 4]"), "{err}");
+    // Patchified RGB has 3·p² channels: a patch size without them is refused.
     let mut cfg = VaeConfig::wan21();
     cfg.patch_size = Some(2);
     let err = AutoencoderKLWan::build(&cfg, VaeParts::Full, Device::Cpu, Kind::Float).unwrap_err();
-    assert!(err.to_string().contains("patch_size = 2"), "{err}");
+    assert!(
+        err.to_string().contains("in_channels = 3 must be a positive multiple of patch_size² = 4"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -90,6 +90,8 @@ impl QwenImageVaeConfig {
             in_channels: self.input_channels,
             out_channels: self.input_channels,
             patch_size: None,
+            scale_factor_spatial: None,
+            scale_factor_temporal: None,
         }
     }
 }

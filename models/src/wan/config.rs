@@ -203,9 +203,10 @@ impl Config {
         }
         let head_dim = o.dim / o.num_heads;
         let i2v = match o.model_type.as_str() {
-            "t2v" => false,
+            // TI2V-5B conditions on the first frame's latents, with no image attention.
+            "t2v" | "ti2v" => false,
             "i2v" => true,
-            other => return Err(format!("model_type `{other}` is not supported (t2v, i2v)")),
+            other => return Err(format!("model_type `{other}` is not supported (t2v, i2v, ti2v)")),
         };
         Ok(Config {
             patch_size: o.patch_size,

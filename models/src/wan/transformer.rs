@@ -1,13 +1,15 @@
-//! Wan2.1 diffusion transformer (DiT): text-to-video and image-to-video.
+//! Wan diffusion transformer (DiT): text-to-video and image-to-video (Wan2.1, Wan2.2).
 //!
 //! Paper: "Wan: Open and Advanced Large-Scale Video Generative Models" (Wan Team, 2025).
 //! Reference: diffusers `models/transformers/transformer_wan.py` (`WanTransformer3DModel`); var-store
 //! paths equal its state-dict keys. The original release's keys are remapped by [`remap_key`]
 //! (`transformer_keys.rs`).
 //!
-//! Boundary: latent `[B, C_in, F, H, W]` (C_in 16, or 36 for I2V), timestep `[B]`, text context
-//! `[B, 512, text_dim]`, I2V image context `[B, 257, image_dim]` → velocity `[B, 16, F, H, W]`
-//! in the model dtype. Modulation and the time embedder run in fp32 (see [`KEEP_F32`]).
+//! Boundary: latent `[B, C_in, F, H, W]` (C_in 16, 36 for Wan2.1 I2V, 48 for Wan2.2 TI2V-5B),
+//! timestep `[B]` or, per token as TI2V-5B takes it, `[B, L]` (`L` the patch count), text
+//! context `[B, 512, text_dim]`, I2V image context `[B, 257, image_dim]` → velocity
+//! `[B, C_out, F, H, W]` in the model dtype. Modulation and the time embedder run in fp32 (see
+//! [`KEEP_F32`]); per-token timesteps are embedded once per distinct value.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -178,9 +180,16 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, tproj: &Tensor, ctx: &BlockContext, rope: &RopeTables) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        time: &TimeRows,
+        ctx: &BlockContext,
+        rope: &RopeTables,
+    ) -> Tensor {
         let kind = x.kind();
-        let m = (&self.scale_shift_table + tproj.to_kind(Kind::Float)).chunk(6, 1);
+        let table = &self.scale_shift_table + time.proj.to_kind(Kind::Float);
+        let m: Vec<Tensor> = (0..6).map(|i| time.per_token(&table.select(1, i))).collect();
         let modulate = |x: &Tensor, shift: &Tensor, scale: &Tensor| {
             (layer_norm_no_affine(x, self.eps) * (scale + 1.0) + shift).to_kind(kind)
         };
@@ -196,7 +205,25 @@ impl Block {
     }
 }
 
-/// The Wan2.1 DiT with weights loaded (see the module docs for shapes).
+/// The time embedding of each distinct timestep value, and which value each token takes.
+struct TimeRows {
+    /// `[U, dim]` in the model dtype: `time_embedder(sinusoid(t))`.
+    temb: Tensor,
+    /// `[U, 6, dim]`: `time_proj(silu(temb))`.
+    proj: Tensor,
+    /// `[B, N]` int64 rows of the `U` values: `N = 1` (one timestep per sample) or the patch count.
+    index: Tensor,
+}
+
+impl TimeRows {
+    /// `rows [U, dim]` as `[B, N, dim]`, the row of each sample's (or token's) timestep.
+    fn per_token(&self, rows: &Tensor) -> Tensor {
+        let [b, n] = self.index.size()[..] else { unreachable!("[B, N] index") };
+        rows.index_select(0, &self.index.reshape([-1])).view([b, n, -1])
+    }
+}
+
+/// The Wan DiT with weights loaded (see the module docs for shapes).
 #[derive(Debug)]
 pub struct WanTransformer3DModel {
     config: Config,
@@ -439,6 +466,7 @@ impl WanTransformer3DModel {
     ) -> Result<Tensor, Error> {
         let _guard = tch::no_grad_guard();
         let (b, grid) = self.check_latents(latents, timestep)?;
+        let tokens = grid.iter().product::<i64>();
         if b != ctx.batch {
             return Err(Error::input(
                 Component::Transformer,
@@ -454,11 +482,21 @@ impl WanTransformer3DModel {
         let x = x.conv3d(&self.patch_weight, Some(&self.patch_bias), cfg.patch_size, 0, 1, 1);
         let x = x.flatten(2, -1).transpose(1, 2).contiguous(); // [B, L, dim]
 
-        let t = timestep.to_device(dev).reshape([-1]).expand([b], false);
-        let temb =
-            self.time_2.forward(&self.time_1.forward(&timestep_sinusoid(&t, cfg.freq_dim)).silu());
-        let temb = temb.to_kind(kind);
-        let tproj = self.time_proj.forward(&temb.silu()).view([b, 6, dim]);
+        let (values, index) = if timestep.dim() == 2 {
+            // TI2V-5B: one timestep per token, of a few distinct values (0 for the clean frame).
+            let (values, inverse) =
+                timestep.to_device(dev).reshape([-1]).internal_unique(true, true);
+            (values, inverse.view([b, tokens]))
+        } else {
+            let t = timestep.to_device(dev).reshape([-1]).expand([b], false);
+            (t, Tensor::arange(b, (Kind::Int64, dev)).view([b, 1]))
+        };
+        let temb = self
+            .time_2
+            .forward(&self.time_1.forward(&timestep_sinusoid(&values, cfg.freq_dim)).silu())
+            .to_kind(kind);
+        let proj = self.time_proj.forward(&temb.silu()).view([-1, 6, dim]);
+        let time = TimeRows { temb, proj, index };
 
         let mut cache = self.rope.borrow_mut();
         if !cache.contains_key(&grid) && cache.len() >= ROPE_CACHE_ENTRIES {
@@ -469,11 +507,13 @@ impl WanTransformer3DModel {
 
         let mut x = x;
         for (block, bctx) in self.blocks.iter().zip(&ctx.blocks) {
-            x = block.forward(&x, &tproj, bctx, rope);
+            x = block.forward(&x, &time, bctx, rope);
         }
 
-        let m = (&self.scale_shift_table + temb.unsqueeze(1).to_kind(Kind::Float)).chunk(2, 1);
-        let x = (layer_norm_no_affine(&x, cfg.eps) * (&m[1] + 1.0) + &m[0]).to_kind(kind);
+        let head = &self.scale_shift_table + time.temb.unsqueeze(1).to_kind(Kind::Float);
+        let (shift, scale) =
+            (time.per_token(&head.select(1, 0)), time.per_token(&head.select(1, 1)));
+        let x = (layer_norm_no_affine(&x, cfg.eps) * (scale + 1.0) + shift).to_kind(kind);
         let x = self.proj_out.forward(&x);
         let [pt, ph, pw] = cfg.patch_size;
         let [f, h, w] = grid;
@@ -505,8 +545,13 @@ impl WanTransformer3DModel {
             grid[i] = n / p;
         }
         let tn = timestep.numel() as i64;
-        if timestep.dim() > 1 || (tn != b && tn != 1) {
-            return bad(format!("timestep must be a scalar or [{b}], got {:?}", timestep.size()));
+        let tokens = grid.iter().product::<i64>();
+        let per_token = timestep.size() == [b, tokens];
+        if !per_token && (timestep.dim() > 1 || (tn != b && tn != 1)) {
+            return bad(format!(
+                "timestep must be a scalar, [{b}] or per token [{b}, {tokens}], got {:?}",
+                timestep.size()
+            ));
         }
         Ok((b, grid))
     }

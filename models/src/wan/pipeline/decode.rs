@@ -1,15 +1,16 @@
-//! The Wan2.1 decoder stage: final DiT latents → video frames, as diffusers' pipelines decode
+//! The Wan decoder stage: final DiT latents → video frames, as diffusers' pipelines decode
 //! (`latents / (1/std) + mean`, `vae.decode`) and `export_to_video` quantises the default
 //! `output_type="np"` frames (`uint8(clamp(x/2 + 0.5, 0, 1) · 255)`, truncating).
 //!
-//! Boundary: [`Phase2`] latents `[1, 16, T, H/8, W/8]` → `uint8 [F, H, W, 3]` on the CPU.
+//! Boundary: [`Phase2`] latents `[1, C, T, H/s, W/s]` (the VAE's layout: 16 channels at 1/8, or
+//! Wan2.2's 48 at 1/16) → `uint8 [F, H, W, 3]` on the CPU.
 
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::Phase2;
 use super::model_dir::ModelDir;
+use super::{LatentSpec, Phase2};
 use crate::error::{Component, Error};
 use crate::wan::vae::{AutoencoderKLWan, Quantize, VaeParts, frames_u8};
 use crate::weights;
@@ -38,13 +39,14 @@ impl WanDecoder {
     /// The video of `phase2` as `uint8 [F, H, W, 3]` (CPU, contiguous).
     pub fn decode(&self, phase2: &Phase2) -> Result<Tensor, Error> {
         let g = phase2.geometry;
-        g.validate().map_err(|m| Error::input(Component::Decode, m))?;
-        if phase2.latents.size() != g.latent_shape() {
+        let spec = LatentSpec::of_vae(self.vae.config());
+        g.validate_for(spec).map_err(|m| Error::input(Component::Decode, m))?;
+        if phase2.latents.size() != g.latent_shape_for(spec) {
             return Err(Error::input(
                 Component::Decode,
                 format!(
                     "latents must be {:?} for {}×{}×{} frames, got {:?}",
-                    g.latent_shape(),
+                    g.latent_shape_for(spec),
                     g.frames,
                     g.height,
                     g.width,

@@ -7,6 +7,10 @@
 //! Video-to-video (`WanVideoToVideoPipeline`): of the `steps`-step grid the last
 //! `int(steps·strength)` steps run; the initial latents are the input video's latents noised to the
 //! first of them, `sigma·noise + (1 − sigma)·latents` (UniPC's `add_noise`, Euler's `scale_noise`).
+//! Wan2.2 TI2V-5B (`expand_timesteps`): the noise has the Wan2.2 VAE's 48 channels at 1/16 of the
+//! pixels, and the DiT takes one timestep per token; given an image, latent frame 0 is the image's
+//! latents in every model input (its tokens at timestep 0) and in the final latents, as diffusers'
+//! `WanImageToVideoPipeline` holds it with `first_frame_mask`.
 //! Wan2.2 A14B: each step runs on the expert its timestep falls to ([`WanDit::expert_at`]), with
 //! `guidance_scale` on the high-noise expert and `guidance_scale_2` on the low-noise one; whether
 //! guidance runs at all follows `guidance_scale` alone, as in diffusers.
@@ -14,7 +18,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::dit::{Expert, WanDit};
-use super::{Geometry, Phase1, Phase2, TEXT_LEN};
+use super::{Geometry, LatentSpec, Phase1, Phase2, TEXT_LEN};
 use crate::error::{Component, Error};
 use crate::schedulers::{
     FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, StepDistillConfig,
@@ -122,6 +126,8 @@ struct Conditioning {
     image: Option<Tensor>,
     /// I2V `y`, concatenated to the latents on the channel axis.
     y: Option<Tensor>,
+    /// TI2V-5B image-to-video: the image's latents `[1, C, 1, h, w]`, latent frame 0 throughout.
+    first_frame: Option<Tensor>,
     /// V2V: the input video's latents, fp32 on the device.
     video: Option<Tensor>,
 }
@@ -132,6 +138,7 @@ impl Conditioning {
         phase1: &Phase1,
         guided: bool,
         latent_shape: [i64; 5],
+        expand_timesteps: bool,
     ) -> Result<Self, Error> {
         let cfg = dit.config();
         let dev = dit.device();
@@ -152,6 +159,24 @@ impl Conditioning {
             (false, None) => None,
         };
         let [_, c, t, h, w] = latent_shape;
+        if expand_timesteps {
+            let first_frame = match &phase1.condition {
+                Some(y) if y.size() != [1, c, 1, h, w] => {
+                    let want = [1, c, 1, h, w];
+                    return Err(bad(format!(
+                        "the first frame's latents must be {want:?}, got {:?}",
+                        y.size()
+                    )));
+                }
+                Some(y) => Some(y.to_device(dev).to_kind(Kind::Float)),
+                None => None,
+            };
+            if phase1.video_latents.is_some() {
+                return Err(bad("video-to-video is not offered on a TI2V model".into()));
+            }
+            let cond = cond.to_device(dev);
+            return Ok(Conditioning { cond, uncond, image, y: None, first_frame, video: None });
+        }
         let y = match &phase1.condition {
             Some(y) => {
                 let want = [1, cfg.in_channels - c, t, h, w];
@@ -178,8 +203,43 @@ impl Conditioning {
             Some(v) => Some(v.to_device(dev).to_kind(Kind::Float)),
             None => None,
         };
-        Ok(Conditioning { cond: cond.to_device(dev), uncond, image, y, video })
+        Ok(Conditioning { cond: cond.to_device(dev), uncond, image, y, first_frame: None, video })
     }
+
+    /// The DiT's input at a step: the latents, with I2V's `y` concatenated or TI2V's image
+    /// latents as frame 0.
+    fn model_input(&self, latents: &Tensor) -> Tensor {
+        match (&self.y, &self.first_frame) {
+            (Some(y), _) => Tensor::cat(&[latents, y], 1),
+            (None, Some(f)) => hold_first_frame(latents, f),
+            (None, None) => latents.shallow_clone(),
+        }
+    }
+}
+
+/// `latents` with latent frame 0 replaced by `first` (diffusers: `(1 − mask)·condition +
+/// mask·latents`, the mask 0 on frame 0 and 1 elsewhere).
+fn hold_first_frame(latents: &Tensor, first: &Tensor) -> Tensor {
+    let t = latents.size()[2];
+    Tensor::cat(&[first.to_kind(latents.kind()), latents.narrow(2, 1, t - 1)], 2)
+}
+
+/// TI2V-5B's per-token timesteps `[1, F'·H'·W']` fp32: `t`, or 0 on the tokens of a held first
+/// frame (diffusers: `(mask[0][0][:, ::2, ::2] · t).flatten()`).
+fn token_timesteps(
+    latent_shape: [i64; 5],
+    patch: [i64; 3],
+    t: f32,
+    first_frame: bool,
+    dev: Device,
+) -> Tensor {
+    let [_, _, f, h, w] = latent_shape;
+    let (f, per_frame) = (f / patch[0], (h / patch[1]) * (w / patch[2]));
+    let ts = Tensor::full([f, per_frame], f64::from(t), (Kind::Float, dev));
+    if first_frame {
+        let _ = ts.get(0).fill_(0.0);
+    }
+    ts.view([1, f * per_frame])
 }
 
 impl Guidance {
@@ -204,33 +264,29 @@ impl Guidance {
         })
     }
 
-    /// The guided velocity at timestep `t` for the model input `input`.
+    /// The guided velocity for the model input `input` at `timestep`: `[1]`, or `[1, L]` per
+    /// token.
     fn velocity(
         &self,
         dit: &WanTransformer3DModel,
         input: &Tensor,
-        t: f64,
+        timestep: &Tensor,
         scale: f64,
     ) -> Result<Tensor, Error> {
-        let dev = dit.device();
-        let t32 = t as f32;
         Ok(match self {
             Guidance::Batched(both) => {
                 let input2 = Tensor::cat(&[input, input], 0);
-                let ts = Tensor::from_slice(&[t32, t32]).to_device(dev);
+                let ts = Tensor::cat(&[timestep, timestep], 0);
                 let out = dit.forward_prepared(&input2, &ts, both)?;
                 let (v_c, v_u) = (out.get(0).unsqueeze(0), out.get(1).unsqueeze(0));
                 &v_u + (v_c - &v_u) * scale
             }
             Guidance::Separate(c, u) => {
-                let ts = Tensor::from_slice(&[t32]).to_device(dev);
-                let v_c = dit.forward_prepared(input, &ts, c)?;
-                let v_u = dit.forward_prepared(input, &ts, u)?;
+                let v_c = dit.forward_prepared(input, timestep, c)?;
+                let v_u = dit.forward_prepared(input, timestep, u)?;
                 &v_u + (v_c - &v_u) * scale
             }
-            Guidance::Off(c) => {
-                dit.forward_prepared(input, &Tensor::from_slice(&[t32]).to_device(dev), c)?
-            }
+            Guidance::Off(c) => dit.forward_prepared(input, timestep, c)?,
         })
     }
 }
@@ -259,11 +315,9 @@ fn scheduler(settings: &DenoiseSettings, fresh: Vec<Tensor>) -> Result<Box<dyn S
 
 /// Noise tensors of the latents' shape: the initial noise, then `fresh` more, drawn in turn from
 /// one CPU generator seeded with `seed` (as `torch.Generator("cpu").manual_seed(seed)` draws them).
-fn draw_noise(geometry: &Geometry, seed: u64, fresh: usize, device: Device) -> Vec<Tensor> {
+fn draw_noise(shape: [i64; 5], seed: u64, fresh: usize, device: Device) -> Vec<Tensor> {
     crate::device::with_cpu_seed(seed, || {
-        (0..=fresh)
-            .map(|_| Tensor::randn(geometry.latent_shape(), (Kind::Float, Device::Cpu)))
-            .collect::<Vec<_>>()
+        (0..=fresh).map(|_| Tensor::randn(shape, (Kind::Float, Device::Cpu))).collect::<Vec<_>>()
     })
     .into_iter()
     .map(|t| t.to_device(device))
@@ -283,15 +337,18 @@ pub fn denoise(
 ) -> Result<Phase2, Error> {
     let _guard = tch::no_grad_guard();
     let geometry = phase1.geometry;
-    geometry.validate().map_err(|m| Error::input(Component::Denoise, m))?;
+    let spec: LatentSpec = dit.latent_spec();
+    geometry.validate_for(spec).map_err(|m| Error::input(Component::Denoise, m))?;
+    let shape = geometry.latent_shape_for(spec);
     let scale_2 = guidance_scale_2(dit, settings)?;
     let guided = settings.guidance_scale > 1.0;
-    let conditioning = Conditioning::check(dit.high(), phase1, guided, geometry.latent_shape())?;
+    let expand = dit.expands_timesteps();
+    let conditioning = Conditioning::check(dit.high(), phase1, guided, shape, expand)?;
     let fresh = match &settings.scheduler {
         SchedulerChoice::StepDistill(c) => c.fresh_noises(),
         _ => 0,
     };
-    let mut noises = draw_noise(&geometry, settings.seed, fresh, dit.device());
+    let mut noises = draw_noise(shape, settings.seed, fresh, dit.device());
     let noise = noises.remove(0);
     let mut scheduler = scheduler(settings, noises)?;
     let (first, mut latents) = match (&conditioning.video, settings.strength) {
@@ -330,13 +387,19 @@ pub fn denoise(
             Some(g) => g,
             slot => slot.insert(Guidance::prepare(model, &conditioning, settings.batch_cfg)?),
         };
-        let input = match &conditioning.y {
-            Some(y) => Tensor::cat(&[&latents, y], 1),
-            None => latents.shallow_clone(),
+        let input = conditioning.model_input(&latents);
+        let timestep = if expand {
+            let held = conditioning.first_frame.is_some();
+            token_timesteps(shape, model.config().patch_size, t as f32, held, model.device())
+        } else {
+            Tensor::from_slice(&[t as f32]).to_device(model.device())
         };
-        let v = guidance.velocity(model, &input, t, scale)?;
+        let v = guidance.velocity(model, &input, &timestep, scale)?;
         latents = scheduler.step(&v, &latents)?.to_kind(Kind::Float);
         progress(Progress { step: i + 1, total, timestep: t, expert });
+    }
+    if let Some(first) = &conditioning.first_frame {
+        latents = hold_first_frame(&latents, first);
     }
     Ok(Phase2 { geometry, latents })
 }

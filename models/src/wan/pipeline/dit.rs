@@ -2,6 +2,9 @@
 //! high-noise `transformer` for the steps with `t ≥ boundary_ratio · 1000` and the low-noise
 //! `transformer_2` for the rest, each with its own guidance scale (diffusers' `WanPipeline`).
 //!
+//! Wan2.2 TI2V-5B is one transformer over the Wan2.2 VAE's latents that takes a timestep per token
+//! ([`WanDit::ti2v`]).
+//!
 //! Both experts live in one DiT stage: a job switches expert once, between two steps, without
 //! leaving the process (the README's design notes say why one rank holds both).
 
@@ -9,6 +12,7 @@ use std::rc::Rc;
 
 use tch::Device;
 
+use super::LatentSpec;
 use crate::error::{Component, Error};
 use crate::lora::LoraAdapter;
 use crate::wan::lora;
@@ -40,11 +44,15 @@ pub enum Expert {
 pub struct WanDit {
     high: WanTransformer3DModel,
     low: Option<LowNoiseExpert>,
+    /// The latents it denoises.
+    latents: LatentSpec,
+    /// TI2V-5B: per-token timesteps, the conditioning frame held clean.
+    expand_timesteps: bool,
 }
 
 impl From<WanTransformer3DModel> for WanDit {
     fn from(model: WanTransformer3DModel) -> Self {
-        WanDit { high: model, low: None }
+        WanDit { high: model, low: None, latents: LatentSpec::WAN21, expand_timesteps: false }
     }
 }
 
@@ -74,7 +82,35 @@ impl WanDit {
                 return Err(bad("the two experts are on different devices".into()));
             }
         }
-        Ok(WanDit { high, low })
+        Ok(WanDit { high, low, latents: LatentSpec::WAN21, expand_timesteps: false })
+    }
+
+    /// This transformer as Wan2.2 TI2V-5B's over latents laid out as `latents`: every token gets
+    /// its own timestep, and an image-to-video job's first latent frame stays the image's.
+    pub fn ti2v(self, latents: LatentSpec) -> Result<Self, Error> {
+        let c = self.high.config();
+        if self.low.is_some() || c.in_channels != latents.channels || c.takes_image_embeds() {
+            return Err(Error::config(
+                Component::Transformer,
+                None,
+                format!(
+                    "a TI2V model is one transformer taking the VAE's {} latent channels without \
+                     image attention; this one takes {} channels",
+                    latents.channels, c.in_channels
+                ),
+            ));
+        }
+        Ok(WanDit { latents, expand_timesteps: true, ..self })
+    }
+
+    /// The latents it denoises.
+    pub fn latent_spec(&self) -> LatentSpec {
+        self.latents
+    }
+
+    /// Whether it takes per-token timesteps (TI2V-5B).
+    pub fn expands_timesteps(&self) -> bool {
+        self.expand_timesteps
     }
 
     /// The transformer of [`Expert::High`] (the only one of a one-transformer model).

@@ -7,13 +7,15 @@
 //! padding travels to the DiT stage, which zero-pads to 512 rows), the negative the same only when
 //! guidance is on (> 1), and for I2V `condition [1, 20, T, H/8, W/8]` fp32 with, for Wan2.1,
 //! `image_embeds [1, N, clip_dim]` fp32 (Wan2.2 A14B's I2V experts take no CLIP features).
+//! A Wan2.2 TI2V-5B model encodes text alone or, loaded for I2V, text and an optional first frame,
+//! whose normalised VAE latents `[1, 48, 1, H/16, W/16]` are the `condition`.
 
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
 use super::model_dir::ModelDir;
-use super::{Geometry, Phase1};
+use super::{Geometry, LatentSpec, Phase1};
 use crate::error::{Component, Error};
 use crate::wan::image_encoder::{ClipPreprocess, ClipVisionModel};
 use crate::wan::text_encoder::UMT5EncoderModel;
@@ -53,6 +55,10 @@ pub struct WanEncoder {
     clip: Option<(ClipVisionModel, ClipPreprocess)>,
     /// The VAE's encoder half: I2V's conditioning and V2V's input latents.
     vae: Option<AutoencoderKLWan>,
+    /// Wan2.2 TI2V-5B: the image is optional and conditions through latent frame 0.
+    ti2v: bool,
+    /// The VAE's latent layout (the geometry rules follow its spatial factor).
+    latents: LatentSpec,
 }
 
 /// `CLIPImageProcessor`'s `preprocessor_config.json` fields the Wan path uses.
@@ -99,6 +105,15 @@ impl WanEncoder {
         kind: Kind,
     ) -> Result<Self, Error> {
         let dir = ModelDir::open(model_dir)?;
+        let ti2v = dir.ti2v();
+        if ti2v && video_to_video {
+            return Err(Error::config(
+                Component::Encode,
+                Some(model_dir),
+                "video-to-video is not offered on a TI2V model (diffusers has no such pipeline)",
+            ));
+        }
+        let latents = dir.latent_spec()?;
         // Locate every file first, so that a missing one is reported before any loading.
         let tok_path = dir.tokenizer()?;
         let te_path = dir.text_encoder()?;
@@ -125,7 +140,12 @@ impl WanEncoder {
                 Some(AutoencoderKLWan::load_parts(&path, None, device, kind, VaeParts::Encoder)?)
             }
         };
-        Ok(WanEncoder { task, tokenizer, text_encoder, clip, vae })
+        Ok(WanEncoder { task, tokenizer, text_encoder, clip, vae, ti2v, latents })
+    }
+
+    /// Whether the model is Wan2.2 TI2V-5B (text-to-video, and image-to-video when loaded for it).
+    pub fn is_ti2v(&self) -> bool {
+        self.ti2v
     }
 
     pub fn task(&self) -> Task {
@@ -165,7 +185,7 @@ impl WanEncoder {
         geometry: Geometry,
         guidance_scale: f64,
     ) -> Result<Phase1, Error> {
-        geometry.validate().map_err(|m| Error::input(Component::Encode, m))?;
+        geometry.validate_for(self.latents).map_err(|m| Error::input(Component::Encode, m))?;
         if guidance_scale.is_nan() {
             return Err(Error::input(Component::Encode, "guidance_scale is NaN"));
         }
@@ -179,6 +199,7 @@ impl WanEncoder {
         let negative_prompt_embeds =
             if guidance_scale > 1.0 { Some(embed(negative_prompt.unwrap_or(""))?) } else { None };
         let (image_embeds, condition) = match (self.task, image) {
+            _ if self.ti2v => (None, self.ti2v_condition(image, geometry)?),
             (Task::T2v, None) => (None, None),
             (Task::T2v, Some(_)) => {
                 return Err(Error::input(Component::Encode, "a T2V model takes no image"));
@@ -233,19 +254,28 @@ impl WanEncoder {
         vae.encode_normalized(&x)
     }
 
+    /// TI2V-5B's conditioning: the first frame's normalised VAE latents (posterior mode, the
+    /// image alone encoded as a one-frame video), or none without an image.
+    fn ti2v_condition(&self, image: Option<&Tensor>, g: Geometry) -> Result<Option<Tensor>, Error> {
+        let Some(image) = image else { return Ok(None) };
+        let vae = self.vae.as_ref().ok_or_else(|| {
+            Error::input(
+                Component::Encode,
+                "this TI2V encoder was loaded for text-to-video; load it for i2v to take an image",
+            )
+        })?;
+        check_image(image)?;
+        let x = resized(&image.permute([2, 0, 1]).unsqueeze(0), g) / 255.0 * 2.0 - 1.0;
+        Ok(Some(vae.encode_normalized(&x.unsqueeze(2))?))
+    }
+
     fn encode_image(
         &self,
         image: &Tensor,
         geometry: Geometry,
     ) -> Result<(Option<Tensor>, Tensor), Error> {
         let vae = self.vae.as_ref().expect("an I2V encoder holds the VAE encoder");
-        let size = image.size();
-        if size.len() != 3 || size[2] != 3 || image.kind() != Kind::Uint8 || size.contains(&0) {
-            return Err(Error::input(
-                Component::Encode,
-                format!("the image must be RGB uint8 [H, W, 3], got {:?} {size:?}", image.kind()),
-            ));
-        }
+        check_image(image)?;
         // encode_image: CLIPImageProcessor → CLIPVisionModel hidden_states[-2].
         let image_embeds = match &self.clip {
             Some((clip, preprocess)) => {
@@ -258,6 +288,18 @@ impl WanEncoder {
         let condition = vae.i2v_condition(&x, geometry.frames)?.to_kind(Kind::Float);
         Ok((image_embeds, condition))
     }
+}
+
+/// An input image must be RGB `uint8 [H, W, 3]`.
+fn check_image(image: &Tensor) -> Result<(), Error> {
+    let size = image.size();
+    if size.len() != 3 || size[2] != 3 || image.kind() != Kind::Uint8 || size.contains(&0) {
+        return Err(Error::input(
+            Component::Encode,
+            format!("the image must be RGB uint8 [H, W, 3], got {:?} {size:?}", image.kind()),
+        ));
+    }
+    Ok(())
 }
 
 /// RGB frames `uint8 [N, h, w, 3]` at `height`×`width`, resized as the encoder resizes an input

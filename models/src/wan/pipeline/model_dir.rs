@@ -18,7 +18,9 @@ use tch::{Device, Kind};
 use crate::error::{Component, Error};
 use crate::wan::transformer::WanTransformer3DModel;
 
+use super::LatentSpec;
 use super::dit::{LowNoiseExpert, WanDit};
+use crate::wan::vae::VaeConfig;
 
 /// The `model_index.json` fields that shape a Wan pipeline.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
@@ -34,6 +36,9 @@ struct ModelIndex {
 /// The published Wan2.2 A14B boundaries of the original release (its `wan/configs/`).
 const ORIGINAL_BOUNDARY_T2V: f64 = 0.875;
 const ORIGINAL_BOUNDARY_I2V: f64 = 0.9;
+
+/// The original release's Wan2.2 VAE file (TI2V-5B).
+const WAN22_VAE: &str = "Wan2.2_VAE.pth";
 
 /// Where a model's DiT weights are: one transformer, or Wan2.2 A14B's two experts.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,10 +85,9 @@ impl ModelDir {
             {
                 return Err(bad(format!("boundary_ratio must lie in (0, 1), got {r}")));
             }
-            if index.expand_timesteps {
+            if index.expand_timesteps && index.boundary_ratio.is_some() {
                 return Err(bad(
-                    "expand_timesteps (Wan2.2 TI2V-5B) is not supported yet; x2v serves Wan2.1 and \
-                     Wan2.2 A14B"
+                    "expand_timesteps (TI2V-5B) and boundary_ratio (A14B) exclude each other"
                         .into(),
                 ));
             }
@@ -104,7 +108,7 @@ impl ModelDir {
     /// model follows its DiT's config as diffusers does (`image_dim` set: CLIP attention), and
     /// Wan2.2 A14B has none: it conditions on the image latents alone.
     pub fn uses_clip(&self) -> Result<bool, Error> {
-        if self.original_experts() {
+        if self.original_experts() || self.ti2v() {
             return Ok(false);
         }
         if self.index.boundary_ratio.is_none() {
@@ -112,6 +116,26 @@ impl ModelDir {
         }
         let config = self.dits()?.high.join("config.json");
         Ok(crate::wan::config::Config::from_file(&config)?.0.takes_image_embeds())
+    }
+
+    /// Whether this is Wan2.2 TI2V-5B: per-token timesteps, and for image-to-video the first
+    /// latent frame held at the image's latents (diffusers' `expand_timesteps`).
+    pub fn ti2v(&self) -> bool {
+        match self.layout {
+            Layout::Diffusers => self.index.expand_timesteps,
+            Layout::Original => self.root.join(WAN22_VAE).is_file(),
+        }
+    }
+
+    /// The VAE's config: `vae/config.json`, or the preset of the original VAE file.
+    pub fn vae_config(&self) -> Result<VaeConfig, Error> {
+        let path = self.vae()?;
+        crate::config::read_config(&path, || VaeConfig::for_original_file(&path))
+    }
+
+    /// The latents the DiT denoises, as the VAE lays them out.
+    pub fn latent_spec(&self) -> Result<LatentSpec, Error> {
+        Ok(LatentSpec::of_vae(&self.vae_config()?))
     }
 
     pub fn root(&self) -> &Path {
@@ -164,7 +188,7 @@ impl ModelDir {
 
     /// The VAE folder or checkpoint.
     pub fn vae(&self) -> Result<PathBuf, Error> {
-        self.component("VAE", "vae", &["Wan2.1_VAE.pth"])
+        self.component("VAE", "vae", &["Wan2.1_VAE.pth", WAN22_VAE])
     }
 
     /// The CLIP vision folder or checkpoint (I2V).
@@ -234,9 +258,11 @@ impl ModelDir {
 }
 
 /// Loads only the DiT of a model directory (either layout) in `kind`: one transformer, or both
-/// experts of Wan2.2 A14B.
+/// experts of Wan2.2 A14B; TI2V-5B's reads the VAE's latent layout from its config.
 pub fn load_dit(model_dir: &Path, device: Device, kind: Kind) -> Result<WanDit, Error> {
-    let dirs = ModelDir::open(model_dir)?.dits()?;
+    let dir = ModelDir::open(model_dir)?;
+    let ti2v = dir.ti2v().then(|| dir.latent_spec()).transpose()?;
+    let dirs = dir.dits()?;
     let high = WanTransformer3DModel::load(&dirs.high, device, kind)?;
     let low = match dirs.low {
         None => None,
@@ -245,7 +271,11 @@ pub fn load_dit(model_dir: &Path, device: Device, kind: Kind) -> Result<WanDit, 
             Some(LowNoiseExpert { model, boundary_ratio })
         }
     };
-    WanDit::new(high, low)
+    let dit = WanDit::new(high, low)?;
+    Ok(match ti2v {
+        Some(spec) => dit.ti2v(spec)?,
+        None => dit,
+    })
 }
 
 #[cfg(test)]

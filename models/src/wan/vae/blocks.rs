@@ -255,10 +255,16 @@ pub(crate) struct Resample {
 }
 
 impl Resample {
+    /// The Wan2.1 resampler: upsampling halves the channels.
     pub(crate) fn new(p: Builder, dim: i64, mode: ResampleMode) -> Self {
+        Self::with_upsample_out(p, dim, mode, dim / 2)
+    }
+
+    /// A resampler whose upsampling gives `up_out` channels (Wan2.2's keep `dim`).
+    pub(crate) fn with_upsample_out(p: Builder, dim: i64, mode: ResampleMode, up_out: i64) -> Self {
         let c_out = match mode {
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => dim,
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => dim / 2,
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => up_out,
         };
         let r = &p / "resample" / 1;
         let weight = r.param("weight", &[c_out, dim, 3, 3]);
@@ -357,4 +363,96 @@ impl Resample {
         // [B, 2, C, T, H, W] -> stack on dim 3 -> [B, C, 2T, H, W] (frame halves interleaved)
         y.reshape([b, 2, c, t, h, w]).permute([0, 2, 3, 1, 4, 5]).reshape([b, c, 2 * t, h, w])
     }
+}
+
+/// `AvgDown3D`: the Wan2.2 encoder stages' parameter-free shortcut. Time is zero-padded in front
+/// to a multiple of `factor_t`; each `factor_t×factor_s×factor_s` cell is folded into channels,
+/// and consecutive groups of those channels are averaged down to `c_out`.
+#[derive(Debug)]
+pub(crate) struct AvgDown {
+    c_out: i64,
+    factor_t: i64,
+    factor_s: i64,
+}
+
+impl AvgDown {
+    pub(crate) fn new(c_in: i64, c_out: i64, factor_t: i64, factor_s: i64) -> Self {
+        debug_assert_eq!(c_in * factor_t * factor_s * factor_s % c_out, 0);
+        AvgDown { c_out, factor_t, factor_s }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+        let (ft, fs) = (self.factor_t, self.factor_s);
+        let pad_t = (ft - x.size()[2] % ft) % ft;
+        let x =
+            if pad_t > 0 { x.constant_pad_nd([0, 0, 0, 0, pad_t, 0]) } else { x.shallow_clone() };
+        let [b, c, t, h, w] = x.size()[..] else { unreachable!("5-D activations") };
+        let (t, h, w) = (t / ft, h / fs, w / fs);
+        let folded = x
+            .view([b, c, t, ft, h, fs, w, fs].as_slice())
+            .permute([0, 1, 3, 5, 7, 2, 4, 6])
+            .reshape([b, self.c_out, c * ft * fs * fs / self.c_out, t, h, w]);
+        folded.mean_dim([2i64].as_slice(), false, None)
+    }
+}
+
+/// `DupUp3D`: the Wan2.2 decoder stages' parameter-free shortcut. Channels are repeated, then
+/// unfolded into `factor_t×factor_s×factor_s` cells; on the first chunk the leading
+/// `factor_t − 1` frames are dropped, as the causal time upsampler yields one frame there.
+#[derive(Debug)]
+pub(crate) struct DupUp {
+    c_out: i64,
+    repeats: i64,
+    factor_t: i64,
+    factor_s: i64,
+}
+
+impl DupUp {
+    pub(crate) fn new(c_in: i64, c_out: i64, factor_t: i64, factor_s: i64) -> Self {
+        let repeats = c_out * factor_t * factor_s * factor_s / c_in;
+        DupUp { c_out, repeats, factor_t, factor_s }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, first_chunk: bool) -> Tensor {
+        let (ft, fs) = (self.factor_t, self.factor_s);
+        let [b, _, t, h, w] = x.size()[..] else { unreachable!("5-D activations") };
+        let y = x
+            .repeat_interleave_self_int(self.repeats, 1, None)
+            .view([b, self.c_out, ft, fs, fs, t, h, w].as_slice())
+            .permute([0, 1, 5, 2, 6, 3, 7, 4])
+            .reshape([b, self.c_out, t * ft, h * fs, w * fs]);
+        if first_chunk && ft > 1 { y.narrow(2, ft - 1, t * ft - (ft - 1)) } else { y }
+    }
+}
+
+/// Wan2.2's `patchify`: `[B, C, F, H, W]` → `[B, C·p², F, H/p, W/p]`, the channel of pixel
+/// `(i, j)` in its patch being `c·p² + j·p + i`.
+pub(crate) fn patchify(x: &Tensor, p: i64) -> Tensor {
+    if p == 1 {
+        return x.shallow_clone();
+    }
+    let [b, c, f, h, w] = x.size()[..] else { unreachable!("5-D video") };
+    x.view([b, c, f, h / p, p, w / p, p].as_slice()).permute([0, 1, 6, 4, 2, 3, 5]).reshape([
+        b,
+        c * p * p,
+        f,
+        h / p,
+        w / p,
+    ])
+}
+
+/// The inverse of [`patchify`].
+pub(crate) fn unpatchify(x: &Tensor, p: i64) -> Tensor {
+    if p == 1 {
+        return x.shallow_clone();
+    }
+    let [b, cp, f, h, w] = x.size()[..] else { unreachable!("5-D video") };
+    let c = cp / (p * p);
+    x.view([b, c, p, p, f, h, w].as_slice()).permute([0, 1, 4, 5, 3, 6, 2]).reshape([
+        b,
+        c,
+        f,
+        h * p,
+        w * p,
+    ])
 }

@@ -5,7 +5,8 @@
 use tch::Tensor;
 
 use super::blocks::{
-    AttentionBlock, CausalConv3d, FeatCache, Resample, ResampleMode, ResidualBlock, RmsNorm,
+    AttentionBlock, AvgDown, CausalConv3d, DupUp, FeatCache, Resample, ResampleMode, ResidualBlock,
+    RmsNorm,
 };
 use super::config::VaeConfig;
 use crate::nn::Builder;
@@ -14,6 +15,48 @@ use crate::nn::Builder;
 enum DownLayer {
     Res(ResidualBlock),
     Resample(Resample),
+    /// Wan2.2: a whole stage with its averaging shortcut.
+    Stage(ResidualDownBlock),
+}
+
+/// `WanResidualDownBlock` (Wan2.2): residual blocks and the downsampler, plus [`AvgDown`] of the
+/// stage's input.
+#[derive(Debug)]
+struct ResidualDownBlock {
+    resnets: Vec<ResidualBlock>,
+    downsampler: Option<Resample>,
+    shortcut: AvgDown,
+}
+
+impl ResidualDownBlock {
+    fn new(p: Builder, cfg: &VaeConfig, c_in: i64, c_out: i64, stage: usize) -> Self {
+        let last = stage == cfg.dim_mult.len() - 1;
+        let temporal = !last && cfg.temperal_downsample[stage];
+        let mut resnets = Vec::new();
+        let mut c = c_in;
+        for j in 0..cfg.num_res_blocks {
+            resnets.push(ResidualBlock::new(&p / "resnets" / j, c, c_out));
+            c = c_out;
+        }
+        let downsampler = (!last).then(|| {
+            let mode =
+                if temporal { ResampleMode::Downsample3d } else { ResampleMode::Downsample2d };
+            Resample::new(&p / "downsampler", c_out, mode)
+        });
+        let (ft, fs) = (if temporal { 2 } else { 1 }, if last { 1 } else { 2 });
+        ResidualDownBlock { resnets, downsampler, shortcut: AvgDown::new(c_in, c_out, ft, fs) }
+    }
+
+    fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Tensor {
+        let mut h = x.shallow_clone();
+        for r in &self.resnets {
+            h = r.forward(&h, cache);
+        }
+        if let Some(d) = &self.downsampler {
+            h = d.forward(&h, cache);
+        }
+        h + self.shortcut.forward(x)
+    }
 }
 
 #[derive(Debug)]
@@ -60,6 +103,11 @@ impl Encoder {
         let last = cfg.dim_mult.len() - 1;
         for i in 0..cfg.dim_mult.len() {
             let (mut c_in, c_out) = (dims[i], dims[i + 1]);
+            if cfg.is_residual {
+                let q = &p / "down_blocks" / i;
+                down_blocks.push(DownLayer::Stage(ResidualDownBlock::new(q, cfg, c_in, c_out, i)));
+                continue;
+            }
             for _ in 0..cfg.num_res_blocks {
                 let q = &p / "down_blocks" / down_blocks.len();
                 down_blocks.push(DownLayer::Res(ResidualBlock::new(q, c_in, c_out)));
@@ -91,6 +139,7 @@ impl Encoder {
             x = match layer {
                 DownLayer::Res(r) => r.forward(&x, cache),
                 DownLayer::Resample(r) => r.forward(&x, cache),
+                DownLayer::Stage(s) => s.forward(&x, cache),
             };
         }
         let x = self.mid_block.forward(&x, cache);
@@ -103,6 +152,24 @@ impl Encoder {
 struct UpBlock {
     resnets: Vec<ResidualBlock>,
     upsampler: Option<Resample>,
+    /// Wan2.2 (`WanResidualUpBlock`): the duplicating shortcut around the stage.
+    shortcut: Option<DupUp>,
+}
+
+impl UpBlock {
+    fn forward(&self, x: &Tensor, cache: &mut FeatCache, first_chunk: bool) -> Tensor {
+        let mut h = x.shallow_clone();
+        for r in &self.resnets {
+            h = r.forward(&h, cache);
+        }
+        if let Some(u) = &self.upsampler {
+            h = u.forward(&h, cache);
+        }
+        match &self.shortcut {
+            Some(s) => h + s.forward(x, first_chunk),
+            None => h,
+        }
+    }
 }
 
 /// `WanDecoder3d`.
@@ -127,7 +194,8 @@ impl Decoder {
         let mut up_blocks = Vec::new();
         for i in 0..n {
             // Wan2.1: every stage after the first receives the halved output of the upsampler.
-            let mut c_in = if i > 0 { dims[i] / 2 } else { dims[i] };
+            let stage_in = if i > 0 && !cfg.is_residual { dims[i] / 2 } else { dims[i] };
+            let mut c_in = stage_in;
             let c_out = dims[i + 1];
             let q = &p / "up_blocks" / i;
             let mut resnets = Vec::new();
@@ -135,15 +203,21 @@ impl Decoder {
                 resnets.push(ResidualBlock::new(&q / "resnets" / j, c_in, c_out));
                 c_in = c_out;
             }
-            let upsampler = (i != n - 1).then(|| {
-                let mode = if temporal_up[i] {
-                    ResampleMode::Upsample3d
-                } else {
-                    ResampleMode::Upsample2d
-                };
-                Resample::new(&q / "upsamplers" / 0, c_out, mode)
-            });
-            up_blocks.push(UpBlock { resnets, upsampler });
+            let up = i != n - 1;
+            let temporal = up && temporal_up[i];
+            let mode = if temporal { ResampleMode::Upsample3d } else { ResampleMode::Upsample2d };
+            let (upsampler, shortcut) = match (up, cfg.is_residual) {
+                (false, _) => (None, None),
+                (true, false) => (Some(Resample::new(&q / "upsamplers" / 0, c_out, mode)), None),
+                (true, true) => {
+                    let ft = if temporal { 2 } else { 1 };
+                    (
+                        Some(Resample::with_upsample_out(&q / "upsampler", c_out, mode, c_out)),
+                        Some(DupUp::new(stage_in, c_out, ft, 2)),
+                    )
+                }
+            };
+            up_blocks.push(UpBlock { resnets, upsampler, shortcut });
         }
         let out = dims[n];
         Decoder {
@@ -155,16 +229,12 @@ impl Decoder {
         }
     }
 
-    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache) -> Tensor {
+    /// Decodes one latent frame; `first_chunk` marks the first (Wan2.2's shortcuts need it).
+    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatCache, first_chunk: bool) -> Tensor {
         let x = self.conv_in.forward_cached(x, cache);
         let mut x = self.mid_block.forward(&x, cache);
         for block in &self.up_blocks {
-            for r in &block.resnets {
-                x = r.forward(&x, cache);
-            }
-            if let Some(u) = &block.upsampler {
-                x = u.forward(&x, cache);
-            }
+            x = block.forward(&x, cache, first_chunk);
         }
         let x = self.norm_out.forward(&x).silu_();
         self.conv_out.forward_cached(&x, cache)

@@ -1,9 +1,12 @@
-//! The original release's `Wan2.1_VAE.pth` key layout mapped to diffusers names.
+//! The original releases' `Wan2.1_VAE.pth` and `Wan2.2_VAE.pth` key layouts mapped to diffusers
+//! names.
 
 use super::config::VaeConfig;
 
-/// Original `WanVAE_` key prefixes → diffusers prefixes for `cfg` (models.md §2.5). The
-/// decoder's flat `upsamples.i` list groups into `up_blocks.b.{resnets.j, upsamplers.0}`.
+/// Original `WanVAE_` key prefixes → diffusers prefixes for `cfg` (models.md §2.5). Wan2.1: the
+/// decoder's flat `upsamples.i` list groups into `up_blocks.b.{resnets.j, upsamplers.0}`. Wan2.2
+/// (`is_residual`): each stage is one module, `encoder.downsamples.i.downsamples.j` (residual
+/// blocks, then the downsampler) and `decoder.upsamples.i.upsamples.j` (likewise).
 pub fn original_key_table(cfg: &VaeConfig) -> Vec<(String, String)> {
     let mut t: Vec<(String, String)> =
         vec![("conv1.".into(), "quant_conv.".into()), ("conv2.".into(), "post_quant_conv.".into())];
@@ -29,6 +32,37 @@ pub fn original_key_table(cfg: &VaeConfig) -> Vec<(String, String)> {
     }
     let stages = cfg.dim_mult.len();
     let nrb = cfg.num_res_blocks as usize;
+    if cfg.is_residual {
+        for s in 0..stages {
+            for j in 0..nrb {
+                let (orig, new) = ("encoder.downsamples", "encoder.down_blocks");
+                res_block(
+                    &mut t,
+                    &format!("{orig}.{s}.downsamples.{j}."),
+                    &format!("{new}.{s}.resnets.{j}."),
+                );
+            }
+            for j in 0..=nrb {
+                let (orig, new) = ("decoder.upsamples", "decoder.up_blocks");
+                res_block(
+                    &mut t,
+                    &format!("{orig}.{s}.upsamples.{j}."),
+                    &format!("{new}.{s}.resnets.{j}."),
+                );
+            }
+            if s != stages - 1 {
+                t.push((
+                    format!("encoder.downsamples.{s}.downsamples.{nrb}."),
+                    format!("encoder.down_blocks.{s}.downsampler."),
+                ));
+                t.push((
+                    format!("decoder.upsamples.{s}.upsamples.{}.", nrb + 1),
+                    format!("decoder.up_blocks.{s}.upsampler."),
+                ));
+            }
+        }
+        return t;
+    }
     let mut i = 0;
     for s in 0..stages {
         for _ in 0..nrb {

@@ -1,11 +1,14 @@
-//! Wan2.1 video VAE (`AutoencoderKLWan`): causal 3D convolutional encoder/decoder with 4× temporal
-//! and 8× spatial compression, run chunk by chunk with a feature cache.
+//! The Wan video VAEs (`AutoencoderKLWan`): causal 3D convolutional encoder/decoder with 4× temporal
+//! compression, run chunk by chunk with a feature cache. Wan2.1's (16 latent channels) compresses
+//! 8× in space; Wan2.2's (TI2V-5B, 48 channels) folds 2×2 pixel patches into channels first and
+//! wraps each stage in a parameter-free shortcut, for 16× in space.
 //!
 //! Reference: diffusers `models/autoencoders/autoencoder_kl_wan.py` (key names follow its
 //! state dict); the original release is `Wan-Video/Wan2.1` `wan/modules/vae.py`, whose
-//! `Wan2.1_VAE.pth` keys are mapped by [`original_key_table`].
+//! `Wan2.1_VAE.pth` keys (and Wan2.2's `Wan2.2_VAE.pth`) are mapped by [`original_key_table`].
 //!
-//! Boundary shapes: video `[B, 3, 1+4k, H, W]` in `[-1, 1]` ↔ latents `[B, z_dim, 1+k, H/8, W/8]`.
+//! Boundary shapes: video `[B, 3, 1+4k, H, W]` in `[-1, 1]` ↔ latents `[B, z_dim, 1+k, H/s, W/s]`,
+//! `s` the spatial factor (8 or 16).
 //! Encoding runs the frame chunks `[0], [1:5], [5:9], …`; decoding runs one latent frame at a
 //! time (the first yields one frame, each later one four) and clamps to `[-1, 1]`.
 //!
@@ -28,7 +31,7 @@ use crate::config::{checked, read_config};
 use crate::error::{Component, Error};
 use crate::nn::Builder;
 use crate::weights::{self, Checkpoint, LoadOptions};
-use blocks::{CausalConv3d, FeatCache};
+use blocks::{CausalConv3d, FeatCache, patchify, unpatchify};
 use coders::{Decoder, Encoder};
 pub use config::VaeConfig;
 pub use keys::{original_key_table, remap_key};
@@ -72,7 +75,7 @@ impl VaeParts {
     }
 }
 
-/// The Wan2.1 VAE with diffusers module paths (`encoder.*`, `decoder.*`, `quant_conv`,
+/// A Wan VAE with diffusers module paths (`encoder.*`, `decoder.*`, `quant_conv`,
 /// `post_quant_conv`), whole or one half of it ([`VaeParts`]).
 #[derive(Debug)]
 pub struct AutoencoderKLWan {
@@ -120,8 +123,9 @@ impl AutoencoderKLWan {
     }
 
     /// Loads a VAE from a diffusers `vae/` directory (`config.json` + safetensors), a single
-    /// safetensors file, or the original `Wan2.1_VAE.pth`. The key layout is detected from the
-    /// checkpoint; `cfg` defaults to the directory's `config.json`, else the Wan2.1 preset.
+    /// safetensors file, or the original `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth`. The key layout is
+    /// detected from the checkpoint; `cfg` defaults to the directory's `config.json`, else the
+    /// preset of the file's name ([`VaeConfig::for_original_file`]).
     /// `kind` is the weights' dtype (fp32, or bf16).
     pub fn load(
         path: &Path,
@@ -144,7 +148,7 @@ impl AutoencoderKLWan {
         let started = std::time::Instant::now();
         let cfg = match cfg {
             Some(c) => c,
-            None => read_config(path, VaeConfig::wan21)?,
+            None => read_config(path, || VaeConfig::for_original_file(path))?,
         };
         let ckpt = Checkpoint::open(path)?;
         let table = ckpt.contains("encoder.conv1.weight").then(|| original_key_table(&cfg));
@@ -213,13 +217,13 @@ impl AutoencoderKLWan {
         Ok(s)
     }
 
-    /// The posterior parameters `[B, 2·z_dim, T', H/8, W/8]` (mean, then log-variance) of a video
-    /// `[B, 3, 1+4k, H, W]` in `[-1, 1]`; H and W must be multiples of 8.
+    /// The posterior parameters `[B, 2·z_dim, T', H/s, W/s]` (mean, then log-variance) of a video
+    /// `[B, 3, 1+4k, H, W]` in `[-1, 1]`; H and W must be multiples of the spatial factor `s`.
     pub fn encode_moments(&self, video: &Tensor) -> Result<Tensor, Error> {
         let Some((encoder, quant_conv)) = &self.encoder else {
             return Err(Error::NotLoaded("encoder", self.parts.name()));
         };
-        let s = self.check_5d(video, "video", self.cfg.in_channels)?;
+        let s = self.check_5d(video, "video", self.cfg.video_channels())?;
         let (tf, sf) = (self.cfg.temporal_factor(), self.cfg.spatial_factor());
         if (s[2] - 1) % tf != 0 {
             return Err(Error::input(
@@ -234,7 +238,7 @@ impl AutoencoderKLWan {
             ));
         }
         let _guard = tch::no_grad_guard();
-        let x = video.to_device(self.device()).to_kind(self.kind());
+        let x = patchify(&video.to_device(self.device()).to_kind(self.kind()), self.cfg.patch());
         let mut cache = FeatCache::new();
         let mut outs = Vec::new();
         let mut start = 0;
@@ -248,13 +252,13 @@ impl AutoencoderKLWan {
         Ok(quant_conv.forward(&h, None))
     }
 
-    /// `encode(video).latent_dist.mode()`: the posterior mean `[B, z_dim, T', H/8, W/8]`.
+    /// `encode(video).latent_dist.mode()`: the posterior mean `[B, z_dim, T', H/s, W/s]`.
     pub fn encode(&self, video: &Tensor) -> Result<Tensor, Error> {
         Ok(self.encode_moments(video)?.narrow(1, 0, self.cfg.z_dim))
     }
 
     /// Decodes raw (un-normalised) latents `[B, z_dim, T', h, w]` to a video
-    /// `[B, 3, 1+4(T'−1), 8h, 8w]` clamped to `[-1, 1]`.
+    /// `[B, 3, 1+4(T'−1), s·h, s·w]` clamped to `[-1, 1]`.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor, Error> {
         let Some((decoder, post_quant_conv)) = &self.decoder else {
             return Err(Error::NotLoaded("decoder", self.parts.name()));
@@ -266,9 +270,9 @@ impl AutoencoderKLWan {
         let mut outs = Vec::with_capacity(s[2] as usize);
         for i in 0..s[2] {
             cache.start_chunk();
-            outs.push(decoder.forward(&x.narrow(2, i, 1), &mut cache));
+            outs.push(decoder.forward(&x.narrow(2, i, 1), &mut cache, i == 0));
         }
-        Ok(Tensor::cat(&outs, 2).clamp_(-1.0, 1.0))
+        Ok(unpatchify(&Tensor::cat(&outs, 2), self.cfg.patch()).clamp_(-1.0, 1.0))
     }
 
     /// The Wan I2V conditioning tensor `y` `[B, 4 + z_dim, T', H/8, W/8]` (diffusers
@@ -284,10 +288,13 @@ impl AutoencoderKLWan {
                 format!("image must be [B, 3, H, W], got shape {size:?}"),
             ));
         };
-        if c != self.cfg.in_channels {
+        if c != self.cfg.video_channels() {
             return Err(Error::input(
                 Component::Vae,
-                format!("image must have {} channels, got shape {size:?}", self.cfg.in_channels),
+                format!(
+                    "image must have {} channels, got shape {size:?}",
+                    self.cfg.video_channels()
+                ),
             ));
         }
         let tf = self.cfg.temporal_factor();
