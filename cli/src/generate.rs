@@ -1,4 +1,4 @@
-//! `x2v generate`: one Wan video (`--task t2v|i2v|v2v`) or one Qwen-Image image
+//! `x2v generate`: one Wan video (`--task t2v|i2v|ti2v|v2v`) or one Qwen-Image image
 //! (`--task t2i|edit`, [`crate::generate_image`]) in this process — encoder, DiT and decoder
 //! stages in turn. A video is written as an H.264 MP4 (the decoder service's encoder, so the
 //! bytes match a served job's) or losslessly as `uint8 [F, H, W, 3]` to a `.npy` file.
@@ -23,13 +23,13 @@ use x2v_models::wan::pipeline::{
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory: Wan2.1 (diffusers or original layout) for t2v/i2v, Qwen-Image
-    /// (diffusers layout) for t2i/edit.
+    /// Model directory: Wan2.1 or Wan2.2 (diffusers or original layout) for t2v/i2v/v2v, Wan2.2
+    /// TI2V-5B for ti2v, Qwen-Image (diffusers layout) for t2i/edit.
     #[arg(long)]
     pub(crate) model_dir: PathBuf,
-    /// `t2v` (text to video), `i2v` (first frame + text to video), `v2v` (input video + text to
-    /// video, on a text-to-video model), `t2i` (text to image) or `edit` (input images + text to
-    /// image).
+    /// `t2v` (text to video), `i2v` (first frame + text to video), `ti2v` (text, and an optional
+    /// first frame, to video on a Wan2.2 TI2V-5B model), `v2v` (input video + text to video, on
+    /// a text-to-video model), `t2i` (text to image) or `edit` (input images + text to image).
     #[arg(long, default_value = "t2v", value_parser = parse_task)]
     pub(crate) task: CliTask,
     /// The prompt.
@@ -38,7 +38,8 @@ pub struct Args {
     /// Negative prompt, used when guidance > 1 (default: `""` for Wan, `" "` for Qwen-Image).
     #[arg(long)]
     pub(crate) negative_prompt: Option<String>,
-    /// Input image (png, jpeg or webp): the first frame for i2v; for edit, repeat it for
+    /// Input image (png, jpeg or webp): the first frame for i2v (and optionally ti2v); for edit,
+    /// repeat it for
     /// several images (Qwen-Image-Edit-2509 and later).
     #[arg(long)]
     pub(crate) image: Vec<PathBuf>,
@@ -50,8 +51,9 @@ pub struct Args {
     /// run.
     #[arg(long, default_value_t = 0.8)]
     strength: f64,
-    /// Output size `WxH`, both multiples of 16 (default: 832x480 video, 1024x1024 t2i, the
-    /// ~1 MP size at the last input image's aspect for edit).
+    /// Output size `WxH`, both multiples of 16, of 32 on TI2V-5B (default: 832x480 video,
+    /// 1280x704 on TI2V-5B, 1024x1024 t2i, the ~1 MP size at the last input image's aspect for
+    /// edit).
     #[arg(long)]
     pub(crate) size: Option<String>,
     /// Frames, `4k+1` (video).
@@ -108,6 +110,15 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--task` as given.
+    fn task_name(&self) -> &'static str {
+        match self.task {
+            CliTask::Video(Task::I2v) => "i2v",
+            CliTask::TextImageToVideo => "ti2v",
+            _ => "t2v",
+        }
+    }
+
     /// `--steps`, or its default.
     pub(crate) fn steps(&self) -> usize {
         match (self.steps, self.sampler.as_str()) {
@@ -150,6 +161,8 @@ impl Args {
 pub enum CliTask {
     /// A Wan video from text or a first frame.
     Video(Task),
+    /// A Wan2.2 TI2V-5B video from text and, when given, a first frame.
+    TextImageToVideo,
     /// A Wan video from an input video (video-to-video on a text-to-video model).
     VideoToVideo,
     /// Qwen-Image text to image.
@@ -162,10 +175,11 @@ fn parse_task(s: &str) -> Result<CliTask, String> {
     match s {
         "t2v" => Ok(CliTask::Video(Task::T2v)),
         "i2v" => Ok(CliTask::Video(Task::I2v)),
+        "ti2v" => Ok(CliTask::TextImageToVideo),
         "v2v" => Ok(CliTask::VideoToVideo),
         "t2i" => Ok(CliTask::TextToImage),
         "edit" => Ok(CliTask::Edit),
-        other => Err(format!("unknown task `{other}` (expected t2v, i2v, v2v, t2i or edit)")),
+        other => Err(format!("unknown task `{other}` (expected t2v, i2v, ti2v, v2v, t2i or edit)")),
     }
 }
 
@@ -226,12 +240,24 @@ struct Job {
 }
 
 fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
+    let ti2v = cli_task == CliTask::TextImageToVideo;
     let task = match cli_task {
         CliTask::Video(task) => task,
+        // TI2V-5B: with a first frame its encoder also loads the VAE encoder.
+        CliTask::TextImageToVideo if !a.image.is_empty() => Task::I2v,
         _ => Task::T2v,
     };
     let v2v = cli_task == CliTask::VideoToVideo;
-    let size = a.size.as_deref().unwrap_or("832x480");
+    let dir = ModelDir::open(&a.model_dir).with_context(|| "--model-dir".to_string())?;
+    if ti2v && !dir.ti2v() {
+        bail!(
+            "--task ti2v needs a Wan2.2 TI2V-5B model (`expand_timesteps` in model_index.json, or \
+             Wan2.2_VAE.pth); --model-dir {} is not one",
+            a.model_dir.display()
+        );
+    }
+    let default_size = if dir.ti2v() { "1280x704" } else { "832x480" };
+    let size = a.size.as_deref().unwrap_or(default_size);
     let (width, height) = parse_size(size)?;
     for (name, v) in [("width", width), ("height", height)] {
         if v < 16 || v % 16 != 0 {
@@ -242,7 +268,8 @@ fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
         bail!("--frames {}: the frame count must be 4k+1 (1, 5, 9, …, 81)", a.frames);
     }
     let geometry = Geometry { frames: a.frames, height, width };
-    geometry.validate().map_err(anyhow::Error::msg)?;
+    let latents = dir.latent_spec().with_context(|| "--model-dir".to_string())?;
+    geometry.validate_for(latents).map_err(|e| anyhow::anyhow!("--size {size}: {e}"))?;
     if a.steps() == 0 {
         bail!("--steps must be at least 1, got 0");
     }
@@ -267,13 +294,14 @@ fn validate(a: &Args, cli_task: CliTask) -> Result<Job> {
     let image = match (task, a.image.as_slice()) {
         (Task::I2v, []) => bail!("--task i2v needs --image FILE (the first frame)"),
         (Task::T2v, [p, ..]) => {
-            bail!("--image {} is only used with --task i2v and --task edit", p.display())
+            bail!("--image {} is only used with --task i2v, ti2v and edit", p.display())
         }
         (Task::I2v, [p]) => Some(read_image(p)?),
-        (Task::I2v, _) => bail!("--task i2v takes one --image, got {}", a.image.len()),
+        (Task::I2v, _) => {
+            bail!("--task {} takes one --image, got {}", a.task_name(), a.image.len())
+        }
         (Task::T2v, []) => None,
     };
-    let dir = ModelDir::open(&a.model_dir).with_context(|| "--model-dir".to_string())?;
     let shift = match a.shift {
         Some(s) if s.is_finite() && s > 0.0 => s,
         Some(s) => bail!("--shift must be a positive number, got {s}"),
@@ -435,7 +463,7 @@ pub(crate) fn device_and_kind() -> (Device, Kind) {
 
 pub fn run(a: &Args) -> ExitCode {
     match a.task {
-        CliTask::Video(_) | CliTask::VideoToVideo => {
+        CliTask::Video(_) | CliTask::TextImageToVideo | CliTask::VideoToVideo => {
             finish(validate(a, a.task), |job| generate(a, job))
         }
         CliTask::TextToImage | CliTask::Edit => crate::generate_image::run(a),

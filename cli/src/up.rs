@@ -92,6 +92,10 @@ pub struct DemoModelArgs {
     /// `transformer_2/`) switched at `boundary_ratio`.
     #[arg(long)]
     two_experts: bool,
+    /// A Wan2.2 TI2V-5B-shaped model: the Wan2.2 VAE (48 latent channels, 16×) and one DiT that
+    /// serves text- and image-to-video.
+    #[arg(long, conflicts_with_all = ["i2v", "two_experts"])]
+    ti2v: bool,
     /// Seed of every weight: the same seed writes the same model.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -112,8 +116,10 @@ pub fn demo_model(args: &DemoModelArgs) -> ExitCode {
                 seed: args.seed,
                 i2v: args.i2v,
                 two_experts: args.two_experts,
+                ti2v: args.ti2v,
             };
             let task = match (args.i2v, args.two_experts) {
+                _ if args.ti2v => "ti2v",
                 (false, false) => "t2v",
                 (true, false) => "i2v",
                 (false, true) => "two-expert t2v",
@@ -122,8 +128,12 @@ pub fn demo_model(args: &DemoModelArgs) -> ExitCode {
             x2v_models::wan::demo::write_demo_model(&args.out, &options)
                 .map(|()| format!("the {task} demo model"))
         }
-        Family::QwenImage if args.i2v || args.two_experts => {
-            let flag = if args.i2v { "--i2v" } else { "--two-experts" };
+        Family::QwenImage if args.i2v || args.two_experts || args.ti2v => {
+            let flag = match (args.i2v, args.two_experts) {
+                (true, _) => "--i2v",
+                (_, true) => "--two-experts",
+                _ => "--ti2v",
+            };
             eprintln!(
                 "x2v demo-model: {flag} is for --family wan; --family qwen-image writes a \
                  text-to-image and an edit model"
@@ -167,6 +177,11 @@ fn is_i2v(model_dir: &Path) -> Result<bool> {
         x2v_models::wan::config::Config::from_file(&dir.transformer()?.join("config.json"))?;
     // Image to video concatenates the mask and the image latents to the noise (36 channels in).
     Ok(config.in_channels != config.out_channels)
+}
+
+/// Whether the model is Wan2.2 TI2V-5B (text- and image-to-video in one).
+fn is_ti2v(model_dir: &Path) -> Result<bool> {
+    Ok(x2v_models::wan::pipeline::ModelDir::open(model_dir)?.ti2v())
 }
 
 /// Whether the model has Wan2.2 A14B's two experts.
@@ -309,8 +324,12 @@ fn choose_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
     let (name, tasks, base) = match family {
         ModelFamily::Wan => {
             let context = || format!("--model-dir {}", dir.display());
+            let ti2v = is_ti2v(dir).with_context(context)?;
             match (is_i2v(dir).with_context(context)?, has_two_experts(dir).with_context(context)?)
             {
+                _ if ti2v => {
+                    ("wan2.2-ti2v", vec![Task::T2v, Task::I2v], ModelConfig::wan22_ti2v_5b())
+                }
                 (true, false) => ("wan2.1-i2v", vec![Task::I2v], ModelConfig::wan21_i2v_14b_480p()),
                 (false, false) => (
                     "wan2.1-t2v",
@@ -384,7 +403,12 @@ fn demo_models(args: &Args, gateway: &mut GatewayConfig) -> Result<Served> {
         eprintln!("x2v up: writing the video demo model to {}", wan.display());
         x2v_models::wan::demo::write_demo_model(
             &wan,
-            &x2v_models::wan::demo::DemoOptions { seed: 0, i2v: false, two_experts: false },
+            &x2v_models::wan::demo::DemoOptions {
+                seed: 0,
+                i2v: false,
+                two_experts: false,
+                ti2v: false,
+            },
         )
         .context("writing the video demo model")?;
     }

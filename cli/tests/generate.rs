@@ -269,3 +269,48 @@ fn bad_image_arguments_are_named() {
     }
     assert!(!out.exists(), "no output is written for bad arguments");
 }
+
+/// `--task ti2v` on a Wan2.2 TI2V-5B model: text and a first frame, as diffusers'
+/// `WanImageToVideoPipeline` with `expand_timesteps`; the arguments are checked against the model.
+#[test]
+fn ti2v_npy_matches_the_image_to_video_reference() {
+    let fx = common::fixture("wan_ti2v");
+    let s = pipeline_settings(&fx, "i2v");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("video.npy");
+    let args: Vec<String> = [
+        ("--model-dir", fx.join("ti2v").display().to_string()),
+        ("--task", "ti2v".into()),
+        ("--prompt", s.prompt.clone()),
+        ("--negative-prompt", s.negative_prompt.clone()),
+        ("--image", fx.join("image.png").display().to_string()),
+        ("--size", format!("{}x{}", s.width, s.height)),
+        ("--frames", s.frames.to_string()),
+        ("--steps", s.steps.to_string()),
+        ("--guidance", s.guidance_scale.to_string()),
+        ("--shift", s.shift.to_string()),
+        ("--seed", s.seed.to_string()),
+        ("--out", out.display().to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_string(), v])
+    .collect();
+    let o = x2v(&args);
+    assert!(o.status.success(), "x2v generate failed: {}", String::from_utf8_lossy(&o.stderr));
+    let want = &common::tensors(&fx.join("i2v.safetensors"))["frames_u8"];
+    assert_frames_match("x2v generate ti2v", &Tensor::read_npy(&out).unwrap(), want);
+
+    let wan21 = common::fixture("wan_pipeline").join("t2v").display().to_string();
+    let cases: Vec<(Vec<String>, &[&str])> = vec![
+        (with(args.clone(), "--size", "64x48"), &["--size 64x48", "multiple of 32"]),
+        (with(args.clone(), "--model-dir", &wan21), &["--task ti2v needs a Wan2.2 TI2V-5B"]),
+    ];
+    for (case, needles) in cases {
+        let o = x2v(&case);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{case:?} succeeded");
+        for n in needles {
+            assert!(err.contains(n), "{case:?}: stderr lacks {n:?}:\n{err}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The Wan encoder stage: UMT5 for the prompt and negative prompt; for image-to-video the VAE
-//! encoder (and for Wan2.1 CLIP) for the uploaded first frame; for video-to-video the VAE encoder
+//! encoder (and for Wan2.1 CLIP) for the uploaded first frame (a Wan2.2 TI2V-5B worker set to i2v
+//! serves text-only jobs as well); for video-to-video the VAE encoder
 //! for the input video (decoded from its MP4 at the job's frame rate); sends the Phase1 tensors.
 //! The transformer and the VAE decoder stay on disk.
 
@@ -100,10 +101,12 @@ impl Encoder {
             let video = inputs.prepared.as_ref().and_then(|p| p.downcast_ref::<DecodedVideo>());
             video.ok_or_else(|| StageError::internal("the job's video was not decoded"))
         };
-        let image = match (self.task, spec.extend_frames) {
-            (Task::I2v, Some(_)) => Some(frames_tensor(decoded()?).squeeze_dim(0)),
-            (Task::I2v, None) => Some(first_frame(inputs)?),
-            (Task::T2v, _) => None,
+        // A TI2V-5B worker serves text-to-video jobs too: those have no first frame.
+        let image = match (self.task, spec.task, spec.extend_frames) {
+            (Task::I2v, _, Some(_)) => Some(frames_tensor(decoded()?).squeeze_dim(0)),
+            (Task::I2v, x2v_queue::Task::T2v, None) if enc.is_ti2v() => None,
+            (Task::I2v, _, None) => Some(first_frame(inputs)?),
+            (Task::T2v, _, _) => None,
         };
         if (ctx.cancelled)() {
             return Err(StageError::cancelled());

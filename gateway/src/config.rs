@@ -240,6 +240,19 @@ impl ModelConfig {
         }
     }
 
+    /// Wan2.2 TI2V-5B: text-to-video and image-to-video in one model, 720p (1280x704) at 24 fps,
+    /// up to 121 frames (5 s), 50 steps, guidance 5, shift 5.
+    pub fn wan22_ti2v_5b() -> Self {
+        ModelConfig {
+            name: "wan2.2-ti2v-5b".into(),
+            tasks: vec![Task::T2v, Task::I2v],
+            sizes: vec!["1280x704".into(), "704x1280".into()],
+            fps: 24,
+            max_frames: 121,
+            ..Self::wan21_t2v_1_3b()
+        }
+    }
+
     /// Qwen-Image text-to-image and edit.
     pub fn qwen_image() -> Self {
         ModelConfig {

@@ -51,7 +51,11 @@ fn assert_varied_frames(frames: &Tensor, g: Geometry) {
 #[test]
 fn t2v_demo_runs_through_the_three_stages() {
     let tmp = tempfile::tempdir().unwrap();
-    write_demo_model(tmp.path(), &DemoOptions { seed: 0, i2v: false, two_experts: false }).unwrap();
+    write_demo_model(
+        tmp.path(),
+        &DemoOptions { seed: 0, i2v: false, two_experts: false, ti2v: false },
+    )
+    .unwrap();
     let g = Geometry { frames: 9, height: 64, width: 96 };
     assert_varied_frames(&generate(tmp.path(), Task::T2v, g, None), g);
     // A T2V directory has no image encoder.
@@ -66,9 +70,33 @@ fn t2v_demo_runs_through_the_three_stages() {
 }
 
 #[test]
+fn ti2v_demo_runs_text_and_image_to_video_through_the_three_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_demo_model(
+        tmp.path(),
+        &DemoOptions { seed: 2, i2v: false, two_experts: false, ti2v: true },
+    )
+    .unwrap();
+    let g = Geometry { frames: 5, height: 64, width: 96 };
+    assert_varied_frames(&generate(tmp.path(), Task::T2v, g, None), g);
+    let image = Tensor::randint(256, [64, 96, 3], (Kind::Uint8, Device::Cpu));
+    let frames = generate(tmp.path(), Task::I2v, g, Some(&image));
+    assert_varied_frames(&frames, g);
+    // The VAE is Wan2.2's (48 channels, 16×): 64×96 is 4×6 latents.
+    let vae =
+        AutoencoderKLWan::load(&tmp.path().join("vae"), None, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!((vae.config().z_dim, vae.config().spatial_factor()), (48, 16));
+    assert!(!tmp.path().join("image_encoder").exists());
+}
+
+#[test]
 fn i2v_demo_runs_through_the_three_stages() {
     let tmp = tempfile::tempdir().unwrap();
-    write_demo_model(tmp.path(), &DemoOptions { seed: 5, i2v: true, two_experts: false }).unwrap();
+    write_demo_model(
+        tmp.path(),
+        &DemoOptions { seed: 5, i2v: true, two_experts: false, ti2v: false },
+    )
+    .unwrap();
     let g = Geometry { frames: 5, height: 64, width: 64 };
     let ramp = Tensor::arange(64 * 64 * 3, (Kind::Int64, Device::Cpu)).remainder(251);
     let image = ramp.to_kind(Kind::Uint8).view([64, 64, 3]);
@@ -79,7 +107,7 @@ fn i2v_demo_runs_through_the_three_stages() {
 fn one_seed_writes_identical_files() {
     let (a, b, c) =
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let opts = DemoOptions { seed: 11, i2v: true, two_experts: false };
+    let opts = DemoOptions { seed: 11, i2v: true, two_experts: false, ti2v: false };
     write_demo_model(a.path(), &opts).unwrap();
     write_demo_model(b.path(), &opts).unwrap();
     let (fa, fb) = (

@@ -91,7 +91,13 @@ fn port_of(addr: &str, what: &str, path: &Path) -> u16 {
 #[test]
 fn every_topology_is_shipped_complete() {
     let topologies = topologies();
-    for name in ["wan2.1-t2v-1.3b", "wan2.1-i2v-14b-480p", "wan2.2-t2v-a14b", "qwen-image"] {
+    for name in [
+        "wan2.1-t2v-1.3b",
+        "wan2.1-i2v-14b-480p",
+        "wan2.2-t2v-a14b",
+        "wan2.2-ti2v-5b",
+        "qwen-image",
+    ] {
         let files = topologies.get(name).unwrap_or_else(|| panic!("configs/{name}/ is missing"));
         let names: BTreeSet<String> = files
             .iter()

@@ -268,3 +268,46 @@ def test_x2v_up_serves_a_step_distilled_model_with_its_defaults(x2v_bin, tmp_pat
         assert up.proc.wait(timeout=30) == 0, up.log()
     finally:
         up.kill()
+
+
+def test_x2v_up_serves_a_ti2v_model_for_text_and_image_to_video(x2v_bin, tmp_path):
+    """A Wan2.2 TI2V-5B-shaped model (the Wan2.2 VAE, one 48-channel DiT) is served for text- and
+    image-to-video under one name: each MP4 equals `x2v generate --task ti2v` with the same settings,
+    and the uploaded first frame changes the video."""
+    model = tmp_path / "model"
+    subprocess.run([str(x2v_bin), "demo-model", "--out", str(model), "--ti2v", "--seed", "6"],
+                   check=True, capture_output=True)
+    first = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (176, 320, 3), dtype=np.uint8)).save(first)
+    port = free_port()
+    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "up"),
+                        "--device", "cpu", "--model-dir", str(model)],
+                 dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
+    try:
+        base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["wan2.2-ti2v"]
+        settings = {"num_frames": 5, "seed": 4, "num_inference_steps": 3, "shift": 5.0}
+        paths = {}
+        for name, image in [("t2v", None), ("i2v", first)]:
+            extra = {} if image is None else {"input_reference": ("first.png", image.read_bytes(), "image/png")}
+            video = client.videos.create_and_poll(model="wan2.2-ti2v", prompt="a lighthouse", size="1280x704",
+                                                  extra_body=settings, poll_interval_ms=100, **extra)
+            assert video.status == "completed", video.error
+            served = tmp_path / f"served-{name}.mp4"
+            client.videos.download_content(video.id).write_to_file(served)
+            assert ffprobe(served) == ("h264", 1280, 704, 5, 24)
+            local = tmp_path / f"local-{name}.mp4"
+            subprocess.run(
+                [str(x2v_bin), "generate", "--model-dir", str(model), "--task", "ti2v", "--prompt", "a lighthouse",
+                 "--size", "1280x704", "--frames", "5", "--steps", "3", "--shift", "5", "--seed", "4",
+                 "--fps", "24", "--out", str(local), *([] if image is None else ["--image", str(image)])],
+                check=True, capture_output=True,
+            )
+            assert served.read_bytes() == local.read_bytes(), f"the served {name} MP4 differs from x2v generate's"
+            paths[name] = served
+        assert paths["t2v"].read_bytes() != paths["i2v"].read_bytes(), "the first frame changed nothing"
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(timeout=30) == 0, up.log()
+    finally:
+        up.kill()

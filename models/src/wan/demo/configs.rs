@@ -2,6 +2,7 @@
 
 use serde_json::{Value, json};
 
+use super::DemoOptions;
 use crate::wan::config::Config;
 use crate::wan::image_encoder::ClipPreprocess;
 
@@ -16,15 +17,17 @@ pub(super) const FLOW_SHIFT: f64 = 3.0;
 /// The `diffusers` version the configs claim.
 pub(super) const DIFFUSERS_VERSION: &str = "0.35.1";
 
-/// The DiT: 2 heads × 32, 2 blocks; I2V adds the CLIP projection and 20 condition channels.
-pub(super) fn transformer_config(i2v: bool, two_experts: bool) -> Config {
-    let clip = i2v && !two_experts;
+/// The DiT: 2 heads × 32, 2 blocks; I2V adds the CLIP projection and 20 condition channels;
+/// TI2V-5B's takes the Wan2.2 VAE's 48 channels.
+pub(super) fn transformer_config(opts: &DemoOptions) -> Config {
+    let clip = opts.i2v && !opts.two_experts && !opts.ti2v;
+    let latent = if opts.ti2v { 48 } else { 16 };
     Config {
         patch_size: [1, 2, 2],
         num_attention_heads: 2,
         attention_head_dim: 32,
-        in_channels: if i2v { 36 } else { 16 },
-        out_channels: 16,
+        in_channels: if opts.i2v && !opts.ti2v { 36 } else { latent },
+        out_channels: latent,
         text_dim: TEXT_DIM,
         freq_dim: 32,
         ffn_dim: 128,
@@ -91,7 +94,8 @@ pub(super) fn scheduler_config() -> Value {
 /// Where the demo's low-noise expert takes over: Wan2.2 T2V A14B's published boundary.
 const DEMO_BOUNDARY_RATIO: f64 = 0.875;
 
-pub(super) fn model_index(i2v: bool, two_experts: bool) -> Value {
+pub(super) fn model_index(opts: &DemoOptions) -> Value {
+    let (i2v, two_experts) = (opts.i2v && !opts.ti2v, opts.two_experts);
     let mut index = json!({
         "_class_name": if i2v { "WanImageToVideoPipeline" } else { "WanPipeline" },
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -101,7 +105,9 @@ pub(super) fn model_index(i2v: bool, two_experts: bool) -> Value {
         "transformer": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     });
-    if two_experts {
+    if opts.ti2v {
+        index["expand_timesteps"] = json!(true);
+    } else if two_experts {
         index["transformer_2"] = json!(["diffusers", "WanTransformer3DModel"]);
         index["boundary_ratio"] = json!(DEMO_BOUNDARY_RATIO);
     } else if i2v {

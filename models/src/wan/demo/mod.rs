@@ -1,4 +1,5 @@
-//! A tiny random-initialised Wan2.1 model directory in the diffusers layout, written without
+//! A tiny random-initialised Wan model directory (Wan2.1, or Wan2.2 A14B's or TI2V-5B's shape) in
+//! the diffusers layout, written without
 //! Python: for demos, smoke tests and service tests where no real checkpoint is at hand. Its videos
 //! are noise by design; what it exercises is every loader, every stage and the wire between them.
 //!
@@ -46,6 +47,9 @@ pub struct DemoOptions {
     /// Write Wan2.2 A14B's shape: a high-noise `transformer/` and a low-noise `transformer_2/`
     /// (other weights) with `boundary_ratio` in `model_index.json`, and no CLIP for I2V.
     pub two_experts: bool,
+    /// Write Wan2.2 TI2V-5B's shape: the Wan2.2 VAE (48 channels, 16×), a 48-channel DiT and
+    /// `expand_timesteps` in `model_index.json`; it serves text- and image-to-video.
+    pub ti2v: bool,
 }
 
 /// Writes the demo model into `dir` (created if needed; files already there are overwritten).
@@ -57,14 +61,14 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<(), Error> {
     if opts.two_experts {
         write_transformer(&dir.join("transformer_2"), opts, opts.seed.wrapping_add(1))?;
     }
-    write_vae(&dir.join("vae"), opts.seed)?;
+    write_vae(&dir.join("vae"), opts.seed, opts.ti2v)?;
     write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler_config())?;
-    if opts.i2v && !opts.two_experts {
+    if opts.i2v && !opts.two_experts && !opts.ti2v {
         write_image_encoder(&dir.join("image_encoder"), opts.seed)?;
         write_json(&dir.join("image_processor/preprocessor_config.json"), &processor_config())?;
     }
     // Last: its presence is what marks the directory as a diffusers model.
-    write_json(&dir.join("model_index.json"), &model_index(opts.i2v, opts.two_experts))
+    write_json(&dir.join("model_index.json"), &model_index(opts))
 }
 
 fn write_text_encoder(dir: &Path, vocab_size: i64, seed: u64) -> Result<(), Error> {
@@ -112,7 +116,7 @@ fn write_text_encoder(dir: &Path, vocab_size: i64, seed: u64) -> Result<(), Erro
 }
 
 fn write_transformer(dir: &Path, opts: &DemoOptions, seed: u64) -> Result<(), Error> {
-    let cfg = transformer_config(opts.i2v, opts.two_experts);
+    let cfg = transformer_config(opts);
     cfg.validate().map_err(build_err("transformer"))?;
     let mut config = serde_json::to_value(&cfg).expect("the DiT config serialises");
     config["_class_name"] = "WanTransformer3DModel".into();
@@ -121,13 +125,13 @@ fn write_transformer(dir: &Path, opts: &DemoOptions, seed: u64) -> Result<(), Er
     write_component(dir, &config, "diffusion_pytorch_model.safetensors", &shapes, seed)
 }
 
-fn write_vae(dir: &Path, seed: u64) -> Result<(), Error> {
+fn write_vae(dir: &Path, seed: u64, ti2v: bool) -> Result<(), Error> {
     // Full-resolution work dominates decoding: the decoder runs narrower than the encoder.
     let cfg = VaeConfig {
         base_dim: 4,
         decoder_base_dim: Some(2),
         num_res_blocks: 1,
-        ..VaeConfig::wan21()
+        ..if ti2v { VaeConfig::wan22() } else { VaeConfig::wan21() }
     };
     let model = AutoencoderKLWan::build(&cfg, VaeParts::Full, Device::Cpu, Kind::Float)
         .map_err(|e| build_err("VAE")(e.to_string()))?;
@@ -144,10 +148,10 @@ fn write_vae(dir: &Path, seed: u64) -> Result<(), Error> {
         "dropout": 0.0,
         "latents_mean": cfg.latents_mean,
         "latents_std": cfg.latents_std,
-        "is_residual": false,
+        "is_residual": cfg.is_residual,
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
-        "patch_size": null,
+        "patch_size": cfg.patch_size,
         "scale_factor_temporal": cfg.temporal_factor(),
         "scale_factor_spatial": cfg.spatial_factor(),
     });
