@@ -24,13 +24,20 @@ use common::{
 /// fp32 CPU; relative to max(1, max|reference|).
 const TOL: f64 = 1e-4;
 
+#[track_caller]
+fn close(what: &str, got: &Tensor, want: &Tensor) {
+    let (diff, scale) = common::max_abs_diff(got, want);
+    eprintln!("{what}: max |diff| {diff:.2e} (reference scale {scale:.2e})");
+    common::assert_close(what, got, want, TOL);
+}
+
 fn check_vae(what: &str, vae: &AutoencoderKLWan, io: &std::collections::HashMap<String, Tensor>) {
     let mode = vae.encode(&io["video"]).unwrap();
     assert_eq!(mode.size(), [1, 48, 2, 2, 4]);
-    common::assert_close(&format!("{what} latent mode"), &mode, &io["latent_mode_raw"], TOL);
+    close(&format!("{what} latent mode"), &mode, &io["latent_mode_raw"]);
     let decoded = vae.decode(&io["latents"]).unwrap();
     assert_eq!(decoded.size(), [1, 3, 5, 32, 64]);
-    common::assert_close(&format!("{what} decoded"), &decoded, &io["decoded"], TOL);
+    close(&format!("{what} decoded"), &decoded, &io["decoded"]);
 }
 
 #[test]
