@@ -132,16 +132,15 @@ impl Linear {
             return y;
         }
         let _guard = tch::no_grad_guard();
-        let (_, out) = self.dims();
-        let mut y = y;
+        let (d_in, out) = self.dims();
+        // y += s·(x Aᵀ) Bᵀ as one GEMM accumulating into y (BLAS beta = 1), with the scale folded
+        // into the rank-wide intermediate: no output-sized temporary and no separate add pass.
+        let y2 = y.view([-1, out]);
+        let x2 = x.reshape([-1, d_in]);
         for d in deltas.iter() {
-            let update = x.linear::<Tensor>(&d.down, None).linear::<Tensor>(&d.up, None) * d.scale;
+            let h = x2.matmul(&d.down.tr()) * d.scale;
             let rows = d.up.size()[0];
-            if rows == out {
-                y += update;
-            } else {
-                let _ = y.narrow(-1, d.row, rows).g_add_(&update);
-            }
+            let _ = y2.narrow(1, d.row, rows).addmm_(&h, &d.up.tr());
         }
         y
     }
