@@ -2,6 +2,7 @@
 //! `tools/fixtures/wan_pipeline.py`, compared with the frames diffusers' `WanPipeline` produced;
 //! plus the argument checks.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use tch::{Kind, Tensor};
@@ -22,8 +23,20 @@ fn t2v_args(out: &str) -> (Vec<String>, Settings) {
 fn task_args(task: &str, out: &str) -> (Vec<String>, Settings) {
     let fx = common::fixture("wan_pipeline");
     let s = pipeline_settings(&fx, task);
+    let image = (task == "i2v").then(|| fx.join("image.png"));
+    (args_for(&fx.join(task), task, &s, image.as_deref(), out), s)
+}
+
+/// `x2v generate` on `model` for `task` with the settings `s` (and a first frame), writing `out`.
+fn args_for(
+    model: &Path,
+    task: &str,
+    s: &Settings,
+    image: Option<&Path>,
+    out: &str,
+) -> Vec<String> {
     let mut args = vec![
-        ("--model-dir", fx.join(task).display().to_string()),
+        ("--model-dir", model.display().to_string()),
         ("--task", task.into()),
         ("--prompt", s.prompt.clone()),
         ("--negative-prompt", s.negative_prompt.clone()),
@@ -35,10 +48,10 @@ fn task_args(task: &str, out: &str) -> (Vec<String>, Settings) {
         ("--seed", s.seed.to_string()),
         ("--out", out.into()),
     ];
-    if task == "i2v" {
-        args.push(("--image", fx.join("image.png").display().to_string()));
+    if let Some(image) = image {
+        args.push(("--image", image.display().to_string()));
     }
-    (args.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect(), s)
+    args.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect()
 }
 
 /// Replaces the value of `flag` (or appends the pair).
@@ -278,23 +291,8 @@ fn ti2v_npy_matches_the_image_to_video_reference() {
     let s = pipeline_settings(&fx, "i2v");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("video.npy");
-    let args: Vec<String> = [
-        ("--model-dir", fx.join("ti2v").display().to_string()),
-        ("--task", "ti2v".into()),
-        ("--prompt", s.prompt.clone()),
-        ("--negative-prompt", s.negative_prompt.clone()),
-        ("--image", fx.join("image.png").display().to_string()),
-        ("--size", format!("{}x{}", s.width, s.height)),
-        ("--frames", s.frames.to_string()),
-        ("--steps", s.steps.to_string()),
-        ("--guidance", s.guidance_scale.to_string()),
-        ("--shift", s.shift.to_string()),
-        ("--seed", s.seed.to_string()),
-        ("--out", out.display().to_string()),
-    ]
-    .into_iter()
-    .flat_map(|(k, v)| [k.to_string(), v])
-    .collect();
+    let image = fx.join("image.png");
+    let args = args_for(&fx.join("ti2v"), "ti2v", &s, Some(&image), out.to_str().unwrap());
     let o = x2v(&args);
     assert!(o.status.success(), "x2v generate failed: {}", String::from_utf8_lossy(&o.stderr));
     let want = &common::tensors(&fx.join("i2v.safetensors"))["frames_u8"];

@@ -50,10 +50,12 @@ pub fn max_abs_diff(got: &Tensor, want: &Tensor) -> (f64, f64) {
     (diff, scale)
 }
 
-/// Asserts `got` is within `tol * max(1, max|want|)` of `want` elementwise.
+/// Asserts `got` is within `tol * max(1, max|want|)` of `want` elementwise, and prints the measured
+/// difference (the figure a parity report quotes; `--nocapture` shows it).
 #[track_caller]
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
     let (diff, scale) = max_abs_diff(got, want);
+    eprintln!("{what}: max |diff| {diff:.2e} (reference scale {scale:.2e})");
     let bound = tol * scale.max(1.0);
     assert!(
         diff <= bound,

@@ -19,15 +19,25 @@ from safetensors.numpy import save_file
 from x2v_testing import Process, ffprobe, free_port
 
 
-def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):
+def start_up(x2v_bin, data_dir, *args):
+    """`x2v up ARGS` on the CPU at a free port, once it says it serves, and an `openai` client for
+    it. The caller stops the process (`up.kill()` in a `finally`)."""
     port = free_port()
-    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path),
-                        "--device", "cpu"],
+    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
+                        "--device", "cpu", *args],
                  dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
     try:
-        assert "demo models" in up.log(), up.log()
         base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
-        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    except BaseException:
+        up.kill()
+        raise
+    return up, openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_x2v_up_serves_the_demo_model(x2v_bin, tmp_path):
+    up, client = start_up(x2v_bin, tmp_path)
+    try:
+        assert "demo models" in up.log(), up.log()
         assert [m.id for m in client.models.list()] == ["x2v-demo", "x2v-demo-image"]
         video = client.videos.create_and_poll(model="x2v-demo", prompt="a fox", size="256x256", seconds="2",
                                               poll_interval_ms=100, extra_body={"num_inference_steps": 2})
@@ -115,13 +125,8 @@ def a14b(x2v_bin, tmp_path_factory):
     subprocess.run([str(x2v_bin), "demo-model", "--out", str(model), "--two-experts", "--seed", "3"],
                    check=True, capture_output=True)
     write_adapters(model / "loras")
-    port = free_port()
-    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp / "up"),
-                        "--device", "cpu", "--model-dir", str(model)],
-                 dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
+    up, client = start_up(x2v_bin, tmp / "up", "--model-dir", model)
     try:
-        base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
-        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
         yield types.SimpleNamespace(client=client, model=model, bin=x2v_bin, tmp=tmp, up=up)
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(timeout=30) == 0, up.log()
@@ -230,13 +235,9 @@ def test_x2v_up_serves_a_step_distilled_model_with_its_defaults(x2v_bin, tmp_pat
             distill[f"transformer.blocks.{i}.{target}.lora_A.weight"] = rng.normal(0, 0.5, (4, 64)).astype(np.float32)
             distill[f"transformer.blocks.{i}.{target}.lora_B.weight"] = rng.normal(0, 0.5, (width, 4)).astype(np.float32)
     save_file(distill, str(loras / "distill.safetensors"))
-    port = free_port()
-    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "up"),
-                        "--device", "cpu", "--model-dir", str(model), "--step-distill", "--base-lora", "distill"],
-                 dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
+    up, client = start_up(x2v_bin, tmp_path / "up", "--model-dir", model, "--step-distill", "--base-lora",
+                          "distill")
     try:
-        base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
-        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
         video = client.videos.create_and_poll(model="wan2.1-t2v", prompt="a heron", size="832x480",
                                               extra_body={"num_frames": 5, "seed": 8}, poll_interval_ms=100)
         assert video.status == "completed", video.error
@@ -279,13 +280,8 @@ def test_x2v_up_serves_a_ti2v_model_for_text_and_image_to_video(x2v_bin, tmp_pat
                    check=True, capture_output=True)
     first = tmp_path / "first.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (176, 320, 3), dtype=np.uint8)).save(first)
-    port = free_port()
-    up = Process("up", [str(x2v_bin), "up", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "up"),
-                        "--device", "cpu", "--model-dir", str(model)],
-                 dict(os.environ, RUST_LOG="warn"), lambda l: l.startswith("x2v up: serving `"))
+    up, client = start_up(x2v_bin, tmp_path / "up", "--model-dir", model)
     try:
-        base_url = re.search(r"at (http://\S+/v1)", up.ready_line).group(1)
-        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["wan2.2-ti2v"]
         settings = {"num_frames": 5, "seed": 4, "num_inference_steps": 3, "shift": 5.0}
         paths = {}
