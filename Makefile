@@ -32,15 +32,23 @@ images: setup
 doctor: setup
 	cargo run -q -p x2v -- doctor $(ARGS)
 
-test: setup test-rust test-python
+# Every crate compiles once (the test profile, and the binaries the Python suites start); then the
+# Rust tests and the three Python suites run side by side, each one's output printed when all end.
+test: setup
+	cargo test --workspace --all-targets --no-fail-fast --no-run
+	cargo build --workspace --bins --examples
+	bash scripts/side-by-side.sh "cargo test --workspace --all-targets --no-fail-fast" \
+		"$(X2V_PYTHON) -m pytest -q gateway/tests/py" "$(X2V_PYTHON) -m pytest -q tests/e2e" \
+		"$(X2V_PYTHON) -m pytest -q tests/containers"
 
 test-rust:
 	cargo test --workspace --all-targets --no-fail-fast
 
 # End-to-end tests with the official openai client against the real binaries and redis-server:
-# the gateway against a test worker, then the whole multi-process pipeline (tests/e2e), then the
-# same binaries in containers of docker/compose.cpu.yml, faults injected with Docker
-# (tests/containers; skipped, with the reason, where no Docker Engine runs).
+# the gateway against a test worker, the whole multi-process pipeline (tests/e2e), and the same
+# binaries in containers of docker/compose.cpu.yml, faults injected with Docker (tests/containers;
+# skipped, with the reason, where no Docker Engine runs). One after the other here; `make test`
+# runs them side by side.
 test-python:
 	$(X2V_PYTHON) -m pytest -q gateway/tests/py
 	$(X2V_PYTHON) -m pytest -q tests/e2e
