@@ -18,7 +18,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::dit::{Expert, WanDit};
-use super::{Geometry, LatentSpec, Phase1, Phase2, TEXT_LEN};
+use super::{Geometry, Phase1, Phase2, TEXT_LEN};
 use crate::error::{Component, Error};
 use crate::schedulers::{
     FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, StepDistillConfig,
@@ -337,7 +337,7 @@ pub fn denoise(
 ) -> Result<Phase2, Error> {
     let _guard = tch::no_grad_guard();
     let geometry = phase1.geometry;
-    let spec: LatentSpec = dit.latent_spec();
+    let spec = dit.latent_spec();
     geometry.validate_for(spec).map_err(|m| Error::input(Component::Denoise, m))?;
     let shape = geometry.latent_shape_for(spec);
     let scale_2 = guidance_scale_2(dit, settings)?;
