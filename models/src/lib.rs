@@ -6,8 +6,10 @@
 //! - [`nn`]: the shared layers; [`schedulers`]: the flow-matching samplers.
 //! - [`wan`]: the Wan2.1 components and stage pipelines; [`qwen_image`]: Qwen-Image; each has a
 //!   `demo` module writing a tiny random-initialised model (shared parts in `demo`).
+//! - [`bench`]: flag parsing and statistics of the `x2v-bench-*` binaries.
 //! - [`device`]: libtorch runtime facts (CUDA really linked, devices visible) for `x2v doctor`.
 
+pub mod bench;
 pub mod config;
 pub mod cuda_driver;
 mod demo;

@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
+use x2v_models::bench::{median, min, parse_flags};
 use x2v_models::wan::transformer::WanTransformer3DModel;
 
 struct Args {
@@ -42,46 +43,23 @@ fn parse() -> Result<Args, String> {
         lora_rank: 32,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let value = |i: usize| -> Result<i64, String> {
-        let v = argv.get(i).ok_or(format!("{} needs a value", argv[i - 1]))?;
-        v.parse().map_err(|e| format!("{}: {e}", argv[i - 1]))
-    };
-    let mut i = 0;
-    while i < argv.len() {
-        let field = match argv[i].as_str() {
-            "--heads" => &mut a.heads,
-            "--layers" => &mut a.layers,
-            "--ffn" => &mut a.ffn,
-            "--runs" => &mut a.runs,
-            "--rounds" => &mut a.rounds,
-            "--threads" => &mut a.threads,
-            "--lora-rank" => &mut a.lora_rank,
-            "--latent" => {
-                for k in 0..3 {
-                    a.latent[k] = value(i + 1 + k)?;
-                }
-                i += 4;
-                continue;
-            }
-            other => return Err(format!("unknown flag {other}")),
-        };
-        *field = value(i + 1)?;
-        i += 2;
-    }
+    parse_flags(
+        &argv,
+        &mut [
+            ("--heads", std::slice::from_mut(&mut a.heads)),
+            ("--layers", std::slice::from_mut(&mut a.layers)),
+            ("--ffn", std::slice::from_mut(&mut a.ffn)),
+            ("--latent", &mut a.latent[..]),
+            ("--runs", std::slice::from_mut(&mut a.runs)),
+            ("--rounds", std::slice::from_mut(&mut a.rounds)),
+            ("--threads", std::slice::from_mut(&mut a.threads)),
+            ("--lora-rank", std::slice::from_mut(&mut a.lora_rank)),
+        ],
+    )?;
     if a.runs < 1 || a.rounds < 1 || a.threads < 1 || a.lora_rank < 1 {
         return Err("--runs, --rounds, --threads and --lora-rank must be positive".into());
     }
     Ok(a)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
+use x2v_models::bench::{median, min, parse_flags};
 use x2v_models::qwen_image::transformer::QwenImageTransformer;
 
 struct Args {
@@ -40,44 +41,23 @@ fn parse() -> Result<Args, String> {
         n: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let value = |i: usize| -> Result<i64, String> {
-        let v = argv.get(i).ok_or(format!("{} needs a value", argv[i - 1]))?;
-        v.parse().map_err(|e| format!("{}: {e}", argv[i - 1]))
-    };
-    let mut i = 0;
-    while i < argv.len() {
-        let field = match argv[i].as_str() {
-            "--heads" => &mut a.heads,
-            "--layers" => &mut a.layers,
-            "--text" => &mut a.text,
-            "--runs" => &mut a.runs,
-            "--rounds" => &mut a.rounds,
-            "--threads" => &mut a.threads,
-            "--n" => &mut a.n,
-            "--grid" => {
-                a.grid = [value(i + 1)?, value(i + 2)?];
-                i += 3;
-                continue;
-            }
-            other => return Err(format!("unknown flag {other}")),
-        };
-        *field = value(i + 1)?;
-        i += 2;
-    }
+    parse_flags(
+        &argv,
+        &mut [
+            ("--heads", std::slice::from_mut(&mut a.heads)),
+            ("--layers", std::slice::from_mut(&mut a.layers)),
+            ("--grid", &mut a.grid[..]),
+            ("--text", std::slice::from_mut(&mut a.text)),
+            ("--runs", std::slice::from_mut(&mut a.runs)),
+            ("--rounds", std::slice::from_mut(&mut a.rounds)),
+            ("--threads", std::slice::from_mut(&mut a.threads)),
+            ("--n", std::slice::from_mut(&mut a.n)),
+        ],
+    )?;
     if a.runs < 1 || a.rounds < 1 || a.threads < 1 {
         return Err("--runs, --rounds and --threads must be positive".into());
     }
     Ok(a)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
 /// Runs the diffusers timing script; returns its times and torch version.

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use tch::{Device, Kind, Tensor};
+use x2v_models::bench::median;
 use x2v_models::wan::vae::AutoencoderKLWan;
 
 struct Args {
@@ -46,12 +47,6 @@ fn python() -> PathBuf {
         let home = std::env::var_os("HOME").unwrap_or_default();
         PathBuf::from(home).join(".cache/x2v/venv/bin/python")
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 fn main() -> Result<()> {
@@ -96,7 +91,7 @@ fn run(args: &Args, script: &std::path::Path, dir: &std::path::Path) -> Result<(
         times.push(start.elapsed().as_secs_f64());
     }
     let diff = (&decoded - &io["decoded"]).abs().max().double_value(&[]);
-    let (x2v, dif) = (median(times.clone()), median(py_times.clone()));
+    let (x2v, dif) = (median(&mut times.clone()), median(&mut py_times.clone()));
     let s = decoded.size();
     println!(
         "Wan VAE decode, CPU fp32, {} threads, base_dim {}, latent 1×16×{} -> video {}×{}×{}",

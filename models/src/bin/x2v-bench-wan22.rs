@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
+use x2v_models::bench::{median, parse_flags};
 use x2v_models::schedulers::UniPcConfig;
 use x2v_models::wan::pipeline::{
     DenoiseSettings, Expert, Geometry, Phase1, SchedulerChoice, denoise, load_dit,
@@ -44,41 +45,24 @@ fn parse() -> Result<Args, String> {
         threads: 2,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let value = |i: usize| -> Result<i64, String> {
-        let v = argv.get(i).ok_or(format!("{} needs a value", argv[i - 1]))?;
-        v.parse().map_err(|e| format!("{}: {e}", argv[i - 1]))
-    };
-    let mut i = 0;
-    while i < argv.len() {
-        let field = match argv[i].as_str() {
-            "--heads" => &mut a.heads,
-            "--layers" => &mut a.layers,
-            "--ffn" => &mut a.ffn,
-            "--frames" => &mut a.frames,
-            "--steps" => &mut a.steps,
-            "--runs" => &mut a.runs,
-            "--rounds" => &mut a.rounds,
-            "--threads" => &mut a.threads,
-            "--size" => {
-                a.size = [value(i + 1)?, value(i + 2)?];
-                i += 3;
-                continue;
-            }
-            other => return Err(format!("unknown flag {other}")),
-        };
-        *field = value(i + 1)?;
-        i += 2;
-    }
+    parse_flags(
+        &argv,
+        &mut [
+            ("--heads", std::slice::from_mut(&mut a.heads)),
+            ("--layers", std::slice::from_mut(&mut a.layers)),
+            ("--ffn", std::slice::from_mut(&mut a.ffn)),
+            ("--frames", std::slice::from_mut(&mut a.frames)),
+            ("--size", &mut a.size[..]),
+            ("--steps", std::slice::from_mut(&mut a.steps)),
+            ("--runs", std::slice::from_mut(&mut a.runs)),
+            ("--rounds", std::slice::from_mut(&mut a.rounds)),
+            ("--threads", std::slice::from_mut(&mut a.threads)),
+        ],
+    )?;
     if [a.runs, a.rounds, a.threads, a.steps].iter().any(|v| *v < 1) {
         return Err("--runs, --rounds, --threads and --steps must be positive".into());
     }
     Ok(a)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
