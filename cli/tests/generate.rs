@@ -63,6 +63,20 @@ fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
     args
 }
 
+/// Each command line is refused before anything loads (exit 2), its error naming every needle.
+#[track_caller]
+fn assert_refused(cases: Vec<(Vec<String>, &[&str])>) {
+    for (case, needles) in cases {
+        let o = x2v(&case);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{case:?} succeeded");
+        assert_eq!(o.status.code(), Some(2), "{case:?}: bad arguments exit 2:\n{err}");
+        for n in needles {
+            assert!(err.contains(n), "{case:?}: stderr lacks {n:?}:\n{err}");
+        }
+    }
+}
+
 #[test]
 fn t2v_npy_matches_wan_pipeline_frames() {
     npy_matches_reference("t2v");
@@ -126,14 +140,7 @@ fn bad_arguments_are_named() {
             &["--image /nonexistent/first.png"],
         ),
     ];
-    for (case, needles) in cases {
-        let o = x2v(&case);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{case:?} succeeded");
-        for n in needles {
-            assert!(err.contains(n), "{case:?}: stderr lacks {n:?}:\n{err}");
-        }
-    }
+    assert_refused(cases);
     assert!(!out.exists(), "no output is written for bad arguments");
 }
 
@@ -271,15 +278,7 @@ fn bad_image_arguments_are_named() {
             &["QwenImageEditPipeline takes at most 1 --image, got 2"],
         ),
     ];
-    for (case, needles) in cases {
-        let o = x2v(&case);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{case:?} succeeded");
-        assert_eq!(o.status.code(), Some(2), "{case:?}: bad arguments exit 2:\n{err}");
-        for n in needles {
-            assert!(err.contains(n), "{case:?}: stderr lacks {n:?}:\n{err}");
-        }
-    }
+    assert_refused(cases);
     assert!(!out.exists(), "no output is written for bad arguments");
 }
 
@@ -303,12 +302,5 @@ fn ti2v_npy_matches_the_image_to_video_reference() {
         (with(args.clone(), "--size", "64x48"), &["--size 64x48", "multiple of 32"]),
         (with(args.clone(), "--model-dir", &wan21), &["--task ti2v needs a Wan2.2 TI2V-5B"]),
     ];
-    for (case, needles) in cases {
-        let o = x2v(&case);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{case:?} succeeded");
-        for n in needles {
-            assert!(err.contains(n), "{case:?}: stderr lacks {n:?}:\n{err}");
-        }
-    }
+    assert_refused(cases);
 }
