@@ -4,16 +4,16 @@
 //! little-endian CPU copy in the tensor's own dtype (bf16 stays bf16), ready for
 //! [`x2v_transfer::Payload::from_parts`]. Receiving: each `(TensorMeta, bytes)` pair of a received
 //! payload becomes a tensor on the stage's device after its dtype, shape and length are checked
-//! against each other. Errors name the tensor.
+//! against each other. Each side copies a tensor's bytes once (`host.rs`). Errors name the tensor.
 //!
 //! The model code knows nothing of the transport; each family's stage payloads implement
 //! [`Handoff`] here ([`wan`], [`qwen_image`]: Phase1 and Phase2).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+mod host;
 pub mod qwen_image;
 pub mod wan;
 
-use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 pub use x2v_transfer::TensorPart;
 use x2v_transfer::{Dtype, Received, TensorMeta};
@@ -106,21 +106,16 @@ pub fn tensor_kind(dtype: Dtype) -> Kind {
     KINDS.iter().find(|(_, d)| *d == dtype).map(|&(k, _)| k).expect("every wire dtype is listed")
 }
 
-/// `tensor` as a [`TensorPart`] called `name`: same dtype and shape, bytes copied to the CPU in
-/// row-major order (a strided or device tensor is made contiguous on the way).
+/// `tensor` as a [`TensorPart`] called `name`: same dtype and shape, its values copied once to
+/// host memory in row-major order (a strided or device tensor is made contiguous on the way).
 pub fn tensor_to_part(name: &str, tensor: &Tensor) -> Result<TensorPart, PayloadError> {
     let kind = tensor.kind();
     let dtype = wire_dtype(kind)
         .ok_or_else(|| PayloadError::UnsupportedKind { name: name.to_owned(), kind })?;
     let shape: Vec<u64> = tensor.size().iter().map(|&d| d as u64).collect();
-    let numel = tensor.numel();
-    let mut data = vec![0u8; numel * dtype.size() as usize];
-    if numel > 0 {
-        tensor
-            .f_copy_data_u8(&mut data, numel)
-            .map_err(|source| PayloadError::Torch { name: name.to_owned(), source })?;
-    }
-    Ok(TensorPart { name: name.to_owned(), dtype, shape, bytes: Bytes::from(data) })
+    let bytes = host::tensor_bytes(tensor)
+        .map_err(|source| PayloadError::Torch { name: name.to_owned(), source })?;
+    Ok(TensorPart { name: name.to_owned(), dtype, shape, bytes })
 }
 
 /// The tensor `meta` describes, built from `data` on `device`. The shape, dtype and byte length
@@ -157,12 +152,10 @@ pub fn tensor_from_part(
     }
     let kind = tensor_kind(meta.dtype);
     let torch = |source| PayloadError::Torch { name: meta.name.clone(), source };
-    let t = if data.is_empty() {
-        Tensor::f_zeros(&shape, (kind, Device::Cpu)).map_err(torch)?
-    } else {
-        Tensor::f_from_data_size(data, &shape, kind).map_err(torch)?
-    };
-    t.f_to_device(device).map_err(torch)
+    if data.is_empty() {
+        return Tensor::f_zeros(&shape, (kind, device)).map_err(torch);
+    }
+    host::tensor_from_bytes(data, &shape, kind, device).map_err(torch)
 }
 
 /// The `(meta, bytes)` pairs of a received payload, in the sender's order.
