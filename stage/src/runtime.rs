@@ -398,12 +398,16 @@ impl<R: StageRunner> JobRun<'_, R> {
                 format!("the job has no {stage} input recorded by the previous stage"),
             )));
         };
+        let t = Instant::now();
         let fetched = self.fetch(locator).instrument(tracing::info_span!("receive", locator)).await;
         match fetched {
             Ok(inputs) => {
-                let bytes = inputs.total_bytes();
-                self.deps.state.metrics.transfer_bytes.with_label_values(&["in"]).inc_by(bytes);
-                tracing::info!(bytes, transport = inputs.transport(), "inputs received");
+                let (bytes, transport, seconds) =
+                    (inputs.total_bytes(), inputs.transport(), t.elapsed().as_secs_f64());
+                let metrics = &self.deps.state.metrics;
+                metrics.transfer_bytes.with_label_values(&["in"]).inc_by(bytes);
+                metrics.transfer_seconds.with_label_values(&[transport]).observe(seconds);
+                tracing::info!(bytes, transport, seconds, "inputs received");
                 Ok(inputs)
             }
             Err(_) if self.stopped().is_some() => Err(self.stopped().expect("checked")),

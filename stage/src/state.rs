@@ -58,6 +58,12 @@ impl LoadedModel {
     }
 }
 
+/// Buckets of `x2v_transfer_seconds`: a Wan 480p payload moves in milliseconds on one host.
+const TRANSFER_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    60.0,
+];
+
 /// The metric families every stage service exports.
 #[derive(Clone)]
 pub struct StageMetrics {
@@ -70,6 +76,9 @@ pub struct StageMetrics {
     pub step: HistogramVec,
     /// `x2v_transfer_bytes_total{direction}`: in, out.
     pub transfer_bytes: IntCounterVec,
+    /// `x2v_transfer_seconds{transport}`: fetching the previous stage's payload, from the request
+    /// to its last tensor verified (the sender's hashing included), retries included.
+    pub transfer_seconds: HistogramVec,
     /// `x2v_stage_in_flight{}`.
     pub in_flight: IntGaugeVec,
     /// `x2v_queue_depth{stage}`: jobs waiting for this stage (refreshed on scrape).
@@ -102,6 +111,12 @@ impl StageMetrics {
                 "transfer_bytes_total",
                 "Payload bytes moved by this stage.",
                 &["direction"],
+            ),
+            transfer_seconds: registry.histogram(
+                "transfer_seconds",
+                "Time to fetch and verify the previous stage's payload.",
+                &["transport"],
+                Some(TRANSFER_BUCKETS.to_vec()),
             ),
             in_flight: registry.gauge("stage_in_flight", "Jobs held by this worker.", &[]),
             queue_depth: registry.gauge(

@@ -36,6 +36,14 @@ def test_text_to_video_runs_through_three_services(client, cluster, tmp_path):
                    for (m, k, _), s in cluster.stages.items()
                    if m == T2V and k == kind)
         assert done >= 1, f"no {kind} of {T2V} reports a job"
+    # The DiT and the decoder each fetched their input and timed it.
+    for kind in ["dit", "decoder"]:
+        stages = [s for (m, k, _), s in cluster.stages.items() if m == T2V and k == kind]
+        timed = [s.metrics() for s in stages]
+        assert sum(t.get("x2v_transfer_seconds_count", 0) for t in timed) >= 1, kind
+        assert sum(t.get("x2v_transfer_seconds_sum", 0) for t in timed) > 0, kind
+        received = sum(s.metrics(direction="in").get("x2v_transfer_bytes_total", 0) for s in stages)
+        assert received > 0, kind
     for variant in ["thumbnail", "spritesheet"]:
         content = client.videos.download_content(video.id, variant=variant).read()
         assert len(content) > 0

@@ -30,6 +30,19 @@ What it measures, for the same checkpoint, prompts, seeds and settings on both s
       a denoising progress bar when stderr is a terminal, so its stderr is a pseudo-terminal here and
       the bar's step times split each run into "before denoising" (start-up, UMT5 load + encode, DiT
       load), "denoising" and "after denoising" (VAE load + decode, MP4 encoding, write).
+      Transfer per phase: `x2v_transfer_seconds{transport}` of the DiT (Phase1) and of the decoder
+      (Phase2), from the fetch request to the last tensor verified, with the sender hashing its SHA-256
+      leaves while it writes, and the bytes moved.
+
+Transfer at Wan2.1 480p / 81-frame payload sizes: the payloads depend on the text encoder's width
+(prompt embeddings, 512 x 4096 each, with and without the negative prompt) and on the latent shape
+(16 x 21 x 60 x 104), not on the DiT's or the VAE's width, so a model with UMT5's real width and a
+narrow DiT and VAE moves the real bytes (fp32 on the CPU: Phase1 16 MiB, Phase2 8.0 MiB) while its
+compute stays small:
+
+  ~/.cache/x2v/venv/bin/python tools/bench/stages.py --size 832x480 --frames 81 --steps 1 --jobs 3 \
+      --rounds 1 --parallel '' --text-dim 4096 --text-heads 32 --text-ff 256 --text-layers 1 \
+      --dit-heads 2 --dit-head-dim 32 --dit-ffn 128 --dit-layers 1 --vae-dim 8
 
 The model is random-initialised (its videos are noise; only shapes and sizes matter here):
 
@@ -967,6 +980,30 @@ def stage_seconds(rows: list, tag: str, r: dict) -> dict:
     return means
 
 
+def transfer_rows(rows: list, tag: str, r: dict) -> None:
+    """Appends one row per payload of a disaggregated result: Phase1 as the DiT fetched it, Phase2 as the
+    decoder did (x2v_transfer_seconds{transport}: request to last tensor verified, the sender's hashing
+    included; bytes from x2v_transfer_bytes_total{direction="in"})."""
+    for phase, stage in [("Phase1 encoder -> DiT", "dit"), ("Phase2 DiT -> decoder", "decoder")]:
+        m = r["metrics"][stage]
+        transports = sorted({dict(ls)["transport"] for (n, ls) in m
+                             if n == "x2v_transfer_seconds_count" and "transport" in dict(ls)})
+        n = metric(m, "x2v_transfer_seconds_count")
+        s = metric(m, "x2v_transfer_seconds_sum")
+        b = metric(m, "x2v_transfer_bytes_total", direction="in")
+        if not n:
+            rows.append((f"{phase} [{tag}]", "-", 0, "-", "-", "-"))
+            continue
+        rows.append((f"{phase} [{tag}]", ",".join(transports), int(n), f"{b / n / MIB:.2f}",
+                     f"{s / n * 1e3:.2f}", f"{b / s / 1e9:.2f}" if s else "-"))
+
+
+TRANSFER_TITLE = ("(c) Transfer per phase, mean per job: fetching the previous stage's payload, from the request to "
+                  "its last tensor verified (SHA-256 on, the sender hashing while it writes), from "
+                  "x2v_transfer_seconds and x2v_transfer_bytes_total")
+TRANSFER_HEADERS = ["payload", "transport", "jobs", "MiB", "ms", "GB/s"]
+
+
 STAGE_SECONDS_TITLE = "(c) Stage services: x2v_stage_seconds{service, phase} from /metrics (mean = sum / count)"
 
 
@@ -1053,6 +1090,11 @@ def report(a, model_dir, results, load_before, load_after) -> None:
             sizing.append((f"disaggregated, {label} [{tag}]", f"{t_enc:.3f}", f"{t_dit:.3f}", f"{t_dec:.3f}",
                            f"{t_dit / t_enc:.1f}", f"{t_dec / t_dit:.2f}", f"{t_dit50 / t_enc:.0f}"))
     table(STAGE_SECONDS_TITLE, ["service", "phase", "count", "sum s", "mean s"], rows)
+    transfers = []
+    for tag, r in results:
+        if r["mode"].startswith("disaggregated"):
+            transfer_rows(transfers, tag, r)
+    table(TRANSFER_TITLE, TRANSFER_HEADERS, transfers)
     generate_phases(results, "start-up, UMT5 load + encode, DiT load", "VAE load + decode, MP4, write")
     for tag, r in results:
         if r["mode"].startswith("disaggregated") or r["parallel"] != 1:
@@ -1107,6 +1149,9 @@ def report_qwen(a, model_dir, results, q, load_before, load_after) -> None:
     stage_seconds(rows, "t2i, n=1", q["memory"])
     table(STAGE_SECONDS_TITLE + f", over the {a.jobs} one-image jobs", ["service", "phase", "count", "sum s", "mean s"],
           rows)
+    transfers = []
+    transfer_rows(transfers, "t2i, n=1", q["memory"])
+    table(TRANSFER_TITLE, TRANSFER_HEADERS, transfers)
     generate_phases(results, "start-up, Qwen2.5-VL load + encode, DiT load", "VAE load + decode, PNG, write")
 
     rows = []
