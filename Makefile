@@ -45,8 +45,8 @@ test: setup
 	cargo test --workspace --all-targets --no-fail-fast --no-run
 	cargo build --workspace --bins --examples
 	bash scripts/side-by-side.sh "cargo test --workspace --all-targets --no-fail-fast" \
-		"$(X2V_PYTHON) -m pytest -q gateway/tests/py" "$(X2V_PYTHON) -m pytest -q tests/e2e" \
-		"$(X2V_PYTHON) -m pytest -q tests/containers"
+		"$(X2V_PYTHON) -m pytest -q --durations=5 gateway/tests/py" "$(X2V_PYTHON) -m pytest -q --durations=5 tests/e2e" \
+		"$(X2V_PYTHON) -m pytest -q --durations=5 tests/containers"
 
 test-rust:
 	cargo test --workspace --all-targets --no-fail-fast
@@ -57,9 +57,9 @@ test-rust:
 # skipped, with the reason, where no Docker Engine runs). One after the other here; `make test`
 # runs them side by side.
 test-python:
-	$(X2V_PYTHON) -m pytest -q gateway/tests/py
-	$(X2V_PYTHON) -m pytest -q tests/e2e
-	$(X2V_PYTHON) -m pytest -q tests/containers
+	$(X2V_PYTHON) -m pytest -q --durations=5 gateway/tests/py
+	$(X2V_PYTHON) -m pytest -q --durations=5 tests/e2e
+	$(X2V_PYTHON) -m pytest -q --durations=5 tests/containers
 
 # Clippy's lints on every target, as `make test` builds them (after `make test`: nothing to do).
 lint:

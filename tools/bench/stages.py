@@ -34,13 +34,14 @@ What it measures, for the same checkpoint, prompts, seeds and settings on both s
       (Phase2), from the fetch request to the last tensor verified, with the sender hashing its SHA-256
       leaves while it writes, and the bytes moved.
 
-Transfer at Wan2.1 480p / 81-frame payload sizes: the payloads depend on the text encoder's width
-(prompt embeddings, 512 x 4096 each, with and without the negative prompt) and on the latent shape
-(16 x 21 x 60 x 104), not on the DiT's or the VAE's width, so a model with UMT5's real width and a
-narrow DiT and VAE moves the real bytes (fp32 on the CPU: Phase1 16 MiB, Phase2 8.0 MiB) while its
-compute stays small:
+Transfer at Wan2.1 480p / 81-frame payload sizes: Phase2 is the final latents (16 x 21 x 60 x 104,
+8 MiB in fp32) whatever the DiT's or the VAE's width; Phase1 of text to video is the prompt
+embeddings of the prompt's own tokens (x2v does not send the padding to 512 tokens), 2 x tokens x
+the text encoder's width (4096 for UMT5-XXL). A model with UMT5's real width and a narrow DiT and
+VAE moves those bytes while its compute stays small (the VAE decode at 480p still takes minutes on a
+CPU; with one job at a time the decoder is idle when its payload arrives):
 
-  ~/.cache/x2v/venv/bin/python tools/bench/stages.py --size 832x480 --frames 81 --steps 1 --jobs 3 \
+  ~/.cache/x2v/venv/bin/python tools/bench/stages.py --size 832x480 --frames 81 --steps 1 --jobs 1 \
       --rounds 1 --parallel '' --text-dim 4096 --text-heads 32 --text-ff 256 --text-layers 1 \
       --dit-heads 2 --dit-head-dim 32 --dit-ffn 128 --dit-layers 1 --vae-dim 8
 
