@@ -39,16 +39,14 @@ test lint: export RUSTC_WORKSPACE_WRAPPER = $(CLIPPY_DRIVER)
 test lint: export CLIPPY_ARGS = -Dwarnings
 
 # Every crate compiles once (the test profile, and the binaries the Python suites start), linted on
-# the way; then the Rust tests and the Python suites run side by side, each one's output printed
-# when all end. The end-to-end image tests (their own cluster) run beside the video ones: together
-# they were the longest suite.
-PYTEST = $(X2V_PYTHON) -m pytest -q --durations=5
+# the way; then the Rust tests and the three Python suites run side by side, each one's output
+# printed when all end.
 test: setup
 	cargo test --workspace --all-targets --no-fail-fast --no-run
 	cargo build --workspace --bins --examples
 	bash scripts/side-by-side.sh "cargo test --workspace --all-targets --no-fail-fast" \
-		"$(PYTEST) gateway/tests/py" "$(PYTEST) tests/e2e --ignore=tests/e2e/test_images.py" \
-		"$(PYTEST) tests/e2e/test_images.py" "$(PYTEST) tests/containers"
+		"$(X2V_PYTHON) -m pytest -q --durations=5 gateway/tests/py" "$(X2V_PYTHON) -m pytest -q --durations=5 tests/e2e" \
+		"$(X2V_PYTHON) -m pytest -q --durations=5 tests/containers"
 
 test-rust:
 	cargo test --workspace --all-targets --no-fail-fast
@@ -59,9 +57,9 @@ test-rust:
 # skipped, with the reason, where no Docker Engine runs). One after the other here; `make test`
 # runs them side by side.
 test-python:
-	$(PYTEST) gateway/tests/py
-	$(PYTEST) tests/e2e
-	$(PYTEST) tests/containers
+	$(X2V_PYTHON) -m pytest -q --durations=5 gateway/tests/py
+	$(X2V_PYTHON) -m pytest -q --durations=5 tests/e2e
+	$(X2V_PYTHON) -m pytest -q --durations=5 tests/containers
 
 # Clippy's lints on every target, as `make test` builds them (after `make test`: nothing to do).
 lint:
