@@ -71,7 +71,9 @@ class ImageCluster:
                       "maintain_interval_ms": 200},
             "storage": {"kind": "local", "path": self.storage},
             "auth": {"api_keys": [API_KEY]},
-            "http": {"poll_after_ms": 50, "image_timeout_s": 120},
+            # Generous: a ~1 MP edit takes a minute alone and several with other suites beside it;
+            # the bound only catches a job that never ends.
+            "http": {"poll_after_ms": 50, "image_timeout_s": 600},
             "models": [image_entry(T2I, "t2i"), image_entry(EDIT, "edit"), image_entry(ENGINES, "t2i")],
             "telemetry": {"log_format": "text", "log_level": "warn"},
         }
@@ -160,7 +162,7 @@ def client(images_cluster):
     import openai
 
     return openai.OpenAI(base_url=images_cluster.gateway.base_url, api_key=API_KEY, max_retries=0,
-                         timeout=120)
+                         timeout=660)
 
 
 @pytest.fixture(autouse=True)
