@@ -37,16 +37,18 @@ doctor: setup
 CLIPPY_DRIVER = $(shell rustup which clippy-driver 2>/dev/null || command -v clippy-driver)
 test lint: export RUSTC_WORKSPACE_WRAPPER = $(CLIPPY_DRIVER)
 test lint: export CLIPPY_ARGS = -Dwarnings
+# The tests and every binary the Python suites start.
+COMPILE_TESTS = cargo test --workspace --all-targets --no-fail-fast --no-run && \
+	cargo build --workspace --bins --examples
 
 # Every crate compiles once (the test profile, and the binaries the Python suites start), linted on
 # the way; then the Rust tests and the three Python suites run side by side, each one's output
 # printed when all end.
+PYTEST = $(X2V_PYTHON) -m pytest -q --durations=5
 test: setup
-	cargo test --workspace --all-targets --no-fail-fast --no-run
-	cargo build --workspace --bins --examples
+	$(COMPILE_TESTS)
 	bash scripts/side-by-side.sh "cargo test --workspace --all-targets --no-fail-fast" \
-		"$(X2V_PYTHON) -m pytest -q --durations=5 gateway/tests/py" "$(X2V_PYTHON) -m pytest -q --durations=5 tests/e2e" \
-		"$(X2V_PYTHON) -m pytest -q --durations=5 tests/containers"
+		"$(PYTEST) gateway/tests/py" "$(PYTEST) tests/e2e" "$(PYTEST) tests/containers"
 
 test-rust:
 	cargo test --workspace --all-targets --no-fail-fast
@@ -57,15 +59,14 @@ test-rust:
 # skipped, with the reason, where no Docker Engine runs). One after the other here; `make test`
 # runs them side by side.
 test-python:
-	$(X2V_PYTHON) -m pytest -q --durations=5 gateway/tests/py
-	$(X2V_PYTHON) -m pytest -q --durations=5 tests/e2e
-	$(X2V_PYTHON) -m pytest -q --durations=5 tests/containers
+	$(PYTEST) gateway/tests/py
+	$(PYTEST) tests/e2e
+	$(PYTEST) tests/containers
 
 # Clippy's lints on every target, as `make test` builds them (after `make test`: nothing to do).
 lint:
 	@test -n "$(CLIPPY_DRIVER)" || { echo "lint: clippy-driver not found (rustup component add clippy)" >&2; exit 1; }
-	cargo test --workspace --all-targets --no-run
-	cargo build --workspace --bins --examples
+	$(COMPILE_TESTS)
 
 fmt:
 	cargo fmt --all

@@ -19,9 +19,9 @@ struct HostTensor {
 
 impl AsRef<[u8]> for HostTensor {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: `tensor` is a contiguous CPU tensor of `len` bytes (checked at construction)
-        // that only this struct holds: it was allocated here and no handle to it was given out,
-        // so its storage is neither freed nor written while the struct lives.
+        // SAFETY: `tensor` is a contiguous CPU tensor of `len` bytes (made by `copied`, which
+        // allocates it empty and fills it) that only this struct holds: no handle to it was given
+        // out, so its storage is neither freed nor written while the struct lives.
         unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len) }
     }
 }
